@@ -1,0 +1,31 @@
+//! Greedy decoding with a KV cache: the prompt is processed once, then one token per step.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{PeftError, Result};
+use crate::model::ModelInputs;
+use crate::peft_model::PeftModel;
+
+/// Greedily extends `prompt` by up to `max_new_tokens` tokens, stopping after any token in
+/// `stop_tokens`. Returns only the new tokens.
+pub fn greedy_generate(model: &PeftModel, prompt: &[u32], max_new_tokens: usize, stop_tokens: &[u32]) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(PeftError::bad_input("generate", "a non-empty prompt", "no tokens"));
+    }
+    let device = model.base_model().device().clone();
+    let mut cache = model.new_cache();
+    let mut next_input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+    let mut out = Vec::with_capacity(max_new_tokens);
+    for _ in 0..max_new_tokens {
+        let logits = model.forward_with_cache(&ModelInputs::from_ids(next_input), &mut cache)?;
+        let t = logits.dim(1)?;
+        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let token = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        out.push(token);
+        if stop_tokens.contains(&token) {
+            break;
+        }
+        next_input = Tensor::new(&[token], &device)?.unsqueeze(0)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,51 @@
+//! `peft-core`: the method-agnostic heart of peft-rs, a Rust port of Hugging Face's `peft`
+//! built on candle.
+//!
+//! It defines the seams every other crate hangs on:
+//! - [`layers`]: swappable linear and embedding slots that models expose;
+//! - [`model::AdaptableModel`]: the trait a model (in `peft-models`) implements;
+//! - [`method`]: what a method crate (`peft-lora`, ...) supplies, registered by `peft_type`
+//!   through [`registry`] with `inventory` (core never names a method);
+//! - [`config`]: `adapter_config.json` in peft's exact form;
+//! - [`targets`]: peft's target-module matching;
+//! - [`peft_model::PeftModel`]: the wrapped model with named adapters, merging, counting,
+//!   saving and loading in peft's checkpoint layout ([`checkpoint`]).
+//!
+//! ```ignore
+//! let config = AdapterConfig::from_json_str(r#"{"peft_type": "LORA", "r": 8}"#, "inline")?;
+//! let mut model = peft_core::get_peft_model(base, config, 0)?;
+//! println!("{}", model.parameter_line());
+//! let opt = candle_nn::AdamW::new_lr(model.trainable_vars(), 1e-3)?;
+//! model.save_pretrained("out/".as_ref())?;
+//! ```
+
+pub mod adapted;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod json;
+pub mod layers;
+pub mod loss;
+pub mod method;
+pub mod model;
+pub mod peft_model;
+pub mod registry;
+pub mod targets;
+pub mod vars;
+
+pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};
+pub use error::{PeftError, Result};
+pub use layers::{DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot};
+pub use method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
+pub use model::{AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind};
+pub use peft_model::{get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER};
+pub use registry::{MethodRegistration, ParseFn};
+pub use targets::{LayerIndices, TargetModules, TargetSpec};
+pub use vars::{Init, ParamBuilder, ParamStore};
+
+/// Re-exported so method crates can register without depending on `inventory` themselves.
+pub use inventory;
+
+/// The version written into saved configs' `peft_version` (this crate's version).
+pub const PEFT_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+peft.rs");

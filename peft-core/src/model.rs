@@ -1,0 +1,224 @@
+//! The seam between models and everything else: [`AdaptableModel`], the trait a model
+//! implements so that any method can adapt it, plus the inputs, module listing and KV cache
+//! that cross that seam. Models never import a method; methods never import a model.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::config::TaskType;
+use crate::error::{PeftError, Result};
+use crate::layers::{EmbeddingSlot, LinearSlot};
+
+/// What kind of module a path names (peft matches targets against every module name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A linear layer (a swappable [`LinearSlot`]).
+    Linear,
+    /// An embedding table (a swappable [`EmbeddingSlot`]).
+    Embedding,
+    /// Anything else (a container, a norm, an activation); the string is its class name.
+    Other(&'static str),
+}
+
+/// One named module, as Python's `model.named_modules()` lists it (the root excluded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEntry {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Its kind.
+    pub kind: ModuleKind,
+}
+
+impl ModuleEntry {
+    /// Builds an entry.
+    pub fn new(path: impl Into<String>, kind: ModuleKind) -> Self {
+        ModuleEntry { path: path.into(), kind }
+    }
+}
+
+/// Static facts about a model that methods and the parameter count need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// `model_type` from config.json (`llama`, `mistral`, `qwen2`, ...).
+    pub model_type: String,
+    /// The transformers class this model mirrors (`LlamaForCausalLM`).
+    pub architecture: String,
+    /// The task the model's head serves.
+    pub task_type: TaskType,
+    /// Number of transformer layers.
+    pub num_layers: usize,
+    /// Hidden size (the token embedding width).
+    pub hidden_size: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Output heads that `all-linear` leaves out (`lm_head`).
+    pub output_heads: Vec<String>,
+    /// Whether the output head shares the input embedding's weight.
+    pub tie_word_embeddings: bool,
+    /// Where the model was loaded from, written into saved adapter configs.
+    pub name_or_path: Option<String>,
+}
+
+/// The inputs of one forward pass, mirroring the Hugging Face `forward` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInputs {
+    /// Token ids `[B, T]` (U32 or I64). Exactly one of `input_ids`/`inputs_embeds` is set.
+    pub input_ids: Option<Tensor>,
+    /// Input embeddings `[B, T, hidden]`, used instead of looking up `input_ids`; this is the
+    /// hook prompt methods use to prepend virtual tokens.
+    pub inputs_embeds: Option<Tensor>,
+    /// Attention mask `[B, past + T]` of 1 (attend) and 0 (padding), covering the cached (or
+    /// prefix) positions and the new ones, as in transformers.
+    pub attention_mask: Option<Tensor>,
+    /// Position ids `[B, T]`; by default `past .. past + T`.
+    pub position_ids: Option<Tensor>,
+}
+
+impl ModelInputs {
+    /// Inputs made of token ids only.
+    pub fn from_ids(input_ids: Tensor) -> Self {
+        ModelInputs { input_ids: Some(input_ids), ..Default::default() }
+    }
+
+    /// Sets the attention mask.
+    pub fn with_mask(mut self, mask: Option<Tensor>) -> Self {
+        self.attention_mask = mask;
+        self
+    }
+
+    /// `(batch, seq_len)` of the new tokens.
+    pub fn batch_and_len(&self) -> Result<(usize, usize)> {
+        match (&self.input_ids, &self.inputs_embeds) {
+            (Some(ids), None) => {
+                let (b, t) = ids.dims2().map_err(|_| {
+                    PeftError::bad_input("input_ids", "a [batch, seq_len] tensor", format!("{:?}", ids.dims()))
+                })?;
+                Ok((b, t))
+            }
+            (None, Some(e)) => {
+                let (b, t, _) = e.dims3().map_err(|_| {
+                    PeftError::bad_input(
+                        "inputs_embeds",
+                        "a [batch, seq_len, hidden] tensor",
+                        format!("{:?}", e.dims()),
+                    )
+                })?;
+                Ok((b, t))
+            }
+            (Some(_), Some(_)) => Err(PeftError::bad_input(
+                "model inputs",
+                "input_ids or inputs_embeds",
+                "both",
+            )),
+            (None, None) => Err(PeftError::bad_input("model inputs", "input_ids or inputs_embeds", "neither")),
+        }
+    }
+}
+
+/// Per-layer cached keys and values, `[B, kv_heads, S, head_dim]` each. A cache pre-filled
+/// with learned prefixes is how prefix tuning reaches the attention layers.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// A cache holding one `(key, value)` prefix per layer.
+    pub fn from_prefix(prefix: Vec<(Tensor, Tensor)>) -> Self {
+        KvCache { layers: prefix.into_iter().map(Some).collect() }
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Cached positions (0 when empty).
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.dims().get(2).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// The cached `(key, value)` of one layer.
+    pub fn get(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(layer).and_then(|l| l.as_ref())
+    }
+
+    /// Replaces the cached `(key, value)` of one layer.
+    pub fn set(&mut self, layer: usize, kv: (Tensor, Tensor)) {
+        if layer >= self.layers.len() {
+            self.layers.resize(layer + 1, None);
+        }
+        self.layers[layer] = Some(kv);
+    }
+}
+
+/// A model whose linear and embedding layers can be adapted by any method.
+///
+/// Paths are peft's module paths (`model.layers.0.self_attn.q_proj`), which are also the
+/// Hugging Face parameter names minus `.weight`; checkpoint keys derive from them.
+pub trait AdaptableModel: Send + Sync {
+    /// Static facts about the model.
+    fn info(&self) -> &ModelInfo;
+
+    /// Every named module in `named_modules()` order (the root excluded).
+    fn modules(&self) -> Vec<ModuleEntry>;
+
+    /// Calls `f` with each linear slot and its path.
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()>;
+
+    /// Calls `f` with each embedding slot and its path.
+    fn visit_embeddings(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
+    ) -> Result<()>;
+
+    /// Looks up token embeddings (the model's input embedding, adapters included).
+    fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor>;
+
+    /// Runs the model and returns its logits as transformers' `forward` does. With a cache,
+    /// the cached positions come first and the new keys/values are appended to it.
+    fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor>;
+
+    /// A cache suited to this model.
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.info().num_layers)
+    }
+
+    /// Number of parameters, each distinct tensor counted once (tied weights once).
+    fn num_parameters(&self) -> usize;
+
+    /// The model's tensors under their Hugging Face names, tied weights once (for saving).
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+
+    /// The `config.json` describing this model.
+    fn config_json(&self) -> Value;
+
+    /// Device of the frozen weights.
+    fn device(&self) -> &Device;
+
+    /// Dtype of the frozen weights.
+    fn dtype(&self) -> DType;
+
+    /// Writes the model as a Hugging Face folder (`config.json` + `model.safetensors`).
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        crate::checkpoint::save_model_folder(self, dir)
+    }
+}

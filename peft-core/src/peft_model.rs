@@ -1,0 +1,502 @@
+//! [`PeftModel`]: a frozen base model plus named adapters, the equivalent of peft's
+//! `PeftModel`. It injects adapters (`get_peft_model`, `add_adapter`, `load_adapter`), switches
+//! and disables them, merges them into the base weights, counts parameters, hands trainable
+//! `Var`s to an optimizer and saves checkpoints in peft's layout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+
+use crate::adapted::{AdaptedEmbedding, AdaptedLinear, RuntimeState};
+use crate::checkpoint;
+use crate::config::{AdapterConfig, CONFIG_NAME};
+use crate::error::{PeftError, Result};
+use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
+use crate::model::{AdaptableModel, KvCache, ModelInputs, ModuleKind};
+use crate::targets::select_targets;
+use crate::vars::{ParamStore, BASE_MODEL_PREFIX};
+
+/// The name peft gives the first adapter.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// One named adapter: its config, its parameters and the modules it adapts.
+#[derive(Debug)]
+pub struct Adapter {
+    config: AdapterConfig,
+    params: Arc<ParamStore>,
+    targets: Vec<String>,
+    trainable: bool,
+}
+
+impl Adapter {
+    /// The adapter's config.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
+    }
+    /// Its parameters, sorted by path.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.params.vars()
+    }
+    /// The module paths it adapts, in model order.
+    pub fn targets(&self) -> &[String] {
+        &self.targets
+    }
+    /// Whether its parameters are trained (false for adapters loaded for inference).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+    /// Number of parameter values.
+    pub fn num_params(&self) -> usize {
+        self.params.num_params()
+    }
+    /// Tensors as saved in `adapter_model.safetensors` (peft's keys, F32).
+    pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params.checkpoint_tensors()
+    }
+}
+
+/// What loading an adapter found besides what it needed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Keys in the weights file that no parameter used (peft warns about these too).
+    pub unexpected_keys: Vec<String>,
+}
+
+/// A frozen base model with named adapters.
+pub struct PeftModel {
+    base: Box<dyn AdaptableModel>,
+    adapters: BTreeMap<String, Adapter>,
+    state: Arc<RuntimeState>,
+    merged: Vec<String>,
+}
+
+impl std::fmt::Debug for PeftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeftModel")
+            .field("model_type", &self.base.info().model_type)
+            .field("adapters", &self.adapters.keys().collect::<Vec<_>>())
+            .field("active", &self.state.active())
+            .field("merged", &self.merged)
+            .finish()
+    }
+}
+
+/// Wraps `base` with a fresh adapter named `default` built from `config`, like peft's
+/// `get_peft_model`. `seed` makes the initialisation reproducible.
+pub fn get_peft_model(base: Box<dyn AdaptableModel>, config: AdapterConfig, seed: u64) -> Result<PeftModel> {
+    let mut model = PeftModel::new(base);
+    model.add_adapter(DEFAULT_ADAPTER, config, seed)?;
+    Ok(model)
+}
+
+/// Restores the adapters on drop; see [`PeftModel::disable_adapters`].
+#[derive(Debug)]
+pub struct DisabledAdapters<'a> {
+    model: &'a PeftModel,
+    previous: bool,
+}
+
+impl Deref for DisabledAdapters<'_> {
+    type Target = PeftModel;
+    fn deref(&self) -> &PeftModel {
+        self.model
+    }
+}
+
+impl Drop for DisabledAdapters<'_> {
+    fn drop(&mut self) {
+        self.model.state.set_disabled(self.previous);
+    }
+}
+
+/// Formats an integer with thousands separators, as Python's `{:,}`.
+pub fn group_thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// peft's `print_trainable_parameters` line.
+pub fn parameter_line(trainable: usize, all: usize) -> String {
+    let pct = if all == 0 { 0.0 } else { 100.0 * trainable as f64 / all as f64 };
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+        group_thousands(trainable),
+        group_thousands(all)
+    )
+}
+
+enum Built {
+    Linear(Arc<dyn LinearAdapter>),
+    Embedding(Arc<dyn EmbeddingAdapter>),
+}
+
+impl PeftModel {
+    /// A model with no adapters yet.
+    pub fn new(base: Box<dyn AdaptableModel>) -> Self {
+        PeftModel { base, adapters: BTreeMap::new(), state: Arc::new(RuntimeState::default()), merged: Vec::new() }
+    }
+
+    /// Loads the adapter saved in `dir` as `default` onto `base` (peft's
+    /// `PeftModel.from_pretrained`). With `is_trainable` false it is frozen.
+    pub fn from_pretrained(base: Box<dyn AdaptableModel>, dir: &Path, is_trainable: bool) -> Result<Self> {
+        let mut model = PeftModel::new(base);
+        model.load_adapter(dir, DEFAULT_ADAPTER, is_trainable)?;
+        Ok(model)
+    }
+
+    /// The base model (with adapters attached to its slots).
+    pub fn base_model(&self) -> &dyn AdaptableModel {
+        self.base.as_ref()
+    }
+
+    /// Adapter names, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
+    /// One adapter.
+    pub fn adapter(&self, name: &str) -> Result<&Adapter> {
+        self.adapters.get(name).ok_or_else(|| self.unknown(name))
+    }
+
+    fn unknown(&self, name: &str) -> PeftError {
+        PeftError::UnknownAdapter { name: name.to_string(), available: self.adapter_names().join(", ") }
+    }
+
+    /// The active adapters.
+    pub fn active_adapters(&self) -> Vec<String> {
+        self.state.active()
+    }
+
+    /// Adds a freshly initialised adapter. The first adapter becomes active; later ones are
+    /// added inactive, as in peft (use [`PeftModel::set_adapter`]).
+    pub fn add_adapter(&mut self, name: &str, config: AdapterConfig, seed: u64) -> Result<()> {
+        let store = ParamStore::new(seed, self.base.device(), BASE_MODEL_PREFIX);
+        let trainable = !config.common.inference_mode;
+        self.inject(name, config, store, trainable)?;
+        Ok(())
+    }
+
+    /// Loads an adapter saved by peft or by this library from `dir` under `name`.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<LoadReport> {
+        let mut config = AdapterConfig::from_path(dir)?;
+        config.common.inference_mode = !is_trainable;
+        let weights = checkpoint::adapter_weights_file(dir)?;
+        let tensors = checkpoint::read_adapter_weights(&weights, self.base.device())?;
+        let store = ParamStore::from_tensors(&weights, tensors, self.base.device(), BASE_MODEL_PREFIX);
+        self.inject(name, config, Arc::clone(&store), is_trainable)?;
+        let unexpected_keys = store.unused_source_keys();
+        store.finish_loading();
+        if !unexpected_keys.is_empty() {
+            tracing::warn!(
+                "{}: unexpected keys not used by adapter `{name}`: {unexpected_keys:?}",
+                weights.display()
+            );
+        }
+        Ok(LoadReport { unexpected_keys })
+    }
+
+    fn layer_method(config: &AdapterConfig) -> Result<&dyn LayerMethod> {
+        config.method.as_layer_method().ok_or_else(|| {
+            PeftError::InvalidState(format!(
+                "{} is not a layer method; this build cannot inject it into a model",
+                config.peft_type()
+            ))
+        })
+    }
+
+    fn inject(&mut self, name: &str, config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            return Err(PeftError::AdapterExists(name.to_string()));
+        }
+        let method = Self::layer_method(&config)?;
+        let info = self.base.info().clone();
+        method.check_model(&info, config.common.task_type)?;
+        let spec = method.target_spec();
+        let targets = match &spec.target_modules {
+            Some(t) => t.clone(),
+            None => method.default_target_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
+                source_name: "adapter config".into(),
+                key: "target_modules".into(),
+                expected: format!(
+                    "module names to adapt: {} has no default targets for model_type `{}`",
+                    config.peft_type(),
+                    info.model_type
+                ),
+            })?,
+        };
+        let modules = self.base.modules();
+        let selected = select_targets(spec, &targets, &modules, &info.output_heads)?;
+        for path in &selected {
+            let kind = modules.iter().find(|m| &m.path == path).map(|m| m.kind);
+            if let Some(ModuleKind::Other(class)) = kind {
+                return Err(PeftError::UnsupportedModule {
+                    path: path.clone(),
+                    kind: format!("a {class}"),
+                    method: config.peft_type().to_string(),
+                    supported: "linear and embedding layers".into(),
+                });
+            }
+        }
+        if !self.merged.is_empty() {
+            tracing::warn!("adding adapter `{name}` to a merged model: unmerging first");
+            self.unmerge_adapter()?;
+        }
+
+        // Phase 1: build every layer's adapter; the model is untouched if anything fails.
+        let wanted: BTreeSet<&str> = selected.iter().map(String::as_str).collect();
+        let root = store.root();
+        let mut built: BTreeMap<String, Built> = BTreeMap::new();
+        self.base.visit_linears(&mut |path, slot| {
+            if wanted.contains(path) {
+                let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
+                let adapter = method.wrap_linear(path, base.as_ref(), &root.pp(path))?;
+                built.insert(path.to_string(), Built::Linear(Arc::from(adapter)));
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |path, slot| {
+            if wanted.contains(path) {
+                let base = AdaptedEmbedding::from_slot(slot).map_or(&*slot, |a| a.original());
+                let adapter = method.wrap_embedding(path, base.as_ref(), &root.pp(path))?;
+                built.insert(path.to_string(), Built::Embedding(Arc::from(adapter)));
+            }
+            Ok(())
+        })?;
+        if let Some(missing) = selected.iter().find(|p| !built.contains_key(*p)) {
+            return Err(PeftError::InvalidState(format!(
+                "module `{missing}` is listed by the model but exposes no adaptable slot"
+            )));
+        }
+
+        // Phase 2: attach.
+        let state = Arc::clone(&self.state);
+        self.base.visit_linears(&mut |path, slot| {
+            if let Some(Built::Linear(adapter)) = built.get(path) {
+                *slot = AdaptedLinear::attach(slot, name, Arc::clone(adapter), &state);
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |path, slot| {
+            if let Some(Built::Embedding(adapter)) = built.get(path) {
+                *slot = AdaptedEmbedding::attach(slot, name, Arc::clone(adapter), &state);
+            }
+            Ok(())
+        })?;
+        self.adapters.insert(name.to_string(), Adapter { config, params: store, targets: selected, trainable });
+        if self.state.active().is_empty() {
+            self.state.set_active(vec![name.to_string()]);
+        }
+        Ok(())
+    }
+
+    /// Makes `name` the one active adapter.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.set_adapters(&[name])
+    }
+
+    /// Makes several adapters active at once (their effects add up, in order).
+    pub fn set_adapters(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.adapter(n)?;
+        }
+        if !self.merged.is_empty() {
+            tracing::warn!("changing the active adapter of a merged model: unmerging first");
+            self.unmerge_adapter()?;
+        }
+        self.state.set_active(names.iter().map(|s| s.to_string()).collect());
+        Ok(())
+    }
+
+    /// Runs with every adapter bypassed until the returned guard is dropped
+    /// (peft's `with model.disable_adapter():`).
+    pub fn disable_adapters(&self) -> DisabledAdapters<'_> {
+        let previous = self.state.set_disabled(true);
+        DisabledAdapters { model: self, previous }
+    }
+
+    /// Removes an adapter and its layers. If it was active, the first remaining adapter
+    /// (if any) becomes active.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapter(name)?;
+        if !self.merged.is_empty() {
+            self.unmerge_adapter()?;
+        }
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = a.detach(name);
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = a.detach(name);
+            }
+            Ok(())
+        })?;
+        self.adapters.remove(name);
+        let mut active = self.state.active();
+        active.retain(|n| n != name);
+        if active.is_empty() {
+            active.extend(self.adapters.keys().next().cloned());
+        }
+        self.state.set_active(active);
+        Ok(())
+    }
+
+    /// Folds the active adapters into the base weights (peft's `merge_adapter`). Outputs stay
+    /// the same up to rounding; forward passes then cost what the bare model costs.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let active = self.state.active();
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = a.with_merged(&active)?;
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = a.with_merged(&active)?;
+            }
+            Ok(())
+        })?;
+        self.merged = active;
+        Ok(())
+    }
+
+    /// Restores the unmerged base weights exactly (the originals are kept while merged).
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = a.unmerged();
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = a.unmerged();
+            }
+            Ok(())
+        })?;
+        self.merged.clear();
+        Ok(())
+    }
+
+    /// The adapters currently merged into the base weights.
+    pub fn merged_adapters(&self) -> &[String] {
+        &self.merged
+    }
+
+    /// Merges the active adapters and returns the plain base model with every adapter layer
+    /// removed (peft's `merge_and_unload`).
+    pub fn merge_and_unload(mut self) -> Result<Box<dyn AdaptableModel>> {
+        let active = self.state.active();
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = a.merged_base(&active)?;
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = a.merged_base(&active)?;
+            }
+            Ok(())
+        })?;
+        Ok(self.base)
+    }
+
+    /// Removes every adapter layer without merging and returns the base model (peft's `unload`).
+    pub fn unload(mut self) -> Result<Box<dyn AdaptableModel>> {
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = Arc::clone(a.original());
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = Arc::clone(a.original());
+            }
+            Ok(())
+        })?;
+        Ok(self.base)
+    }
+
+    /// Switches training mode (dropout on) or evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        self.state.set_training(training);
+    }
+
+    /// Whether the model is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.state.training()
+    }
+
+    /// The `Var`s an optimizer should update: those of the active, trainable adapters.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let active = self.state.active();
+        self.adapters
+            .iter()
+            .filter(|(name, a)| a.trainable && active.contains(name))
+            .flat_map(|(_, a)| a.params.vars().into_iter().map(|(_, v)| v))
+            .collect()
+    }
+
+    /// `(trainable, all)` parameter counts as peft computes them: all = base + every adapter.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let trainable: usize = self.trainable_vars().iter().map(|v| v.elem_count()).sum();
+        let adapters: usize = self.adapters.values().map(Adapter::num_params).sum();
+        (trainable, self.base.num_parameters() + adapters)
+    }
+
+    /// peft's `print_trainable_parameters` line:
+    /// `trainable params: 28,672 || all params: 3,442,944 || trainable%: 0.8328`.
+    pub fn parameter_line(&self) -> String {
+        let (t, a) = self.parameter_counts();
+        parameter_line(t, a)
+    }
+
+    /// Runs the model with the active adapters.
+    pub fn forward(&self, inputs: &ModelInputs) -> Result<Tensor> {
+        self.base.forward(inputs, None)
+    }
+
+    /// Runs the model with a KV cache (incremental decoding).
+    pub fn forward_with_cache(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor> {
+        self.base.forward(inputs, Some(cache))
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        self.base.new_cache()
+    }
+
+    /// Saves every adapter in peft's layout: `default` in `dir`, others in `dir/<name>/`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for name in self.adapters.keys() {
+            let sub = if name == DEFAULT_ADAPTER { dir.to_path_buf() } else { dir.join(name) };
+            self.save_adapter(name, &sub)?;
+        }
+        Ok(())
+    }
+
+    /// Saves one adapter into `dir` (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let adapter = self.adapter(name)?;
+        let tensors = adapter.checkpoint_tensors()?;
+        let config = adapter.config.for_saving(self.base.info().name_or_path.as_deref());
+        checkpoint::write_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &tensors)?;
+        checkpoint::write_atomic(&dir.join(CONFIG_NAME), config.to_json_string().as_bytes())
+    }
+}

@@ -1,0 +1,321 @@
+//! Adapter parameters. Each named adapter owns a [`ParamStore`] of trainable `Var`s under
+//! peft's parameter paths minus the adapter name (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+//! Layers get their parameters through a [`ParamBuilder`], in the candle `VarBuilder` style:
+//! the same constructor serves a fresh, seeded initialisation and loading from a checkpoint,
+//! so module paths and checkpoint keys cannot drift apart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{PeftError, Result};
+
+/// How a fresh parameter is initialised. Every random init draws from a generator seeded by
+/// the adapter's seed and the parameter's path, so results do not depend on visiting order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// All zeros.
+    Zeros,
+    /// All ones.
+    Ones,
+    /// Uniform on `[low, high)`.
+    Uniform {
+        /// Lower bound.
+        low: f64,
+        /// Upper bound.
+        high: f64,
+    },
+    /// Normal with the given mean and standard deviation.
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
+}
+
+impl Init {
+    /// torch's `kaiming_uniform_(w, a=sqrt(5))`, the default init of `nn.Linear`:
+    /// uniform on `±1/sqrt(fan_in)`.
+    pub fn kaiming_uniform_linear(fan_in: usize) -> Self {
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        Init::Uniform { low: -bound, high: bound }
+    }
+
+    fn sample(&self, n: usize, rng: &mut StdRng) -> Vec<f32> {
+        match *self {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Uniform { low, high } => (0..n).map(|_| rng.random_range(low..high) as f32).collect(),
+            Init::Normal { mean, std } => (0..n)
+                .map(|_| {
+                    // Box-Muller; `1 - u` keeps the logarithm finite.
+                    let u1: f64 = 1.0 - rng.random::<f64>();
+                    let u2: f64 = rng.random::<f64>();
+                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    (mean + std * z) as f32
+                })
+                .collect(),
+        }
+    }
+}
+
+/// 64-bit FNV-1a, used to derive per-parameter seeds (stable across runs and platforms).
+fn fnv1a(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Tensors read from a checkpoint, waiting to become parameters.
+#[derive(Debug)]
+struct TensorSource {
+    path: PathBuf,
+    /// Keyed by the name without the `base_model.model.` prefix; value keeps the file's key.
+    tensors: BTreeMap<String, (String, Tensor)>,
+    used: BTreeSet<String>,
+}
+
+/// The trainable parameters of one adapter.
+#[derive(Debug)]
+pub struct ParamStore {
+    vars: Mutex<BTreeMap<String, Var>>,
+    source: Mutex<Option<TensorSource>>,
+    key_prefix: String,
+    seed: u64,
+    device: Device,
+}
+
+/// peft's prefix for parameters of layer methods in checkpoint files.
+pub const BASE_MODEL_PREFIX: &str = "base_model.model.";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ParamStore {
+    /// A store whose parameters are freshly initialised from `seed`. `key_prefix` is what
+    /// checkpoint keys carry before the parameter path (`base_model.model.` for layer methods).
+    pub fn new(seed: u64, device: &Device, key_prefix: &str) -> Arc<Self> {
+        Arc::new(ParamStore {
+            vars: Mutex::new(BTreeMap::new()),
+            source: Mutex::new(None),
+            key_prefix: key_prefix.to_string(),
+            seed,
+            device: device.clone(),
+        })
+    }
+
+    /// A store whose parameters are loaded from `tensors` (read from `path`); asking for a
+    /// parameter the file lacks is an error. Keys may carry `base_model.model.` or not.
+    pub fn from_tensors(
+        path: &Path,
+        tensors: Vec<(String, Tensor)>,
+        device: &Device,
+        key_prefix: &str,
+    ) -> Arc<Self> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(key, t)| {
+                let bare = key.strip_prefix(BASE_MODEL_PREFIX).unwrap_or(&key).to_string();
+                (bare, (key, t))
+            })
+            .collect();
+        Arc::new(ParamStore {
+            vars: Mutex::new(BTreeMap::new()),
+            source: Mutex::new(Some(TensorSource { path: path.to_path_buf(), tensors, used: BTreeSet::new() })),
+            key_prefix: key_prefix.to_string(),
+            seed: 0,
+            device: device.clone(),
+        })
+    }
+
+    /// A builder rooted at the empty path.
+    pub fn root(self: &Arc<Self>) -> ParamBuilder {
+        ParamBuilder { store: Arc::clone(self), prefix: String::new() }
+    }
+
+    fn get_or_create(&self, path: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let mut vars = lock(&self.vars);
+        if let Some(var) = vars.get(path) {
+            if var.dims() != shape {
+                return Err(PeftError::InvalidState(format!(
+                    "parameter `{path}` requested with shape {shape:?} but exists with {:?}",
+                    var.dims()
+                )));
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let var = match lock(&self.source).as_mut() {
+            Some(source) => {
+                let key = format!("{}{path}", self.key_prefix);
+                let Some((_, tensor)) = source.tensors.get(path) else {
+                    return Err(PeftError::MissingTensor {
+                        path: source.path.clone(),
+                        key,
+                        expected: shape.to_vec(),
+                        available: source.tensors.len(),
+                    });
+                };
+                if tensor.dims() != shape {
+                    return Err(PeftError::ShapeMismatch {
+                        path: source.path.clone(),
+                        key,
+                        expected: shape.to_vec(),
+                        found: tensor.dims().to_vec(),
+                    });
+                }
+                source.used.insert(path.to_string());
+                Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(&self.device)?)?
+            }
+            None => {
+                let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(path));
+                let n: usize = shape.iter().product();
+                let data = init.sample(n, &mut rng);
+                Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?
+            }
+        };
+        let tensor = var.as_tensor().clone();
+        vars.insert(path.to_string(), var);
+        Ok(tensor)
+    }
+
+    /// Checkpoint keys present in the source file that no parameter used (peft warns on these).
+    pub fn unused_source_keys(&self) -> Vec<String> {
+        match lock(&self.source).as_ref() {
+            Some(src) => src
+                .tensors
+                .iter()
+                .filter(|(bare, _)| !src.used.contains(*bare))
+                .map(|(_, (key, _))| key.clone())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Drops the source tensors once loading is complete (they are copied into `Var`s).
+    pub fn finish_loading(&self) {
+        lock(&self.source).take();
+    }
+
+    /// All parameters, sorted by path.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        lock(&self.vars).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Total number of parameter values.
+    pub fn num_params(&self) -> usize {
+        lock(&self.vars).values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The tensors as saved: checkpoint keys (prefix + path) and F32 values.
+    pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        lock(&self.vars)
+            .iter()
+            .map(|(k, v)| Ok((format!("{}{k}", self.key_prefix), v.as_tensor().to_dtype(DType::F32)?)))
+            .collect()
+    }
+
+    /// Removes every parameter under `prefix` (used to undo a half-built adapter).
+    pub fn remove_under(&self, prefix: &str) {
+        lock(&self.vars).retain(|k, _| !k.starts_with(prefix));
+    }
+}
+
+/// A cursor into a [`ParamStore`] at a module path, like candle's `VarBuilder`.
+#[derive(Debug, Clone)]
+pub struct ParamBuilder {
+    store: Arc<ParamStore>,
+    prefix: String,
+}
+
+impl ParamBuilder {
+    /// Descends into a sub-module.
+    pub fn pp(&self, name: impl AsRef<str>) -> ParamBuilder {
+        let name = name.as_ref();
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        ParamBuilder { store: Arc::clone(&self.store), prefix }
+    }
+
+    /// The full path of parameter `name` under this builder.
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Gets (loads or initialises) the parameter `name` with `shape`.
+    pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.store.get_or_create(&self.path(name), shape, init)
+    }
+
+    /// A seed for auxiliary randomness (such as dropout) of the module at this path, derived
+    /// from the adapter's seed so runs with the same seed repeat exactly.
+    pub fn seed(&self, name: &str) -> u64 {
+        self.store.seed ^ fnv1a(&self.path(name)).rotate_left(17)
+    }
+
+    /// The device parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+
+    /// Whether parameters come from a checkpoint rather than a fresh init.
+    pub fn is_loading(&self) -> bool {
+        lock(&self.store.source).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_seeded_and_order_independent() {
+        let dev = Device::Cpu;
+        let a = ParamStore::new(7, &dev, "");
+        let b = ParamStore::new(7, &dev, "");
+        let init = Init::Normal { mean: 0.0, std: 1.0 };
+        let a1 = a.root().get(&[3, 4], "x.w", init).unwrap();
+        let a2 = a.root().get(&[2], "y.w", init).unwrap();
+        let b2 = b.root().get(&[2], "y.w", init).unwrap();
+        let b1 = b.root().get(&[3, 4], "x.w", init).unwrap();
+        assert_eq!(a1.to_vec2::<f32>().unwrap(), b1.to_vec2::<f32>().unwrap());
+        assert_eq!(a2.to_vec1::<f32>().unwrap(), b2.to_vec1::<f32>().unwrap());
+        assert_ne!(a1.to_vec2::<f32>().unwrap()[0], a1.to_vec2::<f32>().unwrap()[1]);
+    }
+
+    #[test]
+    fn loading_checks_presence_and_shape() {
+        let dev = Device::Cpu;
+        let t = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let store = ParamStore::from_tensors(
+            Path::new("f.safetensors"),
+            vec![("base_model.model.a.w".into(), t.clone()), ("extra".into(), t)],
+            &dev,
+            BASE_MODEL_PREFIX,
+        );
+        assert!(store.root().get(&[2, 3], "a.w", Init::Zeros).is_ok());
+        let err = store.root().get(&[2, 3], "b.w", Init::Zeros).unwrap_err().to_string();
+        assert!(err.contains("f.safetensors") && err.contains("base_model.model.b.w"), "{err}");
+        let store2 = ParamStore::from_tensors(
+            Path::new("f.safetensors"),
+            vec![("a.w".into(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap())],
+            &dev,
+            BASE_MODEL_PREFIX,
+        );
+        let err = store2.root().get(&[3, 2], "a.w", Init::Zeros).unwrap_err().to_string();
+        assert!(err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        assert_eq!(store.unused_source_keys(), vec!["extra".to_string()]);
+    }
+}

@@ -1,0 +1,426 @@
+//! `LoraConfig`: peft 0.21's LoRA fields, parsed from and written to `adapter_config.json`.
+//!
+//! Fields this crate implements are typed. Fields peft knows but this crate does not
+//! implement are accepted only at their inert (default) values and written back as read;
+//! a value that would change behaviour (DoRA, LoRA bias, LoftQ, ...) is a clear
+//! [`PeftError::Unsupported`] error, never silently ignored.
+
+use std::any::Any;
+
+use peft_core::json::{describe, ConfigFields};
+use peft_core::targets::layers_pattern_from_json;
+use peft_core::{
+    CommonConfig, LayerIndices, MethodConfig, PeftError, Result, TargetModules, TargetSpec,
+};
+use serde_json::{Map, Number, Value};
+
+/// How LoRA weights are initialised (`init_lora_weights`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitLoraWeights {
+    /// `true`: A as `nn.Linear`'s default (kaiming uniform), B zero: the adapter starts as a no-op.
+    Default,
+    /// `false`: A and B both random (for tests; the adapter starts as a change).
+    Random,
+    /// `"gaussian"`: A normal with std `1/r`, B zero.
+    Gaussian,
+    /// Another peft initialisation (`"pissa"`, `"olora"`, `"eva"`, ...), kept as written. Only
+    /// those that leave the base weights alone can be loaded from a checkpoint; none can
+    /// initialise a fresh adapter here.
+    Other(String),
+}
+
+impl InitLoraWeights {
+    /// The JSON form.
+    pub fn to_json(&self) -> Value {
+        match self {
+            InitLoraWeights::Default => Value::Bool(true),
+            InitLoraWeights::Random => Value::Bool(false),
+            InitLoraWeights::Gaussian => Value::from("gaussian"),
+            InitLoraWeights::Other(s) => Value::from(s.as_str()),
+        }
+    }
+
+    /// Whether an adapter saved with this init can be loaded: the init only chose starting
+    /// values and did not rewrite the base weights.
+    pub fn loadable(&self) -> bool {
+        match self {
+            InitLoraWeights::Other(s) => matches!(s.as_str(), "eva" | "orthogonal" | "mica"),
+            _ => true,
+        }
+    }
+}
+
+/// Inits peft 0.21 knows besides `true`, `false` and `"gaussian"`.
+const OTHER_INITS: &[&str] = &["eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica"];
+
+/// The LoRA configuration (peft's `LoraConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// LoRA rank `r` (default 8).
+    pub r: usize,
+    /// `lora_alpha` (default 8), kept as written (int or float).
+    pub lora_alpha: Number,
+    /// `lora_dropout` probability, applied to the layer input in training only.
+    pub lora_dropout: f64,
+    /// Module selection: `target_modules`, `exclude_modules`, `layers_to_transform`,
+    /// `layers_pattern`, `modules_to_save`.
+    pub targets: TargetSpec,
+    /// `fan_in_fan_out`: the base stores its weight `[in, out]` (GPT-2's Conv1D). Core reads the
+    /// layout from the layer itself, as peft corrects a wrong flag with a warning.
+    pub fan_in_fan_out: bool,
+    /// `use_rslora`: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// `init_lora_weights`.
+    pub init_lora_weights: InitLoraWeights,
+    /// `rank_pattern`: per-module ranks, first matching key wins (file order).
+    pub rank_pattern: Vec<(String, usize)>,
+    /// `alpha_pattern`: per-module alphas, first matching key wins (file order).
+    pub alpha_pattern: Vec<(String, Number)>,
+    /// peft fields this crate does not implement, at their inert values (written back).
+    pub inert: Map<String, Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            lora_alpha: Number::from(8),
+            lora_dropout: 0.0,
+            targets: TargetSpec::default(),
+            fan_in_fan_out: false,
+            use_rslora: false,
+            init_lora_weights: InitLoraWeights::Default,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            inert: Map::new(),
+        }
+    }
+}
+
+/// peft 0.21 LoRA fields not implemented here, with their defaults (written when absent).
+fn inert_defaults() -> Vec<(&'static str, Value)> {
+    vec![
+        ("alora_invocation_tokens", Value::Null),
+        ("arrow_config", Value::Null),
+        ("bias", Value::from("none")),
+        ("corda_config", Value::Null),
+        ("ensure_weight_tying", Value::Bool(false)),
+        ("eva_config", Value::Null),
+        ("kasa_config", Value::Null),
+        ("layer_replication", Value::Null),
+        ("loftq_config", Value::Object(Map::new())),
+        ("lora_bias", Value::Bool(false)),
+        ("lora_ga_config", Value::Null),
+        ("megatron_config", Value::Null),
+        ("megatron_core", Value::from("megatron.core")),
+        ("monteclora_config", Value::Null),
+        ("qalora_group_size", Value::from(16)),
+        ("target_parameters", Value::Null),
+        ("trainable_token_indices", Value::Null),
+        ("use_bdlora", Value::Null),
+        ("use_dora", Value::Bool(false)),
+        ("use_qalora", Value::Bool(false)),
+        ("velora_config", Value::Null),
+    ]
+}
+
+/// Whether a value is "off": null, false, or an empty list/object.
+fn is_off(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+fn unsupported(fields: &ConfigFields, key: &str, value: &Value, reason: &str) -> PeftError {
+    PeftError::Unsupported {
+        source_name: fields.source_name().to_string(),
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Takes the inert fields, refusing values that would change behaviour.
+fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<String, Value>> {
+    let mut inert = Map::new();
+    for (key, _) in inert_defaults() {
+        let Some(value) = fields.take_raw(key) else { continue };
+        let init_str = match init {
+            InitLoraWeights::Other(s) => s.as_str(),
+            _ => "",
+        };
+        let ok = match key {
+            "bias" => value == Value::from("none"),
+            "megatron_core" | "qalora_group_size" => true,
+            // peft ignores (with a warning) these sub-configs unless the matching init is chosen.
+            "eva_config" | "corda_config" | "loftq_config" | "lora_ga_config" => {
+                let owner = key.trim_end_matches("_config");
+                if !is_off(&value) && init_str != owner {
+                    tracing::warn!("{}: `{key}` is ignored because init_lora_weights is not '{owner}'", fields.source_name());
+                }
+                true
+            }
+            _ => is_off(&value),
+        };
+        if !ok {
+            let reason = match key {
+                "bias" => "only bias=\"none\" is implemented; bias=\"all\"/\"lora_only\" train the base biases",
+                "use_dora" => "DoRA is not implemented yet",
+                "lora_bias" => "a trainable bias on lora_B is not implemented yet",
+                "layer_replication" => "layer replication is not implemented",
+                "target_parameters" => "targeting nn.Parameters directly is not implemented",
+                "trainable_token_indices" => "trainable token indices are not implemented",
+                "alora_invocation_tokens" => "activated LoRA (aLoRA) is not implemented",
+                "use_qalora" => "QALoRA needs a GPTQ base, which is not implemented",
+                "ensure_weight_tying" => "tying adapters of tied embeddings is not implemented",
+                "megatron_config" => "Megatron parallel layers are not supported",
+                _ => "this LoRA variant is not implemented",
+            };
+            return Err(unsupported(fields, key, &value, reason));
+        }
+        inert.insert(key.to_string(), value);
+    }
+    Ok(inert)
+}
+
+fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
+    match fields.take_raw("init_lora_weights") {
+        None | Some(Value::Bool(true)) => Ok(InitLoraWeights::Default),
+        Some(Value::Bool(false)) => Ok(InitLoraWeights::Random),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("gaussian") => Ok(InitLoraWeights::Gaussian),
+        Some(Value::String(s)) if OTHER_INITS.contains(&s.as_str()) || s.starts_with("pissa") || s.starts_with("corda") => {
+            Ok(InitLoraWeights::Other(s))
+        }
+        Some(v) => Err(PeftError::config_value(
+            fields.source_name(),
+            "init_lora_weights",
+            "true, false, \"gaussian\" or a peft initialisation name",
+            describe(&v),
+        )),
+    }
+}
+
+/// Parses a LoRA config's own fields (the registry's parse function).
+pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
+    Ok(Box::new(LoraConfig::from_fields(fields)?))
+}
+
+impl LoraConfig {
+    /// A config with rank `r` and `lora_alpha`, other fields at peft's defaults.
+    pub fn new(r: usize, lora_alpha: f64) -> Self {
+        LoraConfig { r, lora_alpha: number(lora_alpha), ..Default::default() }
+    }
+
+    /// Targets these module names (exact names or dotted suffixes).
+    pub fn with_target_modules<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.targets.target_modules = Some(TargetModules::List(names.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Targets modules whose full name matches `regex`.
+    pub fn with_target_regex(mut self, regex: impl Into<String>) -> Self {
+        self.targets.target_modules = Some(TargetModules::Regex(regex.into()));
+        self
+    }
+
+    /// Targets every linear layer except the output head.
+    pub fn with_all_linear(mut self) -> Self {
+        self.targets.target_modules = Some(TargetModules::AllLinear);
+        self
+    }
+
+    /// Sets `lora_dropout`.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.lora_dropout = p;
+        self
+    }
+
+    /// Sets `use_rslora`.
+    pub fn with_rslora(mut self, on: bool) -> Self {
+        self.use_rslora = on;
+        self
+    }
+
+    /// Sets `init_lora_weights`.
+    pub fn with_init(mut self, init: InitLoraWeights) -> Self {
+        self.init_lora_weights = init;
+        self
+    }
+
+    /// `lora_alpha` as a float.
+    pub fn alpha(&self) -> f64 {
+        self.lora_alpha.as_f64().unwrap_or(8.0)
+    }
+
+    /// `(r, alpha)` for the module at `path`, after `rank_pattern`/`alpha_pattern`.
+    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
+        let r = peft_core::targets::pattern_value(&self.rank_pattern, path).copied().unwrap_or(self.r);
+        let alpha = peft_core::targets::pattern_value(&self.alpha_pattern, path)
+            .and_then(Number::as_f64)
+            .unwrap_or_else(|| self.alpha());
+        (r, alpha)
+    }
+
+    /// The scaling LoRA applies to `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    fn from_fields(fields: &mut ConfigFields) -> Result<Self> {
+        let r = fields.take_usize("r", 8)?;
+        if r == 0 {
+            return Err(PeftError::config_value(fields.source_name(), "r", "a positive integer", "0"));
+        }
+        let lora_alpha = fields.take_number("lora_alpha", Number::from(8))?;
+        let lora_dropout = fields.take_f64("lora_dropout", 0.0)?;
+        if !(0.0..1.0).contains(&lora_dropout) {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "lora_dropout",
+                "a probability in [0, 1)",
+                lora_dropout,
+            ));
+        }
+        let target_modules = TargetModules::from_json(fields, "target_modules", true)?;
+        let exclude_modules = TargetModules::from_json(fields, "exclude_modules", false)?;
+        let layers_to_transform = LayerIndices::from_json(fields, "layers_to_transform")?;
+        let layers_pattern = layers_pattern_from_json(fields, "layers_pattern")?;
+        if matches!(target_modules, Some(TargetModules::Regex(_))) {
+            for (key, set) in [
+                ("layers_to_transform", layers_to_transform.is_some()),
+                ("layers_pattern", layers_pattern.is_some()),
+            ] {
+                if set {
+                    return Err(PeftError::config_value(
+                        fields.source_name(),
+                        key,
+                        "null when target_modules is a regex string",
+                        "a value",
+                    ));
+                }
+            }
+        }
+        if layers_pattern.as_ref().is_some_and(|p| !p.is_empty()) && layers_to_transform.is_none() {
+            return Err(PeftError::MissingKey {
+                source_name: fields.source_name().to_string(),
+                key: "layers_to_transform".into(),
+                expected: "layer indices, required when layers_pattern is set".into(),
+            });
+        }
+        let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
+        if let Some(m) = modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+            return Err(PeftError::Unsupported {
+                source_name: fields.source_name().to_string(),
+                key: "modules_to_save".into(),
+                value: format!("{m:?}"),
+                reason: "training and saving full copies of modules is not implemented yet".into(),
+            });
+        }
+        let rank_pattern = fields
+            .take_number_map("rank_pattern")?
+            .into_iter()
+            .map(|(k, n)| match n.as_u64().filter(|r| *r > 0) {
+                Some(r) => Ok((k, r as usize)),
+                None => Err(PeftError::config_value(
+                    fields.source_name(),
+                    &format!("rank_pattern.{k}"),
+                    "a positive integer rank",
+                    n,
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let alpha_pattern = fields.take_number_map("alpha_pattern")?;
+        let init_lora_weights = parse_init(fields)?;
+        let fan_in_fan_out = fields.take_bool("fan_in_fan_out", false)?;
+        let use_rslora = fields.take_bool("use_rslora", false)?;
+        let inert = take_inert(fields, &init_lora_weights)?;
+        Ok(LoraConfig {
+            r,
+            lora_alpha,
+            lora_dropout,
+            targets: TargetSpec {
+                target_modules,
+                exclude_modules,
+                layers_to_transform,
+                layers_pattern,
+                modules_to_save,
+            },
+            fan_in_fan_out,
+            use_rslora,
+            init_lora_weights,
+            rank_pattern,
+            alpha_pattern,
+            inert,
+        })
+    }
+}
+
+/// A JSON number for `x`, an integer when `x` is whole (as peft writes `lora_alpha: 16`).
+fn number(x: f64) -> Number {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        Number::from(x as i64)
+    } else {
+        Number::from_f64(x).unwrap_or_else(|| Number::from(0))
+    }
+}
+
+impl MethodConfig for LoraConfig {
+    fn peft_type(&self) -> &'static str {
+        crate::PEFT_TYPE
+    }
+
+    fn to_json_fields(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        for (key, default) in inert_defaults() {
+            out.insert(key.to_string(), self.inert.get(key).cloned().unwrap_or(default));
+        }
+        let t = &self.targets;
+        out.insert("r".into(), Value::from(self.r));
+        out.insert("lora_alpha".into(), Value::Number(self.lora_alpha.clone()));
+        out.insert("lora_dropout".into(), Value::Number(Number::from_f64(self.lora_dropout).unwrap_or(Number::from(0))));
+        out.insert("target_modules".into(), t.target_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
+        out.insert("exclude_modules".into(), t.exclude_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
+        out.insert("layers_to_transform".into(), t.layers_to_transform.as_ref().map_or(Value::Null, LayerIndices::to_json));
+        out.insert(
+            "layers_pattern".into(),
+            match &t.layers_pattern {
+                None => Value::Null,
+                Some(p) if p.len() == 1 => Value::from(p[0].as_str()),
+                Some(p) => Value::from(p.clone()),
+            },
+        );
+        out.insert("modules_to_save".into(), t.modules_to_save.clone().map_or(Value::Null, Value::from));
+        out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        out.insert("use_rslora".into(), Value::Bool(self.use_rslora));
+        out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
+        out.insert(
+            "rank_pattern".into(),
+            Value::Object(self.rank_pattern.iter().map(|(k, r)| (k.clone(), Value::from(*r))).collect()),
+        );
+        out.insert(
+            "alpha_pattern".into(),
+            Value::Object(self.alpha_pattern.iter().map(|(k, a)| (k.clone(), Value::Number(a.clone()))).collect()),
+        );
+        out
+    }
+
+    fn clone_box(&self) -> Box<dyn MethodConfig> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_layer_method(&self) -> Option<&dyn peft_core::LayerMethod> {
+        Some(self)
+    }
+}

@@ -1,0 +1,128 @@
+//! `peft-lora`: LoRA for peft-rs, checkpoint-compatible with Python peft's `LoraConfig`.
+//!
+//! LoRA freezes a layer's weight `W` and learns a low-rank update: `y = W x + B A x * scaling`
+//! with `A: [r, in]`, `B: [out, r]`, `scaling = lora_alpha / r` (or `lora_alpha / sqrt(r)`
+//! with rsLoRA). This crate supplies only what is specific to LoRA (the config, the layers,
+//! the per-architecture default targets) and registers `peft_type` `LORA` with `peft-core`'s
+//! registry; core does the matching, injection, counting, saving, loading and merging.
+
+pub mod config;
+pub mod layer;
+
+use peft_core::layers::{EmbeddingLike, LinearLike};
+use peft_core::{
+    EmbeddingAdapter, LayerMethod, LinearAdapter, MethodRegistration, ParamBuilder, PeftError, Result,
+    TargetModules, TargetSpec,
+};
+
+pub use config::{InitLoraWeights, LoraConfig};
+pub use layer::{LoraEmbedding, LoraLinear};
+
+/// The `peft_type` this crate registers.
+pub const PEFT_TYPE: &str = "LORA";
+
+peft_core::register_method!(MethodRegistration {
+    peft_type: PEFT_TYPE,
+    description: "LoRA: trainable low-rank updates B·A on chosen linear and embedding layers",
+    crate_name: env!("CARGO_PKG_NAME"),
+    parse: config::parse,
+});
+
+/// peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21).
+pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
+    let names: &[&str] = match model_type {
+        "t5" | "mt5" => &["q", "v"],
+        "bart" | "opt" | "gptj" | "gpt_neo" | "llama" | "llama4" | "mistral" | "mixtral" | "stablelm" | "gemma"
+        | "gemma2" | "gemma3_text" | "qwen2" | "qwen3" => &["q_proj", "v_proj"],
+        "gpt2" | "gpt_bigcode" => &["c_attn"],
+        "bloom" | "gpt_neox" | "chatglm" | "RefinedWebModel" | "RefinedWeb" | "falcon" => &["query_key_value"],
+        "blip-2" => &["q", "v", "q_proj", "v_proj"],
+        "bert" | "roberta" | "xlm-roberta" | "electra" | "layoutlm" => &["query", "value"],
+        "deberta-v2" => &["query_proj", "value_proj"],
+        "deberta" => &["in_proj"],
+        "mpt" => &["Wqkv"],
+        "btlm" => &["c_proj", "c_attn"],
+        "codegen" => &["qkv_proj"],
+        "phi" => &["q_proj", "v_proj", "fc1", "fc2"],
+        "nemotron_h" => &["q_proj", "k_proj", "v_proj", "o_proj"],
+        "rwkv" => &["key", "value", "receptance", "output"],
+        "rwkv7" => &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+        "gemma4" => return Some(TargetModules::Regex(r".*language_model\..*\.(q_proj|v_proj)".into())),
+        _ => return None,
+    };
+    Some(TargetModules::List(names.iter().map(|s| s.to_string()).collect()))
+}
+
+impl LoraConfig {
+    fn check_init_for(&self, params: &ParamBuilder) -> Result<()> {
+        if let InitLoraWeights::Other(name) = &self.init_lora_weights {
+            let loadable = params.is_loading() && self.init_lora_weights.loadable();
+            if !loadable {
+                return Err(PeftError::Unsupported {
+                    source_name: "adapter config".into(),
+                    key: "init_lora_weights".into(),
+                    value: format!("\"{name}\""),
+                    reason: if params.is_loading() {
+                        "this initialisation rewrites the base weights; save the adapter from peft with \
+                         `path_initial_model_for_weight_conversion` to get a plain LoRA checkpoint"
+                            .into()
+                    } else {
+                        "only true, false and \"gaussian\" can initialise a new adapter here".into()
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LayerMethod for LoraConfig {
+    fn target_spec(&self) -> &TargetSpec {
+        &self.targets
+    }
+
+    fn default_target_modules(&self, model_type: &str) -> Option<TargetModules> {
+        default_target_modules(model_type)
+    }
+
+    fn wrap_linear(&self, path: &str, base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>> {
+        self.check_init_for(params)?;
+        if self.fan_in_fan_out != base.stores_transposed() {
+            tracing::warn!(
+                "{path}: fan_in_fan_out={} does not match the layer's weight layout; using {}",
+                self.fan_in_fan_out,
+                base.stores_transposed()
+            );
+        }
+        let (r, alpha) = self.rank_and_alpha(path);
+        Ok(Box::new(LoraLinear::new(
+            params,
+            base.in_features(),
+            base.out_features(),
+            r,
+            self.scaling(r, alpha),
+            self.lora_dropout,
+            &self.init_lora_weights,
+            params.seed("lora_dropout"),
+        )?))
+    }
+
+    fn wrap_embedding(
+        &self,
+        path: &str,
+        base: &dyn EmbeddingLike,
+        params: &ParamBuilder,
+    ) -> Result<Box<dyn EmbeddingAdapter>> {
+        self.check_init_for(params)?;
+        let (r, alpha) = self.rank_and_alpha(path);
+        Ok(Box::new(LoraEmbedding::new(
+            params,
+            base.num_embeddings(),
+            base.embedding_dim(),
+            r,
+            self.scaling(r, alpha),
+            &self.init_lora_weights,
+            base.padding_idx(),
+        )?))
+    }
+}

@@ -1,0 +1,30 @@
+//! `peft`: the facade of peft-rs, parameter-efficient fine-tuning for candle, checkpoint-
+//! compatible with Hugging Face's Python `peft`.
+//!
+//! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
+//! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`, on by
+//! default). Depending on this crate links the enabled methods into the registry.
+//!
+//! ```no_run
+//! use peft::{get_peft_model, lora::LoraConfig, models::LlamaModel, AdapterConfig, TaskType};
+//! # fn main() -> peft::Result<()> {
+//! let device = candle_core::Device::Cpu;
+//! let base = LlamaModel::from_folder("models/llama".as_ref(), candle_core::DType::F32, &device)?;
+//! let config = AdapterConfig::new(LoraConfig::new(8, 16.0).with_target_modules(["q_proj", "v_proj"]))
+//!     .with_task_type(TaskType::CausalLm);
+//! let model = get_peft_model(Box::new(base), config, 42)?;
+//! println!("{}", model.parameter_line());
+//! # Ok(()) }
+//! ```
+
+pub use peft_core::*;
+pub use peft_models as models;
+
+/// LoRA (feature `lora`).
+#[cfg(feature = "lora")]
+pub use peft_lora as lora;
+
+/// The methods linked into this build, sorted by `peft_type`.
+pub fn available_methods() -> Vec<&'static str> {
+    peft_core::registry::registered_types()
+}

@@ -1,0 +1,28 @@
+//! Shared helpers for the integration tests: fixture paths and tensor comparison.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+pub fn load_case(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = fixtures().join("cases").join(format!("{name}.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture case")
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let d = max_abs_diff(a, b);
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}
