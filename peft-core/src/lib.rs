@@ -32,6 +32,7 @@ pub mod model;
 pub mod peft_model;
 pub mod registry;
 pub mod targets;
+pub mod training;
 pub mod vars;
 
 pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};

@@ -445,11 +445,16 @@ impl PeftModel {
 
     /// The `Var`s an optimizer should update: those of the active, trainable adapters.
     pub fn trainable_vars(&self) -> Vec<Var> {
+        self.trainable_named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// [`PeftModel::trainable_vars`] with their parameter paths (`<adapter>:<path>`).
+    pub fn trainable_named_vars(&self) -> Vec<(String, Var)> {
         let active = self.state.active();
         self.adapters
             .iter()
             .filter(|(name, a)| a.trainable && active.contains(name))
-            .flat_map(|(_, a)| a.params.vars().into_iter().map(|(_, v)| v))
+            .flat_map(|(name, a)| a.params.vars().into_iter().map(move |(p, v)| (format!("{name}:{p}"), v)))
             .collect()
     }
 

@@ -95,3 +95,26 @@ fn incremental_decoding_matches_full_forward() {
     let incremental = Tensor::cat(&steps, 1).unwrap();
     assert_close("incremental vs full", &incremental, &full, 1e-4);
 }
+
+#[test]
+fn loss_and_gradients_match_peft() {
+    for case in cases() {
+        let (m, a) = (case["model"].as_str().unwrap(), case["adapter"].as_str().unwrap());
+        let name = format!("{m}__{a}");
+        let data = load_case(&name);
+        let model = load(m, a, true);
+        // Eval mode: no dropout, as in the reference (which set p = 0).
+        let batch = peft::training::CausalLmBatch::from_ids(data["input_ids"].clone(), Some(data["attention_mask"].clone())).unwrap();
+        let loss = peft::training::causal_lm_batch_loss(&model, &batch).unwrap();
+        assert_close(&format!("{name} loss"), &loss.reshape(1).unwrap(), &data["loss"], TOL);
+        let grads = loss.backward().unwrap();
+        let vars = model.adapter("default").unwrap().vars();
+        assert!(!vars.is_empty());
+        for (path, var) in vars {
+            let key = format!("grad.base_model.model.{path}");
+            let expected = data.get(&key).unwrap_or_else(|| panic!("{name}: no reference gradient {key}"));
+            let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {path}"));
+            assert_close(&format!("{name} {key}"), got, expected, TOL);
+        }
+    }
+}

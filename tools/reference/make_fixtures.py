@@ -197,6 +197,24 @@ def make_case(models, model_name, adapter_name, seed):
             pad_token_id=0,
         )
         out["generated"] = gen[0, len(PROMPT):].clone()
+    # Gradients of the causal-LM loss (labels = ids, padding ignored) w.r.t. every LoRA tensor,
+    # in training mode with dropout disabled so the numbers are deterministic.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    labels = INPUT_IDS.masked_fill(ATTENTION_MASK == 0, -100)
+    loss = model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK, labels=labels).loss
+    loss.backward()
+    out["loss"] = loss.detach().reshape(1)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            key = n.replace(".default", "")
+            out["grad." + key] = p.grad.detach().clone()
+    model.eval()
+    with torch.no_grad():
         merged = model.merge_and_unload()
         out["logits_merged"] = merged(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits.float()
     os.makedirs(os.path.join(ROOT, "cases"), exist_ok=True)
