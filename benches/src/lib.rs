@@ -1,1 +1,1 @@
-//! placeholder
+//! Benchmarks live in `benches/`; this library is empty.

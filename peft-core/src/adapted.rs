@@ -99,6 +99,15 @@ impl AdaptedLinear {
         &self.original
     }
 
+    /// This layer with a different base layer (peft loads `base_layer.weight` from checkpoints
+    /// that carry it); any merge is dropped.
+    pub fn with_original(&self, original: LinearSlot) -> LinearSlot {
+        let mut out = self.clone();
+        out.original = original;
+        out.merged = None;
+        Arc::new(out)
+    }
+
     /// Names of the adapters attached here.
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()
@@ -261,6 +270,14 @@ impl AdaptedEmbedding {
     /// The table as loaded.
     pub fn original(&self) -> &EmbeddingSlot {
         &self.original
+    }
+
+    /// This table with a different base table; any merge is dropped.
+    pub fn with_original(&self, original: EmbeddingSlot) -> EmbeddingSlot {
+        let mut out = self.clone();
+        out.original = original;
+        out.merged = None;
+        Arc::new(out)
     }
 
     /// Names of the adapters folded into the base table.

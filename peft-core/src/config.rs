@@ -141,6 +141,10 @@ pub trait MethodConfig: Debug + Send + Sync + 'static {
     fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
         None
     }
+    /// Mutable access to the layer-method interface (core records resolved targets through it).
+    fn as_layer_method_mut(&mut self) -> Option<&mut dyn LayerMethod> {
+        None
+    }
 }
 
 impl Clone for Box<dyn MethodConfig> {

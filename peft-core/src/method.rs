@@ -42,6 +42,16 @@ pub trait LayerMethod: MethodConfig {
     /// Which modules the config selects.
     fn target_spec(&self) -> &TargetSpec;
 
+    /// Mutable access to the selection; core writes the resolved `target_modules` back (the
+    /// architecture's defaults, the expansion of `all-linear`), as peft does before saving.
+    fn target_spec_mut(&mut self) -> &mut TargetSpec;
+
+    /// Whether a long target list (20 entries or more) may be condensed to the shortest
+    /// suffixes that select the same modules, as peft does for every method except IA3.
+    fn condense_long_target_lists(&self) -> bool {
+        true
+    }
+
     /// The method's default targets for an architecture (`model_type`), used when
     /// `target_modules` is null. `None` when the method knows no default for it.
     fn default_target_modules(&self, model_type: &str) -> Option<TargetModules>;

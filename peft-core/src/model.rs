@@ -59,6 +59,8 @@ pub struct ModelInfo {
     pub head_dim: usize,
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// Path of the input token embedding (`model.embed_tokens`), if any.
+    pub input_embedding: Option<String>,
     /// Output heads that `all-linear` leaves out (`lm_head`).
     pub output_heads: Vec<String>,
     /// Whether the output head shares the input embedding's weight.

@@ -8,7 +8,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::adapted::{AdaptedEmbedding, AdaptedLinear, RuntimeState};
 use crate::checkpoint;
@@ -16,8 +16,11 @@ use crate::config::{AdapterConfig, CONFIG_NAME};
 use crate::error::{PeftError, Result};
 use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
 use crate::model::{AdaptableModel, KvCache, ModelInputs, ModuleKind};
-use crate::targets::select_targets;
+use crate::targets::{resolve_target_modules, select_targets, targets_embedding_layers, TargetModules};
 use crate::vars::{ParamStore, BASE_MODEL_PREFIX};
+
+/// Suffix of the base weights peft stores beside adapters of embedding layers.
+const BASE_LAYER_SUFFIX: &str = ".base_layer.weight";
 
 /// The name peft gives the first adapter.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -195,6 +198,7 @@ impl PeftModel {
         let tensors = checkpoint::read_adapter_weights(&weights, self.base.device())?;
         let store = ParamStore::from_tensors(&weights, tensors, self.base.device(), BASE_MODEL_PREFIX);
         self.inject(name, config, Arc::clone(&store), is_trainable)?;
+        self.load_base_layer_weights(&store)?;
         let unexpected_keys = store.unused_source_keys();
         store.finish_loading();
         if !unexpected_keys.is_empty() {
@@ -206,6 +210,87 @@ impl PeftModel {
         Ok(LoadReport { unexpected_keys })
     }
 
+    /// peft saves the base weights of targeted embeddings and heads as `<path>.base_layer.weight`
+    /// and loads them back over the model's; do the same (a no-op when they are unchanged).
+    fn load_base_layer_weights(&mut self, store: &ParamStore) -> Result<()> {
+        let found = store.take_source_tensors(|p| p.ends_with(BASE_LAYER_SUFFIX));
+        if found.is_empty() {
+            return Ok(());
+        }
+        let file = store.source_path().unwrap_or_default();
+        let mut by_path: BTreeMap<String, (String, Tensor)> = found
+            .into_iter()
+            .map(|(p, key, t)| (p.trim_end_matches(BASE_LAYER_SUFFIX).to_string(), (key, t)))
+            .collect();
+        let check = |key: &str, t: &Tensor, current: &Tensor| -> Result<Option<Tensor>> {
+            if t.dims() != current.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    path: file.clone(),
+                    key: key.to_string(),
+                    expected: current.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            let t = t.to_dtype(current.dtype())?;
+            let same = t.to_dtype(DType::F32)?.eq(&current.to_dtype(DType::F32)?)?.min_all()?.to_scalar::<u8>()? == 1;
+            Ok(if same { None } else { Some(t) })
+        };
+        self.base.visit_embeddings(&mut |path, slot| {
+            if let Some((key, t)) = by_path.remove(path) {
+                let Some(adapted) = AdaptedEmbedding::from_slot(slot) else { return Ok(()) };
+                if let Some(w) = check(&key, &t, &adapted.original().weight()?)? {
+                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
+                    *slot = adapted.with_original(adapted.original().with_weight(w)?);
+                }
+            }
+            Ok(())
+        })?;
+        self.base.visit_linears(&mut |path, slot| {
+            if let Some((key, t)) = by_path.remove(path) {
+                let Some(adapted) = AdaptedLinear::from_slot(slot) else { return Ok(()) };
+                let original = adapted.original();
+                if let Some(w) = check(&key, &t, &original.weight()?)? {
+                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
+                    *slot = adapted.with_original(original.with_weights(w, original.bias().cloned())?);
+                }
+            }
+            Ok(())
+        })?;
+        for (path, (key, _)) in by_path {
+            tracing::warn!("{}: `{key}` names no adapted module `{path}`; ignored", file.display());
+        }
+        Ok(())
+    }
+
+    /// The base weights peft saves beside an adapter that targets an embedding layer.
+    fn embedding_base_tensors(&self, adapter: &Adapter) -> Result<Vec<(String, Tensor)>> {
+        let Some(targets) = adapter.config.method.as_layer_method().and_then(|m| m.target_spec().target_modules.clone())
+        else {
+            return Ok(Vec::new());
+        };
+        if !targets_embedding_layers(&targets, &self.base.modules()) {
+            return Ok(Vec::new());
+        }
+        let info = self.base.info();
+        let wanted: Vec<String> = info
+            .input_embedding
+            .iter()
+            .chain(info.output_heads.iter())
+            .filter(|p| adapter.targets.contains(p))
+            .map(|p| format!("{p}.weight"))
+            .collect();
+        Ok(self
+            .base
+            .named_tensors()?
+            .into_iter()
+            .filter(|(n, _)| wanted.contains(n))
+            .map(|(n, t)| {
+                let path = n.trim_end_matches(".weight");
+                (format!("{BASE_MODEL_PREFIX}{path}{BASE_LAYER_SUFFIX}"), t)
+            })
+            .collect())
+    }
+
     fn layer_method(config: &AdapterConfig) -> Result<&dyn LayerMethod> {
         config.method.as_layer_method().ok_or_else(|| {
             PeftError::InvalidState(format!(
@@ -215,27 +300,39 @@ impl PeftModel {
         })
     }
 
-    fn inject(&mut self, name: &str, config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
+    fn inject(&mut self, name: &str, mut config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
         if self.adapters.contains_key(name) {
             return Err(PeftError::AdapterExists(name.to_string()));
         }
-        let method = Self::layer_method(&config)?;
         let info = self.base.info().clone();
-        method.check_model(&info, config.common.task_type)?;
-        let spec = method.target_spec();
-        let targets = match &spec.target_modules {
-            Some(t) => t.clone(),
-            None => method.default_target_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
-                source_name: "adapter config".into(),
-                key: "target_modules".into(),
-                expected: format!(
-                    "module names to adapt: {} has no default targets for model_type `{}`",
-                    config.peft_type(),
-                    info.model_type
-                ),
-            })?,
-        };
         let modules = self.base.modules();
+        // Resolve the targets as peft does and record them in the config that will be saved.
+        {
+            let peft_type = config.peft_type();
+            let method = config.method.as_layer_method_mut().ok_or_else(|| {
+                PeftError::InvalidState(format!(
+                    "{peft_type} is not a layer method; this build cannot inject it into a model"
+                ))
+            })?;
+            method.check_model(&info, config.common.task_type)?;
+            let requested = match &method.target_spec().target_modules {
+                Some(t) => t.clone(),
+                None => method.default_target_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
+                    source_name: "adapter config".into(),
+                    key: "target_modules".into(),
+                    expected: format!(
+                        "module names to adapt: {peft_type} has no default targets for model_type `{}`",
+                        info.model_type
+                    ),
+                })?,
+            };
+            let condense = method.condense_long_target_lists();
+            let resolved = resolve_target_modules(&requested, &modules, &info.output_heads, condense);
+            method.target_spec_mut().target_modules = Some(resolved);
+        }
+        let method = Self::layer_method(&config)?;
+        let spec = method.target_spec();
+        let targets = spec.target_modules.clone().unwrap_or(TargetModules::AllLinear);
         let selected = select_targets(spec, &targets, &modules, &info.output_heads)?;
         for path in &selected {
             let kind = modules.iter().find(|m| &m.path == path).map(|m| m.kind);
@@ -499,7 +596,9 @@ impl PeftModel {
     /// Saves one adapter into `dir` (`adapter_config.json` + `adapter_model.safetensors`).
     pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
         let adapter = self.adapter(name)?;
-        let tensors = adapter.checkpoint_tensors()?;
+        let mut tensors = adapter.checkpoint_tensors()?;
+        tensors.extend(self.embedding_base_tensors(adapter)?);
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let config = adapter.config.for_saving(self.base.info().name_or_path.as_deref());
         checkpoint::write_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &tensors)?;
         checkpoint::write_atomic(&dir.join(CONFIG_NAME), config.to_json_string().as_bytes())

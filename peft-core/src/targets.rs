@@ -303,6 +303,92 @@ impl TargetMatcher {
     }
 }
 
+/// peft's `EMBEDDING_LAYER_NAMES`: targeting one of these makes peft save the base weights
+/// of the input embedding and output head beside the adapter (`<path>.base_layer.weight`).
+pub const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// Whether `targets` names an embedding layer in peft's sense (see [`EMBEDDING_LAYER_NAMES`]).
+pub fn targets_embedding_layers(targets: &TargetModules, modules: &[ModuleEntry]) -> bool {
+    match targets {
+        TargetModules::List(names) => EMBEDDING_LAYER_NAMES.iter().any(|e| names.iter().any(|n| n == e)),
+        TargetModules::Regex(pattern) => compile_full_match(pattern).is_ok_and(|re| {
+            modules.iter().any(|m| {
+                let last = m.path.rsplit('.').next().unwrap_or(&m.path);
+                EMBEDDING_LAYER_NAMES.contains(&last) && is_match(&re, &m.path)
+            })
+        }),
+        TargetModules::AllLinear => false,
+    }
+}
+
+/// peft's `MIN_TARGET_MODULES_FOR_OPTIMIZATION`: target lists at least this long are condensed.
+pub const MIN_TARGET_MODULES_FOR_CONDENSING: usize = 20;
+
+/// Resolves `targets` as peft does before matching: `all-linear` becomes the list of linear
+/// module paths minus the output heads, and (when `condense` is set) a list of 20 or more
+/// entries is replaced by the shortest suffixes that still select exactly the same modules.
+pub fn resolve_target_modules(
+    targets: &TargetModules,
+    modules: &[ModuleEntry],
+    output_heads: &[String],
+    condense: bool,
+) -> TargetModules {
+    let targets = match targets {
+        TargetModules::AllLinear => TargetModules::List(
+            modules
+                .iter()
+                .filter(|m| m.kind == ModuleKind::Linear && !output_heads.contains(&m.path))
+                .map(|m| m.path.clone())
+                .collect(),
+        ),
+        other => other.clone(),
+    };
+    match targets {
+        TargetModules::List(names) if condense && names.len() >= MIN_TARGET_MODULES_FOR_CONDENSING => {
+            let selected = CompiledTargets::List(names.iter().cloned().collect());
+            let others: Vec<&str> =
+                modules.iter().map(|m| m.path.as_str()).filter(|p| !selected.matches(p)).collect();
+            let minimal = minimal_target_modules(&names, &others);
+            if minimal.len() < names.len() {
+                TargetModules::List(minimal)
+            } else {
+                TargetModules::List(names)
+            }
+        }
+        other => other,
+    }
+}
+
+/// peft's `_find_minimal_target_modules`: the fewest dotted suffixes that cover `targets`
+/// without matching any of `others`. Sorted for determinism.
+pub fn minimal_target_modules(targets: &[String], others: &[&str]) -> Vec<String> {
+    fn suffixes(s: &str) -> Vec<String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        (0..parts.len()).rev().map(|i| parts[i..].join(".")).collect()
+    }
+    let other_suffixes: BTreeSet<String> = others.iter().flat_map(|o| suffixes(o)).collect();
+    let mut items: Vec<(Vec<String>, &String)> =
+        targets.iter().collect::<BTreeSet<_>>().into_iter().map(|t| (suffixes(t), t)).collect();
+    items.sort();
+    let mut required: BTreeSet<String> = BTreeSet::new();
+    for (sfx, item) in &items {
+        for suffix in sfx {
+            if required.contains(suffix) || other_suffixes.contains(suffix) {
+                continue;
+            }
+            if !required.iter().any(|r| item.ends_with(&format!(".{r}"))) {
+                required.insert(suffix.clone());
+                break;
+            }
+        }
+    }
+    if required.is_empty() {
+        targets.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect()
+    } else {
+        required.into_iter().collect()
+    }
+}
+
 /// Selects the modules to adapt, with peft's errors when nothing is selected.
 /// Returns the selected paths in model order. A selected module that is not a linear or
 /// embedding layer is an error, as in peft.
@@ -449,6 +535,26 @@ mod tests {
         };
         let got = select_targets(&spec, &TargetModules::AllLinear, &names, &["lm_head".into()]).unwrap();
         assert_eq!(got, vec!["model.layers.0.q_proj".to_string()]);
+    }
+
+    #[test]
+    fn long_lists_condense_to_suffixes() {
+        let mut modules = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..12 {
+            for n in ["q_proj", "k_proj", "v_proj"] {
+                let p = format!("model.layers.{i}.self_attn.{n}");
+                modules.push(ModuleEntry { path: p.clone(), kind: ModuleKind::Linear });
+                if n != "k_proj" {
+                    targets.push(p);
+                }
+            }
+        }
+        modules.push(ModuleEntry { path: "lm_head".into(), kind: ModuleKind::Linear });
+        let got = resolve_target_modules(&TargetModules::List(targets), &modules, &[], true);
+        assert_eq!(got, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
+        let all = resolve_target_modules(&TargetModules::AllLinear, &modules, &["lm_head".into()], true);
+        assert_eq!(all, TargetModules::List(vec!["k_proj".into(), "q_proj".into(), "v_proj".into()]));
     }
 
     #[test]

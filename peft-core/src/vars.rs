@@ -201,6 +201,28 @@ impl ParamStore {
         }
     }
 
+    /// Takes (and marks as used) the source tensors whose path satisfies `pred`, returning
+    /// `(path, file key, tensor)`.
+    pub fn take_source_tensors(&self, pred: impl Fn(&str) -> bool) -> Vec<(String, String, Tensor)> {
+        let mut guard = lock(&self.source);
+        let Some(src) = guard.as_mut() else { return Vec::new() };
+        let picked: Vec<(String, String, Tensor)> = src
+            .tensors
+            .iter()
+            .filter(|(bare, _)| pred(bare))
+            .map(|(bare, (key, t))| (bare.clone(), key.clone(), t.clone()))
+            .collect();
+        for (bare, _, _) in &picked {
+            src.used.insert(bare.clone());
+        }
+        picked
+    }
+
+    /// The file the parameters are loaded from, if any.
+    pub fn source_path(&self) -> Option<PathBuf> {
+        lock(&self.source).as_ref().map(|s| s.path.clone())
+    }
+
     /// Drops the source tensors once loading is complete (they are copied into `Var`s).
     pub fn finish_loading(&self) {
         lock(&self.source).take();

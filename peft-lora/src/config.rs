@@ -423,4 +423,8 @@ impl MethodConfig for LoraConfig {
     fn as_layer_method(&self) -> Option<&dyn peft_core::LayerMethod> {
         Some(self)
     }
+
+    fn as_layer_method_mut(&mut self) -> Option<&mut dyn peft_core::LayerMethod> {
+        Some(self)
+    }
 }

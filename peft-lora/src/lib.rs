@@ -81,6 +81,10 @@ impl LayerMethod for LoraConfig {
         &self.targets
     }
 
+    fn target_spec_mut(&mut self) -> &mut TargetSpec {
+        &mut self.targets
+    }
+
     fn default_target_modules(&self, model_type: &str) -> Option<TargetModules> {
         default_target_modules(model_type)
     }

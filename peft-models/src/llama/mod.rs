@@ -107,6 +107,7 @@ impl LlamaModel {
             num_key_value_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             vocab_size: cfg.vocab_size,
+            input_embedding: Some("model.embed_tokens".to_string()),
             output_heads: vec!["lm_head".to_string()],
             tie_word_embeddings: cfg.tie_word_embeddings,
             name_or_path: None,

@@ -1,0 +1,90 @@
+//! `peft logits`: the parity interface. Reads `input_ids` (I64 `[B, T]`), an optional
+//! `attention_mask` and optional `decoder_input_ids` from a safetensors file and writes the
+//! model's `logits` (F32) as the Hugging Face model's forward returns them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use peft::{checkpoint, ModelInputs};
+
+/// Arguments of `peft logits`.
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    /// The base model folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter folders; all are loaded and active together (the first is `default`).
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    /// Merge the adapters into the base weights before running.
+    #[arg(long)]
+    pub merge: bool,
+    /// Input safetensors holding `input_ids` and optionally `attention_mask`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output safetensors; receives `logits` (F32).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Compute dtype of the frozen weights: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> {
+    if !matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8 | DType::I32 | DType::I16) {
+        bail!("{}: `{name}`: expected an integer tensor, found {:?}", file.display(), t.dtype());
+    }
+    if t.rank() != 2 {
+        bail!("{}: `{name}`: expected shape [batch, seq_len], found {:?}", file.display(), t.dims());
+    }
+    Ok(t.to_dtype(DType::I64)?)
+}
+
+/// Runs the model and writes the logits.
+pub fn run(args: LogitsArgs) -> Result<()> {
+    let dtype = super::parse_dtype(&args.dtype)?;
+    let tensors = checkpoint::read_safetensors(&args.input, &Device::Cpu)?;
+    let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
+    let Some(ids) = find("input_ids") else {
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        bail!("{}: missing tensor `input_ids` (I64 [batch, seq_len]); found {names:?}", args.input.display());
+    };
+    let ids = integer_2d("input_ids", &ids, &args.input)?;
+    let mask = match find("attention_mask") {
+        Some(m) => {
+            let m = integer_2d("attention_mask", &m, &args.input)?;
+            if m.dims() != ids.dims() {
+                bail!(
+                    "{}: `attention_mask`: expected shape {:?} like input_ids, found {:?}",
+                    args.input.display(),
+                    ids.dims(),
+                    m.dims()
+                );
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let base = super::load_base(&args.model, dtype)?;
+    if find("decoder_input_ids").is_some() {
+        bail!(
+            "{}: `decoder_input_ids` given, but {} is a decoder-only model (model_type `{}`)",
+            args.input.display(),
+            args.model.display(),
+            base.info().model_type
+        );
+    }
+    let mut model = super::with_adapters(base, &args.adapter, false)?;
+    if args.merge {
+        if args.adapter.is_empty() {
+            bail!("--merge needs at least one --adapter");
+        }
+        model.merge_adapter()?;
+    }
+    let logits = model.forward(&ModelInputs::from_ids(ids).with_mask(mask))?.to_dtype(DType::F32)?;
+    checkpoint::write_safetensors(&args.out, &[("logits".to_string(), logits.clone())])?;
+    println!("wrote logits {:?} to {}", logits.dims(), args.out.display());
+    Ok(())
+}

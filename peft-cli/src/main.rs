@@ -1,0 +1,79 @@
+//! The `peft` command line: list methods, inspect adapters, compute logits (the parity
+//! interface), merge adapters into a model folder, and run the offline demo.
+//! Results go to stdout, diagnostics to stderr; errors exit non-zero with one line.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+// Reference every enabled method crate so its registration is linked in.
+#[cfg(feature = "lora")]
+use peft::lora as _;
+
+/// Parameter-efficient fine-tuning for candle, checkpoint-compatible with Hugging Face peft.
+#[derive(Debug, Parser)]
+#[command(name = "peft", version, about)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the methods linked into this build.
+    Methods,
+    /// Show an adapter's config and tensors (and, with --model, its parameter line).
+    Inspect(commands::inspect::InspectArgs),
+    /// Run a model (with adapters) on input ids and write its logits.
+    Logits(commands::logits::LogitsArgs),
+    /// Merge an adapter into its base model and write a model folder.
+    Merge(commands::merge::MergeArgs),
+    /// Fine-tune a small model offline: train, save, reload, merge, and check each step.
+    Demo(commands::demo::DemoArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// candle asks `num_cpus` for the thread count on every matmul unless RAYON_NUM_THREADS is
+/// set, and `num_cpus` reads cgroup files each time; set it once here.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+fn main() -> ExitCode {
+    pin_thread_count();
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Methods => commands::methods::run(),
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Logits(args) => commands::logits::run(args),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::Demo(args) => commands::demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
