@@ -202,7 +202,8 @@ impl AdapterConfig {
 
     /// Reads `adapter_config.json` from a file, or from a folder holding one.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join(CONFIG_NAME) } else { path.to_path_buf() };
+        let is_file = path.is_file() || path.extension().is_some_and(|e| e == "json");
+        let file = if is_file { path.to_path_buf() } else { path.join(CONFIG_NAME) };
         let text = std::fs::read_to_string(&file).map_err(|e| PeftError::io(&file, e))?;
         Self::from_json_str(&text, &file.display().to_string())
     }

@@ -10,12 +10,13 @@ pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum PeftError {
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or folder involved.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (part of the message, not a separate cause, so that error
+        /// chains print it once).
+        error: std::io::Error,
     },
     /// A JSON document could not be parsed at all.
     #[error("{source_name}: invalid JSON: {message}")]
@@ -165,7 +166,7 @@ pub enum PeftError {
 impl PeftError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PeftError::Io { path: path.into(), source }
+        PeftError::Io { path: path.into(), error: source }
     }
 
     /// Builds a [`PeftError::ConfigValue`].

@@ -420,8 +420,8 @@ pub fn select_targets(
             format!("Target modules {} not found in the base model", targets.describe())
         } else {
             format!(
-                "No modules were targeted for adaptation: target modules {} matched nothing that \
-                 `exclude_modules`/`modules_to_save` left",
+                "No modules were targeted for adaptation: the modules target modules {} match were \
+                 all excluded by `exclude_modules`/`modules_to_save`, or matched nothing",
                 targets.describe()
             )
         };

@@ -76,7 +76,8 @@ pub struct LoraConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, first matching key wins (file order).
     pub alpha_pattern: Vec<(String, Number)>,
-    /// peft fields this crate does not implement, at their inert values (written back).
+    /// peft fields this crate does not implement, at their inert values (written back); every
+    /// such field is present, at its default when the file lacked it.
     pub inert: Map<String, Value>,
 }
 
@@ -92,7 +93,7 @@ impl Default for LoraConfig {
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
-            inert: Map::new(),
+            inert: inert_defaults().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         }
     }
 }
@@ -147,8 +148,11 @@ fn unsupported(fields: &ConfigFields, key: &str, value: &Value, reason: &str) ->
 /// Takes the inert fields, refusing values that would change behaviour.
 fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<String, Value>> {
     let mut inert = Map::new();
-    for (key, _) in inert_defaults() {
-        let Some(value) = fields.take_raw(key) else { continue };
+    for (key, default) in inert_defaults() {
+        let Some(value) = fields.take_raw(key) else {
+            inert.insert(key.to_string(), default);
+            continue;
+        };
         let init_str = match init {
             InitLoraWeights::Other(s) => s.as_str(),
             _ => "",

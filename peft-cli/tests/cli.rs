@@ -1,0 +1,115 @@
+//! The `peft` command's contract: results on stdout, one error line on stderr and a non-zero
+//! exit on failure, and `peft logits` matching the Python reference (tools/reference).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures")
+}
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn methods_lists_lora() {
+    let o = peft(&["methods"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("LORA"), "{}", stdout(&o));
+}
+
+#[test]
+fn logits_match_the_reference_unmerged_and_merged() {
+    let case = fixtures().join("cases/llama_tiny__lora_patterns.safetensors");
+    let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &[("input_ids", data["input_ids"].clone()), ("attention_mask", data["attention_mask"].clone())]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        &input,
+    )
+    .unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
+    for (merge, expected) in [(false, "logits_adapted"), (true, "logits_merged")] {
+        let out = dir.path().join(format!("out_{merge}.safetensors"));
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+        args.extend(["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        if merge {
+            args.push("--merge");
+        }
+        let o = peft(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(got["logits"].dtype(), DType::F32);
+        assert!(max_diff(&got["logits"], &data[expected]) <= 1e-4, "{expected}");
+    }
+}
+
+#[test]
+fn merge_writes_a_loadable_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = fixtures().join("adapters/llama_tiny__lora_embed");
+    let o = peft(&["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let data = candle_core::safetensors::load(fixtures().join("cases/llama_tiny__lora_embed.safetensors"), &Device::Cpu).unwrap();
+    let merged = peft::models::load_model(&out, DType::F32, &Device::Cpu).unwrap();
+    let inputs = peft::ModelInputs::from_ids(data["input_ids"].clone()).with_mask(Some(data["attention_mask"].clone()));
+    let logits = merged.forward(&inputs, None).unwrap();
+    assert!(max_diff(&logits, &data["logits_merged"]) <= 1e-4);
+}
+
+#[test]
+fn inspect_prints_config_tensors_and_parameter_line() {
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = fixtures().join("adapters/llama_tiny__lora_qv");
+    let o = peft(&["inspect", adapter.to_str().unwrap(), "--model", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("\"peft_type\": \"LORA\""), "{text}");
+    assert!(text.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), "{text}");
+    assert!(text.contains("trainable params: 1,792 || all params: 79,936 || trainable%: 2.2418"), "{text}");
+}
+
+#[test]
+fn errors_exit_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &[("tokens".to_string(), Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap())].into_iter().collect(),
+        &input,
+    )
+    .unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let out = dir.path().join("out.safetensors");
+    let o = peft(&["logits", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("input_ids") && err.contains("in.safetensors"), "{err}");
+    assert!(!out.exists());
+
+    let o = peft(&["inspect", dir.path().join("missing").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+}

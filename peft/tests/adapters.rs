@@ -1,0 +1,107 @@
+//! Several named adapters on one model: switching, combining, disabling, deleting, merging,
+//! and dropout only in training.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixtures, max_abs_diff};
+use peft::{AdapterConfig, ModelInputs, PeftModel};
+
+fn base() -> Box<dyn peft::AdaptableModel> {
+    peft::models::load_model(&fixtures().join("models/llama_tiny"), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn cfg(targets: &str, r: usize, alpha: f64, dropout: f64) -> AdapterConfig {
+    AdapterConfig::from_json_str(
+        &format!(
+            r#"{{"peft_type": "LORA", "r": {r}, "lora_alpha": {alpha}, "lora_dropout": {dropout},
+                "target_modules": {targets}, "init_lora_weights": false}}"#
+        ),
+        "inline",
+    )
+    .unwrap()
+}
+
+fn inputs() -> ModelInputs {
+    ModelInputs::from_ids(Tensor::new(&[[1u32, 9, 33, 71, 5, 2]], &Device::Cpu).unwrap())
+}
+
+#[test]
+fn switching_combining_and_deleting_adapters() {
+    let a = || cfg(r#"["q_proj", "v_proj"]"#, 4, 8.0, 0.0);
+    let b = || cfg(r#"["v_proj", "down_proj"]"#, 2, 5.0, 0.0);
+    let mut model = PeftModel::new(base());
+    model.add_adapter("a", a(), 1).unwrap();
+    model.add_adapter("b", b(), 2).unwrap();
+    assert_eq!(model.active_adapters(), vec!["a".to_string()], "the first adapter is active");
+
+    let mut only_a = PeftModel::new(base());
+    only_a.add_adapter("a", a(), 1).unwrap();
+    let mut only_b = PeftModel::new(base());
+    only_b.add_adapter("b", b(), 2).unwrap();
+    let x = inputs();
+    let (ya, yb) = (only_a.forward(&x).unwrap(), only_b.forward(&x).unwrap());
+    assert_eq!(max_abs_diff(&model.forward(&x).unwrap(), &ya), 0.0);
+    model.set_adapter("b").unwrap();
+    assert_eq!(max_abs_diff(&model.forward(&x).unwrap(), &yb), 0.0);
+
+    // Both active: equal to merging both.
+    model.set_adapters(&["a", "b"]).unwrap();
+    let both = model.forward(&x).unwrap();
+    assert!(max_abs_diff(&both, &ya) > 1e-3 && max_abs_diff(&both, &yb) > 1e-3);
+    model.merge_adapter().unwrap();
+    assert_close("merged a+b", &model.forward(&x).unwrap(), &both, 1e-4);
+    {
+        let off = model.disable_adapters();
+        let plain = PeftModel::new(base()).forward(&x).unwrap();
+        assert_eq!(max_abs_diff(&off.forward(&x).unwrap(), &plain), 0.0, "disabled while merged = base");
+    }
+    assert_close("re-enabled", &model.forward(&x).unwrap(), &both, 1e-4);
+    model.unmerge_adapter().unwrap();
+
+    // Trainable vars follow the active set; counts include every adapter.
+    assert_eq!(model.trainable_vars().len(), 2 * (4 + 4));
+    model.set_adapter("a").unwrap();
+    assert_eq!(model.trainable_vars().len(), 2 * 4);
+
+    model.delete_adapter("a").unwrap();
+    assert_eq!(model.active_adapters(), vec!["b".to_string()]);
+    assert_eq!(max_abs_diff(&model.forward(&x).unwrap(), &yb), 0.0);
+    let (t, all) = model.parameter_counts();
+    assert_eq!(all, PeftModel::new(base()).parameter_counts().1 + t);
+}
+
+#[test]
+fn dropout_applies_in_training_only() {
+    let model = peft::get_peft_model(base(), cfg(r#"["q_proj", "v_proj"]"#, 4, 8.0, 0.5), 3).unwrap();
+    let x = inputs();
+    let eval1 = model.forward(&x).unwrap();
+    model.set_training(true);
+    let train1 = model.forward(&x).unwrap();
+    let train2 = model.forward(&x).unwrap();
+    model.set_training(false);
+    let eval2 = model.forward(&x).unwrap();
+    assert_eq!(max_abs_diff(&eval1, &eval2), 0.0);
+    assert!(max_abs_diff(&train1, &eval1) > 1e-4);
+    assert!(max_abs_diff(&train1, &train2) > 1e-4);
+}
+
+#[test]
+fn bf16_base_runs_close_to_f32() {
+    let dir = fixtures().join("adapters/llama_tiny__lora_qv");
+    let f32_model = PeftModel::from_pretrained(base(), &dir, false).unwrap();
+    let bf16_base = peft::models::load_model(&fixtures().join("models/llama_tiny"), DType::BF16, &Device::Cpu).unwrap();
+    let bf16_model = PeftModel::from_pretrained(bf16_base, &dir, false).unwrap();
+    let x = inputs();
+    let a = f32_model.forward(&x).unwrap();
+    let b = bf16_model.forward(&x).unwrap();
+    assert_eq!(b.dtype(), DType::BF16);
+    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(max_abs_diff(&a, &b) < 0.05 * scale, "bf16 drifted: {} vs scale {scale}", max_abs_diff(&a, &b));
+    // Adapters stay F32 and save as F32.
+    let tmp = tempfile::tempdir().unwrap();
+    bf16_model.save_pretrained(tmp.path()).unwrap();
+    for (_, t) in peft::checkpoint::read_safetensors(&tmp.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap() {
+        assert_eq!(t.dtype(), DType::F32);
+    }
+}
