@@ -3,6 +3,8 @@
 //!
 //! `cargo bench -p peft-benches --bench lora` (run on a quiet machine).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::sync::Arc;

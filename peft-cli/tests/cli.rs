@@ -1,6 +1,8 @@
 //! The `peft` command's contract: results on stdout, one error line on stderr and a non-zero
 //! exit on failure, and `peft logits` matching the Python reference (tools/reference).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -158,7 +158,7 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
             _ => "",
         };
         let ok = match key {
-            "bias" => value == Value::from("none"),
+            "bias" => value.as_str() == Some("none"),
             "megatron_core" | "qalora_group_size" => true,
             // peft ignores (with a warning) these sub-configs unless the matching init is chosen.
             "eva_config" | "corda_config" | "loftq_config" | "lora_ga_config" => {

@@ -54,6 +54,7 @@ pub struct LoraLinear {
 
 impl LoraLinear {
     /// Builds (or loads) `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]` under `params`.
+    #[allow(clippy::too_many_arguments)] // mirrors peft's `update_layer` arguments
     pub fn new(
         params: &ParamBuilder,
         in_features: usize,

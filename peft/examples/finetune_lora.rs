@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     println!("{}", model.parameter_line());
 
     // An ordinary training loop: teach the model to continue a counting pattern.
-    let ids: Vec<u32> = (0..4 * 32).map(|i| (3 + (i * 5) % (vocab - 3).min(60))).collect();
+    let ids: Vec<u32> = (0..4 * 32).map(|i| 3 + (i * 5) % (vocab - 3).min(60)).collect();
     let ids = Tensor::from_vec(ids, (4, 32), &device)?;
     let batch = CausalLmBatch::from_ids(ids.clone(), None)?;
     let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr: 5e-3, weight_decay: 0.0, ..Default::default() })?;

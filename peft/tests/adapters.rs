@@ -1,6 +1,8 @@
 //! Several named adapters on one model: switching, combining, disabling, deleting, merging,
 //! and dropout only in training.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

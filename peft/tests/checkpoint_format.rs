@@ -1,6 +1,8 @@
 //! What this library writes is what peft writes: the same tensor keys, shapes and dtypes, and
 //! the same config fields and values (reference adapters from tools/reference/make_fixtures.py).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -1,6 +1,8 @@
 //! Every bad input gets a typed error that names the file, key and expected vs found; nothing
 //! panics and nothing half-applies.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::path::Path;

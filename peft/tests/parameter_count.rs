@@ -2,6 +2,8 @@
 //! weights (built here with random weights of the same shapes).
 //! Reference: tools/reference/make_fixtures.py (`param_lines.json`).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use candle_core::{DType, Device};

@@ -1,6 +1,8 @@
 //! LoRA parity with Python peft + transformers on the committed fixtures.
 //! Reference: tools/reference/make_fixtures.py (torch 2.15, transformers 5.24, peft 0.21.2).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

@@ -1,6 +1,8 @@
 //! Property tests: target matching follows peft's rules on random module trees, condensing long
 //! target lists never changes what is selected, and configs survive a write/read round trip.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use peft::lora::LoraConfig;
 use peft::targets::{minimal_target_modules, resolve_target_modules, select_targets, TargetMatcher, MatchOutcome};
 use peft::{AdapterConfig, LayerIndices, ModuleEntry, ModuleKind, TargetModules, TargetSpec};

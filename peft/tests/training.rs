@@ -1,6 +1,8 @@
 //! Training through the LoRA adapters: every trainable tensor gets a gradient, the loss falls,
 //! frozen weights stay frozen, and save -> load reproduces the trained outputs.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

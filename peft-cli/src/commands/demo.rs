@@ -145,7 +145,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "held-out batch loss {eval_before:.4} -> {eval_after:.4} ({tokens_seen} tokens in {:.1}s)",
         train_started.elapsed().as_secs_f32()
     );
-    if !(eval_after < eval_before * 0.8) {
+    if eval_after.is_nan() || eval_after >= eval_before * 0.8 {
         bail!("the loss did not fall enough ({eval_before:.4} -> {eval_after:.4})");
     }
     println!("after:  {:?}", sample(&model, &vocab, prompt)?);

@@ -31,7 +31,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     if let Some(model_dir) = &args.model {
         let base = super::load_base(model_dir, candle_core::DType::F32)?;
-        let model = super::with_adapters(base, &[args.adapter.clone()], true)
+        let model = super::with_adapters(base, std::slice::from_ref(&args.adapter), true)
             .with_context(|| format!("applying the adapter to {}", model_dir.display()))?;
         println!("{}", model.parameter_line());
     }

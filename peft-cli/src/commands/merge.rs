@@ -39,7 +39,7 @@ pub struct MergeArgs {
 pub fn run(args: MergeArgs) -> Result<()> {
     let dtype = super::parse_dtype(&args.dtype)?;
     let base = super::load_base(&args.model, dtype)?;
-    let model = super::with_adapters(base, &[args.adapter.clone()], false)?;
+    let model = super::with_adapters(base, std::slice::from_ref(&args.adapter), false)?;
     let merged = model.merge_and_unload()?;
     merged.save_pretrained(&args.out)?;
     for name in SIDE_FILES {

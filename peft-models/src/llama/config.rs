@@ -325,7 +325,7 @@ impl LlamaConfig {
                 for f in inv.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -169,6 +169,7 @@ impl LlamaModel {
         Ok(pos.unsqueeze(0)?.expand((b, t))?)
     }
 
+    #[allow(clippy::too_many_arguments)] // one attention call's inputs, all distinct
     fn attention(
         &self,
         layer: &DecoderLayer,

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+/// The committed reference fixtures.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
+/// Loads `cases/<name>.safetensors`.
 pub fn load_case(name: &str) -> std::collections::HashMap<String, Tensor> {
     let path = fixtures().join("cases").join(format!("{name}.safetensors"));
     candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture case")
@@ -22,6 +24,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// Asserts the largest absolute difference is at most `tol`.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let d = max_abs_diff(a, b);
     assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
