@@ -1,9 +1,12 @@
-//! Core's wrappers around adapted slots. An [`AdaptedLinear`] keeps the original base layer,
+//! Core's wrappers around adapted slots. An [`Adapted`] layer keeps the original base layer,
 //! the adapters of every named adapter that targets it, and (after a merge) a base layer with
 //! the active adapters folded in. Which adapters run is read from the [`RuntimeState`] shared
 //! by all wrappers of one `PeftModel`, so switching adapters or disabling them touches no layer.
+//! One generic wrapper serves linear layers ([`AdaptedLinear`]) and embeddings
+//! ([`AdaptedEmbedding`]); [`SlotKind`] holds what differs between them.
 
 use std::any::Any;
+use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -51,61 +54,82 @@ impl RuntimeState {
     }
 }
 
-/// A linear layer with adapters attached.
+/// What differs between adapted linear layers and adapted embeddings.
+pub trait SlotKind: Debug + Clone + Sized + 'static {
+    /// The slot type (`Arc<dyn LinearLike>`).
+    type Slot: Clone + Debug;
+    /// The per-layer adapter type (`Arc<dyn LinearAdapter>`).
+    type Adapter: Clone + Debug;
+    /// Finds core's wrapper behind a slot.
+    fn downcast(slot: &Self::Slot) -> Option<&Adapted<Self>>;
+    /// Puts a wrapper back into a slot.
+    fn into_slot(adapted: Adapted<Self>) -> Self::Slot;
+    /// A base layer with `adapters` folded into `original`'s weights.
+    fn fold(original: &Self::Slot, adapters: &[&Self::Adapter]) -> Result<Self::Slot>;
+}
+
+/// Marker for linear layers.
 #[derive(Debug, Clone)]
-pub struct AdaptedLinear {
-    original: LinearSlot,
-    merged: Option<(LinearSlot, Vec<String>)>,
-    adapters: Vec<(String, Arc<dyn LinearAdapter>)>,
+pub struct LinearKind;
+/// Marker for embedding tables.
+#[derive(Debug, Clone)]
+pub struct EmbeddingKind;
+
+/// A layer with adapters attached.
+#[derive(Debug, Clone)]
+pub struct Adapted<K: SlotKind> {
+    original: K::Slot,
+    merged: Option<(K::Slot, Vec<String>)>,
+    adapters: Vec<(String, K::Adapter)>,
     state: Arc<RuntimeState>,
 }
 
-impl AdaptedLinear {
+/// A linear layer with adapters attached.
+pub type AdaptedLinear = Adapted<LinearKind>;
+/// An embedding table with adapters attached.
+pub type AdaptedEmbedding = Adapted<EmbeddingKind>;
+
+impl<K: SlotKind> Adapted<K> {
     /// Finds core's wrapper behind a slot.
-    pub fn from_slot(slot: &LinearSlot) -> Option<&AdaptedLinear> {
-        slot.as_any().downcast_ref::<AdaptedLinear>()
+    pub fn from_slot(slot: &K::Slot) -> Option<&Self> {
+        K::downcast(slot)
     }
 
     /// Attaches `adapter` under `name` to `slot`, wrapping it if it is not wrapped yet.
-    pub fn attach(slot: &LinearSlot, name: &str, adapter: Arc<dyn LinearAdapter>, state: &Arc<RuntimeState>) -> LinearSlot {
-        let mut wrapped = match Self::from_slot(slot) {
+    pub fn attach(slot: &K::Slot, name: &str, adapter: K::Adapter, state: &Arc<RuntimeState>) -> K::Slot {
+        let mut wrapped = match K::downcast(slot) {
             Some(existing) => existing.clone(),
-            None => AdaptedLinear {
-                original: Arc::clone(slot),
-                merged: None,
-                adapters: Vec::new(),
-                state: Arc::clone(state),
-            },
+            None => Adapted { original: slot.clone(), merged: None, adapters: Vec::new(), state: Arc::clone(state) },
         };
         wrapped.adapters.retain(|(n, _)| n != name);
         wrapped.adapters.push((name.to_string(), adapter));
-        Arc::new(wrapped)
+        K::into_slot(wrapped)
     }
 
     /// The slot without adapter `name`; the bare base layer once no adapter is left.
-    pub fn detach(&self, name: &str) -> LinearSlot {
+    pub fn detach(&self, name: &str) -> K::Slot {
         let mut out = self.clone();
         out.adapters.retain(|(n, _)| n != name);
         out.merged = None;
         if out.adapters.is_empty() {
-            Arc::clone(&self.original)
+            self.original.clone()
         } else {
-            Arc::new(out)
+            K::into_slot(out)
         }
     }
 
     /// The base layer as loaded, before any merge.
-    pub fn original(&self) -> &LinearSlot {
+    pub fn original(&self) -> &K::Slot {
         &self.original
     }
 
     /// This layer with a different base layer (peft loads `base_layer.weight` from checkpoints
     /// that carry it); any merge is dropped.
-    pub fn with_original(&self, original: LinearSlot) -> LinearSlot {
+    pub fn with_original(&self, original: K::Slot) -> K::Slot {
         let mut out = self.clone();
         out.original = original;
         out.merged = None;
-        Arc::new(out)
+        K::into_slot(out)
     }
 
     /// Names of the adapters attached here.
@@ -119,21 +143,72 @@ impl AdaptedLinear {
     }
 
     /// A base layer with the adapters named in `names` folded into its weights.
-    pub fn merged_base(&self, names: &[String]) -> Result<LinearSlot> {
-        let chosen: Vec<&Arc<dyn LinearAdapter>> =
-            self.adapters.iter().filter(|(n, _)| names.contains(n)).map(|(_, a)| a).collect();
+    pub fn merged_base(&self, names: &[String]) -> Result<K::Slot> {
+        let chosen: Vec<&K::Adapter> = self.adapters.iter().filter(|(n, _)| names.contains(n)).map(|(_, a)| a).collect();
         if chosen.is_empty() {
-            return Ok(Arc::clone(&self.original));
+            return Ok(self.original.clone());
         }
-        let stored = self.original.weight()?;
+        K::fold(&self.original, &chosen)
+    }
+
+    /// This layer with `names` merged into its base (replacing any earlier merge).
+    pub fn with_merged(&self, names: &[String]) -> Result<K::Slot> {
+        let mut out = self.clone();
+        let applicable: Vec<String> =
+            names.iter().filter(|n| self.adapters.iter().any(|(a, _)| a == *n)).cloned().collect();
+        out.merged = if applicable.is_empty() { None } else { Some((self.merged_base(&applicable)?, applicable)) };
+        Ok(K::into_slot(out))
+    }
+
+    /// This layer with no merged weights.
+    pub fn unmerged(&self) -> K::Slot {
+        let mut out = self.clone();
+        out.merged = None;
+        K::into_slot(out)
+    }
+
+    /// For a forward pass: the base to run (None when adapters are disabled: the original)
+    /// and the adapters to apply (active and not merged).
+    fn plan(&self) -> (&K::Slot, Vec<&K::Adapter>) {
+        if self.state.disabled() {
+            return (&self.original, Vec::new());
+        }
+        let (base, merged): (&K::Slot, &[String]) = match &self.merged {
+            Some((base, names)) => (base, names),
+            None => (&self.original, &[]),
+        };
+        let running = self
+            .adapters
+            .iter()
+            .filter(|(n, _)| self.state.is_active(n) && !merged.contains(n))
+            .map(|(_, a)| a)
+            .collect();
+        (base, running)
+    }
+}
+
+impl SlotKind for LinearKind {
+    type Slot = LinearSlot;
+    type Adapter = Arc<dyn LinearAdapter>;
+
+    fn downcast(slot: &LinearSlot) -> Option<&AdaptedLinear> {
+        slot.as_any().downcast_ref::<AdaptedLinear>()
+    }
+
+    fn into_slot(adapted: AdaptedLinear) -> LinearSlot {
+        Arc::new(adapted)
+    }
+
+    fn fold(original: &LinearSlot, adapters: &[&Arc<dyn LinearAdapter>]) -> Result<LinearSlot> {
+        let stored = original.weight()?;
         let dtype = stored.dtype();
-        let transposed = self.original.stores_transposed();
+        let transposed = original.stores_transposed();
         let mut weight = stored.to_dtype(DType::F32)?;
         if transposed {
             weight = weight.t()?.contiguous()?;
         }
-        let mut bias = self.original.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        for adapter in chosen {
+        let mut bias = original.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        for adapter in adapters {
             let (w, b) = adapter.merge(&weight, bias.as_ref())?;
             weight = w;
             bias = b;
@@ -141,42 +216,37 @@ impl AdaptedLinear {
         if transposed {
             weight = weight.t()?.contiguous()?;
         }
-        let bias_dtype = self.original.bias().map_or(dtype, |b| b.dtype());
-        self.original.with_weights(weight.to_dtype(dtype)?, bias.map(|b| b.to_dtype(bias_dtype)).transpose()?)
+        let bias_dtype = original.bias().map_or(dtype, |b| b.dtype());
+        original.with_weights(weight.to_dtype(dtype)?, bias.map(|b| b.to_dtype(bias_dtype)).transpose()?)
+    }
+}
+
+impl SlotKind for EmbeddingKind {
+    type Slot = EmbeddingSlot;
+    type Adapter = Arc<dyn EmbeddingAdapter>;
+
+    fn downcast(slot: &EmbeddingSlot) -> Option<&AdaptedEmbedding> {
+        slot.as_any().downcast_ref::<AdaptedEmbedding>()
     }
 
-    /// This layer with `names` merged into its base (replacing any earlier merge).
-    pub fn with_merged(&self, names: &[String]) -> Result<LinearSlot> {
-        let mut out = self.clone();
-        let applicable: Vec<String> =
-            names.iter().filter(|n| self.adapters.iter().any(|(a, _)| a == *n)).cloned().collect();
-        out.merged = if applicable.is_empty() { None } else { Some((self.merged_base(&applicable)?, applicable)) };
-        Ok(Arc::new(out))
+    fn into_slot(adapted: AdaptedEmbedding) -> EmbeddingSlot {
+        Arc::new(adapted)
     }
 
-    /// This layer with no merged weights.
-    pub fn unmerged(&self) -> LinearSlot {
-        let mut out = self.clone();
-        out.merged = None;
-        Arc::new(out)
+    fn fold(original: &EmbeddingSlot, adapters: &[&Arc<dyn EmbeddingAdapter>]) -> Result<EmbeddingSlot> {
+        let stored = original.weight()?;
+        let dtype = stored.dtype();
+        let mut weight = stored.to_dtype(DType::F32)?;
+        for adapter in adapters {
+            weight = adapter.merge(&weight)?;
+        }
+        original.with_weight(weight.to_dtype(dtype)?)
     }
 }
 
 impl LinearLike for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.state.disabled() {
-            return self.original.forward(x);
-        }
-        let (base, merged): (&LinearSlot, &[String]) = match &self.merged {
-            Some((base, names)) => (base, names),
-            None => (&self.original, &[]),
-        };
-        let running: Vec<&Arc<dyn LinearAdapter>> = self
-            .adapters
-            .iter()
-            .filter(|(n, _)| self.state.is_active(n) && !merged.contains(n))
-            .map(|(_, a)| a)
-            .collect();
+        let (base, running) = self.plan();
         let mut input = x.clone();
         for adapter in &running {
             if let Some(changed) = adapter.adapt_input(&input)? {
@@ -219,120 +289,13 @@ impl LinearLike for AdaptedLinear {
     }
 }
 
-/// An embedding table with adapters attached.
-#[derive(Debug, Clone)]
-pub struct AdaptedEmbedding {
-    original: EmbeddingSlot,
-    merged: Option<(EmbeddingSlot, Vec<String>)>,
-    adapters: Vec<(String, Arc<dyn EmbeddingAdapter>)>,
-    state: Arc<RuntimeState>,
-}
-
-impl AdaptedEmbedding {
-    /// Finds core's wrapper behind a slot.
-    pub fn from_slot(slot: &EmbeddingSlot) -> Option<&AdaptedEmbedding> {
-        slot.as_any().downcast_ref::<AdaptedEmbedding>()
-    }
-
-    /// Attaches `adapter` under `name` to `slot`.
-    pub fn attach(
-        slot: &EmbeddingSlot,
-        name: &str,
-        adapter: Arc<dyn EmbeddingAdapter>,
-        state: &Arc<RuntimeState>,
-    ) -> EmbeddingSlot {
-        let mut wrapped = match Self::from_slot(slot) {
-            Some(existing) => existing.clone(),
-            None => AdaptedEmbedding {
-                original: Arc::clone(slot),
-                merged: None,
-                adapters: Vec::new(),
-                state: Arc::clone(state),
-            },
-        };
-        wrapped.adapters.retain(|(n, _)| n != name);
-        wrapped.adapters.push((name.to_string(), adapter));
-        Arc::new(wrapped)
-    }
-
-    /// The slot without adapter `name`.
-    pub fn detach(&self, name: &str) -> EmbeddingSlot {
-        let mut out = self.clone();
-        out.adapters.retain(|(n, _)| n != name);
-        out.merged = None;
-        if out.adapters.is_empty() {
-            Arc::clone(&self.original)
-        } else {
-            Arc::new(out)
-        }
-    }
-
-    /// The table as loaded.
-    pub fn original(&self) -> &EmbeddingSlot {
-        &self.original
-    }
-
-    /// This table with a different base table; any merge is dropped.
-    pub fn with_original(&self, original: EmbeddingSlot) -> EmbeddingSlot {
-        let mut out = self.clone();
-        out.original = original;
-        out.merged = None;
-        Arc::new(out)
-    }
-
-    /// Names of the adapters folded into the base table.
-    pub fn merged_names(&self) -> &[String] {
-        self.merged.as_ref().map_or(&[], |(_, names)| names.as_slice())
-    }
-
-    /// A base table with the adapters in `names` folded in.
-    pub fn merged_base(&self, names: &[String]) -> Result<EmbeddingSlot> {
-        let chosen: Vec<&Arc<dyn EmbeddingAdapter>> =
-            self.adapters.iter().filter(|(n, _)| names.contains(n)).map(|(_, a)| a).collect();
-        if chosen.is_empty() {
-            return Ok(Arc::clone(&self.original));
-        }
-        let stored = self.original.weight()?;
-        let dtype = stored.dtype();
-        let mut weight = stored.to_dtype(DType::F32)?;
-        for adapter in chosen {
-            weight = adapter.merge(&weight)?;
-        }
-        self.original.with_weight(weight.to_dtype(dtype)?)
-    }
-
-    /// This table with `names` merged.
-    pub fn with_merged(&self, names: &[String]) -> Result<EmbeddingSlot> {
-        let mut out = self.clone();
-        let applicable: Vec<String> =
-            names.iter().filter(|n| self.adapters.iter().any(|(a, _)| a == *n)).cloned().collect();
-        out.merged = if applicable.is_empty() { None } else { Some((self.merged_base(&applicable)?, applicable)) };
-        Ok(Arc::new(out))
-    }
-
-    /// This table with no merged weights.
-    pub fn unmerged(&self) -> EmbeddingSlot {
-        let mut out = self.clone();
-        out.merged = None;
-        Arc::new(out)
-    }
-}
-
 impl EmbeddingLike for AdaptedEmbedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        if self.state.disabled() {
-            return self.original.forward(ids);
-        }
-        let (base, merged): (&EmbeddingSlot, &[String]) = match &self.merged {
-            Some((base, names)) => (base, names),
-            None => (&self.original, &[]),
-        };
+        let (base, running) = self.plan();
         let mut y = base.forward(ids)?;
         let training = self.state.training();
-        for (name, adapter) in &self.adapters {
-            if self.state.is_active(name) && !merged.contains(name) {
-                y = adapter.adapt_output(ids, y, training)?;
-            }
+        for adapter in running {
+            y = adapter.adapt_output(ids, y, training)?;
         }
         Ok(y)
     }

@@ -14,6 +14,7 @@ use crate::adapted::{AdaptedEmbedding, AdaptedLinear, RuntimeState};
 use crate::checkpoint;
 use crate::config::{AdapterConfig, CONFIG_NAME};
 use crate::error::{PeftError, Result};
+use crate::layers::{EmbeddingSlot, LinearSlot};
 use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
 use crate::model::{AdaptableModel, KvCache, ModelInputs, ModuleKind};
 use crate::targets::{resolve_target_modules, select_targets, targets_embedding_layers, TargetModules};
@@ -422,6 +423,26 @@ impl PeftModel {
         DisabledAdapters { model: self, previous }
     }
 
+    /// Replaces every adapted slot with what `linear`/`embedding` make of it.
+    fn rewrite_adapted(
+        &mut self,
+        linear: &mut dyn FnMut(&AdaptedLinear) -> Result<LinearSlot>,
+        embedding: &mut dyn FnMut(&AdaptedEmbedding) -> Result<EmbeddingSlot>,
+    ) -> Result<()> {
+        self.base.visit_linears(&mut |_, slot| {
+            if let Some(a) = AdaptedLinear::from_slot(slot) {
+                *slot = linear(a)?;
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |_, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                *slot = embedding(a)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Removes an adapter and its layers. If it was active, the first remaining adapter
     /// (if any) becomes active.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
@@ -429,18 +450,7 @@ impl PeftModel {
         if !self.merged.is_empty() {
             self.unmerge_adapter()?;
         }
-        self.base.visit_linears(&mut |_, slot| {
-            if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = a.detach(name);
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = a.detach(name);
-            }
-            Ok(())
-        })?;
+        self.rewrite_adapted(&mut |a| Ok(a.detach(name)), &mut |a| Ok(a.detach(name)))?;
         self.adapters.remove(name);
         let mut active = self.state.active();
         active.retain(|n| n != name);
@@ -455,36 +465,14 @@ impl PeftModel {
     /// the same up to rounding; forward passes then cost what the bare model costs.
     pub fn merge_adapter(&mut self) -> Result<()> {
         let active = self.state.active();
-        self.base.visit_linears(&mut |_, slot| {
-            if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = a.with_merged(&active)?;
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = a.with_merged(&active)?;
-            }
-            Ok(())
-        })?;
+        self.rewrite_adapted(&mut |a| a.with_merged(&active), &mut |a| a.with_merged(&active))?;
         self.merged = active;
         Ok(())
     }
 
     /// Restores the unmerged base weights exactly (the originals are kept while merged).
     pub fn unmerge_adapter(&mut self) -> Result<()> {
-        self.base.visit_linears(&mut |_, slot| {
-            if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = a.unmerged();
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = a.unmerged();
-            }
-            Ok(())
-        })?;
+        self.rewrite_adapted(&mut |a| Ok(a.unmerged()), &mut |a| Ok(a.unmerged()))?;
         self.merged.clear();
         Ok(())
     }
@@ -498,35 +486,13 @@ impl PeftModel {
     /// removed (peft's `merge_and_unload`).
     pub fn merge_and_unload(mut self) -> Result<Box<dyn AdaptableModel>> {
         let active = self.state.active();
-        self.base.visit_linears(&mut |_, slot| {
-            if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = a.merged_base(&active)?;
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = a.merged_base(&active)?;
-            }
-            Ok(())
-        })?;
+        self.rewrite_adapted(&mut |a| a.merged_base(&active), &mut |a| a.merged_base(&active))?;
         Ok(self.base)
     }
 
     /// Removes every adapter layer without merging and returns the base model (peft's `unload`).
     pub fn unload(mut self) -> Result<Box<dyn AdaptableModel>> {
-        self.base.visit_linears(&mut |_, slot| {
-            if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = Arc::clone(a.original());
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = Arc::clone(a.original());
-            }
-            Ok(())
-        })?;
+        self.rewrite_adapted(&mut |a| Ok(Arc::clone(a.original())), &mut |a| Ok(Arc::clone(a.original())))?;
         Ok(self.base)
     }
 
