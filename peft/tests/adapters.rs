@@ -107,3 +107,30 @@ fn bf16_base_runs_close_to_f32() {
         assert_eq!(t.dtype(), DType::F32);
     }
 }
+
+/// The hooks prompt-learning methods use: input embeddings in place of ids (with virtual tokens
+/// prepended) and a KV cache pre-filled with per-layer key/value prefixes.
+#[test]
+fn input_embedding_and_prefix_hooks() {
+    let model = PeftModel::from_pretrained(base(), &fixtures().join("adapters/llama_tiny__lora_embed"), false).unwrap();
+    let ids = Tensor::new(&[[1u32, 9, 33, 71, 5, 2]], &Device::Cpu).unwrap();
+    let by_ids = model.forward(&ModelInputs::from_ids(ids.clone())).unwrap();
+    let embeds = model.base_model().embed_tokens(&ids).unwrap();
+    let by_embeds = model.forward(&ModelInputs { inputs_embeds: Some(embeds.clone()), ..Default::default() }).unwrap();
+    assert_eq!(max_abs_diff(&by_ids, &by_embeds), 0.0, "embed_tokens includes the embedding adapter");
+
+    // A prefix in the cache: the first three positions' keys/values, then the rest.
+    let mut cache = model.new_cache();
+    let head = ModelInputs { inputs_embeds: Some(embeds.narrow(1, 0, 3).unwrap()), ..Default::default() };
+    model.forward_with_cache(&head, &mut cache).unwrap();
+    assert_eq!(cache.seq_len(), 3);
+    let prefix = peft::KvCache::from_prefix((0..cache.num_layers()).map(|i| cache.get(i).unwrap().clone()).collect());
+    let mut cache = prefix;
+    let tail = ModelInputs {
+        inputs_embeds: Some(embeds.narrow(1, 3, 3).unwrap()),
+        attention_mask: Some(Tensor::ones((1, 6), DType::U32, &Device::Cpu).unwrap()),
+        ..Default::default()
+    };
+    let rest = model.forward_with_cache(&tail, &mut cache).unwrap();
+    assert_close("prefix + rest", &rest, &by_ids.narrow(1, 3, 3).unwrap(), 1e-5);
+}
