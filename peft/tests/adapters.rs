@@ -134,3 +134,29 @@ fn input_embedding_and_prefix_hooks() {
     let rest = model.forward_with_cache(&tail, &mut cache).unwrap();
     assert_close("prefix + rest", &rest, &by_ids.narrow(1, 3, 3).unwrap(), 1e-5);
 }
+
+/// A model split into shards with `model.safetensors.index.json` loads like the single file.
+#[test]
+fn sharded_checkpoints_load() {
+    let src = fixtures().join("models/llama_tiny");
+    let tensors = peft::checkpoint::read_safetensors(&src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (part, file) in [(a, "model-00001-of-00002.safetensors"), (b, "model-00002-of-00002.safetensors")] {
+        peft::checkpoint::write_safetensors(&dir.path().join(file), part).unwrap();
+        for (k, _) in part {
+            map.insert(k.clone(), serde_json::Value::from(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = peft::models::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let x = inputs();
+    assert_eq!(max_abs_diff(&sharded.forward(&x, None).unwrap(), &base().forward(&x, None).unwrap()), 0.0);
+    // A shard listed in the index but absent is an error naming it.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = peft::models::load_model(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
