@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{PeftError, Result};
 use crate::json::{self, describe, ConfigFields};
-use crate::method::LayerMethod;
+use crate::method::{LayerMethod, PromptMethod};
 use crate::registry;
 
 /// The file name peft uses for adapter configs.
@@ -143,6 +143,14 @@ pub trait MethodConfig: Debug + Send + Sync + 'static {
     }
     /// Mutable access to the layer-method interface (core records resolved targets through it).
     fn as_layer_method_mut(&mut self) -> Option<&mut dyn LayerMethod> {
+        None
+    }
+    /// If this is a prompt-learning method, its interface.
+    fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {
+        None
+    }
+    /// Mutable access to the prompt-learning interface (core fills model-dependent fields).
+    fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
         None
     }
 }

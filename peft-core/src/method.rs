@@ -1,6 +1,8 @@
-//! What a layer method (LoRA, IA3, ...) supplies to core: which modules it targets by
-//! default, and how to build its per-layer adapter. Core does the rest: target matching, the
-//! walk over the model, counting, saving, loading, merging.
+//! What a method supplies to core. A layer method (LoRA, IA3, ...) says which modules it
+//! targets by default and how to build its per-layer adapter; a prompt-learning method (prompt
+//! tuning, p-tuning, prefix tuning) builds an encoder that produces virtual-token embeddings or
+//! key/value prefixes. Core does the rest: target matching, the walk over the model, injecting
+//! prompts, counting, saving, loading, merging.
 
 use std::fmt::Debug;
 
@@ -9,7 +11,7 @@ use candle_core::Tensor;
 use crate::config::{MethodConfig, TaskType};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingLike, LinearLike};
-use crate::model::ModelInfo;
+use crate::model::{AdaptableModel, ModelInfo};
 use crate::targets::{TargetModules, TargetSpec};
 use crate::vars::ParamBuilder;
 
@@ -56,8 +58,9 @@ pub trait LayerMethod: MethodConfig {
     /// `target_modules` is null. `None` when the method knows no default for it.
     fn default_target_modules(&self, model_type: &str) -> Option<TargetModules>;
 
-    /// Checks the config against the model before anything is built.
-    fn check_model(&self, _info: &ModelInfo, _task_type: Option<TaskType>) -> Result<()> {
+    /// Completes and checks the config for a model before anything is built (peft's
+    /// `_prepare_adapter_config`: model-dependent defaults such as IA3's feed-forward modules).
+    fn prepare(&mut self, _info: &ModelInfo, _task_type: Option<TaskType>) -> Result<()> {
         Ok(())
     }
 
@@ -79,5 +82,75 @@ pub trait LayerMethod: MethodConfig {
             method: self.peft_type().to_string(),
             supported: "linear layers".into(),
         })
+    }
+}
+
+/// How a prompt-learning method's output reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptKind {
+    /// Virtual-token embeddings `[num_virtual_tokens, hidden]` prepended to the input
+    /// embeddings (prompt tuning, p-tuning); causal-LM logits include their positions.
+    Prepend,
+    /// Per-layer key/value prefixes, `[num_virtual_tokens, num_layers * 2 * heads * head_dim]`
+    /// laid out as peft's prefix encoder output; fed to attention as cached positions.
+    Prefix {
+        /// Layers the prefix covers.
+        num_layers: usize,
+        /// Key/value heads of one layer's prefix.
+        num_heads: usize,
+        /// Width of one head.
+        head_dim: usize,
+    },
+}
+
+/// A prompt-learning method's encoder: produces what peft saves as `prompt_embeddings`.
+pub trait PromptEncoder: Send + Sync + Debug {
+    /// The encoder output for every virtual token, `[rows, width]` (f32). `training` switches
+    /// dropout inside the encoder.
+    fn forward(&self, training: bool) -> Result<Tensor>;
+}
+
+/// The prompt-learning interface of a [`MethodConfig`].
+pub trait PromptMethod: MethodConfig {
+    /// Fills the model-dependent fields left null (`num_layers`, `token_dim`,
+    /// `num_attention_heads`, `num_transformer_submodules`, ...) as peft's
+    /// `_prepare_prompt_learning_config` does, and checks the result against the model.
+    fn prepare(&mut self, info: &ModelInfo, task_type: Option<TaskType>) -> Result<()>;
+
+    /// Virtual tokens per transformer submodule.
+    fn num_virtual_tokens(&self) -> usize;
+
+    /// How the output reaches the model.
+    fn kind(&self) -> PromptKind;
+
+    /// `[rows, width]` of `prompt_embeddings` as saved.
+    fn saved_shape(&self) -> [usize; 2];
+
+    /// Builds the encoder. Its parameters come from `params`: freshly initialised, or loaded.
+    /// When a checkpoint holds `prompt_embeddings` (what peft saves), the encoder must use that
+    /// tensor directly, as peft does in inference mode.
+    fn build(&self, params: &ParamBuilder, model: &dyn AdaptableModel) -> Result<Box<dyn PromptEncoder>>;
+}
+
+/// The parameter name of peft's saved prompt tensor.
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
+/// An encoder that returns one stored tensor: what every prompt method becomes when loaded
+/// from a peft checkpoint (the saved `prompt_embeddings`, trainable if the adapter is).
+#[derive(Debug)]
+pub struct StoredPrompt {
+    embeddings: Tensor,
+}
+
+impl StoredPrompt {
+    /// Loads (or creates with `init`) the `prompt_embeddings` parameter of shape `shape`.
+    pub fn new(params: &ParamBuilder, shape: [usize; 2], init: crate::vars::Init) -> Result<Self> {
+        Ok(StoredPrompt { embeddings: params.get(&shape, PROMPT_EMBEDDINGS, init)? })
+    }
+}
+
+impl PromptEncoder for StoredPrompt {
+    fn forward(&self, _training: bool) -> Result<Tensor> {
+        Ok(self.embeddings.clone())
     }
 }

@@ -3,7 +3,7 @@
 //! and disables them, merges them into the base weights, counts parameters, hands trainable
 //! `Var`s to an optimizer and saves checkpoints in peft's layout.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,13 +15,21 @@ use crate::checkpoint;
 use crate::config::{AdapterConfig, CONFIG_NAME};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingSlot, LinearSlot};
-use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
-use crate::model::{AdaptableModel, KvCache, ModelInputs, ModuleKind};
-use crate::targets::{resolve_target_modules, select_targets, targets_embedding_layers, TargetModules};
+use crate::method::{PromptKind, PROMPT_EMBEDDINGS};
+use crate::prompt::{forward_with_prompt, PromptState};
+use crate::model::{AdaptableModel, KvCache, ModelInputs};
 use crate::vars::{ParamStore, BASE_MODEL_PREFIX};
 
-/// Suffix of the base weights peft stores beside adapters of embedding layers.
-const BASE_LAYER_SUFFIX: &str = ".base_layer.weight";
+/// Checkpoint keys of layer methods carry `base_model.model.`; peft saves prompt methods'
+/// `prompt_embeddings` bare.
+fn key_prefix(config: &AdapterConfig) -> &'static str {
+    if config.method.as_prompt_method().is_some() {
+        ""
+    } else {
+        BASE_MODEL_PREFIX
+    }
+}
+
 
 /// The name peft gives the first adapter.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -29,10 +37,11 @@ pub const DEFAULT_ADAPTER: &str = "default";
 /// One named adapter: its config, its parameters and the modules it adapts.
 #[derive(Debug)]
 pub struct Adapter {
-    config: AdapterConfig,
-    params: Arc<ParamStore>,
-    targets: Vec<String>,
-    trainable: bool,
+    pub(crate) config: AdapterConfig,
+    pub(crate) params: Arc<ParamStore>,
+    pub(crate) targets: Vec<String>,
+    pub(crate) trainable: bool,
+    pub(crate) prompt: Option<PromptState>,
 }
 
 impl Adapter {
@@ -56,9 +65,17 @@ impl Adapter {
     pub fn num_params(&self) -> usize {
         self.params.num_params()
     }
-    /// Tensors as saved in `adapter_model.safetensors` (peft's keys, F32).
+    /// Whether this is a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning).
+    pub fn is_prompt_learning(&self) -> bool {
+        self.prompt.is_some()
+    }
+    /// Tensors as saved in `adapter_model.safetensors` (peft's keys, F32): a layer method's
+    /// parameters, or a prompt method's encoder output as `prompt_embeddings`.
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.params.checkpoint_tensors()
+        match &self.prompt {
+            Some(p) => Ok(vec![(PROMPT_EMBEDDINGS.to_string(), p.encoder.forward(false)?.to_dtype(DType::F32)?)]),
+            None => self.params.checkpoint_tensors(),
+        }
     }
 }
 
@@ -71,10 +88,10 @@ pub struct LoadReport {
 
 /// A frozen base model with named adapters.
 pub struct PeftModel {
-    base: Box<dyn AdaptableModel>,
-    adapters: BTreeMap<String, Adapter>,
-    state: Arc<RuntimeState>,
-    merged: Vec<String>,
+    pub(crate) base: Box<dyn AdaptableModel>,
+    pub(crate) adapters: BTreeMap<String, Adapter>,
+    pub(crate) state: Arc<RuntimeState>,
+    pub(crate) merged: Vec<String>,
 }
 
 impl std::fmt::Debug for PeftModel {
@@ -139,10 +156,6 @@ pub fn parameter_line(trainable: usize, all: usize) -> String {
     )
 }
 
-enum Built {
-    Linear(Arc<dyn LinearAdapter>),
-    Embedding(Arc<dyn EmbeddingAdapter>),
-}
 
 impl PeftModel {
     /// A model with no adapters yet.
@@ -185,7 +198,7 @@ impl PeftModel {
     /// Adds a freshly initialised adapter. The first adapter becomes active; later ones are
     /// added inactive, as in peft (use [`PeftModel::set_adapter`]).
     pub fn add_adapter(&mut self, name: &str, config: AdapterConfig, seed: u64) -> Result<()> {
-        let store = ParamStore::new(seed, self.base.device(), BASE_MODEL_PREFIX);
+        let store = ParamStore::new(seed, self.base.device(), key_prefix(&config));
         let trainable = !config.common.inference_mode;
         self.inject(name, config, store, trainable)?;
         Ok(())
@@ -197,7 +210,7 @@ impl PeftModel {
         config.common.inference_mode = !is_trainable;
         let weights = checkpoint::adapter_weights_file(dir)?;
         let tensors = checkpoint::read_adapter_weights(&weights, self.base.device())?;
-        let store = ParamStore::from_tensors(&weights, tensors, self.base.device(), BASE_MODEL_PREFIX);
+        let store = ParamStore::from_tensors(&weights, tensors, self.base.device(), key_prefix(&config));
         self.inject(name, config, Arc::clone(&store), is_trainable)?;
         self.load_base_layer_weights(&store)?;
         let unexpected_keys = store.unused_source_keys();
@@ -211,193 +224,6 @@ impl PeftModel {
         Ok(LoadReport { unexpected_keys })
     }
 
-    /// peft saves the base weights of targeted embeddings and heads as `<path>.base_layer.weight`
-    /// and loads them back over the model's; do the same (a no-op when they are unchanged).
-    fn load_base_layer_weights(&mut self, store: &ParamStore) -> Result<()> {
-        let found = store.take_source_tensors(|p| p.ends_with(BASE_LAYER_SUFFIX));
-        if found.is_empty() {
-            return Ok(());
-        }
-        let file = store.source_path().unwrap_or_default();
-        let mut by_path: BTreeMap<String, (String, Tensor)> = found
-            .into_iter()
-            .map(|(p, key, t)| (p.trim_end_matches(BASE_LAYER_SUFFIX).to_string(), (key, t)))
-            .collect();
-        let check = |key: &str, t: &Tensor, current: &Tensor| -> Result<Option<Tensor>> {
-            if t.dims() != current.dims() {
-                return Err(PeftError::ShapeMismatch {
-                    path: file.clone(),
-                    key: key.to_string(),
-                    expected: current.dims().to_vec(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            let t = t.to_dtype(current.dtype())?;
-            let same = t.to_dtype(DType::F32)?.eq(&current.to_dtype(DType::F32)?)?.min_all()?.to_scalar::<u8>()? == 1;
-            Ok(if same { None } else { Some(t) })
-        };
-        self.base.visit_embeddings(&mut |path, slot| {
-            if let Some((key, t)) = by_path.remove(path) {
-                let Some(adapted) = AdaptedEmbedding::from_slot(slot) else { return Ok(()) };
-                if let Some(w) = check(&key, &t, &adapted.original().weight()?)? {
-                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
-                    *slot = adapted.with_original(adapted.original().with_weight(w)?);
-                }
-            }
-            Ok(())
-        })?;
-        self.base.visit_linears(&mut |path, slot| {
-            if let Some((key, t)) = by_path.remove(path) {
-                let Some(adapted) = AdaptedLinear::from_slot(slot) else { return Ok(()) };
-                let original = adapted.original();
-                if let Some(w) = check(&key, &t, &original.weight()?)? {
-                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
-                    *slot = adapted.with_original(original.with_weights(w, original.bias().cloned())?);
-                }
-            }
-            Ok(())
-        })?;
-        for (path, (key, _)) in by_path {
-            tracing::warn!("{}: `{key}` names no adapted module `{path}`; ignored", file.display());
-        }
-        Ok(())
-    }
-
-    /// The base weights peft saves beside an adapter that targets an embedding layer.
-    fn embedding_base_tensors(&self, adapter: &Adapter) -> Result<Vec<(String, Tensor)>> {
-        let Some(targets) = adapter.config.method.as_layer_method().and_then(|m| m.target_spec().target_modules.clone())
-        else {
-            return Ok(Vec::new());
-        };
-        if !targets_embedding_layers(&targets, &self.base.modules()) {
-            return Ok(Vec::new());
-        }
-        let info = self.base.info();
-        let wanted: Vec<String> = info
-            .input_embedding
-            .iter()
-            .chain(info.output_heads.iter())
-            .filter(|p| adapter.targets.contains(p))
-            .map(|p| format!("{p}.weight"))
-            .collect();
-        Ok(self
-            .base
-            .named_tensors()?
-            .into_iter()
-            .filter(|(n, _)| wanted.contains(n))
-            .map(|(n, t)| {
-                let path = n.trim_end_matches(".weight");
-                (format!("{BASE_MODEL_PREFIX}{path}{BASE_LAYER_SUFFIX}"), t)
-            })
-            .collect())
-    }
-
-    fn layer_method(config: &AdapterConfig) -> Result<&dyn LayerMethod> {
-        config.method.as_layer_method().ok_or_else(|| {
-            PeftError::InvalidState(format!(
-                "{} is not a layer method; this build cannot inject it into a model",
-                config.peft_type()
-            ))
-        })
-    }
-
-    fn inject(&mut self, name: &str, mut config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
-        if self.adapters.contains_key(name) {
-            return Err(PeftError::AdapterExists(name.to_string()));
-        }
-        let info = self.base.info().clone();
-        let modules = self.base.modules();
-        // Resolve the targets as peft does and record them in the config that will be saved.
-        {
-            let peft_type = config.peft_type();
-            let method = config.method.as_layer_method_mut().ok_or_else(|| {
-                PeftError::InvalidState(format!(
-                    "{peft_type} is not a layer method; this build cannot inject it into a model"
-                ))
-            })?;
-            method.check_model(&info, config.common.task_type)?;
-            let requested = match &method.target_spec().target_modules {
-                Some(t) => t.clone(),
-                None => method.default_target_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
-                    source_name: "adapter config".into(),
-                    key: "target_modules".into(),
-                    expected: format!(
-                        "module names to adapt: {peft_type} has no default targets for model_type `{}`",
-                        info.model_type
-                    ),
-                })?,
-            };
-            let condense = method.condense_long_target_lists();
-            let resolved = resolve_target_modules(&requested, &modules, &info.output_heads, condense);
-            method.target_spec_mut().target_modules = Some(resolved);
-        }
-        let method = Self::layer_method(&config)?;
-        let spec = method.target_spec();
-        let targets = spec.target_modules.clone().unwrap_or(TargetModules::AllLinear);
-        let selected = select_targets(spec, &targets, &modules, &info.output_heads)?;
-        for path in &selected {
-            let kind = modules.iter().find(|m| &m.path == path).map(|m| m.kind);
-            if let Some(ModuleKind::Other(class)) = kind {
-                return Err(PeftError::UnsupportedModule {
-                    path: path.clone(),
-                    kind: format!("a {class}"),
-                    method: config.peft_type().to_string(),
-                    supported: "linear and embedding layers".into(),
-                });
-            }
-        }
-        if !self.merged.is_empty() {
-            tracing::warn!("adding adapter `{name}` to a merged model: unmerging first");
-            self.unmerge_adapter()?;
-        }
-
-        // Phase 1: build every layer's adapter; the model is untouched if anything fails.
-        let wanted: BTreeSet<&str> = selected.iter().map(String::as_str).collect();
-        let root = store.root();
-        let mut built: BTreeMap<String, Built> = BTreeMap::new();
-        self.base.visit_linears(&mut |path, slot| {
-            if wanted.contains(path) {
-                let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
-                let adapter = method.wrap_linear(path, base.as_ref(), &root.pp(path))?;
-                built.insert(path.to_string(), Built::Linear(Arc::from(adapter)));
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |path, slot| {
-            if wanted.contains(path) {
-                let base = AdaptedEmbedding::from_slot(slot).map_or(&*slot, |a| a.original());
-                let adapter = method.wrap_embedding(path, base.as_ref(), &root.pp(path))?;
-                built.insert(path.to_string(), Built::Embedding(Arc::from(adapter)));
-            }
-            Ok(())
-        })?;
-        if let Some(missing) = selected.iter().find(|p| !built.contains_key(*p)) {
-            return Err(PeftError::InvalidState(format!(
-                "module `{missing}` is listed by the model but exposes no adaptable slot"
-            )));
-        }
-
-        // Phase 2: attach.
-        let state = Arc::clone(&self.state);
-        self.base.visit_linears(&mut |path, slot| {
-            if let Some(Built::Linear(adapter)) = built.get(path) {
-                *slot = AdaptedLinear::attach(slot, name, Arc::clone(adapter), &state);
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |path, slot| {
-            if let Some(Built::Embedding(adapter)) = built.get(path) {
-                *slot = AdaptedEmbedding::attach(slot, name, Arc::clone(adapter), &state);
-            }
-            Ok(())
-        })?;
-        self.adapters.insert(name.to_string(), Adapter { config, params: store, targets: selected, trainable });
-        if self.state.active().is_empty() {
-            self.state.set_active(vec![name.to_string()]);
-        }
-        Ok(())
-    }
-
     /// Makes `name` the one active adapter.
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
         self.set_adapters(&[name])
@@ -406,7 +232,11 @@ impl PeftModel {
     /// Makes several adapters active at once (their effects add up, in order).
     pub fn set_adapters(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
-            self.adapter(n)?;
+            if self.adapter(n)?.is_prompt_learning() && names.len() > 1 {
+                return Err(PeftError::InvalidState(format!(
+                    "prompt-learning adapter `{n}` cannot be active together with other adapters"
+                )));
+            }
         }
         if !self.merged.is_empty() {
             tracing::warn!("changing the active adapter of a merged model: unmerging first");
@@ -464,10 +294,38 @@ impl PeftModel {
     /// Folds the active adapters into the base weights (peft's `merge_adapter`). Outputs stay
     /// the same up to rounding; forward passes then cost what the bare model costs.
     pub fn merge_adapter(&mut self) -> Result<()> {
+        self.refuse_prompt_merge()?;
         let active = self.state.active();
         self.rewrite_adapted(&mut |a| a.with_merged(&active), &mut |a| a.with_merged(&active))?;
         self.merged = active;
         Ok(())
+    }
+
+    fn refuse_prompt_merge(&self) -> Result<()> {
+        match self.active_prompt() {
+            Some(_) => Err(PeftError::InvalidState(
+                "prompt-learning adapters have no weights to merge into the base model".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The active prompt-learning adapter, unless adapters are disabled.
+    fn active_prompt(&self) -> Option<&PromptState> {
+        if self.state.disabled() {
+            return None;
+        }
+        let active = self.state.active();
+        active.iter().find_map(|n| self.adapters.get(n).and_then(|a| a.prompt.as_ref()))
+    }
+
+    /// Virtual-token positions the active adapter adds to the logits (prompt tuning and
+    /// p-tuning on a causal LM); labels need as many `-100` in front.
+    pub fn virtual_tokens_in_output(&self) -> usize {
+        match self.active_prompt() {
+            Some(p) if p.kind == PromptKind::Prepend => p.num_virtual_tokens,
+            _ => 0,
+        }
     }
 
     /// Restores the unmerged base weights exactly (the originals are kept while merged).
@@ -485,6 +343,7 @@ impl PeftModel {
     /// Merges the active adapters and returns the plain base model with every adapter layer
     /// removed (peft's `merge_and_unload`).
     pub fn merge_and_unload(mut self) -> Result<Box<dyn AdaptableModel>> {
+        self.refuse_prompt_merge()?;
         let active = self.state.active();
         self.rewrite_adapted(&mut |a| a.merged_base(&active), &mut |a| a.merged_base(&active))?;
         Ok(self.base)
@@ -537,12 +396,18 @@ impl PeftModel {
 
     /// Runs the model with the active adapters.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<Tensor> {
-        self.base.forward(inputs, None)
+        match self.active_prompt() {
+            Some(p) => forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training()),
+            None => self.base.forward(inputs, None),
+        }
     }
 
     /// Runs the model with a KV cache (incremental decoding).
     pub fn forward_with_cache(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor> {
-        self.base.forward(inputs, Some(cache))
+        match self.active_prompt() {
+            Some(p) => forward_with_prompt(self.base.as_ref(), p, inputs, Some(cache), self.state.training()),
+            None => self.base.forward(inputs, Some(cache)),
+        }
     }
 
     /// A fresh KV cache for this model.

@@ -292,6 +292,12 @@ impl ParamBuilder {
         &self.store.device
     }
 
+    /// Whether the checkpoint being loaded holds parameter `name` under this builder.
+    pub fn source_contains(&self, name: &str) -> bool {
+        let path = self.path(name);
+        lock(&self.store.source).as_ref().is_some_and(|s| s.tensors.contains_key(&path))
+    }
+
     /// Whether parameters come from a checkpoint rather than a fresh init.
     pub fn is_loading(&self) -> bool {
         lock(&self.store.source).is_some()

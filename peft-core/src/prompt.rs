@@ -1,0 +1,108 @@
+//! Running a model with a prompt-learning adapter, as peft's `PeftModelForCausalLM.forward`
+//! does: the attention mask gains `num_virtual_tokens` ones in front; prompt tuning and
+//! p-tuning prepend virtual-token embeddings (so logits include their positions); prefix
+//! tuning turns the encoder output into per-layer key/value prefixes that sit in the KV cache
+//! before the first real token. With a cache, the prompt is injected on the first call only
+//! and stays for every decoded token.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{PeftError, Result};
+use crate::method::{PromptEncoder, PromptKind};
+use crate::model::{AdaptableModel, KvCache, ModelInputs};
+
+/// A prompt-learning adapter attached to a model.
+#[derive(Debug)]
+pub(crate) struct PromptState {
+    pub(crate) encoder: Box<dyn PromptEncoder>,
+    pub(crate) kind: PromptKind,
+    pub(crate) num_virtual_tokens: usize,
+}
+
+/// Per-layer `(key, value)` prefixes `[batch, heads, nvt, head_dim]` from peft's flat layout
+/// `[nvt, num_layers * 2 * heads * head_dim]` (peft's `get_prompt` view and permute).
+pub fn prefix_key_values(
+    flat: &Tensor,
+    batch: usize,
+    num_layers: usize,
+    num_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let (nvt, width) = flat.dims2()?;
+    if width != num_layers * 2 * num_heads * head_dim {
+        return Err(PeftError::bad_input(
+            "prefix encoder output",
+            format!("width num_layers * 2 * heads * head_dim = {}", num_layers * 2 * num_heads * head_dim),
+            width.to_string(),
+        ));
+    }
+    let per = flat.to_dtype(dtype)?.reshape((nvt, num_layers * 2, num_heads, head_dim))?.permute((1, 2, 0, 3))?;
+    let expand = |t: Tensor| -> Result<Tensor> {
+        Ok(t.unsqueeze(0)?.broadcast_as((batch, num_heads, nvt, head_dim))?.contiguous()?)
+    };
+    (0..num_layers)
+        .map(|i| Ok((expand(per.get(2 * i)?)?, expand(per.get(2 * i + 1)?)?)))
+        .collect()
+}
+
+/// Runs `base` on `inputs` with the prompt of `prompt` applied.
+pub(crate) fn forward_with_prompt(
+    base: &dyn AdaptableModel,
+    prompt: &PromptState,
+    inputs: &ModelInputs,
+    cache: Option<&mut KvCache>,
+    training: bool,
+) -> Result<Tensor> {
+    let (batch, _) = inputs.batch_and_len()?;
+    let nvt = prompt.num_virtual_tokens;
+    let mut inputs = inputs.clone();
+    if let Some(mask) = &inputs.attention_mask {
+        let ones = Tensor::ones((batch, nvt), mask.dtype(), mask.device())?;
+        inputs.attention_mask = Some(Tensor::cat(&[&ones, mask], 1)?);
+    }
+    let first_call = cache.as_ref().is_none_or(|c| c.seq_len() == 0);
+    match prompt.kind {
+        PromptKind::Prepend => {
+            if inputs.position_ids.take().is_some() {
+                tracing::warn!("position ids are not supported with prompt tuning or p-tuning; ignoring them");
+            }
+            if first_call {
+                let embeds = match (inputs.inputs_embeds.take(), inputs.input_ids.take()) {
+                    (Some(e), _) => e,
+                    (None, Some(ids)) => base.embed_tokens(&ids)?,
+                    (None, None) => unreachable!("batch_and_len checked the inputs"),
+                };
+                let prompts = prompt.encoder.forward(training)?;
+                let (rows, width) = prompts.dims2()?;
+                let prompts = prompts.to_dtype(embeds.dtype())?.unsqueeze(0)?.broadcast_as((batch, rows, width))?;
+                inputs.inputs_embeds = Some(Tensor::cat(&[&prompts.contiguous()?, &embeds], 1)?);
+            }
+            base.forward(&inputs, cache)
+        }
+        PromptKind::Prefix { num_layers, num_heads, head_dim } => {
+            if let Some(p) = inputs.position_ids.take() {
+                inputs.position_ids = Some((p.to_dtype(DType::I64)? + nvt as f64)?);
+            }
+            let mut fresh;
+            let cache = match cache {
+                Some(c) if !first_call => c,
+                other => {
+                    let flat = prompt.encoder.forward(training)?;
+                    let kv = prefix_key_values(&flat, batch, num_layers, num_heads, head_dim, base.dtype())?;
+                    match other {
+                        Some(c) => {
+                            *c = KvCache::from_prefix(kv);
+                            c
+                        }
+                        None => {
+                            fresh = KvCache::from_prefix(kv);
+                            &mut fresh
+                        }
+                    }
+                }
+            };
+            base.forward(&inputs, Some(cache))
+        }
+    }
+}
