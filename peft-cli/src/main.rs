@@ -9,8 +9,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // Reference every enabled method crate so its registration is linked in.
+#[cfg(feature = "ia3")]
+use peft::ia3 as _;
 #[cfg(feature = "lora")]
 use peft::lora as _;
+#[cfg(feature = "ptuning")]
+use peft::p_tuning as _;
+#[cfg(feature = "prefix")]
+use peft::prefix_tuning as _;
+#[cfg(feature = "prompt")]
+use peft::prompt_tuning as _;
 
 /// Parameter-efficient fine-tuning for candle, checkpoint-compatible with Hugging Face peft.
 #[derive(Debug, Parser)]

@@ -30,8 +30,10 @@ pub mod layers;
 pub mod loss;
 pub mod method;
 pub mod model;
+pub mod nn;
 pub mod peft_model;
 pub mod prompt;
+pub mod prompt_config;
 pub mod registry;
 pub mod targets;
 pub mod training;
@@ -43,12 +45,15 @@ pub use layers::{DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, Line
 pub use method::{EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod, StoredPrompt};
 pub use model::{AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind};
 pub use peft_model::{get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER};
+pub use prompt_config::PromptLearningConfig;
 pub use registry::{MethodRegistration, ParseFn};
-pub use targets::{LayerIndices, TargetModules, TargetSpec};
 pub use vars::{Init, ParamBuilder, ParamStore};
+pub use targets::{LayerIndices, TargetModules, TargetSpec};
 
 /// Re-exported so method crates can register without depending on `inventory` themselves.
 pub use inventory;
+/// Re-exported: the seeded generator handed to [`ParamBuilder::get_with`] initialisers.
+pub use rand;
 
 /// The version written into saved configs' `peft_version` (this crate's version).
 pub const PEFT_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+peft.rs");

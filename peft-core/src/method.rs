@@ -143,9 +143,17 @@ pub struct StoredPrompt {
 }
 
 impl StoredPrompt {
-    /// Loads (or creates with `init`) the `prompt_embeddings` parameter of shape `shape`.
-    pub fn new(params: &ParamBuilder, shape: [usize; 2], init: crate::vars::Init) -> Result<Self> {
-        Ok(StoredPrompt { embeddings: params.get(&shape, PROMPT_EMBEDDINGS, init)? })
+    /// The `prompt_embeddings` of a peft checkpoint if `params` is loading one; otherwise the
+    /// parameter `name` (peft's in-memory name, e.g. `embedding.weight`), loaded or created
+    /// with `init`.
+    pub fn new(params: &ParamBuilder, name: &str, shape: [usize; 2], init: crate::vars::Init) -> Result<Self> {
+        let name = if params.source_contains(PROMPT_EMBEDDINGS) { PROMPT_EMBEDDINGS } else { name };
+        Ok(StoredPrompt { embeddings: params.get(&shape, name, init)? })
+    }
+
+    /// Wraps a parameter obtained elsewhere (for example from [`ParamBuilder::get_with`]).
+    pub fn from_tensor(embeddings: Tensor) -> Self {
+        StoredPrompt { embeddings }
     }
 }
 

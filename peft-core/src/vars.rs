@@ -144,6 +144,18 @@ impl ParamStore {
     }
 
     fn get_or_create(&self, path: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.get_or_create_with(path, shape, &mut |rng: &mut StdRng| {
+            let n: usize = shape.iter().product();
+            Ok(Tensor::from_vec(init.sample(n, rng), shape, &self.device)?)
+        })
+    }
+
+    fn get_or_create_with(
+        &self,
+        path: &str,
+        shape: &[usize],
+        init: &mut dyn FnMut(&mut StdRng) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut vars = lock(&self.vars);
         if let Some(var) = vars.get(path) {
             if var.dims() != shape {
@@ -178,9 +190,14 @@ impl ParamStore {
             }
             None => {
                 let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(path));
-                let n: usize = shape.iter().product();
-                let data = init.sample(n, &mut rng);
-                Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?
+                let value = init(&mut rng)?;
+                if value.dims() != shape {
+                    return Err(PeftError::InvalidState(format!(
+                        "initial value of `{path}` has shape {:?}, expected {shape:?}",
+                        value.dims()
+                    )));
+                }
+                Var::from_tensor(&value.to_dtype(DType::F32)?.to_device(&self.device)?)?
             }
         };
         let tensor = var.as_tensor().clone();
@@ -279,6 +296,17 @@ impl ParamBuilder {
     /// Gets (loads or initialises) the parameter `name` with `shape`.
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
         self.store.get_or_create(&self.path(name), shape, init)
+    }
+
+    /// Gets the parameter `name` with `shape`: loaded from the checkpoint, or (when
+    /// initialising) the value `init` computes from a generator seeded for this parameter.
+    pub fn get_with(
+        &self,
+        shape: &[usize],
+        name: &str,
+        mut init: impl FnMut(&mut StdRng) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        self.store.get_or_create_with(&self.path(name), shape, &mut init)
     }
 
     /// A seed for auxiliary randomness (such as dropout) of the module at this path, derived

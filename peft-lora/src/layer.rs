@@ -3,45 +3,12 @@
 //! (`lora_A.weight`, `lora_B.weight`, `lora_embedding_A`, `lora_embedding_B`) and
 //! initialisations. Nothing here materialises `B @ A` except merging.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 use peft_core::layers::{embedding_lookup, linear_forward};
+use peft_core::nn::Dropout;
 use peft_core::{EmbeddingAdapter, Init, LinearAdapter, ParamBuilder, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use crate::config::InitLoraWeights;
-
-/// Inverted dropout with its own seeded generator (candle's CPU RNG cannot be seeded).
-#[derive(Debug)]
-pub struct Dropout {
-    p: f64,
-    rng: Mutex<StdRng>,
-}
-
-impl Dropout {
-    /// Dropout with probability `p`, seeded.
-    pub fn new(p: f64, seed: u64) -> Self {
-        Dropout { p, rng: Mutex::new(StdRng::seed_from_u64(seed)) }
-    }
-
-    /// Zeroes each element with probability `p` and scales the rest by `1/(1-p)`.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if self.p <= 0.0 {
-            return Ok(x.clone());
-        }
-        let keep = 1.0 - self.p;
-        let scale = (1.0 / keep) as f32;
-        let n = x.elem_count();
-        let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (0..n).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect()
-        };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
-    }
-}
 
 /// LoRA on a linear layer.
 #[derive(Debug)]
@@ -89,7 +56,7 @@ impl LoraLinear {
 impl LinearAdapter for LoraLinear {
     fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor> {
         let x = if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
-        let x = if training { self.dropout.apply(&x)? } else { x };
+        let x = self.dropout.forward(&x, training)?;
         let h = linear_forward(&x, &self.a, false)?;
         let delta = (linear_forward(&h, &self.b, false)? * self.scaling)?;
         let delta = if y.dtype() == DType::F32 { delta } else { delta.to_dtype(y.dtype())? };

@@ -2,8 +2,9 @@
 //! compatible with Hugging Face's Python `peft`.
 //!
 //! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
-//! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`, on by
-//! default). Depending on this crate links the enabled methods into the registry.
+//! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`,
+//! `ia3`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
+//! enabled methods into the registry.
 //!
 //! ```no_run
 //! use peft::{get_peft_model, lora::LoraConfig, models::LlamaModel, AdapterConfig, TaskType};
@@ -23,6 +24,18 @@ pub use peft_models as models;
 /// LoRA (feature `lora`).
 #[cfg(feature = "lora")]
 pub use peft_lora as lora;
+/// IA3 (feature `ia3`).
+#[cfg(feature = "ia3")]
+pub use peft_ia3 as ia3;
+/// Prompt tuning (feature `prompt`).
+#[cfg(feature = "prompt")]
+pub use peft_prompt as prompt_tuning;
+/// P-tuning (feature `ptuning`).
+#[cfg(feature = "ptuning")]
+pub use peft_ptuning as p_tuning;
+/// Prefix tuning (feature `prefix`).
+#[cfg(feature = "prefix")]
+pub use peft_prefix as prefix_tuning;
 
 /// The methods linked into this build, sorted by `peft_type`.
 pub fn available_methods() -> Vec<&'static str> {

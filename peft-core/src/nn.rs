@@ -1,0 +1,75 @@
+//! Small trainable building blocks shared by method crates (prompt encoders, adapters):
+//! a linear layer with torch's default initialisation and seeded inverted dropout. Their
+//! parameters live in an adapter's [`ParamStore`](crate::ParamStore) under torch's names.
+
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::Result;
+use crate::layers::linear_forward;
+use crate::vars::{Init, ParamBuilder};
+
+/// A trainable `nn.Linear`: `weight` `[out, in]` and an optional `bias` `[out]`, both
+/// initialised as torch does (uniform on `±1/sqrt(in)`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Builds (or loads) `weight` and `bias` under `params`.
+    pub fn new(params: &ParamBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        Self::with_init(params, in_features, out_features, bias, Init::kaiming_uniform_linear(in_features))
+    }
+
+    /// Like [`Linear::new`] with an explicit initialisation for both tensors (e.g. zeros).
+    pub fn with_init(params: &ParamBuilder, in_features: usize, out_features: usize, bias: bool, init: Init) -> Result<Self> {
+        let weight = params.get(&[out_features, in_features], "weight", init)?;
+        let bias = if bias { Some(params.get(&[out_features], "bias", init)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x W^T + b` over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear_forward(x, &self.weight, false)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Inverted dropout with its own seeded generator (candle's CPU generator cannot be seeded).
+#[derive(Debug)]
+pub struct Dropout {
+    p: f64,
+    rng: Mutex<StdRng>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p`, seeded.
+    pub fn new(p: f64, seed: u64) -> Self {
+        Dropout { p, rng: Mutex::new(StdRng::seed_from_u64(seed)) }
+    }
+
+    /// In training, zeroes each element with probability `p` and scales the rest by
+    /// `1/(1-p)`; otherwise returns `x`.
+    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        if !training || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            (0..n).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}

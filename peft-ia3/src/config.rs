@@ -1,0 +1,147 @@
+//! `IA3Config`: peft 0.21's IA3 fields.
+
+use std::any::Any;
+
+use peft_core::json::{describe, ConfigFields};
+use peft_core::targets::compile_full_match;
+use peft_core::{CommonConfig, LayerMethod, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
+use serde_json::{Map, Value};
+
+/// `feedforward_modules`: which targets rescale their input rather than their output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedforwardModules {
+    /// A regex that must match the whole module name.
+    Regex(String),
+    /// Names a module path must end with (peft checks `key.endswith(name)`, no dot required).
+    List(Vec<String>),
+}
+
+/// The IA3 configuration (peft's `IA3Config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ia3Config {
+    /// Module selection (`target_modules`, `exclude_modules`; `modules_to_save` must be null).
+    pub targets: TargetSpec,
+    /// `feedforward_modules` (null: the architecture's defaults).
+    pub feedforward_modules: Option<FeedforwardModules>,
+    /// `fan_in_fan_out` (the layout is read from the layer itself, as peft corrects it).
+    pub fan_in_fan_out: bool,
+    /// `init_ia3_weights`: start the vectors at one (otherwise normal, for tests).
+    pub init_ia3_weights: bool,
+}
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        Ia3Config { targets: TargetSpec::default(), feedforward_modules: None, fan_in_fan_out: false, init_ia3_weights: true }
+    }
+}
+
+impl Ia3Config {
+    /// Whether the module at `path` is a feed-forward target.
+    pub fn is_feedforward(&self, path: &str) -> bool {
+        match &self.feedforward_modules {
+            Some(FeedforwardModules::Regex(p)) => {
+                compile_full_match(p).is_ok_and(|re| re.is_match(path).unwrap_or(false))
+            }
+            Some(FeedforwardModules::List(names)) => names.iter().any(|n| path.ends_with(n.as_str())),
+            None => false,
+        }
+    }
+}
+
+/// Parses an IA3 config (the registry's parse function).
+pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
+    let target_modules = TargetModules::from_json(fields, "target_modules", true)?;
+    let exclude_modules = TargetModules::from_json(fields, "exclude_modules", false)?;
+    let feedforward_modules = match fields.take_raw("feedforward_modules") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => {
+            compile_full_match(&p).map_err(|e| {
+                PeftError::config_value(fields.source_name(), "feedforward_modules", "a valid regular expression", e)
+            })?;
+            Some(FeedforwardModules::Regex(p))
+        }
+        Some(Value::Array(items)) => {
+            let mut out = Vec::new();
+            for item in &items {
+                match item.as_str() {
+                    Some(s) => out.push(s.to_string()),
+                    None => return Err(fields.type_error("feedforward_modules", "a list of module names", item)),
+                }
+            }
+            Some(FeedforwardModules::List(out))
+        }
+        Some(v) => {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "feedforward_modules",
+                "a regex string, a list of module names, or null",
+                describe(&v),
+            ))
+        }
+    };
+    if let (Some(FeedforwardModules::List(ff)), Some(TargetModules::List(t))) = (&feedforward_modules, &target_modules) {
+        if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "feedforward_modules",
+                format!("a subset of target_modules {t:?}"),
+                format!("{ff:?} (\"{extra}\" is not a target)"),
+            ));
+        }
+    }
+    if let Some(m) = fields.take_opt_string_list("modules_to_save")?.filter(|m| !m.is_empty()) {
+        return Err(PeftError::Unsupported {
+            source_name: fields.source_name().to_string(),
+            key: "modules_to_save".into(),
+            value: format!("{m:?}"),
+            reason: "training and saving full copies of modules is not implemented yet".into(),
+        });
+    }
+    Ok(Box::new(Ia3Config {
+        targets: TargetSpec { target_modules, exclude_modules, ..TargetSpec::default() },
+        feedforward_modules,
+        fan_in_fan_out: fields.take_bool("fan_in_fan_out", false)?,
+        init_ia3_weights: fields.take_bool("init_ia3_weights", true)?,
+    }))
+}
+
+impl MethodConfig for Ia3Config {
+    fn peft_type(&self) -> &'static str {
+        crate::PEFT_TYPE
+    }
+
+    fn to_json_fields(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        let t = &self.targets;
+        out.insert("target_modules".into(), t.target_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
+        out.insert("exclude_modules".into(), t.exclude_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
+        out.insert(
+            "feedforward_modules".into(),
+            match &self.feedforward_modules {
+                None => Value::Null,
+                Some(FeedforwardModules::Regex(p)) => Value::from(p.as_str()),
+                Some(FeedforwardModules::List(names)) => Value::from(names.clone()),
+            },
+        );
+        out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        out.insert("modules_to_save".into(), Value::Null);
+        out.insert("init_ia3_weights".into(), Value::Bool(self.init_ia3_weights));
+        out
+    }
+
+    fn clone_box(&self) -> Box<dyn MethodConfig> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
+        Some(self)
+    }
+
+    fn as_layer_method_mut(&mut self) -> Option<&mut dyn LayerMethod> {
+        Some(self)
+    }
+}

@@ -1,0 +1,97 @@
+//! `PrefixTuningConfig`: peft 0.21's prefix-tuning fields.
+
+use std::any::Any;
+
+use peft_core::json::ConfigFields;
+use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result};
+use serde_json::{Map, Value};
+
+/// The prefix-tuning configuration (peft's `PrefixTuningConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixTuningConfig {
+    /// The shared prompt-learning fields.
+    pub prompt: PromptLearningConfig,
+    /// `encoder_hidden_size` of the projection MLP (null: `token_dim`).
+    pub encoder_hidden_size: Option<usize>,
+    /// `prefix_projection`: produce the prefixes through Linear-Tanh-Linear.
+    pub prefix_projection: bool,
+    /// `init_weights`: null (random) or `"zero"` (the prefixes start at zero).
+    pub init_zero: bool,
+}
+
+impl PrefixTuningConfig {
+    /// A config with `num_virtual_tokens`, without projection.
+    pub fn new(num_virtual_tokens: usize) -> Self {
+        PrefixTuningConfig {
+            prompt: PromptLearningConfig::new(num_virtual_tokens),
+            encoder_hidden_size: None,
+            prefix_projection: false,
+            init_zero: false,
+        }
+    }
+
+    /// Enables the projection MLP with `hidden` units (null: `token_dim`).
+    pub fn with_projection(mut self, hidden: Option<usize>) -> Self {
+        self.prefix_projection = true;
+        self.encoder_hidden_size = hidden;
+        self
+    }
+}
+
+/// Parses a prefix-tuning config (the registry's parse function).
+pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
+    let prompt = PromptLearningConfig::take(fields)?;
+    let encoder_hidden_size = match fields.peek("encoder_hidden_size") {
+        None | Some(Value::Null) => {
+            fields.take_raw("encoder_hidden_size");
+            None
+        }
+        Some(_) => {
+            let hidden = fields.take_usize("encoder_hidden_size", 0)?;
+            if hidden == 0 {
+                return Err(PeftError::config_value(fields.source_name(), "encoder_hidden_size", "a positive integer or null", 0));
+            }
+            Some(hidden)
+        }
+    };
+    let prefix_projection = fields.take_bool("prefix_projection", false)?;
+    let init_zero = match fields.take_opt_string("init_weights")?.as_deref() {
+        None => false,
+        Some("zero") => true,
+        Some(other) => {
+            return Err(PeftError::config_value(fields.source_name(), "init_weights", "null or \"zero\"", format!("\"{other}\"")))
+        }
+    };
+    Ok(Box::new(PrefixTuningConfig { prompt, encoder_hidden_size, prefix_projection, init_zero }))
+}
+
+impl MethodConfig for PrefixTuningConfig {
+    fn peft_type(&self) -> &'static str {
+        crate::PEFT_TYPE
+    }
+
+    fn to_json_fields(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        self.prompt.write(&mut out);
+        out.insert("encoder_hidden_size".into(), self.encoder_hidden_size.map_or(Value::Null, Value::from));
+        out.insert("prefix_projection".into(), Value::Bool(self.prefix_projection));
+        out.insert("init_weights".into(), if self.init_zero { Value::from("zero") } else { Value::Null });
+        out
+    }
+
+    fn clone_box(&self) -> Box<dyn MethodConfig> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {
+        Some(self)
+    }
+
+    fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
+        Some(self)
+    }
+}
