@@ -39,6 +39,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Run a model (with adapters) on input ids and write its logits.
     Logits(commands::logits::LogitsArgs),
+    /// Continue a text prompt greedily with a model and adapters.
+    Generate(commands::generate::GenerateArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(commands::merge::MergeArgs),
     /// Fine-tune a small model offline: train, save, reload, merge, and check each step.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Logits(args) => commands::logits::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Generate(args) => commands::generate::run(args),
         Command::Demo(args) => commands::demo::run(args),
     };
     match result {

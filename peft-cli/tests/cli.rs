@@ -115,3 +115,64 @@ fn errors_exit_non_zero_with_one_line() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
 }
+
+/// `peft generate` continues a text prompt like the reference, with every method and with no
+/// adapter (make_method_fixtures.py: greedy continuation of "the model learns").
+#[test]
+fn generate_matches_the_reference_text_for_every_method() {
+    let text = std::fs::read_to_string(fixtures().join("method_cases.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let mut checked = 0;
+    for case in cases.iter().filter(|c| c["model"] == "llama_tiny") {
+        let adapter = fixtures().join("adapters").join(format!("llama_tiny__{}", case["method"].as_str().unwrap()));
+        let o = peft(&[
+            "generate", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
+            "--prompt", case["prompt_text"].as_str().unwrap(), "--max-new-tokens", "10", "--ignore-eos",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).trim_end_matches('\n'), case["generated_text"].as_str().unwrap(), "{}", case["method"]);
+        checked += 1;
+    }
+    assert!(checked >= 5);
+    let o = peft(&["generate", "--model", model.to_str().unwrap(), "--prompt", "the model learns", "--max-new-tokens", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = peft(&["generate", "--model", fixtures().join("models/qwen2_tiny").to_str().unwrap(), "--prompt", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+}
+
+/// `peft logits` with a prompt-tuning adapter includes the virtual positions, as peft returns.
+#[test]
+fn logits_with_prompt_learning_adapters() {
+    for method in ["prompt_text", "ptuning_lstm", "prefix_plain"] {
+        let case = fixtures().join(format!("cases/llama_tiny__{method}.safetensors"));
+        let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let tensors = [("input_ids".to_string(), data["input_ids"].clone()), ("attention_mask".to_string(), data["attention_mask"].clone())];
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &input).unwrap();
+        let out = dir.path().join("out.safetensors");
+        let model = fixtures().join("models/llama_tiny");
+        let adapter = fixtures().join(format!("adapters/llama_tiny__{method}"));
+        let o = peft(&["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        assert!(max_diff(&got["logits"], &data["logits_adapted"]) <= 1e-4, "{method}");
+        let o = peft(&["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--merge", "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains("merge"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn demo_runs_every_method() {
+    for method in ["lora", "ia3", "prompt", "p_tuning", "prefix"] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = peft(&["demo", "--method", method, "--steps", "40", "--out", dir.path().to_str().unwrap()]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let text = stdout(&o);
+        assert!(text.contains("trainable params:") && text.contains("demo passed"), "{method}: {text}");
+        assert!(dir.path().join("adapter/adapter_model.safetensors").is_file());
+    }
+    let o = peft(&["demo", "--method", "dora"]);
+    assert!(!o.status.success() && stderr(&o).contains("lora, ia3"), "{}", stderr(&o));
+}

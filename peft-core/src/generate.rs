@@ -1,4 +1,5 @@
-//! Greedy decoding with a KV cache: the prompt is processed once, then one token per step.
+//! Greedy decoding with a KV cache: the prompt is processed once (with any prompt-learning
+//! adapter's virtual tokens or prefix), then one token per step.
 
 use candle_core::{DType, Tensor, D};
 
@@ -9,6 +10,18 @@ use crate::peft_model::PeftModel;
 /// Greedily extends `prompt` by up to `max_new_tokens` tokens, stopping after any token in
 /// `stop_tokens`. Returns only the new tokens.
 pub fn greedy_generate(model: &PeftModel, prompt: &[u32], max_new_tokens: usize, stop_tokens: &[u32]) -> Result<Vec<u32>> {
+    greedy_generate_with(model, prompt, max_new_tokens, stop_tokens, &mut |_| Ok(()))
+}
+
+/// [`greedy_generate`], calling `on_token` with each new token as soon as it is chosen (for
+/// streaming output).
+pub fn greedy_generate_with(
+    model: &PeftModel,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(PeftError::bad_input("generate", "a non-empty prompt", "no tokens"));
     }
@@ -22,6 +35,7 @@ pub fn greedy_generate(model: &PeftModel, prompt: &[u32], max_new_tokens: usize,
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_dtype(DType::F32)?;
         let token = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
         out.push(token);
+        on_token(token)?;
         if stop_tokens.contains(&token) {
             break;
         }

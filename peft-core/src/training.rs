@@ -68,24 +68,24 @@ pub fn causal_lm_batch_loss(model: &PeftModel, batch: &CausalLmBatch) -> Result<
     causal_lm_loss(&logits, &labels)
 }
 
-/// Checks that every trainable variable received a finite, non-zero gradient. A missing one
-/// means an op without a backward pass cut the graph: training would run and learn nothing.
-pub fn check_gradients(grads: &GradStore, vars: &[(String, Var)]) -> Result<()> {
+/// Checks that every trainable variable received a finite gradient and returns each one's L2
+/// norm. A missing gradient means an op without a backward pass cut the graph: training would
+/// run and learn nothing. (A zero gradient can be legitimate: LoRA's A while B is still zero.)
+pub fn check_gradients(grads: &GradStore, vars: &[(String, Var)]) -> Result<Vec<(String, f32)>> {
+    let mut norms = Vec::with_capacity(vars.len());
     for (name, var) in vars {
         let Some(g) = grads.get(var.as_tensor()) else {
             return Err(PeftError::InvalidState(format!(
                 "trainable parameter `{name}` received no gradient: an op on its path has no backward pass"
             )));
         };
-        let norm = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let norm = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         if !norm.is_finite() {
             return Err(PeftError::InvalidState(format!("gradient of `{name}` is not finite")));
         }
-        if norm == 0.0 {
-            return Err(PeftError::InvalidState(format!("gradient of `{name}` is exactly zero")));
-        }
+        norms.push((name.clone(), norm));
     }
-    Ok(())
+    Ok(norms)
 }
 
 /// The global L2 norm of the gradients of `vars`.

@@ -79,8 +79,11 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             ))
         }
     };
+    // peft requires a literal subset; also accept a name that targets list as full paths (what
+    // saving an `all-linear` config produces) so such files load.
     if let (Some(FeedforwardModules::List(ff)), Some(TargetModules::List(t))) = (&feedforward_modules, &target_modules) {
-        if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
+        let covered = |f: &String| t.iter().any(|x| x == f || x.ends_with(&format!(".{f}")));
+        if let Some(extra) = ff.iter().find(|f| !covered(f)) {
             return Err(PeftError::config_value(
                 fields.source_name(),
                 "feedforward_modules",

@@ -34,7 +34,7 @@ peft_core::register_method!(MethodRegistration {
 #[derive(Debug)]
 enum Head {
     Mlp([Linear; 3]),
-    Lstm(BiLstm, [Linear; 2]),
+    Lstm(Box<BiLstm>, [Linear; 2]),
 }
 
 /// peft's `PromptEncoder` with its parameter names (`embedding.weight`, `mlp_head.0.weight`,
@@ -58,7 +58,7 @@ impl PTuningEncoder {
                 Linear::new(&mlp.pp("4"), hidden, dim, true)?,
             ]),
             EncoderType::Lstm => Head::Lstm(
-                BiLstm::new(&params.pp("lstm_head"), dim, hidden, cfg.encoder_num_layers, cfg.encoder_dropout)?,
+                Box::new(BiLstm::new(&params.pp("lstm_head"), dim, hidden, cfg.encoder_num_layers, cfg.encoder_dropout)?),
                 [Linear::new(&mlp.pp("0"), 2 * hidden, 2 * hidden, true)?, Linear::new(&mlp.pp("2"), 2 * hidden, dim, true)?],
             ),
         };

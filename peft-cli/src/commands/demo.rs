@@ -1,8 +1,9 @@
 //! `peft demo`: the README's main job, fully offline. It builds a small LLaMA-style model with
-//! seeded random weights, LoRA-fine-tunes it on an embedded character-level text, prints the
-//! parameter line and the falling loss, saves the adapter, reloads it onto a fresh copy of the
-//! base and checks the outputs are identical, then merges (in memory and into a saved model
-//! folder) and checks again. Any failed check is an error.
+//! seeded random weights, fine-tunes an adapter (LoRA by default; `--method` picks any other)
+//! on an embedded character-level text, prints the parameter line and the falling loss, saves
+//! the adapter, reloads it onto a fresh copy of the base and checks the outputs are identical,
+//! then (for methods with weights to merge) merges in memory and into a saved model folder and
+//! checks again. Any failed check is an error.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::Args;
-use peft::lora::LoraConfig;
 use peft::models::{LlamaConfig, LlamaModel};
 use peft::training::{causal_lm_batch_loss, causal_lm_step, CausalLmBatch};
 use peft::{get_peft_model, AdapterConfig, ModelInputs, PeftModel, TaskType};
@@ -40,7 +40,7 @@ pub struct DemoArgs {
     /// Seed for the base model, the adapter and the batches.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Method to demonstrate (only `lora` in this build).
+    /// Method to demonstrate: lora, ia3, prompt, p_tuning or prefix.
     #[arg(long, default_value = "lora")]
     pub method: String,
 }
@@ -92,14 +92,28 @@ fn sample(model: &PeftModel, vocab: &Vocab, prompt: &str) -> Result<String> {
     Ok(format!("{prompt}{}", vocab.decode(&out)).trim_end().to_string())
 }
 
+/// The demo's adapter config and learning rate for `method`, and whether it can be merged.
+fn method_config(method: &str) -> Result<(AdapterConfig, f64, bool)> {
+    let (json, lr, mergeable) = match method {
+        "lora" => (r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}"#, 1e-2, true),
+        "ia3" => (r#"{"peft_type": "IA3"}"#, 5e-2, true),
+        "prompt" | "prompt_tuning" => (r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}"#, 5e-2, false),
+        "p_tuning" | "ptuning" => (r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 16, "encoder_hidden_size": 64}"#, 1e-2, false),
+        "prefix" | "prefix_tuning" => (r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 16}"#, 3e-2, false),
+        other => bail!("--method {other}: expected one of lora, ia3, prompt, p_tuning, prefix"),
+    };
+    let config = AdapterConfig::from_json_str(json, "demo config")
+        .with_context(|| format!("the {method} method is not linked into this build (see `peft methods`)"))?
+        .with_task_type(TaskType::CausalLm);
+    Ok((config, lr, mergeable))
+}
+
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> Result<()> {
-    if args.method != "lora" {
-        bail!("--method {}: this build's demo supports: lora", args.method);
-    }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let (config, lr, mergeable) = method_config(&args.method)?;
     let started = Instant::now();
     let tmp;
     let out = match &args.out {
@@ -111,10 +125,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let vocab = Vocab::new(CORPUS);
     let tokens = vocab.encode(CORPUS);
-    println!("peft demo: LoRA on a tiny LLaMA-style model ({} characters of text, vocab {})", tokens.len(), vocab.chars.len());
-
-    let lora = LoraConfig::new(8, 16.0).with_all_linear().with_dropout(0.05);
-    let config = AdapterConfig::new(lora).with_task_type(TaskType::CausalLm);
+    println!(
+        "peft demo: {} on a tiny LLaMA-style model ({} characters of text, vocab {})",
+        config.peft_type(),
+        tokens.len(),
+        vocab.chars.len()
+    );
     let model = get_peft_model(Box::new(base_model(vocab.chars.len(), args.seed)?), config, args.seed)?;
     println!("{}", model.parameter_line());
     let prompt = "train the ";
@@ -123,7 +139,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let eval = random_batch(&tokens, 8, 64, &mut StdRng::seed_from_u64(args.seed ^ 0xe7a1))?;
     let eval_before = causal_lm_batch_loss(&model, &eval)?.to_scalar::<f32>()?;
-    let params = ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() };
+    let params = ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() };
     let mut opt = AdamW::new(model.trainable_vars(), params)?;
     model.set_training(true);
     let train_started = Instant::now();
@@ -157,30 +173,40 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("saved adapter to {} ({size} bytes)", adapter_dir.display());
     let inputs = ModelInputs::from_ids(eval.input_ids.clone());
     let trained = model.forward(&inputs)?;
-    let mut reloaded = PeftModel::from_pretrained(Box::new(base_model(vocab.chars.len(), args.seed)?), &adapter_dir, false)?;
+    let reloaded = PeftModel::from_pretrained(Box::new(base_model(vocab.chars.len(), args.seed)?), &adapter_dir, false)?;
     let d = max_diff(&reloaded.forward(&inputs)?, &trained)?;
     println!("reloaded adapter: max |logit difference| = {d:e}");
     if d != 0.0 {
         bail!("the reloaded adapter gives different outputs (max difference {d})");
     }
 
-    // Merge in memory, then merge-and-unload into a model folder and load that.
-    reloaded.merge_adapter()?;
-    let d = max_diff(&reloaded.forward(&inputs)?, &trained)?;
+    if mergeable {
+        merge_checks(reloaded, &inputs, &trained, &out)?;
+    } else {
+        println!("{}: a prompt-learning adapter has no weights to merge", args.method);
+    }
+    println!("demo passed in {:.1}s", started.elapsed().as_secs_f32());
+    Ok(())
+}
+
+/// Merges in memory, then merge-and-unloads into a model folder and loads that; both must give
+/// the trained outputs.
+fn merge_checks(mut model: PeftModel, inputs: &ModelInputs, trained: &Tensor, out: &std::path::Path) -> Result<()> {
+    model.merge_adapter()?;
+    let d = max_diff(&model.forward(inputs)?, trained)?;
     println!("merged in memory: max |logit difference| = {d:e}");
     if d > 1e-4 {
         bail!("merged outputs differ by {d}");
     }
-    reloaded.unmerge_adapter()?;
+    model.unmerge_adapter()?;
     let merged_dir = out.join("merged");
-    reloaded.merge_and_unload()?.save_pretrained(&merged_dir)?;
+    model.merge_and_unload()?.save_pretrained(&merged_dir)?;
     let merged = peft::models::load_model(&merged_dir, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", merged_dir.display()))?;
-    let d = max_diff(&merged.forward(&inputs, None)?, &trained)?;
+    let d = max_diff(&merged.forward(inputs, None)?, trained)?;
     println!("merged model folder {}: max |logit difference| = {d:e}", merged_dir.display());
     if d > 1e-4 {
         bail!("the merged model folder differs by {d}");
     }
-    println!("demo passed in {:.1}s", started.elapsed().as_secs_f32());
     Ok(())
 }

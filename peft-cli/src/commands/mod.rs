@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the helpers they share.
 
 pub mod demo;
+pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;

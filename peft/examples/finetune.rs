@@ -1,8 +1,9 @@
-//! Fine-tunes a LoRA adapter on a causal-LM objective with candle's AdamW, then saves it in
-//! peft's layout and loads it back: the Rust counterpart of the example in peft's README.
+//! Fine-tunes an adapter (LoRA by default) on a causal-LM objective with candle's AdamW, then
+//! saves it in peft's layout and loads it back: the Rust counterpart of the example in peft's
+//! README.
 //!
 //! ```text
-//! cargo run --release -p peft --example finetune_lora -- [MODEL_DIR] [OUT_DIR]
+//! cargo run --release -p peft --example finetune -- [MODEL_DIR] [OUT_DIR] [lora|ia3|prompt|p_tuning|prefix]
 //! ```
 //! MODEL_DIR is any LLaMA/Mistral/Qwen2 Hugging Face folder (default: the tiny test model).
 //! OUT_DIR receives the adapter plus `check.safetensors` (inputs and the adapted logits), which
@@ -22,7 +23,8 @@ fn main() -> anyhow::Result<()> {
         .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama_tiny"));
-    let out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("peft-rs-lora-example"));
+    let out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("peft-rs-example"));
+    let method = args.next().unwrap_or_else(|| "lora".to_string());
     let device = Device::Cpu;
 
     // model = AutoModelForCausalLM.from_pretrained(model_id)
@@ -31,7 +33,18 @@ fn main() -> anyhow::Result<()> {
 
     // peft_config = LoraConfig(r=16, lora_alpha=32, task_type=TaskType.CAUSAL_LM)
     // model = get_peft_model(model, peft_config)
-    let config = AdapterConfig::new(LoraConfig::new(16, 32.0).with_dropout(0.05)).with_task_type(TaskType::CausalLm);
+    let config = match method.as_str() {
+        "lora" => AdapterConfig::new(LoraConfig::new(16, 32.0).with_dropout(0.05)),
+        "ia3" => AdapterConfig::from_json_str(r#"{"peft_type": "IA3"}"#, "example")?,
+        "prompt" => AdapterConfig::from_json_str(r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}"#, "example")?,
+        "p_tuning" => AdapterConfig::from_json_str(
+            r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 8, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 32}"#,
+            "example",
+        )?,
+        "prefix" => AdapterConfig::from_json_str(r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8, "prefix_projection": true}"#, "example")?,
+        other => anyhow::bail!("unknown method {other}: lora, ia3, prompt, p_tuning or prefix"),
+    }
+    .with_task_type(TaskType::CausalLm);
     let model = get_peft_model(base, config, 0)?;
     // model.print_trainable_parameters()
     println!("{}", model.parameter_line());
@@ -40,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..4 * 32).map(|i| 3 + (i * 5) % (vocab - 3).min(60)).collect();
     let ids = Tensor::from_vec(ids, (4, 32), &device)?;
     let batch = CausalLmBatch::from_ids(ids.clone(), None)?;
-    let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr: 5e-3, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
     model.set_training(true);
     for step in 1..=40 {
         let stats = causal_lm_step(&model, &mut opt, &batch, Some(1.0))?;
