@@ -152,6 +152,26 @@ fn saving_and_loading_every_method_reproduces_outputs() {
         .unwrap();
         let shapes = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect::<Vec<_>>();
         assert_eq!(shapes(&saved), shapes(&reference), "{name}: keys and shapes");
+        // The config: peft's fields and values.
+        let read = |p: &Path| -> serde_json::Map<String, Value> {
+            serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap()).unwrap()
+        };
+        let (ours, theirs) = (read(tmp.path()), read(&fixtures().join("adapters").join(&name)));
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{name}: config keys");
+        for (k, v) in &theirs {
+            match k.as_str() {
+                "peft_version" | "base_model_name_or_path" | "auto_mapping" | "tokenizer_name_or_path" => {}
+                "target_modules" | "feedforward_modules" => {
+                    let set = |v: &Value| {
+                        let mut a: Vec<String> = v.as_array().unwrap().iter().map(|x| x.to_string()).collect();
+                        a.sort();
+                        a
+                    };
+                    assert_eq!(set(&ours[k]), set(v), "{name}: {k}");
+                }
+                _ => assert_eq!(&ours[k], v, "{name}: {k}"),
+            }
+        }
         let reloaded = PeftModel::from_pretrained(base(&m), tmp.path(), false).unwrap();
         assert_close(&format!("{name} reloaded"), &reloaded.forward(&inputs).unwrap(), &before, 1e-5);
     }
