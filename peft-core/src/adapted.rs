@@ -60,6 +60,12 @@ pub trait SlotKind: Debug + Clone + Sized + 'static {
     type Slot: Clone + Debug;
     /// The per-layer adapter type (`Arc<dyn LinearAdapter>`).
     type Adapter: Clone + Debug;
+    /// The layer trait object (`dyn LinearLike`).
+    type Layer: ?Sized;
+    /// A slot as a layer.
+    fn layer(slot: &Self::Slot) -> &Self::Layer;
+    /// The layer an adapter puts in place of the base one (`modules_to_save` copies).
+    fn replacement(adapter: &Self::Adapter) -> Option<&Self::Layer>;
     /// Finds core's wrapper behind a slot.
     fn downcast(slot: &Self::Slot) -> Option<&Adapted<Self>>;
     /// Puts a wrapper back into a slot.
@@ -167,29 +173,44 @@ impl<K: SlotKind> Adapted<K> {
         K::into_slot(out)
     }
 
-    /// For a forward pass: the base to run (None when adapters are disabled: the original)
-    /// and the adapters to apply (active and not merged).
-    fn plan(&self) -> (&K::Slot, Vec<&K::Adapter>) {
+    /// For a forward pass: the layer to run (the original when adapters are disabled; the
+    /// merged one after a merge; an active `modules_to_save` copy) and the adapters to apply on
+    /// it (active, not merged, not replacements).
+    fn plan(&self) -> (&K::Layer, Vec<&K::Adapter>) {
         if self.state.disabled() {
-            return (&self.original, Vec::new());
+            return (K::layer(&self.original), Vec::new());
         }
         let (base, merged): (&K::Slot, &[String]) = match &self.merged {
             Some((base, names)) => (base, names),
             None => (&self.original, &[]),
         };
-        let running = self
-            .adapters
-            .iter()
-            .filter(|(n, _)| self.state.is_active(n) && !merged.contains(n))
-            .map(|(_, a)| a)
-            .collect();
-        (base, running)
+        let mut layer = K::layer(base);
+        let mut running = Vec::new();
+        for (name, adapter) in &self.adapters {
+            if !self.state.is_active(name) || merged.contains(name) {
+                continue;
+            }
+            match K::replacement(adapter) {
+                Some(replacement) => layer = replacement,
+                None => running.push(adapter),
+            }
+        }
+        (layer, running)
     }
 }
 
 impl SlotKind for LinearKind {
     type Slot = LinearSlot;
     type Adapter = Arc<dyn LinearAdapter>;
+    type Layer = dyn LinearLike;
+
+    fn layer(slot: &LinearSlot) -> &(dyn LinearLike + 'static) {
+        slot.as_ref()
+    }
+
+    fn replacement(adapter: &Arc<dyn LinearAdapter>) -> Option<&(dyn LinearLike + 'static)> {
+        adapter.replacement()
+    }
 
     fn downcast(slot: &LinearSlot) -> Option<&AdaptedLinear> {
         slot.as_any().downcast_ref::<AdaptedLinear>()
@@ -224,6 +245,15 @@ impl SlotKind for LinearKind {
 impl SlotKind for EmbeddingKind {
     type Slot = EmbeddingSlot;
     type Adapter = Arc<dyn EmbeddingAdapter>;
+    type Layer = dyn EmbeddingLike;
+
+    fn layer(slot: &EmbeddingSlot) -> &(dyn EmbeddingLike + 'static) {
+        slot.as_ref()
+    }
+
+    fn replacement(adapter: &Arc<dyn EmbeddingAdapter>) -> Option<&(dyn EmbeddingLike + 'static)> {
+        adapter.replacement()
+    }
 
     fn downcast(slot: &EmbeddingSlot) -> Option<&AdaptedEmbedding> {
         slot.as_any().downcast_ref::<AdaptedEmbedding>()

@@ -153,6 +153,21 @@ pub trait MethodConfig: Debug + Send + Sync + 'static {
     fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
         None
     }
+    /// `modules_to_save`: modules copied, trained and saved in full beside the adapter.
+    fn modules_to_save(&self) -> Option<&[String]> {
+        if let Some(layer) = self.as_layer_method() {
+            return layer.target_spec().modules_to_save.as_deref();
+        }
+        self.as_prompt_method().and_then(|p| p.prompt_config().modules_to_save.as_deref())
+    }
+    /// Replaces `modules_to_save` (core adds classification heads as peft does).
+    fn set_modules_to_save(&mut self, modules: Option<Vec<String>>) {
+        if let Some(layer) = self.as_layer_method_mut() {
+            layer.target_spec_mut().modules_to_save = modules;
+        } else if let Some(p) = self.as_prompt_method_mut() {
+            p.prompt_config_mut().modules_to_save = modules;
+        }
+    }
 }
 
 impl Clone for Box<dyn MethodConfig> {

@@ -3,26 +3,55 @@
 //! prompt method's encoder, and the base weights peft keeps beside adapters of embeddings.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::adapted::{AdaptedEmbedding, AdaptedLinear};
-use crate::config::AdapterConfig;
+use crate::config::{AdapterConfig, TaskType};
 use crate::error::{PeftError, Result};
 use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
 use crate::model::ModuleKind;
 use crate::peft_model::{Adapter, PeftModel};
 use crate::prompt::PromptState;
+use crate::saved_modules::{EmbeddingCopy, LinearCopy};
 use crate::targets::{resolve_target_modules, select_targets, targets_embedding_layers, TargetModules};
-use crate::vars::{ParamStore, BASE_MODEL_PREFIX};
+use crate::vars::{ParamBuilder, ParamStore, BASE_MODEL_PREFIX};
 
 /// Suffix of the base weights peft stores beside adapters of embedding layers.
 pub(crate) const BASE_LAYER_SUFFIX: &str = ".base_layer.weight";
 
+/// peft's `classifier_module_names`: heads of classification models, always saved in full.
+const CLASSIFIER_MODULE_NAMES: [&str; 2] = ["classifier", "score"];
+
+/// Checkpoint prefix of `modules_to_save` copies of prompt-learning adapters.
+const PROMPT_MODULES_PREFIX: &str = "base_model.";
+
 enum Built {
     Linear(Arc<dyn LinearAdapter>),
     Embedding(Arc<dyn EmbeddingAdapter>),
+}
+
+/// Where an adapter's parameters come from.
+pub(crate) enum Source {
+    /// A fresh initialisation with this seed.
+    Fresh(u64),
+    /// The tensors of a checkpoint file.
+    File(PathBuf, Vec<(String, Tensor)>),
+}
+
+impl Source {
+    fn store(&self, device: &Device, key_prefix: &str) -> Arc<ParamStore> {
+        match self {
+            Source::Fresh(seed) => ParamStore::new(*seed, device, key_prefix),
+            Source::File(path, tensors) => ParamStore::from_tensors(path, tensors.clone(), device, key_prefix),
+        }
+    }
+
+    fn is_file(&self) -> bool {
+        matches!(self, Source::File(..))
+    }
 }
 
 impl PeftModel {
@@ -116,18 +145,44 @@ impl PeftModel {
         })
     }
 
-    pub(crate) fn inject(&mut self, name: &str, config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
+    /// Injects an adapter built from `config` (freshly initialised, or from a checkpoint's
+    /// tensors) and returns the checkpoint keys nothing used.
+    pub(crate) fn inject(&mut self, name: &str, mut config: AdapterConfig, source: Source, trainable: bool) -> Result<Vec<String>> {
         if self.adapters.contains_key(name) {
             return Err(PeftError::AdapterExists(name.to_string()));
         }
-        if config.method.as_prompt_method().is_some() {
-            self.inject_prompt(name, config, store, trainable)
+        // peft's PeftModelForSequenceClassification / ForTokenClassification: the classifier
+        // heads are always trained and saved in full.
+        if matches!(config.common.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
+            let mut modules = config.method.modules_to_save().map(<[String]>::to_vec).unwrap_or_default();
+            modules.extend(CLASSIFIER_MODULE_NAMES.iter().map(|s| s.to_string()));
+            config.method.set_modules_to_save(Some(modules));
+        }
+        let stores = if config.method.as_prompt_method().is_some() {
+            self.inject_prompt(name, config, &source, trainable)?
         } else {
-            self.inject_layers(name, config, store, trainable)
+            self.inject_layers(name, config, &source, trainable)?
+        };
+        let mut unused: Option<BTreeSet<String>> = None;
+        for store in &stores {
+            let mine: BTreeSet<String> = store.unused_source_keys().into_iter().collect();
+            unused = Some(match unused {
+                None => mine,
+                Some(u) => u.intersection(&mine).cloned().collect(),
+            });
+            store.finish_loading();
+        }
+        Ok(unused.unwrap_or_default().into_iter().collect())
+    }
+
+    fn register(&mut self, name: &str, adapter: Adapter) {
+        self.adapters.insert(name.to_string(), adapter);
+        if self.state.active().is_empty() {
+            self.state.set_active(vec![name.to_string()]);
         }
     }
 
-    fn inject_prompt(&mut self, name: &str, mut config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
+    fn inject_prompt(&mut self, name: &str, mut config: AdapterConfig, source: &Source, trainable: bool) -> Result<Vec<Arc<ParamStore>>> {
         let info = self.base.info().clone();
         let task_type = config.common.task_type;
         let peft_type = config.peft_type();
@@ -136,23 +191,95 @@ impl PeftModel {
             .as_prompt_method_mut()
             .ok_or_else(|| PeftError::InvalidState(format!("{peft_type} is not a prompt-learning method")))?;
         method.prepare(&info, task_type)?;
+        let store = source.store(self.base.device(), "");
         let encoder = method.build(&store.root(), self.base.as_ref())?;
         let prompt = PromptState { encoder, kind: method.kind(), num_virtual_tokens: method.num_virtual_tokens() };
+        // Full copies of modules_to_save live in their own store: peft keys them `base_model.<path>`.
+        let saved_store = source.store(self.base.device(), PROMPT_MODULES_PREFIX);
+        let mut built = BTreeMap::new();
+        let saved_modules =
+            self.build_saved_modules(config.method.modules_to_save().unwrap_or_default(), &saved_store.root(), &mut built)?;
         if !self.merged.is_empty() {
             tracing::warn!("adding adapter `{name}` to a merged model: unmerging first");
             self.unmerge_adapter()?;
         }
-        self.adapters.insert(
-            name.to_string(),
-            Adapter { config, params: store, targets: Vec::new(), trainable, prompt: Some(prompt) },
-        );
-        if self.state.active().is_empty() {
-            self.state.set_active(vec![name.to_string()]);
-        }
-        Ok(())
+        self.attach_built(name, &built)?;
+        let adapter = Adapter {
+            config,
+            params: Arc::clone(&store),
+            saved: Some(Arc::clone(&saved_store)),
+            targets: Vec::new(),
+            saved_modules,
+            trainable,
+            prompt: Some(prompt),
+        };
+        self.register(name, adapter);
+        Ok(vec![store, saved_store])
     }
 
-    fn inject_layers(&mut self, name: &str, mut config: AdapterConfig, store: Arc<ParamStore>, trainable: bool) -> Result<()> {
+    /// Builds trainable copies of the modules named by `modules_to_save` (a module matches when
+    /// its path ends with an entry, as in peft's `_set_trainable`). Returns their paths.
+    fn build_saved_modules(
+        &mut self,
+        modules: &[String],
+        root: &ParamBuilder,
+        built: &mut BTreeMap<String, Built>,
+    ) -> Result<Vec<String>> {
+        if modules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let matches = |path: &str| modules.iter().any(|m| path.ends_with(m.as_str()));
+        for entry in self.base.modules() {
+            if let ModuleKind::Other(class) = entry.kind {
+                if matches(&entry.path) {
+                    return Err(PeftError::UnsupportedModule {
+                        path: entry.path,
+                        kind: format!("a {class}"),
+                        method: "modules_to_save".into(),
+                        supported: "linear and embedding layers".into(),
+                    });
+                }
+            }
+        }
+        let mut paths = Vec::new();
+        self.base.visit_linears(&mut |path, slot| {
+            if matches(path) {
+                let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
+                built.insert(path.to_string(), Built::Linear(Arc::new(LinearCopy::new(&root.pp(path), base.as_ref())?)));
+                paths.push(path.to_string());
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |path, slot| {
+            if matches(path) {
+                let base = AdaptedEmbedding::from_slot(slot).map_or(&*slot, |a| a.original());
+                built.insert(path.to_string(), Built::Embedding(Arc::new(EmbeddingCopy::new(&root.pp(path), base.as_ref())?)));
+                paths.push(path.to_string());
+            }
+            Ok(())
+        })?;
+        Ok(paths)
+    }
+
+    /// Phase 2 of an injection: attaches every built adapter under `name`.
+    fn attach_built(&mut self, name: &str, built: &BTreeMap<String, Built>) -> Result<()> {
+        let state = Arc::clone(&self.state);
+        self.base.visit_linears(&mut |path, slot| {
+            if let Some(Built::Linear(adapter)) = built.get(path) {
+                *slot = AdaptedLinear::attach(slot, name, Arc::clone(adapter), &state);
+            }
+            Ok(())
+        })?;
+        self.base.visit_embeddings(&mut |path, slot| {
+            if let Some(Built::Embedding(adapter)) = built.get(path) {
+                *slot = AdaptedEmbedding::attach(slot, name, Arc::clone(adapter), &state);
+            }
+            Ok(())
+        })
+    }
+
+    fn inject_layers(&mut self, name: &str, mut config: AdapterConfig, source: &Source, trainable: bool) -> Result<Vec<Arc<ParamStore>>> {
+        let store = source.store(self.base.device(), BASE_MODEL_PREFIX);
         let info = self.base.info().clone();
         let modules = self.base.modules();
         // Resolve the targets as peft does and record them in the config that will be saved.
@@ -203,6 +330,7 @@ impl PeftModel {
         let wanted: BTreeSet<&str> = selected.iter().map(String::as_str).collect();
         let root = store.root();
         let mut built: BTreeMap<String, Built> = BTreeMap::new();
+        let saved_modules = self.build_saved_modules(config.method.modules_to_save().unwrap_or_default(), &root, &mut built)?;
         self.base.visit_linears(&mut |path, slot| {
             if wanted.contains(path) {
                 let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
@@ -219,31 +347,28 @@ impl PeftModel {
             }
             Ok(())
         })?;
-        if let Some(missing) = selected.iter().find(|p| !built.contains_key(*p)) {
+        if let Some(missing) = selected.iter().find(|p| !built.contains_key(p.as_str())) {
             return Err(PeftError::InvalidState(format!(
                 "module `{missing}` is listed by the model but exposes no adaptable slot"
             )));
         }
 
         // Phase 2: attach.
-        let state = Arc::clone(&self.state);
-        self.base.visit_linears(&mut |path, slot| {
-            if let Some(Built::Linear(adapter)) = built.get(path) {
-                *slot = AdaptedLinear::attach(slot, name, Arc::clone(adapter), &state);
-            }
-            Ok(())
-        })?;
-        self.base.visit_embeddings(&mut |path, slot| {
-            if let Some(Built::Embedding(adapter)) = built.get(path) {
-                *slot = AdaptedEmbedding::attach(slot, name, Arc::clone(adapter), &state);
-            }
-            Ok(())
-        })?;
-        self.adapters.insert(name.to_string(), Adapter { config, params: store, targets: selected, trainable, prompt: None });
-        if self.state.active().is_empty() {
-            self.state.set_active(vec![name.to_string()]);
+        self.attach_built(name, &built)?;
+        if source.is_file() {
+            self.load_base_layer_weights(&store)?;
         }
-        Ok(())
+        let adapter = Adapter {
+            config,
+            params: Arc::clone(&store),
+            saved: None,
+            targets: selected,
+            saved_modules,
+            trainable,
+            prompt: None,
+        };
+        self.register(name, adapter);
+        Ok(vec![store])
     }
 
 }

@@ -35,6 +35,7 @@ pub mod peft_model;
 pub mod prompt;
 pub mod prompt_config;
 pub mod registry;
+pub mod saved_modules;
 pub mod targets;
 pub mod training;
 pub mod vars;

@@ -12,6 +12,7 @@ use crate::config::{MethodConfig, TaskType};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingLike, LinearLike};
 use crate::model::{AdaptableModel, ModelInfo};
+use crate::prompt_config::PromptLearningConfig;
 use crate::targets::{TargetModules, TargetSpec};
 use crate::vars::ParamBuilder;
 
@@ -29,6 +30,11 @@ pub trait LinearAdapter: Send + Sync + Debug {
     fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
     /// Folds the adapter into an f32 weight laid out `[out, in]` and its bias.
     fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+    /// A layer that replaces the base layer outright while this adapter is active (a
+    /// `modules_to_save` copy); `None` for adapters that modify the base layer's computation.
+    fn replacement(&self) -> Option<&(dyn LinearLike + 'static)> {
+        None
+    }
 }
 
 /// The adapter a layer method attaches to one embedding table.
@@ -37,6 +43,10 @@ pub trait EmbeddingAdapter: Send + Sync + Debug {
     fn adapt_output(&self, ids: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
     /// Folds the adapter into an f32 table `[num_embeddings, dim]`.
     fn merge(&self, weight: &Tensor) -> Result<Tensor>;
+    /// A table that replaces the base table while this adapter is active (`modules_to_save`).
+    fn replacement(&self) -> Option<&(dyn EmbeddingLike + 'static)> {
+        None
+    }
 }
 
 /// The layer-method interface of a [`MethodConfig`].
@@ -117,8 +127,16 @@ pub trait PromptMethod: MethodConfig {
     /// `_prepare_prompt_learning_config` does, and checks the result against the model.
     fn prepare(&mut self, info: &ModelInfo, task_type: Option<TaskType>) -> Result<()>;
 
+    /// The shared prompt-learning fields.
+    fn prompt_config(&self) -> &PromptLearningConfig;
+
+    /// Mutable access to the shared fields (core records `modules_to_save` through it).
+    fn prompt_config_mut(&mut self) -> &mut PromptLearningConfig;
+
     /// Virtual tokens per transformer submodule.
-    fn num_virtual_tokens(&self) -> usize;
+    fn num_virtual_tokens(&self) -> usize {
+        self.prompt_config().num_virtual_tokens
+    }
 
     /// How the output reaches the model.
     fn kind(&self) -> PromptKind;

@@ -65,6 +65,10 @@ pub struct ModelInfo {
     pub output_heads: Vec<String>,
     /// Whether the output head shares the input embedding's weight.
     pub tie_word_embeddings: bool,
+    /// An encoder-decoder (T5): prompts go to the encoder, prefixes to the decoder.
+    pub is_encoder_decoder: bool,
+    /// Classes of a classification head (`SEQ_CLS`, `TOKEN_CLS`), if any.
+    pub num_labels: Option<usize>,
     /// Where the model was loaded from, written into saved adapter configs.
     pub name_or_path: Option<String>,
 }
@@ -82,6 +86,14 @@ pub struct ModelInputs {
     pub attention_mask: Option<Tensor>,
     /// Position ids `[B, T]`; by default `past .. past + T`.
     pub position_ids: Option<Tensor>,
+    /// Segment ids `[B, T]` (BERT's `token_type_ids`); zeros by default.
+    pub token_type_ids: Option<Tensor>,
+    /// Decoder token ids `[B, T_dec]` of an encoder-decoder.
+    pub decoder_input_ids: Option<Tensor>,
+    /// Decoder input embeddings, used instead of `decoder_input_ids`.
+    pub decoder_inputs_embeds: Option<Tensor>,
+    /// Decoder attention mask `[B, past + T_dec]`.
+    pub decoder_attention_mask: Option<Tensor>,
 }
 
 impl ModelInputs {
@@ -126,21 +138,53 @@ impl ModelInputs {
 }
 
 /// Per-layer cached keys and values, `[B, kv_heads, S, head_dim]` each. A cache pre-filled
-/// with learned prefixes is how prefix tuning reaches the attention layers.
+/// with learned prefixes is how prefix tuning reaches the attention layers. For an
+/// encoder-decoder, `layers` is the decoder's self-attention; the cache also keeps the encoder
+/// output and each layer's cross-attention keys and values, computed once.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    cross: Vec<Option<(Tensor, Tensor)>>,
+    encoder: Option<(Tensor, Option<Tensor>)>,
 }
 
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache { layers: vec![None; num_layers], ..Default::default() }
     }
 
     /// A cache holding one `(key, value)` prefix per layer.
     pub fn from_prefix(prefix: Vec<(Tensor, Tensor)>) -> Self {
-        KvCache { layers: prefix.into_iter().map(Some).collect() }
+        KvCache { layers: prefix.into_iter().map(Some).collect(), ..Default::default() }
+    }
+
+    /// The encoder output `[B, S, d]` and its attention mask, once computed.
+    pub fn encoder_state(&self) -> Option<&(Tensor, Option<Tensor>)> {
+        self.encoder.as_ref()
+    }
+
+    /// Stores the encoder output and mask (encoder-decoders compute them on the first call).
+    pub fn set_encoder_state(&mut self, hidden: Tensor, mask: Option<Tensor>) {
+        self.encoder = Some((hidden, mask));
+    }
+
+    /// The cross-attention `(key, value)` of one decoder layer.
+    pub fn cross(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.cross.get(layer).and_then(|l| l.as_ref())
+    }
+
+    /// Stores the cross-attention `(key, value)` of one decoder layer.
+    pub fn set_cross(&mut self, layer: usize, kv: (Tensor, Tensor)) {
+        if layer >= self.cross.len() {
+            self.cross.resize(layer + 1, None);
+        }
+        self.cross[layer] = Some(kv);
+    }
+
+    /// Whether nothing has been cached yet (no positions, no encoder output).
+    pub fn is_empty(&self) -> bool {
+        self.seq_len() == 0 && self.encoder.is_none()
     }
 
     /// Number of layers.

@@ -16,19 +16,10 @@ use crate::config::{AdapterConfig, CONFIG_NAME};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingSlot, LinearSlot};
 use crate::method::{PromptKind, PROMPT_EMBEDDINGS};
+use crate::inject::Source;
 use crate::prompt::{forward_with_prompt, PromptState};
 use crate::model::{AdaptableModel, KvCache, ModelInputs};
-use crate::vars::{ParamStore, BASE_MODEL_PREFIX};
-
-/// Checkpoint keys of layer methods carry `base_model.model.`; peft saves prompt methods'
-/// `prompt_embeddings` bare.
-fn key_prefix(config: &AdapterConfig) -> &'static str {
-    if config.method.as_prompt_method().is_some() {
-        ""
-    } else {
-        BASE_MODEL_PREFIX
-    }
-}
+use crate::vars::ParamStore;
 
 
 /// The name peft gives the first adapter.
@@ -39,7 +30,10 @@ pub const DEFAULT_ADAPTER: &str = "default";
 pub struct Adapter {
     pub(crate) config: AdapterConfig,
     pub(crate) params: Arc<ParamStore>,
+    /// A prompt adapter's `modules_to_save` copies (layer methods keep them in `params`).
+    pub(crate) saved: Option<Arc<ParamStore>>,
     pub(crate) targets: Vec<String>,
+    pub(crate) saved_modules: Vec<String>,
     pub(crate) trainable: bool,
     pub(crate) prompt: Option<PromptState>,
 }
@@ -49,13 +43,19 @@ impl Adapter {
     pub fn config(&self) -> &AdapterConfig {
         &self.config
     }
-    /// Its parameters, sorted by path.
+    /// Its parameters, sorted by path (a prompt adapter's `modules_to_save` copies last).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.params.vars()
+        let mut vars = self.params.vars();
+        vars.extend(self.saved.iter().flat_map(|s| s.vars()));
+        vars
     }
     /// The module paths it adapts, in model order.
     pub fn targets(&self) -> &[String] {
         &self.targets
+    }
+    /// The modules it trains and saves in full (`modules_to_save`).
+    pub fn saved_modules(&self) -> &[String] {
+        &self.saved_modules
     }
     /// Whether its parameters are trained (false for adapters loaded for inference).
     pub fn is_trainable(&self) -> bool {
@@ -63,7 +63,7 @@ impl Adapter {
     }
     /// Number of parameter values.
     pub fn num_params(&self) -> usize {
-        self.params.num_params()
+        self.params.num_params() + self.saved.as_ref().map_or(0, |s| s.num_params())
     }
     /// Whether this is a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning).
     pub fn is_prompt_learning(&self) -> bool {
@@ -72,10 +72,14 @@ impl Adapter {
     /// Tensors as saved in `adapter_model.safetensors` (peft's keys, F32): a layer method's
     /// parameters, or a prompt method's encoder output as `prompt_embeddings`.
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        match &self.prompt {
-            Some(p) => Ok(vec![(PROMPT_EMBEDDINGS.to_string(), p.encoder.forward(false)?.to_dtype(DType::F32)?)]),
-            None => self.params.checkpoint_tensors(),
+        let mut tensors = match &self.prompt {
+            Some(p) => vec![(PROMPT_EMBEDDINGS.to_string(), p.encoder.forward(false)?.to_dtype(DType::F32)?)],
+            None => self.params.checkpoint_tensors()?,
+        };
+        if let Some(saved) = &self.saved {
+            tensors.extend(saved.checkpoint_tensors()?);
         }
+        Ok(tensors)
     }
 }
 
@@ -198,9 +202,8 @@ impl PeftModel {
     /// Adds a freshly initialised adapter. The first adapter becomes active; later ones are
     /// added inactive, as in peft (use [`PeftModel::set_adapter`]).
     pub fn add_adapter(&mut self, name: &str, config: AdapterConfig, seed: u64) -> Result<()> {
-        let store = ParamStore::new(seed, self.base.device(), key_prefix(&config));
         let trainable = !config.common.inference_mode;
-        self.inject(name, config, store, trainable)?;
+        self.inject(name, config, Source::Fresh(seed), trainable)?;
         Ok(())
     }
 
@@ -210,11 +213,7 @@ impl PeftModel {
         config.common.inference_mode = !is_trainable;
         let weights = checkpoint::adapter_weights_file(dir)?;
         let tensors = checkpoint::read_adapter_weights(&weights, self.base.device())?;
-        let store = ParamStore::from_tensors(&weights, tensors, self.base.device(), key_prefix(&config));
-        self.inject(name, config, Arc::clone(&store), is_trainable)?;
-        self.load_base_layer_weights(&store)?;
-        let unexpected_keys = store.unused_source_keys();
-        store.finish_loading();
+        let unexpected_keys = self.inject(name, config, Source::File(weights.clone(), tensors), is_trainable)?;
         if !unexpected_keys.is_empty() {
             tracing::warn!(
                 "{}: unexpected keys not used by adapter `{name}`: {unexpected_keys:?}",
@@ -323,7 +322,7 @@ impl PeftModel {
     /// p-tuning on a causal LM); labels need as many `-100` in front.
     pub fn virtual_tokens_in_output(&self) -> usize {
         match self.active_prompt() {
-            Some(p) if p.kind == PromptKind::Prepend => p.num_virtual_tokens,
+            Some(p) if p.kind == PromptKind::Prepend && !self.base.info().is_encoder_decoder => p.num_virtual_tokens,
             _ => 0,
         }
     }

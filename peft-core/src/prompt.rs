@@ -46,7 +46,16 @@ pub fn prefix_key_values(
         .collect()
 }
 
-/// Runs `base` on `inputs` with the prompt of `prompt` applied.
+fn with_leading_ones(mask: &Tensor, n: usize) -> Result<Tensor> {
+    let (batch, _) = mask.dims2()?;
+    let ones = Tensor::ones((batch, n), mask.dtype(), mask.device())?;
+    Ok(Tensor::cat(&[&ones, mask], 1)?)
+}
+
+/// Runs `base` on `inputs` with the prompt of `prompt` applied. For an encoder-decoder, as in
+/// peft's `PeftModelForSeq2SeqLM`: prompt tuning and p-tuning prepend the first
+/// `num_virtual_tokens` rows to the encoder input (its mask gains ones); prefix tuning fills the
+/// decoder's self-attention cache (the decoder mask gains ones).
 pub(crate) fn forward_with_prompt(
     base: &dyn AdaptableModel,
     prompt: &PromptState,
@@ -56,24 +65,30 @@ pub(crate) fn forward_with_prompt(
 ) -> Result<Tensor> {
     let (batch, _) = inputs.batch_and_len()?;
     let nvt = prompt.num_virtual_tokens;
+    let encoder_decoder = base.info().is_encoder_decoder;
     let mut inputs = inputs.clone();
-    if let Some(mask) = &inputs.attention_mask {
-        let ones = Tensor::ones((batch, nvt), mask.dtype(), mask.device())?;
-        inputs.attention_mask = Some(Tensor::cat(&[&ones, mask], 1)?);
-    }
-    let first_call = cache.as_ref().is_none_or(|c| c.seq_len() == 0);
+    let first_call = cache.as_ref().is_none_or(|c| c.is_empty());
     match prompt.kind {
         PromptKind::Prepend => {
+            if let Some(mask) = &inputs.attention_mask {
+                inputs.attention_mask = Some(with_leading_ones(mask, nvt)?);
+            }
             if inputs.position_ids.take().is_some() {
                 tracing::warn!("position ids are not supported with prompt tuning or p-tuning; ignoring them");
             }
+            if let Some(t) = inputs.token_type_ids.take() {
+                let zeros = Tensor::zeros((batch, nvt), t.dtype(), t.device())?;
+                inputs.token_type_ids = Some(Tensor::cat(&[&zeros, &t], 1)?);
+            }
+            // The encoder (or a decoder-only model) sees the virtual tokens on the first call;
+            // later calls reuse the cache, which holds their positions or the encoder output.
             if first_call {
                 let embeds = match (inputs.inputs_embeds.take(), inputs.input_ids.take()) {
                     (Some(e), _) => e,
                     (None, Some(ids)) => base.embed_tokens(&ids)?,
                     (None, None) => unreachable!("batch_and_len checked the inputs"),
                 };
-                let prompts = prompt.encoder.forward(training)?;
+                let prompts = prompt.encoder.forward(training)?.narrow(0, 0, nvt)?;
                 let (rows, width) = prompts.dims2()?;
                 let prompts = prompts.to_dtype(embeds.dtype())?.unsqueeze(0)?.broadcast_as((batch, rows, width))?;
                 inputs.inputs_embeds = Some(Tensor::cat(&[&prompts.contiguous()?, &embeds], 1)?);
@@ -81,6 +96,10 @@ pub(crate) fn forward_with_prompt(
             base.forward(&inputs, cache)
         }
         PromptKind::Prefix { num_layers, num_heads, head_dim } => {
+            let mask = if encoder_decoder { &mut inputs.decoder_attention_mask } else { &mut inputs.attention_mask };
+            if let Some(m) = mask.take() {
+                *mask = Some(with_leading_ones(&m, nvt)?);
+            }
             if let Some(p) = inputs.position_ids.take() {
                 inputs.position_ids = Some((p.to_dtype(DType::I64)? + nvt as f64)?);
             }

@@ -23,6 +23,8 @@ pub struct PromptLearningConfig {
     pub num_attention_heads: Option<usize>,
     /// `num_layers`.
     pub num_layers: Option<usize>,
+    /// `modules_to_save`: modules trained and saved in full beside the prompt (classifier heads).
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 const SOURCE: &str = "adapter config";
@@ -46,6 +48,7 @@ impl PromptLearningConfig {
             num_transformer_submodules: None,
             num_attention_heads: None,
             num_layers: None,
+            modules_to_save: None,
         }
     }
 
@@ -70,6 +73,7 @@ impl PromptLearningConfig {
             num_transformer_submodules: opt_usize(fields, "num_transformer_submodules")?,
             num_attention_heads: opt_usize(fields, "num_attention_heads")?,
             num_layers: opt_usize(fields, "num_layers")?,
+            modules_to_save: fields.take_opt_string_list("modules_to_save")?,
         };
         for (key, v) in [
             ("token_dim", out.token_dim),
@@ -81,18 +85,10 @@ impl PromptLearningConfig {
                 return Err(PeftError::config_value(fields.source_name(), key, "a positive integer or null", 0));
             }
         }
-        if let Some(m) = fields.take_opt_string_list("modules_to_save")?.filter(|m| !m.is_empty()) {
-            return Err(PeftError::Unsupported {
-                source_name: fields.source_name().to_string(),
-                key: "modules_to_save".into(),
-                value: format!("{m:?}"),
-                reason: "training and saving full copies of modules is not implemented yet".into(),
-            });
-        }
         Ok(out)
     }
 
-    /// Writes the shared fields (and `modules_to_save: null`).
+    /// Writes the shared fields.
     pub fn write(&self, out: &mut Map<String, Value>) {
         let opt = |v: Option<usize>| v.map_or(Value::Null, Value::from);
         out.insert("num_virtual_tokens".into(), Value::from(self.num_virtual_tokens));
@@ -100,7 +96,7 @@ impl PromptLearningConfig {
         out.insert("num_transformer_submodules".into(), opt(self.num_transformer_submodules));
         out.insert("num_attention_heads".into(), opt(self.num_attention_heads));
         out.insert("num_layers".into(), opt(self.num_layers));
-        out.insert("modules_to_save".into(), Value::Null);
+        out.insert("modules_to_save".into(), self.modules_to_save.clone().map_or(Value::Null, Value::from));
     }
 
     /// Fills the null fields from the model and checks the rest against it. With `prefix`,

@@ -115,7 +115,7 @@ impl ParamStore {
     }
 
     /// A store whose parameters are loaded from `tensors` (read from `path`); asking for a
-    /// parameter the file lacks is an error. Keys may carry `base_model.model.` or not.
+    /// parameter the file lacks is an error. Keys may carry `key_prefix` or not.
     pub fn from_tensors(
         path: &Path,
         tensors: Vec<(String, Tensor)>,
@@ -125,7 +125,10 @@ impl ParamStore {
         let tensors = tensors
             .into_iter()
             .map(|(key, t)| {
-                let bare = key.strip_prefix(BASE_MODEL_PREFIX).unwrap_or(&key).to_string();
+                let bare = match key_prefix {
+                    "" => key.clone(),
+                    prefix => key.strip_prefix(prefix).unwrap_or(&key).to_string(),
+                };
                 (bare, (key, t))
             })
             .collect();

@@ -19,7 +19,7 @@ pub enum FeedforwardModules {
 /// The IA3 configuration (peft's `IA3Config`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ia3Config {
-    /// Module selection (`target_modules`, `exclude_modules`; `modules_to_save` must be null).
+    /// Module selection (`target_modules`, `exclude_modules`, `modules_to_save`).
     pub targets: TargetSpec,
     /// `feedforward_modules` (null: the architecture's defaults).
     pub feedforward_modules: Option<FeedforwardModules>,
@@ -92,16 +92,9 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             ));
         }
     }
-    if let Some(m) = fields.take_opt_string_list("modules_to_save")?.filter(|m| !m.is_empty()) {
-        return Err(PeftError::Unsupported {
-            source_name: fields.source_name().to_string(),
-            key: "modules_to_save".into(),
-            value: format!("{m:?}"),
-            reason: "training and saving full copies of modules is not implemented yet".into(),
-        });
-    }
+    let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
     Ok(Box::new(Ia3Config {
-        targets: TargetSpec { target_modules, exclude_modules, ..TargetSpec::default() },
+        targets: TargetSpec { target_modules, exclude_modules, modules_to_save, ..TargetSpec::default() },
         feedforward_modules,
         fan_in_fan_out: fields.take_bool("fan_in_fan_out", false)?,
         init_ia3_weights: fields.take_bool("init_ia3_weights", true)?,
@@ -127,7 +120,7 @@ impl MethodConfig for Ia3Config {
             },
         );
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        out.insert("modules_to_save".into(), Value::Null);
+        out.insert("modules_to_save".into(), t.modules_to_save.clone().map_or(Value::Null, Value::from));
         out.insert("init_ia3_weights".into(), Value::Bool(self.init_ia3_weights));
         out
     }

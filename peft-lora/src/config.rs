@@ -320,14 +320,6 @@ impl LoraConfig {
             });
         }
         let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
-        if let Some(m) = modules_to_save.as_ref().filter(|m| !m.is_empty()) {
-            return Err(PeftError::Unsupported {
-                source_name: fields.source_name().to_string(),
-                key: "modules_to_save".into(),
-                value: format!("{m:?}"),
-                reason: "training and saving full copies of modules is not implemented yet".into(),
-            });
-        }
         let rank_pattern = fields
             .take_number_map("rank_pattern")?
             .into_iter()

@@ -14,7 +14,7 @@ pub mod config;
 use candle_core::{DType, Tensor};
 use peft_core::method::PROMPT_EMBEDDINGS;
 use peft_core::{
-    AdaptableModel, Init, MethodRegistration, ParamBuilder, PeftError, PromptEncoder, PromptKind, PromptMethod, Result,
+    AdaptableModel, Init, MethodRegistration, PromptLearningConfig, ParamBuilder, PeftError, PromptEncoder, PromptKind, PromptMethod, Result,
     StoredPrompt, TaskType,
 };
 use rand_index::random_ids;
@@ -76,8 +76,12 @@ impl PromptMethod for PromptTuningConfig {
         self.prompt.prepare(info, task_type, false)
     }
 
-    fn num_virtual_tokens(&self) -> usize {
-        self.prompt.num_virtual_tokens
+    fn prompt_config(&self) -> &PromptLearningConfig {
+        &self.prompt
+    }
+
+    fn prompt_config_mut(&mut self) -> &mut PromptLearningConfig {
+        &mut self.prompt
     }
 
     fn kind(&self) -> PromptKind {

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use peft_core::method::PROMPT_EMBEDDINGS;
 use peft_core::nn::Linear;
 use peft_core::{
-    AdaptableModel, Init, MethodRegistration, ModelInfo, ParamBuilder, PromptEncoder, PromptKind, PromptMethod, Result,
+    AdaptableModel, Init, MethodRegistration, PromptLearningConfig, ModelInfo, ParamBuilder, PromptEncoder, PromptKind, PromptMethod, Result,
     StoredPrompt, TaskType,
 };
 
@@ -91,8 +91,12 @@ impl PromptMethod for PromptEncoderConfig {
         Ok(())
     }
 
-    fn num_virtual_tokens(&self) -> usize {
-        self.prompt.num_virtual_tokens
+    fn prompt_config(&self) -> &PromptLearningConfig {
+        &self.prompt
+    }
+
+    fn prompt_config_mut(&mut self) -> &mut PromptLearningConfig {
+        &mut self.prompt
     }
 
     fn kind(&self) -> PromptKind {

@@ -21,7 +21,14 @@ fn reference_config(dir: &str) -> serde_json::Map<String, Value> {
 /// the same LoraConfig), saves it, and compares files with what peft saved.
 #[test]
 fn saved_files_match_peft_layout() {
-    let cases = ["llama_tiny__lora_qv", "llama_tiny__lora_patterns", "llama_tiny__lora_embed", "llama3_rope_tied__lora_default", "qwen2_tiny__lora_qv"];
+    let cases = [
+        "llama_tiny__lora_qv",
+        "llama_tiny__lora_patterns",
+        "llama_tiny__lora_embed",
+        "llama3_rope_tied__lora_default",
+        "qwen2_tiny__lora_qv",
+        "llama_tiny__lora_mts",
+    ];
     for case in cases {
         let (model_name, _) = case.split_once("__").unwrap();
         let reference = reference_config(case);

@@ -74,7 +74,6 @@ fn unimplemented_variants_are_refused_not_ignored() {
         ("bias", "\"all\""),
         ("bias", "\"lora_only\""),
         ("lora_bias", "true"),
-        ("modules_to_save", "[\"lm_head\"]"),
         ("layer_replication", "[[0, 1]]"),
         ("target_parameters", "[\"w\"]"),
         ("trainable_token_indices", "[1, 2]"),

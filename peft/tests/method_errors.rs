@@ -28,8 +28,8 @@ fn prompt_learning_config_errors() {
         assert!(s.contains("num_virtual_tokens") && s.contains("missing"), "{s}");
         let s = error(&format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 2, "num_transformer_submodules": 2}}"#));
         assert!(s.contains("num_transformer_submodules") && s.contains("decoder-only"), "{s}");
-        let s = error(&format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 2, "modules_to_save": ["lm_head"]}}"#));
-        assert!(s.contains("modules_to_save") && s.contains("not supported"), "{s}");
+        let s = error(&format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 2, "modules_to_save": ["input_layernorm"]}}"#));
+        assert!(s.contains("modules_to_save") && s.contains("LlamaRMSNorm"), "{s}");
     }
     for peft_type in ["PROMPT_TUNING", "P_TUNING"] {
         let s = error(&format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 2, "token_dim": 32}}"#));

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerates the reference fixtures under peft/tests/fixtures/ with Python peft + transformers.
+"""Regenerates the reference fixtures under peft/tests/fixtures/ with Python peft + transformers
+(LoRA here, then the other methods through make_method_fixtures.py).
 
 Every expected number in the Rust parity tests comes from this script; none is hand-written.
 Run:  pip install torch transformers peft safetensors && python tools/reference/make_fixtures.py
@@ -139,6 +140,8 @@ ADAPTERS = {
     "lora_embed": dict(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "q_proj"], init_lora_weights=False),
     # default targets (null target_modules) with gaussian init and a perturbed B
     "lora_default": dict(r=8, lora_alpha=32, init_lora_weights="gaussian", task_type="CAUSAL_LM"),
+    # a full trainable copy of the head beside LoRA (the copy is perturbed below)
+    "lora_mts": dict(r=2, lora_alpha=6, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
 }
 
 CASES = [
@@ -150,6 +153,7 @@ CASES = [
     ("llama3_rope_tied", "lora_default"),
     ("qwen2_tiny", "lora_qv"),
     ("mistral_tiny", "lora_patterns"),
+    ("llama_tiny", "lora_mts"),
 ]
 
 
@@ -174,6 +178,8 @@ def make_case(models, model_name, adapter_name, seed):
             if "lora_B" in n or "lora_embedding_A" in n:
                 if p.abs().sum() == 0:
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            if "modules_to_save" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     line = param_line(model)
     adapter_dir = os.path.join(ROOT, "adapters", f"{model_name}__{adapter_name}")
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -210,14 +216,14 @@ def make_case(models, model_name, adapter_name, seed):
             module.p = 0.0
     model.train()
     for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
+        p.requires_grad_("lora_" in n or "modules_to_save" in n)
     labels = INPUT_IDS.masked_fill(ATTENTION_MASK == 0, -100)
     loss = model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK, labels=labels).loss
     loss.backward()
     out["loss"] = loss.detach().reshape(1)
     for n, p in model.named_parameters():
         if p.grad is not None:
-            key = n.replace(".default", "")
+            key = n.replace(".modules_to_save.default", "").replace(".default", "")
             out["grad." + key] = p.grad.detach().clone()
     model.eval()
     with torch.no_grad():
@@ -274,6 +280,10 @@ def main():
     with open(os.path.join(ROOT, "param_lines.json"), "w") as f:
         json.dump(make_param_lines(), f, indent=2, default=str)
     print(f"wrote fixtures under {ROOT}", file=sys.stderr)
+    # The method fixtures use these models (and add a tokenizer to llama_tiny): refresh them too.
+    import make_method_fixtures
+
+    make_method_fixtures.main()
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ impl LlamaModel {
             input_embedding: Some("model.embed_tokens".to_string()),
             output_heads: vec!["lm_head".to_string()],
             tie_word_embeddings: cfg.tie_word_embeddings,
+            is_encoder_decoder: false,
+            num_labels: None,
             name_or_path: None,
         };
         let rotary = Rotary::new(cfg.inv_freq(), 1.0, device)?;
