@@ -153,9 +153,14 @@ impl PeftModel {
         }
         // peft's PeftModelForSequenceClassification / ForTokenClassification: the classifier
         // heads are always trained and saved in full.
+        // For prompt-learning adapters peft adds them twice (in the model's constructor and in
+        // its add_adapter), and saves the list so; keep the files identical.
         if matches!(config.common.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
             let mut modules = config.method.modules_to_save().map(<[String]>::to_vec).unwrap_or_default();
-            modules.extend(CLASSIFIER_MODULE_NAMES.iter().map(|s| s.to_string()));
+            let times = if config.method.as_prompt_method().is_some() { 2 } else { 1 };
+            for _ in 0..times {
+                modules.extend(CLASSIFIER_MODULE_NAMES.iter().map(|s| s.to_string()));
+            }
             config.method.set_modules_to_save(Some(modules));
         }
         let stores = if config.method.as_prompt_method().is_some() {

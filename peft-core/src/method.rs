@@ -110,6 +110,9 @@ pub enum PromptKind {
         num_heads: usize,
         /// Width of one head.
         head_dim: usize,
+        /// `num_transformer_submodules` (2 for encoder-decoders, whose decoder gets the
+        /// prefixes in peft's interleaved order).
+        submodules: usize,
     },
 }
 

@@ -67,6 +67,8 @@ pub struct ModelInfo {
     pub tie_word_embeddings: bool,
     /// An encoder-decoder (T5): prompts go to the encoder, prefixes to the decoder.
     pub is_encoder_decoder: bool,
+    /// The first decoder token of an encoder-decoder's generation.
+    pub decoder_start_token_id: Option<u32>,
     /// Classes of a classification head (`SEQ_CLS`, `TOKEN_CLS`), if any.
     pub num_labels: Option<usize>,
     /// Where the model was loaded from, written into saved adapter configs.
@@ -106,6 +108,25 @@ impl ModelInputs {
     pub fn with_mask(mut self, mask: Option<Tensor>) -> Self {
         self.attention_mask = mask;
         self
+    }
+
+    /// Refuses inputs a model does not take (rather than silently ignoring them): decoder
+    /// inputs unless `seq2seq`, segment ids unless `token_types`.
+    pub fn check_supported(&self, model_type: &str, seq2seq: bool, token_types: bool) -> Result<()> {
+        let decoder = self.decoder_input_ids.is_some()
+            || self.decoder_inputs_embeds.is_some()
+            || self.decoder_attention_mask.is_some();
+        if decoder && !seq2seq {
+            return Err(PeftError::bad_input(
+                format!("{model_type} inputs"),
+                "no decoder inputs (the model is not an encoder-decoder)",
+                "decoder_input_ids, decoder_inputs_embeds or decoder_attention_mask",
+            ));
+        }
+        if self.token_type_ids.is_some() && !token_types {
+            return Err(PeftError::bad_input(format!("{model_type} inputs"), "no token_type_ids", "token_type_ids"));
+        }
+        Ok(())
     }
 
     /// `(batch, seq_len)` of the new tokens.

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::adapted::{AdaptedEmbedding, AdaptedLinear, RuntimeState};
 use crate::checkpoint;
-use crate::config::{AdapterConfig, CONFIG_NAME};
+use crate::config::{AdapterConfig, TaskType, CONFIG_NAME};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingSlot, LinearSlot};
 use crate::method::{PromptKind, PROMPT_EMBEDDINGS};
@@ -322,7 +322,9 @@ impl PeftModel {
     /// p-tuning on a causal LM); labels need as many `-100` in front.
     pub fn virtual_tokens_in_output(&self) -> usize {
         match self.active_prompt() {
-            Some(p) if p.kind == PromptKind::Prepend && !self.base.info().is_encoder_decoder => p.num_virtual_tokens,
+            Some(p) if p.kind == PromptKind::Prepend && self.base.info().task_type == TaskType::CausalLm => {
+                p.num_virtual_tokens
+            }
             _ => 0,
         }
     }
@@ -375,7 +377,7 @@ impl PeftModel {
         self.adapters
             .iter()
             .filter(|(name, a)| a.trainable && active.contains(name))
-            .flat_map(|(name, a)| a.params.vars().into_iter().map(move |(p, v)| (format!("{name}:{p}"), v)))
+            .flat_map(|(name, a)| a.vars().into_iter().map(move |(p, v)| (format!("{name}:{p}"), v)))
             .collect()
     }
 

@@ -21,12 +21,18 @@ pub(crate) struct PromptState {
 
 /// Per-layer `(key, value)` prefixes `[batch, heads, nvt, head_dim]` from peft's flat layout
 /// `[nvt, num_layers * 2 * heads * head_dim]` (peft's `get_prompt` view and permute).
+///
+/// With two transformer submodules peft concatenates the `2L` key/value slots with themselves
+/// and splits the result in groups of four (self key, self value, cross key, cross value); the
+/// decoder's self-attention of layer `i` thus receives slots `4i mod 2L` and `4i + 1 mod 2L`.
+/// That is reproduced here so that checkpoints behave as in peft.
 pub fn prefix_key_values(
     flat: &Tensor,
     batch: usize,
     num_layers: usize,
     num_heads: usize,
     head_dim: usize,
+    submodules: usize,
     dtype: DType,
 ) -> Result<Vec<(Tensor, Tensor)>> {
     let (nvt, width) = flat.dims2()?;
@@ -41,8 +47,13 @@ pub fn prefix_key_values(
     let expand = |t: Tensor| -> Result<Tensor> {
         Ok(t.unsqueeze(0)?.broadcast_as((batch, num_heads, nvt, head_dim))?.contiguous()?)
     };
+    let slots = 2 * num_layers;
+    let (stride, wrap) = if submodules == 2 { (4, slots) } else { (2, usize::MAX) };
     (0..num_layers)
-        .map(|i| Ok((expand(per.get(2 * i)?)?, expand(per.get(2 * i + 1)?)?)))
+        .map(|i| {
+            let k = (stride * i) % wrap;
+            Ok((expand(per.get(k)?)?, expand(per.get((k + 1) % wrap)?)?))
+        })
         .collect()
 }
 
@@ -95,7 +106,7 @@ pub(crate) fn forward_with_prompt(
             }
             base.forward(&inputs, cache)
         }
-        PromptKind::Prefix { num_layers, num_heads, head_dim } => {
+        PromptKind::Prefix { num_layers, num_heads, head_dim, submodules } => {
             let mask = if encoder_decoder { &mut inputs.decoder_attention_mask } else { &mut inputs.attention_mask };
             if let Some(m) = mask.take() {
                 *mask = Some(with_leading_ones(&m, nvt)?);
@@ -108,7 +119,7 @@ pub(crate) fn forward_with_prompt(
                 Some(c) if !first_call => c,
                 other => {
                     let flat = prompt.encoder.forward(training)?;
-                    let kv = prefix_key_values(&flat, batch, num_layers, num_heads, head_dim, base.dtype())?;
+                    let kv = prefix_key_values(&flat, batch, num_layers, num_heads, head_dim, submodules, base.dtype())?;
                     match other {
                         Some(c) => {
                             *c = KvCache::from_prefix(kv);

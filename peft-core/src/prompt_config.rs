@@ -106,13 +106,14 @@ impl PromptLearningConfig {
         let submodules = *self
             .num_transformer_submodules
             .get_or_insert(if task_type == Some(TaskType::Seq2SeqLm) { 2 } else { 1 });
-        if submodules != 1 {
-            return Err(PeftError::config_value(
-                SOURCE,
-                "num_transformer_submodules",
-                format!("1 for the decoder-only model `{}`", info.model_type),
-                submodules,
-            ));
+        let allowed = if info.is_encoder_decoder { 1..=2 } else { 1..=1 };
+        if !allowed.contains(&submodules) {
+            let expected = if info.is_encoder_decoder {
+                "1 or 2 for an encoder-decoder".to_string()
+            } else {
+                format!("1 for the decoder-only model `{}`", info.model_type)
+            };
+            return Err(PeftError::config_value(SOURCE, "num_transformer_submodules", expected, submodules));
         }
         let layers = *self.num_layers.get_or_insert(info.num_layers);
         let token_dim = *self.token_dim.get_or_insert(info.hidden_size);

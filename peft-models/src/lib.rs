@@ -5,19 +5,28 @@
 //! swappable slot so that any method crate can adapt it. Only differentiable ops are used, so
 //! gradients reach every adapter. Models never import a method.
 //!
-//! Implemented: the LLaMA family ([`llama::LlamaModel`]: Llama, Mistral, Qwen2).
+//! Implemented: the LLaMA family ([`llama::LlamaModel`]: Llama, Mistral, Qwen2), GPT-2
+//! ([`gpt2::Gpt2Model`]), T5/mT5/mT0/Flan-T5 ([`t5::T5Model`]) and BERT with its task heads
+//! ([`bert::BertModel`]).
 
+pub mod bert;
+pub mod gpt2;
+pub mod init;
 pub mod llama;
 pub mod ops;
+pub mod t5;
 pub mod weights;
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use peft_core::{AdaptableModel, PeftError, Result};
 use serde_json::Value;
 
+pub use bert::{BertConfig, BertModel};
+pub use gpt2::{Gpt2Config, Gpt2Model};
 pub use llama::{LlamaConfig, LlamaModel};
+pub use t5::{T5Config, T5Model};
 
 /// Reads `model_type` from a model folder's `config.json`.
 pub fn model_type_of(dir: &Path) -> Result<String> {
@@ -36,7 +45,38 @@ pub fn model_type_of(dir: &Path) -> Result<String> {
 
 /// The `model_type`s this crate can load.
 pub fn supported_model_types() -> Vec<&'static str> {
-    llama::config::LLAMA_FAMILY.to_vec()
+    let mut out = llama::config::LLAMA_FAMILY.to_vec();
+    out.extend(["gpt2", "t5", "mt5", "bert"]);
+    out
+}
+
+/// Checks that token ids are within the vocabulary.
+pub(crate) fn check_token_ids(ids: &Tensor, vocab_size: usize) -> Result<()> {
+    let ids = ids.to_dtype(DType::I64)?;
+    let (min, max) = (ids.min_all()?.to_scalar::<i64>()?, ids.max_all()?.to_scalar::<i64>()?);
+    if min < 0 || max >= vocab_size as i64 {
+        return Err(PeftError::bad_input(
+            "input_ids",
+            format!("token ids in [0, {vocab_size})"),
+            format!("ids from {min} to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A model's `config.json` for saving: the original with `tie_word_embeddings` and `dtype`
+/// describing the weights being written.
+pub(crate) fn config_with(raw: &serde_json::Map<String, Value>, tied: bool, dtype: DType) -> Value {
+    let mut raw = raw.clone();
+    raw.insert("tie_word_embeddings".into(), Value::Bool(tied));
+    let dtype = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    raw.remove("torch_dtype");
+    raw.insert("dtype".into(), Value::from(dtype));
+    Value::Object(raw)
 }
 
 /// Loads any supported Hugging Face model folder, dispatching on `model_type`.
@@ -44,6 +84,15 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn A
     let model_type = model_type_of(dir)?;
     if llama::config::LLAMA_FAMILY.contains(&model_type.as_str()) {
         return Ok(Box::new(LlamaModel::from_folder(dir, dtype, device)?));
+    }
+    if model_type == "gpt2" {
+        return Ok(Box::new(Gpt2Model::from_folder(dir, dtype, device)?));
+    }
+    if model_type == "t5" || model_type == "mt5" {
+        return Ok(Box::new(T5Model::from_folder(dir, dtype, device)?));
+    }
+    if model_type == "bert" {
+        return Ok(Box::new(BertModel::from_folder(dir, None, dtype, device, 0)?));
     }
     Err(PeftError::config_value(
         &dir.join("config.json").display().to_string(),

@@ -14,6 +14,21 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
 }
 
+/// `nn.LayerNorm` over the last dimension: normalise in f32, then scale and shift.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centred = x32.broadcast_sub(&mean)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+    let scaled = normed.broadcast_mul(weight)?;
+    Ok(match bias {
+        Some(b) => scaled.broadcast_add(b)?,
+        None => scaled,
+    })
+}
+
 /// `x * sigmoid(x)`, written with differentiable primitives.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(x.silu()?)
@@ -143,6 +158,26 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     }
     let (b, kv, s, d) = x.dims4()?;
     Ok(x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))?)
+}
+
+/// Appends this step's keys and values `[B, KV, T, D]` to layer `layer`'s cache (if any) and
+/// returns the full keys and values to attend over.
+pub fn cache_kv(
+    k: Tensor,
+    v: Tensor,
+    layer: usize,
+    cache: Option<&mut peft_core::KvCache>,
+) -> Result<(Tensor, Tensor)> {
+    let Some(cache) = cache else { return Ok((k, v)) };
+    let (k, v) = match cache.get(layer) {
+        Some((pk, pv)) => (
+            Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 2)?.contiguous()?,
+            Tensor::cat(&[&pv.to_dtype(v.dtype())?, &v], 2)?.contiguous()?,
+        ),
+        None => (k.contiguous()?, v.contiguous()?),
+    };
+    cache.set(layer, (k.clone(), v.clone()));
+    Ok((k, v))
 }
 
 /// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, H, S, D]`, softmax in f32.

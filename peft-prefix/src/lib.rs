@@ -68,6 +68,7 @@ impl PromptMethod for PrefixTuningConfig {
             num_layers: self.prompt.num_layers.unwrap_or(0),
             num_heads: heads,
             head_dim: self.prompt.token_dim.unwrap_or(0) / heads,
+            submodules: self.prompt.num_transformer_submodules.unwrap_or(1),
         }
     }
 

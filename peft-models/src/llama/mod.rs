@@ -111,6 +111,7 @@ impl LlamaModel {
             output_heads: vec!["lm_head".to_string()],
             tie_word_embeddings: cfg.tie_word_embeddings,
             is_encoder_decoder: false,
+            decoder_start_token_id: None,
             num_labels: None,
             name_or_path: None,
         };
@@ -132,27 +133,7 @@ impl LlamaModel {
     /// A model with random weights (normal with std `initializer_range`, norms at one),
     /// reproducible from `seed`; used for tests, demos and benchmarks.
     pub fn random(cfg: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-        let std = cfg.initializer_range as f32;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
-            } else if name.ends_with(".bias") {
-                vec![0.0; n]
-            } else {
-                (0..n)
-                    .map(|_| {
-                        let u1: f32 = 1.0 - rng.random::<f32>();
-                        let u2: f32 = rng.random::<f32>();
-                        std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-                    })
-                    .collect()
-            };
-            Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
-        };
+        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
         Self::build(cfg, &mut src, dtype, device)
     }
 
@@ -189,20 +170,7 @@ impl LlamaModel {
         let v = layer.attn[2].forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = ops::apply_rotary(&q, cos, sin)?;
         let k = ops::apply_rotary(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(cache) => {
-                let (k, v) = match cache.get(layer_idx) {
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 2)?.contiguous()?,
-                        Tensor::cat(&[&pv.to_dtype(v.dtype())?, &v], 2)?.contiguous()?,
-                    ),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                cache.set(layer_idx, (k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
+        let (k, v) = ops::cache_kv(k, v, layer_idx, cache)?;
         let k = ops::repeat_kv(&k, nh / nkv)?;
         let v = ops::repeat_kv(&v, nh / nkv)?;
         let out = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
@@ -320,19 +288,12 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let ids = input_ids.to_dtype(DType::I64)?;
-        let (min, max) = (ids.min_all()?.to_scalar::<i64>()?, ids.max_all()?.to_scalar::<i64>()?);
-        if min < 0 || max >= self.cfg.vocab_size as i64 {
-            return Err(PeftError::bad_input(
-                "input_ids",
-                format!("token ids in [0, {})", self.cfg.vocab_size),
-                format!("ids from {min} to {max}"),
-            ));
-        }
-        Ok(self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
+        Ok(self.embed_tokens.forward(&input_ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        inputs.check_supported(&self.cfg.model_type, false, false)?;
         let h = self.hidden_states(inputs, cache)?;
         self.lm_head.forward(&h)
     }
@@ -379,16 +340,7 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn config_json(&self) -> Value {
-        let mut raw = self.cfg.raw.clone();
-        raw.insert("tie_word_embeddings".into(), Value::Bool(self.head_is_tied()));
-        let dtype = match self.dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        };
-        raw.remove("torch_dtype");
-        raw.insert("dtype".into(), Value::from(dtype));
-        Value::Object(raw)
+        crate::config_with(&self.cfg.raw, self.head_is_tied(), self.dtype)
     }
 
     fn device(&self) -> &Device {

@@ -1,0 +1,672 @@
+//! T5, mT5, mT0 and Flan-T5 (`T5ForConditionalGeneration`) as a training-capable
+//! [`AdaptableModel`]: encoder-decoder with relative position bias, cross-attention, `relu` and
+//! `gated-gelu` feed-forwards, tied and untied heads (with the tied-head output scaling), and a
+//! KV cache holding the encoder output and each layer's cross-attention keys and values.
+//!
+//! Head tying follows `config.json` as the checkpoints store it: `tie_word_embeddings: false`
+//! (T5 v1.1, mT5, mT0, Flan-T5) means a separate `lm_head` and no output scaling. A
+//! `scale_decoder_outputs` key (written by transformers 5) decides the scaling when present.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use peft_core::json::{parse_object, ConfigFields};
+use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
+use peft_core::{
+    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result, TaskType,
+};
+use serde_json::{Map, Value};
+
+use crate::ops::{self, AttentionMask};
+use crate::weights::ModelWeights;
+
+/// A resolved T5-family configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct T5Config {
+    /// `t5` or `mt5`.
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    /// Width of one head.
+    pub d_kv: usize,
+    /// Feed-forward size.
+    pub d_ff: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// Decoder layers.
+    pub num_decoder_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Relative position buckets.
+    pub relative_attention_num_buckets: usize,
+    /// Largest distance with its own bucket range.
+    pub relative_attention_max_distance: usize,
+    /// Feed-forward activation (`relu`, `gelu_new`, ...).
+    pub dense_act_fn: String,
+    /// Gated feed-forward (`wi_0`, `wi_1`).
+    pub is_gated_act: bool,
+    /// Layer norm epsilon.
+    pub layer_norm_epsilon: f64,
+    /// Whether `lm_head` shares the embedding.
+    pub tie_word_embeddings: bool,
+    /// Whether decoder outputs are scaled by `d_model^-0.5` before the head.
+    pub scale_decoder_outputs: bool,
+    /// First decoder token.
+    pub decoder_start_token_id: u32,
+    /// End-of-sequence ids.
+    pub eos_token_ids: Vec<u32>,
+    /// The config.json object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl T5Config {
+    /// Resolves a parsed `config.json`.
+    pub fn from_map(raw: Map<String, Value>, source: &str) -> Result<Self> {
+        let mut f = ConfigFields::new(source, raw.clone());
+        let model_type = f.take_opt_string("model_type")?.unwrap_or_else(|| "t5".into());
+        let num_layers = f.take_usize("num_layers", 6)?;
+        let num_decoder_layers = match f.take_raw("num_decoder_layers") {
+            None | Some(Value::Null) => num_layers,
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| f.type_error("num_decoder_layers", "an integer", &v))?,
+        };
+        let default_ff = if model_type == "mt5" { "gated-gelu" } else { "relu" };
+        let ff = f.take_opt_string("feed_forward_proj")?.unwrap_or_else(|| default_ff.into());
+        let parts: Vec<&str> = ff.split('-').collect();
+        let (is_gated_act, act) = match parts.as_slice() {
+            [act] => (false, act.to_string()),
+            ["gated", act] => (true, act.to_string()),
+            _ => {
+                return Err(PeftError::config_value(source, "feed_forward_proj", "`ACT` or `gated-ACT`", format!("\"{ff}\"")))
+            }
+        };
+        let dense_act_fn = if ff == "gated-gelu" { "gelu_new".to_string() } else { act };
+        let tie_word_embeddings = f.take_bool("tie_word_embeddings", true)?;
+        let scale_decoder_outputs = match f.take_raw("scale_decoder_outputs") {
+            Some(Value::Bool(b)) => b,
+            // transformers 5 never scales mT5; T5 scales exactly when the head is tied.
+            _ => model_type == "t5" && tie_word_embeddings,
+        };
+        let eos = match f.take_raw("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+            _ => vec![1],
+        };
+        Ok(T5Config {
+            vocab_size: f.take_usize("vocab_size", 32128)?,
+            d_model: f.take_usize("d_model", 512)?,
+            d_kv: f.take_usize("d_kv", 64)?,
+            d_ff: f.take_usize("d_ff", 2048)?,
+            num_layers,
+            num_decoder_layers,
+            num_heads: f.take_usize("num_heads", 8)?,
+            relative_attention_num_buckets: f.take_usize("relative_attention_num_buckets", 32)?,
+            relative_attention_max_distance: f.take_usize("relative_attention_max_distance", 128)?,
+            dense_act_fn,
+            is_gated_act,
+            layer_norm_epsilon: f.take_f64("layer_norm_epsilon", 1e-6)?,
+            tie_word_embeddings,
+            scale_decoder_outputs,
+            decoder_start_token_id: f.take_usize("decoder_start_token_id", 0)? as u32,
+            eos_token_ids: eos,
+            model_type,
+            raw,
+        })
+    }
+
+    fn inner(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    /// q, k, v, o
+    proj: [LinearSlot; 4],
+    relative_bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    /// `wi` or (`wi_0`, `wi_1`), then `wo`.
+    wi: Vec<LinearSlot>,
+    wo: LinearSlot,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    self_attn: Attention,
+    self_norm: Tensor,
+    cross_attn: Option<(Attention, Tensor)>,
+    ff: FeedForward,
+    ff_norm: Tensor,
+}
+
+/// A T5-family encoder-decoder with a language-modelling head.
+#[derive(Debug, Clone)]
+pub struct T5Model {
+    cfg: T5Config,
+    info: ModelInfo,
+    shared: EmbeddingSlot,
+    encoder_embed: EmbeddingSlot,
+    decoder_embed: EmbeddingSlot,
+    encoder: Vec<Block>,
+    encoder_norm: Tensor,
+    decoder: Vec<Block>,
+    decoder_norm: Tensor,
+    lm_head: LinearSlot,
+    tied_head: Option<LinearSlot>,
+    device: Device,
+    dtype: DType,
+}
+
+type Source<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
+
+fn linear(src: &mut Source<'_>, name: &str, out: usize, inp: usize) -> Result<LinearSlot> {
+    Ok(DenseLinear::new(src(&format!("{name}.weight"), &[out, inp])?, None)?.into_slot())
+}
+
+/// T5's relative position bucket (`_relative_position_bucket`).
+fn relative_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+    let mut buckets = num_buckets as i64;
+    let mut out = 0i64;
+    let mut rel = relative;
+    if bidirectional {
+        buckets /= 2;
+        if rel > 0 {
+            out += buckets;
+        }
+        rel = rel.abs();
+    } else {
+        rel = -rel.min(0);
+    }
+    let max_exact = buckets / 2;
+    if rel < max_exact {
+        out += rel;
+    } else {
+        let scaled = ((rel as f32 / max_exact as f32).ln() / (max_distance as f32 / max_exact as f32).ln()
+            * (buckets - max_exact) as f32) as i64;
+        out += (max_exact + scaled).min(buckets - 1);
+    }
+    out as usize
+}
+
+impl T5Model {
+    fn attention(src: &mut Source<'_>, cfg: &T5Config, name: &str, relative: bool) -> Result<Attention> {
+        let (d, inner) = (cfg.d_model, cfg.inner());
+        Ok(Attention {
+            proj: [
+                linear(src, &format!("{name}.q"), inner, d)?,
+                linear(src, &format!("{name}.k"), inner, d)?,
+                linear(src, &format!("{name}.v"), inner, d)?,
+                linear(src, &format!("{name}.o"), d, inner)?,
+            ],
+            relative_bias: if relative {
+                Some(src(&format!("{name}.relative_attention_bias.weight"), &[cfg.relative_attention_num_buckets, cfg.num_heads])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn feed_forward(src: &mut Source<'_>, cfg: &T5Config, name: &str) -> Result<FeedForward> {
+        let wi = if cfg.is_gated_act {
+            vec![
+                linear(src, &format!("{name}.wi_0"), cfg.d_ff, cfg.d_model)?,
+                linear(src, &format!("{name}.wi_1"), cfg.d_ff, cfg.d_model)?,
+            ]
+        } else {
+            vec![linear(src, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?]
+        };
+        Ok(FeedForward { wi, wo: linear(src, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)? })
+    }
+
+    /// Builds the model, taking each tensor from `src` by its HF name.
+    pub fn build(cfg: T5Config, src: &mut Source<'_>, dtype: DType, device: &Device) -> Result<Self> {
+        let d = cfg.d_model;
+        let shared_w = src("shared.weight", &[cfg.vocab_size, d])?;
+        let shared = DenseEmbedding::new(shared_w.clone(), None)?.into_slot();
+        let mut encoder = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("encoder.block.{i}.layer");
+            encoder.push(Block {
+                self_attn: Self::attention(src, &cfg, &format!("{p}.0.SelfAttention"), i == 0)?,
+                self_norm: src(&format!("{p}.0.layer_norm.weight"), &[d])?,
+                cross_attn: None,
+                ff: Self::feed_forward(src, &cfg, &format!("{p}.1.DenseReluDense"))?,
+                ff_norm: src(&format!("{p}.1.layer_norm.weight"), &[d])?,
+            });
+        }
+        let encoder_norm = src("encoder.final_layer_norm.weight", &[d])?;
+        let mut decoder = Vec::with_capacity(cfg.num_decoder_layers);
+        for i in 0..cfg.num_decoder_layers {
+            let p = format!("decoder.block.{i}.layer");
+            decoder.push(Block {
+                self_attn: Self::attention(src, &cfg, &format!("{p}.0.SelfAttention"), i == 0)?,
+                self_norm: src(&format!("{p}.0.layer_norm.weight"), &[d])?,
+                cross_attn: Some((
+                    Self::attention(src, &cfg, &format!("{p}.1.EncDecAttention"), false)?,
+                    src(&format!("{p}.1.layer_norm.weight"), &[d])?,
+                )),
+                ff: Self::feed_forward(src, &cfg, &format!("{p}.2.DenseReluDense"))?,
+                ff_norm: src(&format!("{p}.2.layer_norm.weight"), &[d])?,
+            });
+        }
+        let decoder_norm = src("decoder.final_layer_norm.weight", &[d])?;
+        let (lm_head, tied_head) = if cfg.tie_word_embeddings {
+            let head = DenseLinear::new(shared_w.clone(), None)?.into_slot();
+            (Arc::clone(&head), Some(head))
+        } else {
+            (linear(src, "lm_head", cfg.vocab_size, d)?, None)
+        };
+        let info = ModelInfo {
+            model_type: cfg.model_type.clone(),
+            architecture: if cfg.model_type == "mt5" { "MT5ForConditionalGeneration" } else { "T5ForConditionalGeneration" }
+                .into(),
+            task_type: TaskType::Seq2SeqLm,
+            num_layers: cfg.num_layers,
+            hidden_size: d,
+            num_attention_heads: cfg.num_heads,
+            num_key_value_heads: cfg.num_heads,
+            head_dim: cfg.d_kv,
+            vocab_size: cfg.vocab_size,
+            input_embedding: Some("shared".into()),
+            output_heads: vec!["lm_head".into()],
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            is_encoder_decoder: true,
+            decoder_start_token_id: Some(cfg.decoder_start_token_id),
+            num_labels: None,
+            name_or_path: None,
+        };
+        Ok(T5Model {
+            encoder_embed: DenseEmbedding::new(shared_w.clone(), None)?.into_slot(),
+            decoder_embed: DenseEmbedding::new(shared_w, None)?.into_slot(),
+            cfg,
+            info,
+            shared,
+            encoder,
+            encoder_norm,
+            decoder,
+            decoder_norm,
+            lm_head,
+            tied_head,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a Hugging Face folder.
+    pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+        let source = config_path.display().to_string();
+        let cfg = T5Config::from_map(parse_object(&text, &source)?, &source)?;
+        let weights = ModelWeights::open(dir, dtype, device)?;
+        let mut model = Self::build(cfg, &mut |n, s| weights.get(n, s), weights.dtype(), device)?;
+        model.info.name_or_path = Some(dir.display().to_string());
+        Ok(model)
+    }
+
+    /// A model with random weights, reproducible from `seed`.
+    pub fn random(cfg: T5Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut src = crate::init::random_source(seed, 0.05, dtype, device);
+        Self::build(cfg, &mut src, dtype, device)
+    }
+
+    /// A model with shape-only placeholder weights: for counting and listing modules.
+    pub fn shape_only(cfg: T5Config, device: &Device) -> Result<Self> {
+        let mut src = crate::init::shape_only_source(device);
+        Self::build(cfg, &mut src, DType::F32, device)
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &T5Config {
+        &self.cfg
+    }
+
+    /// The relative position bias `[1, H, T, S]` for `t` queries after `past` positions.
+    fn position_bias(&self, table: &Tensor, t: usize, s: usize, past: usize, bidirectional: bool) -> Result<Tensor> {
+        let mut buckets = Vec::with_capacity(t * s);
+        for i in 0..t {
+            for j in 0..s {
+                let rel = j as i64 - (i + past) as i64;
+                buckets.push(relative_bucket(
+                    rel,
+                    bidirectional,
+                    self.cfg.relative_attention_num_buckets,
+                    self.cfg.relative_attention_max_distance,
+                ) as u32);
+            }
+        }
+        let idx = Tensor::from_vec(buckets, t * s, &self.device)?;
+        let values = table.index_select(&idx, 0)?; // [T*S, H]
+        Ok(values.reshape((t, s, self.cfg.num_heads))?.permute((2, 0, 1))?.unsqueeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn heads(&self, x: Tensor, b: usize, t: usize) -> Result<Tensor> {
+        Ok(x.reshape((b, t, self.cfg.num_heads, self.cfg.d_kv))?.transpose(1, 2)?)
+    }
+
+    fn attend(&self, attn: &Attention, q_in: &Tensor, k: Tensor, v: Tensor, bias: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = q_in.dims3()?;
+        let q = self.heads(attn.proj[0].forward(q_in)?, b, t)?;
+        let mask = AttentionMask { additive: bias.clone(), row_valid: valid.cloned() };
+        let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?.transpose(1, 2)?.reshape((b, t, self.cfg.inner()))?;
+        attn.proj[3].forward(&out)
+    }
+
+    fn ff(&self, ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
+        let h = ops::activation(&self.cfg.dense_act_fn, &ff.wi[0].forward(x)?)?;
+        let h = match ff.wi.get(1) {
+            Some(gate) => (h * gate.forward(x)?)?,
+            None => h,
+        };
+        ff.wo.forward(&h)
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, w, self.cfg.layer_norm_epsilon)
+    }
+
+    /// Additive padding mask `[B, 1, 1, S]` (0 keep, large negative drop), or zeros.
+    fn padding_additive(&self, mask: Option<&Tensor>, b: usize, s: usize) -> Result<Tensor> {
+        match mask {
+            Some(m) => {
+                if m.dims() != [b, s] {
+                    return Err(PeftError::bad_input("attention_mask", format!("shape [{b}, {s}]"), format!("{:?}", m.dims())));
+                }
+                let keep = m.to_dtype(DType::F32)?;
+                Ok(((keep - 1.0)? * 1.0e30)?.reshape((b, 1, 1, s))?)
+            }
+            None => Ok(Tensor::zeros((b, 1, 1, s), DType::F32, &self.device)?),
+        }
+    }
+
+    /// Runs the encoder on `embeds` and returns its output.
+    pub fn encode(&self, embeds: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        let table = self.encoder[0].self_attn.relative_bias.as_ref().ok_or_else(|| PeftError::InvalidState("encoder block 0 lacks its relative bias".into()))?;
+        let bias = self.position_bias(table, t, t, 0, true)?.broadcast_add(&self.padding_additive(mask, b, t)?)?;
+        let mut h = embeds.clone();
+        for block in &self.encoder {
+            let x = self.norm(&h, &block.self_norm)?;
+            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
+            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
+            h = (h + self.attend(&block.self_attn, &x, k, v, &bias, None)?)?;
+            let x = self.norm(&h, &block.ff_norm)?;
+            h = (&h + self.ff(&block.ff, &x)?)?;
+        }
+        self.norm(&h, &self.encoder_norm)
+    }
+}
+
+impl AdaptableModel for T5Model {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn modules(&self) -> Vec<ModuleEntry> {
+        let other = |p: String, c: &'static str| ModuleEntry::new(p, ModuleKind::Other(c));
+        let lin = |p: String| ModuleEntry::new(p, ModuleKind::Linear);
+        let mut out = vec![ModuleEntry::new("shared", ModuleKind::Embedding)];
+        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            out.push(other(stack.into(), "T5Stack"));
+            out.push(ModuleEntry::new(format!("{stack}.embed_tokens"), ModuleKind::Embedding));
+            out.push(other(format!("{stack}.block"), "ModuleList"));
+            for (i, block) in blocks.iter().enumerate() {
+                let p = format!("{stack}.block.{i}");
+                out.push(other(p.clone(), "T5Block"));
+                out.push(other(format!("{p}.layer"), "ModuleList"));
+                let mut sub = vec![("SelfAttention", "T5LayerSelfAttention", Some(&block.self_attn))];
+                if let Some((cross, _)) = &block.cross_attn {
+                    sub.push(("EncDecAttention", "T5LayerCrossAttention", Some(cross)));
+                }
+                for (j, (name, class, attn)) in sub.into_iter().enumerate() {
+                    let l = format!("{p}.layer.{j}");
+                    out.push(other(l.clone(), class));
+                    out.push(other(format!("{l}.{name}"), "T5Attention"));
+                    for n in ["q", "k", "v", "o"] {
+                        out.push(lin(format!("{l}.{name}.{n}")));
+                    }
+                    if attn.is_some_and(|a| a.relative_bias.is_some()) {
+                        out.push(other(format!("{l}.{name}.relative_attention_bias"), "Embedding"));
+                    }
+                    out.push(other(format!("{l}.layer_norm"), "T5LayerNorm"));
+                    out.push(other(format!("{l}.dropout"), "Dropout"));
+                }
+                let l = format!("{p}.layer.{}", if block.cross_attn.is_some() { 2 } else { 1 });
+                out.push(other(l.clone(), "T5LayerFF"));
+                let ffc = if self.cfg.is_gated_act { "T5DenseGatedActDense" } else { "T5DenseActDense" };
+                out.push(other(format!("{l}.DenseReluDense"), ffc));
+                let wi: &[&str] = if self.cfg.is_gated_act { &["wi_0", "wi_1"] } else { &["wi"] };
+                for n in wi {
+                    out.push(lin(format!("{l}.DenseReluDense.{n}")));
+                }
+                out.push(lin(format!("{l}.DenseReluDense.wo")));
+                out.push(other(format!("{l}.DenseReluDense.dropout"), "Dropout"));
+                out.push(other(format!("{l}.DenseReluDense.act"), "Activation"));
+                out.push(other(format!("{l}.layer_norm"), "T5LayerNorm"));
+                out.push(other(format!("{l}.dropout"), "Dropout"));
+            }
+            out.push(other(format!("{stack}.final_layer_norm"), "T5LayerNorm"));
+            out.push(other(format!("{stack}.dropout"), "Dropout"));
+        }
+        out.push(lin("lm_head".into()));
+        out
+    }
+
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()> {
+        let gated = self.cfg.is_gated_act;
+        for (stack, blocks) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+            for (i, block) in blocks.iter_mut().enumerate() {
+                let p = format!("{stack}.block.{i}.layer");
+                for (slot, n) in block.self_attn.proj.iter_mut().zip(["q", "k", "v", "o"]) {
+                    f(&format!("{p}.0.SelfAttention.{n}"), slot)?;
+                }
+                let ff_idx = if let Some((cross, _)) = &mut block.cross_attn {
+                    for (slot, n) in cross.proj.iter_mut().zip(["q", "k", "v", "o"]) {
+                        f(&format!("{p}.1.EncDecAttention.{n}"), slot)?;
+                    }
+                    2
+                } else {
+                    1
+                };
+                let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
+                for (slot, n) in block.ff.wi.iter_mut().zip(wi) {
+                    f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), slot)?;
+                }
+                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &mut block.ff.wo)?;
+            }
+        }
+        f("lm_head", &mut self.lm_head)
+    }
+
+    fn visit_embeddings(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>) -> Result<()> {
+        f("shared", &mut self.shared)?;
+        f("encoder.embed_tokens", &mut self.encoder_embed)?;
+        f("decoder.embed_tokens", &mut self.decoder_embed)
+    }
+
+    fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
+        Ok(self.shared.forward(&input_ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+    }
+
+    fn forward(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        inputs.check_supported(&self.cfg.model_type, true, false)?;
+        // Encoder (once per cache).
+        let (encoded, enc_mask) = match cache.as_ref().and_then(|c| c.encoder_state()) {
+            Some((h, m)) => (h.clone(), m.clone()),
+            None => {
+                let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
+                    (Some(e), _) => e.to_dtype(self.dtype)?,
+                    (None, Some(ids)) => {
+                        crate::check_token_ids(ids, self.cfg.vocab_size)?;
+                        self.encoder_embed.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?
+                    }
+                    (None, None) => {
+                        return Err(PeftError::bad_input("t5 inputs", "input_ids or inputs_embeds", "neither"))
+                    }
+                };
+                let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.set_encoder_state(h.clone(), inputs.attention_mask.clone());
+                }
+                (h, inputs.attention_mask.clone())
+            }
+        };
+        // Decoder.
+        let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
+            (Some(e), _) => e.to_dtype(self.dtype)?,
+            (None, Some(ids)) => {
+                crate::check_token_ids(ids, self.cfg.vocab_size)?;
+                self.decoder_embed.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?
+            }
+            (None, None) => {
+                return Err(PeftError::bad_input(
+                    "t5 inputs",
+                    "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
+                    "neither",
+                ))
+            }
+        };
+        let (b, t, _) = dec.dims3()?;
+        let s_enc = encoded.dim(1)?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let table = self.decoder[0].self_attn.relative_bias.as_ref().ok_or_else(|| PeftError::InvalidState("decoder block 0 lacks its relative bias".into()))?;
+        let causal = ops::causal_mask(inputs.decoder_attention_mask.as_ref(), b, t, past, None, &self.device)?;
+        let position = self.position_bias(table, t, past + t, past, false)?;
+        let (self_bias, self_valid) = match &causal {
+            Some(m) => (position.broadcast_add(&m.additive)?, m.row_valid.clone()),
+            None => (position, None),
+        };
+        let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
+        let mut h = dec;
+        for (i, block) in self.decoder.iter().enumerate() {
+            let x = self.norm(&h, &block.self_norm)?;
+            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
+            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
+            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
+            h = (h + self.attend(&block.self_attn, &x, k, v, &self_bias, self_valid.as_ref())?)?;
+            if let Some((cross, norm)) = &block.cross_attn {
+                let x = self.norm(&h, norm)?;
+                let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
+                    Some((k, v)) => (k.clone(), v.clone()),
+                    None => {
+                        let k = self.heads(cross.proj[1].forward(&encoded)?, b, s_enc)?.contiguous()?;
+                        let v = self.heads(cross.proj[2].forward(&encoded)?, b, s_enc)?.contiguous()?;
+                        if let Some(c) = cache.as_deref_mut() {
+                            c.set_cross(i, (k.clone(), v.clone()));
+                        }
+                        (k, v)
+                    }
+                };
+                h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
+            }
+            let x = self.norm(&h, &block.ff_norm)?;
+            h = (&h + self.ff(&block.ff, &x)?)?;
+        }
+        let mut h = self.norm(&h, &self.decoder_norm)?;
+        if self.cfg.scale_decoder_outputs {
+            h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
+        }
+        self.lm_head.forward(&h)
+    }
+
+    fn num_parameters(&self) -> usize {
+        let c = &self.cfg;
+        let mut n = c.vocab_size * c.d_model + 2 * c.d_model;
+        for block in self.encoder.iter().chain(self.decoder.iter()) {
+            let attns = std::iter::once(&block.self_attn).chain(block.cross_attn.as_ref().map(|(a, _)| a));
+            for a in attns {
+                n += a.proj.iter().map(|l| l.num_params()).sum::<usize>();
+                n += a.relative_bias.as_ref().map_or(0, Tensor::elem_count);
+            }
+            n += block.cross_attn.as_ref().map_or(0, |_| c.d_model);
+            n += block.ff.wi.iter().map(|l| l.num_params()).sum::<usize>() + block.ff.wo.num_params();
+            n += 2 * c.d_model;
+        }
+        if !self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head)) {
+            n += self.lm_head.num_params();
+        }
+        n
+    }
+
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("shared.weight".to_string(), self.shared.weight()?)];
+        let gated = self.cfg.is_gated_act;
+        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            for (i, block) in blocks.iter().enumerate() {
+                let p = format!("{stack}.block.{i}.layer");
+                let attn = |l: &str, a: &Attention, out: &mut Vec<(String, Tensor)>| -> Result<()> {
+                    for (slot, n) in a.proj.iter().zip(["q", "k", "v", "o"]) {
+                        out.push((format!("{p}.{l}.{n}.weight"), slot.weight()?));
+                    }
+                    if let Some(t) = &a.relative_bias {
+                        out.push((format!("{p}.{l}.relative_attention_bias.weight"), t.clone()));
+                    }
+                    Ok(())
+                };
+                attn("0.SelfAttention", &block.self_attn, &mut out)?;
+                out.push((format!("{p}.0.layer_norm.weight"), block.self_norm.clone()));
+                let ff_idx = match &block.cross_attn {
+                    Some((cross, norm)) => {
+                        attn("1.EncDecAttention", cross, &mut out)?;
+                        out.push((format!("{p}.1.layer_norm.weight"), norm.clone()));
+                        2
+                    }
+                    None => 1,
+                };
+                let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
+                for (slot, n) in block.ff.wi.iter().zip(wi) {
+                    out.push((format!("{p}.{ff_idx}.DenseReluDense.{n}.weight"), slot.weight()?));
+                }
+                out.push((format!("{p}.{ff_idx}.DenseReluDense.wo.weight"), block.ff.wo.weight()?));
+                out.push((format!("{p}.{ff_idx}.layer_norm.weight"), block.ff_norm.clone()));
+            }
+            let norm = if stack == "encoder" { &self.encoder_norm } else { &self.decoder_norm };
+            out.push((format!("{stack}.final_layer_norm.weight"), norm.clone()));
+        }
+        if !self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head)) {
+            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
+        }
+        Ok(out)
+    }
+
+    fn config_json(&self) -> Value {
+        let tied = self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head));
+        let mut v = crate::config_with(&self.cfg.raw, tied, self.dtype);
+        if let Value::Object(m) = &mut v {
+            m.insert("scale_decoder_outputs".into(), Value::Bool(self.cfg.scale_decoder_outputs));
+        }
+        v
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_decoder_layers)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_match_transformers() {
+        // Computed with transformers 5.24: T5Attention._relative_position_bucket(tensor, bidirectional, 32, 128).
+        let bi: Vec<usize> = [-200, -20, -5, 0, 3, 9, 50, 300].iter().map(|r| relative_bucket(*r, true, 32, 128)).collect();
+        let uni: Vec<usize> = [-200, -20, -5, 0, 3].iter().map(|r| relative_bucket(*r, false, 32, 128)).collect();
+        assert_eq!(bi, vec![15, 10, 5, 0, 19, 24, 29, 31]);
+        assert_eq!(uni, vec![31, 17, 5, 0, 0]);
+    }
+}
