@@ -35,6 +35,8 @@ struct Cli {
 enum Command {
     /// List the methods linked into this build.
     Methods,
+    /// Print the trainable-parameter line from a model config and an adapter config alone.
+    Count(commands::count::CountArgs),
     /// Show an adapter's config and tensors (and, with --model, its parameter line).
     Inspect(commands::inspect::InspectArgs),
     /// Run a model (with adapters) on input ids and write its logits.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Methods => commands::methods::run(),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Count(args) => commands::count::run(args),
         Command::Logits(args) => commands::logits::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Generate(args) => commands::generate::run(args),

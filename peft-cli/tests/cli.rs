@@ -176,3 +176,93 @@ fn demo_runs_every_method() {
     let o = peft(&["demo", "--method", "dora"]);
     assert!(!o.status.success() && stderr(&o).contains("lora, ia3"), "{}", stderr(&o));
 }
+
+#[test]
+fn demo_runs_every_model_type() {
+    for (model_type, method) in [("gpt2", "lora"), ("gpt2", "ia3"), ("t5", "lora"), ("t5", "prefix"), ("bert", "lora"), ("bert", "prefix")] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = peft(&["demo", "--model-type", model_type, "--method", method, "--steps", "40", "--out", dir.path().to_str().unwrap()]);
+        assert!(o.status.success(), "{model_type} {method}: {}", stderr(&o));
+        assert!(stdout(&o).contains("demo passed"), "{model_type} {method}: {}", stdout(&o));
+    }
+    let o = peft(&["demo", "--model-type", "bloom"]);
+    assert!(!o.status.success() && stderr(&o).contains("llama, gpt2, t5 or bert"), "{}", stderr(&o));
+}
+
+/// `peft count` prints peft's line from configs alone, including the seed's number for
+/// mt0-large (make_model_fixtures.py: count_cases.json).
+#[test]
+fn count_from_configs_alone() {
+    let text = std::fs::read_to_string(fixtures().join("count_cases.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(cases.iter().any(|c| c["parameter_line"] == "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915"));
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("config.json");
+        let adapter = dir.path().join("adapter_config.json");
+        std::fs::write(&model, case["model_config"].to_string()).unwrap();
+        std::fs::write(&adapter, case["adapter_config"].to_string()).unwrap();
+        let o = peft(&["count", "--model-config", model.to_str().unwrap(), "--adapter-config", adapter.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), case["parameter_line"].as_str().unwrap());
+    }
+    let o = peft(&["count", "--model-config", "/no/such.json", "--adapter-config", "/no/such.json"]);
+    assert!(!o.status.success() && stderr(&o).contains("/no/such.json"));
+}
+
+/// `peft logits` on seq2seq (with `decoder_input_ids`) and classification models, and `peft
+/// generate --prompt-ids` on GPT-2 and T5 (make_model_fixtures.py).
+#[test]
+fn logits_and_generate_on_every_model_family() {
+    for (case, output) in [
+        ("t5_tiny__lora", "logits"),
+        ("mt5_tiny__prompt", "logits"),
+        ("gpt2_tiny__ia3", "logits"),
+        ("bert_seqcls__lora", "logits"),
+        ("bert_tokcls__ptuning", "logits"),
+        ("bert_base__prefix", "last_hidden_state"),
+    ] {
+        let data = candle_core::safetensors::load(fixtures().join(format!("cases/{case}.safetensors")), &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let mut tensors = std::collections::HashMap::new();
+        for k in ["input_ids", "attention_mask", "decoder_input_ids"] {
+            if let Some(t) = data.get(k) {
+                tensors.insert(k.to_string(), t.clone());
+            }
+        }
+        candle_core::safetensors::save(&tensors, &input).unwrap();
+        let (model, _) = case.split_once("__").unwrap();
+        let out = dir.path().join("out.safetensors");
+        let o = peft(&[
+            "logits", "--model", fixtures().join("models").join(model).to_str().unwrap(),
+            "--adapter", fixtures().join("adapters").join(case).to_str().unwrap(),
+            "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        assert!(max_diff(&got[output], &data["logits_adapted"]) <= 1e-4, "{case}");
+    }
+    for case in ["t5_tiny__prefix", "gpt2_tiny__prompt"] {
+        let data = candle_core::safetensors::load(fixtures().join(format!("cases/{case}.safetensors")), &Device::Cpu).unwrap();
+        let (model, _) = case.split_once("__").unwrap();
+        let row: Vec<i64> = data["input_ids"].get(0).unwrap().to_vec1().unwrap();
+        let ids: Vec<String> = if model.starts_with("t5") { row.iter() } else { row[..5].iter() }.map(|v| v.to_string()).collect();
+        let expected: Vec<String> = data["generated"].to_vec1::<i64>().unwrap().iter().map(|v| v.to_string()).collect();
+        let o = peft(&[
+            "generate", "--model", fixtures().join("models").join(model).to_str().unwrap(),
+            "--adapter", fixtures().join("adapters").join(case).to_str().unwrap(),
+            "--prompt-ids", &ids.join(","), "--max-new-tokens", &expected.len().to_string(), "--ignore-eos",
+        ]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), expected.join(","), "{case}");
+    }
+    // A decoder-only model refuses decoder inputs.
+    let data = candle_core::safetensors::load(fixtures().join("cases/t5_tiny__lora.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let tensors = [("input_ids".to_string(), data["input_ids"].clone()), ("decoder_input_ids".to_string(), data["decoder_input_ids"].clone())];
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &input).unwrap();
+    let o = peft(&["logits", "--model", fixtures().join("models/gpt2_tiny").to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", dir.path().join("o.safetensors").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("decoder_input_ids"), "{}", stderr(&o));
+}

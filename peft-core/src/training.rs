@@ -1,5 +1,6 @@
-//! A minimal training API: a causal-LM batch, one optimizer step with a gradient check, and
-//! gradient clipping. Use it with any candle-nn optimizer (`AdamW`, `SGD`):
+//! A minimal training API: batches for the three objectives (causal LM, sequence-to-sequence,
+//! classification), one optimizer step, gradient checks and clipping. Use it with any candle-nn
+//! optimizer (`AdamW`, `SGD`):
 //!
 //! ```ignore
 //! let mut opt = candle_nn::AdamW::new_lr(model.trainable_vars(), 1e-3)?;
@@ -12,7 +13,7 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::error::{PeftError, Result};
-use crate::loss::{causal_lm_loss, IGNORE_INDEX};
+use crate::loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
 use crate::model::ModelInputs;
 use crate::peft_model::PeftModel;
 
@@ -41,6 +42,99 @@ impl CausalLmBatch {
         };
         Ok(CausalLmBatch { input_ids, attention_mask, labels })
     }
+}
+
+/// A sequence-to-sequence batch: the decoder reads `labels` shifted right behind the model's
+/// `decoder_start_token_id` and predicts `labels` (transformers' `shift_tokens_right`).
+#[derive(Debug, Clone)]
+pub struct Seq2SeqBatch {
+    /// Encoder token ids `[B, S]`.
+    pub input_ids: Tensor,
+    /// Encoder attention mask `[B, S]`.
+    pub attention_mask: Option<Tensor>,
+    /// Target ids `[B, T]` (I64); `-100` is ignored.
+    pub labels: Tensor,
+}
+
+/// A classification batch: one label per sequence (`SEQ_CLS`, `[B]`) or per token
+/// (`TOKEN_CLS`, `[B, T]`, `-100` ignored).
+#[derive(Debug, Clone)]
+pub struct ClassificationBatch {
+    /// Token ids `[B, T]`.
+    pub input_ids: Tensor,
+    /// Attention mask `[B, T]`.
+    pub attention_mask: Option<Tensor>,
+    /// Labels (I64).
+    pub labels: Tensor,
+}
+
+/// A batch for any of the supported objectives.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    /// Next-token prediction.
+    CausalLm(CausalLmBatch),
+    /// Encoder-decoder generation.
+    Seq2Seq(Seq2SeqBatch),
+    /// Sequence or token classification.
+    Classification(ClassificationBatch),
+}
+
+/// The decoder inputs for `labels`: `[start, labels[:-1]]`, with `-100` replaced by `pad`.
+pub fn shift_right(labels: &Tensor, start: u32, pad: u32) -> Result<Tensor> {
+    let (b, t) = labels.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let pad_t = Tensor::full(i64::from(pad), (b, t), labels.device())?;
+    let labels = labels.ne(IGNORE_INDEX)?.where_cond(&labels, &pad_t)?;
+    let start = Tensor::full(i64::from(start), (b, 1), labels.device())?;
+    Ok(Tensor::cat(&[&start, &labels.narrow(1, 0, t - 1)?], 1)?)
+}
+
+impl Batch {
+    /// The loss of `model` on this batch (with the model's current train/eval mode).
+    pub fn loss(&self, model: &PeftModel) -> Result<Tensor> {
+        match self {
+            Batch::CausalLm(b) => causal_lm_batch_loss(model, b),
+            Batch::Seq2Seq(b) => {
+                let start = model.base_model().info().decoder_start_token_id.ok_or_else(|| {
+                    PeftError::bad_input("seq2seq batch", "an encoder-decoder model", model.base_model().info().model_type.clone())
+                })?;
+                let inputs = ModelInputs {
+                    input_ids: Some(b.input_ids.clone()),
+                    attention_mask: b.attention_mask.clone(),
+                    decoder_input_ids: Some(shift_right(&b.labels, start, 0)?),
+                    ..Default::default()
+                };
+                let logits = model.forward(&inputs)?;
+                let (n, t, v) = logits.dims3()?;
+                Ok(cross_entropy(&logits.reshape((n * t, v))?, &b.labels.to_dtype(DType::I64)?.reshape(n * t)?)?.0)
+            }
+            Batch::Classification(b) => {
+                let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
+                let logits = model.forward(&inputs)?;
+                let classes = logits.dim(logits.rank() - 1)?;
+                let rows = logits.elem_count() / classes;
+                let labels = b.labels.to_dtype(DType::I64)?.reshape(rows)?;
+                Ok(cross_entropy(&logits.reshape((rows, classes))?, &labels)?.0)
+            }
+        }
+    }
+}
+
+/// One optimizer step on any batch: forward, loss, backward, optional clipping, update.
+pub fn train_step<O: Optimizer>(model: &PeftModel, optimizer: &mut O, batch: &Batch, max_grad_norm: Option<f32>) -> Result<StepStats> {
+    step_on_loss(model, optimizer, batch.loss(model)?, max_grad_norm)
+}
+
+fn step_on_loss<O: Optimizer>(model: &PeftModel, optimizer: &mut O, loss: Tensor, max_grad_norm: Option<f32>) -> Result<StepStats> {
+    let loss_value = loss.to_scalar::<f32>()?;
+    let mut grads = loss.backward()?;
+    let vars = model.trainable_vars();
+    let grad_norm = match max_grad_norm {
+        Some(max) => clip_grad_norm(&mut grads, &vars, max)?,
+        None => grad_norm(&grads, &vars)?,
+    };
+    optimizer.step(&grads)?;
+    Ok(StepStats { loss: loss_value, grad_norm })
 }
 
 /// What one training step measured.
@@ -113,7 +207,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f32) -> Res
     Ok(norm)
 }
 
-/// One optimizer step on `batch`: forward, loss, backward, optional clipping, update.
+/// One optimizer step on a causal-LM `batch`: forward, loss, backward, optional clipping, update.
 /// `vars` must be the variables the optimizer was built with (`model.trainable_vars()`).
 pub fn causal_lm_step<O: Optimizer>(
     model: &PeftModel,
@@ -121,14 +215,5 @@ pub fn causal_lm_step<O: Optimizer>(
     batch: &CausalLmBatch,
     max_grad_norm: Option<f32>,
 ) -> Result<StepStats> {
-    let loss = causal_lm_batch_loss(model, batch)?;
-    let loss_value = loss.to_scalar::<f32>()?;
-    let mut grads = loss.backward()?;
-    let vars = model.trainable_vars();
-    let grad_norm = match max_grad_norm {
-        Some(max) => clip_grad_norm(&mut grads, &vars, max)?,
-        None => grad_norm(&grads, &vars)?,
-    };
-    optimizer.step(&grads)?;
-    Ok(StepStats { loss: loss_value, grad_norm })
+    step_on_loss(model, optimizer, causal_lm_batch_loss(model, batch)?, max_grad_norm)
 }

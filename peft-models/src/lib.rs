@@ -79,6 +79,33 @@ pub(crate) fn config_with(raw: &serde_json::Map<String, Value>, tied: bool, dtyp
     Value::Object(raw)
 }
 
+/// Builds a model from its `config.json` alone, with zero-cost placeholder weights: enough to
+/// list its modules, attach adapters and count parameters (`peft count`), not to run it.
+pub fn shape_only_model(config_path: &Path) -> Result<Box<dyn AdaptableModel>> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| PeftError::io(config_path, e))?;
+    let source = config_path.display().to_string();
+    let map = peft_core::json::parse_object(&text, &source)?;
+    let device = Device::Cpu;
+    let mut src = init::shape_only_source(&device);
+    let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
+    Ok(match model_type.as_str() {
+        t if llama::config::LLAMA_FAMILY.contains(&t) => {
+            Box::new(LlamaModel::build(LlamaConfig::from_map(map, &source)?, &mut src, DType::F32, &device)?)
+        }
+        "gpt2" => Box::new(Gpt2Model::build(Gpt2Config::from_map(map, &source)?, &mut src, DType::F32, &device)?),
+        "t5" | "mt5" => Box::new(T5Model::build(T5Config::from_map(map, &source)?, &mut src, DType::F32, &device)?),
+        "bert" => Box::new(BertModel::build(BertConfig::from_map(map, &source, None)?, &mut src, DType::F32, &device)?),
+        other => {
+            return Err(PeftError::config_value(
+                &source,
+                "model_type",
+                format!("one of {}", supported_model_types().join(", ")),
+                format!("\"{other}\""),
+            ))
+        }
+    })
+}
+
 /// Loads any supported Hugging Face model folder, dispatching on `model_type`.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn AdaptableModel>> {
     let model_type = model_type_of(dir)?;

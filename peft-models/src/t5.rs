@@ -309,9 +309,11 @@ impl T5Model {
         Ok(model)
     }
 
-    /// A model with random weights, reproducible from `seed`.
+    /// A model with random weights (normal with the config's `initializer_range`, 0.05 when
+    /// absent), reproducible from `seed`.
     pub fn random(cfg: T5Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut src = crate::init::random_source(seed, 0.05, dtype, device);
+        let std = cfg.raw.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.05) as f32;
+        let mut src = crate::init::random_source(seed, std, dtype, device);
         Self::build(cfg, &mut src, dtype, device)
     }
 

@@ -1,6 +1,8 @@
-//! `peft logits`: the parity interface. Reads `input_ids` (I64 `[B, T]`), an optional
-//! `attention_mask` and optional `decoder_input_ids` from a safetensors file and writes the
-//! model's `logits` (F32) as the Hugging Face model's forward returns them.
+//! `peft logits`: the parity interface. Reads `input_ids` (I64 `[B, T]`) and the optional
+//! `attention_mask`, `token_type_ids` (BERT) and `decoder_input_ids` (T5) from a safetensors
+//! file and writes the model's output (F32) as the Hugging Face model's forward returns it:
+//! `logits` (`[B, T, V]` for language models, `[B, num_labels]` or `[B, T, num_labels]` for
+//! classifiers) or `last_hidden_state` for feature extraction.
 
 use std::path::PathBuf;
 
@@ -68,14 +70,20 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         None => None,
     };
     let base = super::load_base(&args.model, dtype)?;
-    if find("decoder_input_ids").is_some() {
+    let optional = |name: &str| -> Result<Option<Tensor>> {
+        find(name).map(|t| integer_2d(name, &t, &args.input)).transpose()
+    };
+    let decoder_input_ids = optional("decoder_input_ids")?;
+    if decoder_input_ids.is_some() != base.info().is_encoder_decoder {
         bail!(
-            "{}: `decoder_input_ids` given, but {} is a decoder-only model (model_type `{}`)",
+            "{}: {} is {}, so `decoder_input_ids` must be {}",
             args.input.display(),
             args.model.display(),
-            base.info().model_type
+            if base.info().is_encoder_decoder { "an encoder-decoder" } else { "decoder-only or an encoder" },
+            if base.info().is_encoder_decoder { "given" } else { "absent" },
         );
     }
+    let output_name = if base.info().task_type == peft::TaskType::FeatureExtraction { "last_hidden_state" } else { "logits" };
     let mut model = super::with_adapters(base, &args.adapter, false)?;
     if args.merge {
         if args.adapter.is_empty() {
@@ -83,8 +91,16 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         }
         model.merge_adapter()?;
     }
-    let logits = model.forward(&ModelInputs::from_ids(ids).with_mask(mask))?.to_dtype(DType::F32)?;
-    checkpoint::write_safetensors(&args.out, &[("logits".to_string(), logits.clone())])?;
-    println!("wrote logits {:?} to {}", logits.dims(), args.out.display());
+    let inputs = ModelInputs {
+        input_ids: Some(ids),
+        attention_mask: mask,
+        token_type_ids: optional("token_type_ids")?,
+        decoder_input_ids,
+        decoder_attention_mask: optional("decoder_attention_mask")?,
+        ..Default::default()
+    };
+    let output = model.forward(&inputs)?.to_dtype(DType::F32)?;
+    checkpoint::write_safetensors(&args.out, &[(output_name.to_string(), output.clone())])?;
+    println!("wrote {output_name} {:?} to {}", output.dims(), args.out.display());
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the helpers they share.
 
+pub mod count;
 pub mod demo;
 pub mod generate;
 pub mod inspect;
