@@ -52,8 +52,10 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
-    /// Resolves a parsed `config.json`; the task comes from `architectures` unless given.
-    pub fn from_map(raw: Map<String, Value>, source: &str, task: Option<TaskType>) -> Result<Self> {
+    /// Resolves a parsed `config.json`; the head comes from `architectures` (and `num_labels`
+    /// or `id2label`) unless `head` gives the task and the number of labels.
+    pub fn from_map(raw: Map<String, Value>, source: &str, head: Option<(TaskType, usize)>) -> Result<Self> {
+        let task = head.map(|(t, _)| t);
         let mut f = ConfigFields::new(source, raw.clone());
         let arch = raw.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).unwrap_or("BertModel");
         let task_type = task.unwrap_or(if arch.ends_with("ForSequenceClassification") {
@@ -67,9 +69,10 @@ impl BertConfig {
             return Err(PeftError::config_value(source, "task", "SEQ_CLS, TOKEN_CLS or FEATURE_EXTRACTION", task_type));
         }
         let id2label = raw.get("id2label").and_then(Value::as_object).map(|m| m.len());
-        let num_labels = match f.take_raw("num_labels") {
-            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| f.type_error("num_labels", "an integer", &v))?,
-            None => id2label.unwrap_or(2),
+        let num_labels = match (head, f.take_raw("num_labels")) {
+            (Some((_, n)), _) => n,
+            (None, Some(v)) => v.as_u64().map(|n| n as usize).ok_or_else(|| f.type_error("num_labels", "an integer", &v))?,
+            (None, None) => id2label.unwrap_or(2),
         };
         if let Some(kind) = f.take_opt_string("position_embedding_type")? {
             if kind != "absolute" {
@@ -240,15 +243,15 @@ impl BertModel {
         })
     }
 
-    /// Loads a Hugging Face folder. With `task`, builds that head whatever the checkpoint's
-    /// architecture; a head (or pooler) the checkpoint lacks is initialised as transformers
-    /// does (normal with `initializer_range`, zero bias), seeded by `seed`. Encoder weights may
-    /// be stored with or without the `bert.` prefix.
-    pub fn from_folder(dir: &Path, task: Option<TaskType>, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+    /// Loads a Hugging Face folder. With `head` (task, number of labels), builds that head
+    /// whatever the checkpoint's architecture; a head (or pooler) the checkpoint lacks is
+    /// initialised as transformers does (normal with `initializer_range`, zero bias), seeded by
+    /// `seed`. Encoder weights may be stored with or without the `bert.` prefix.
+    pub fn from_folder(dir: &Path, head: Option<(TaskType, usize)>, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
-        let cfg = BertConfig::from_map(parse_object(&text, &source)?, &source, task)?;
+        let cfg = BertConfig::from_map(parse_object(&text, &source)?, &source, head)?;
         let weights = ModelWeights::open(dir, dtype, device)?;
         let mut fresh = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
         let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -285,6 +288,14 @@ impl BertModel {
 
     fn layer_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
         ops::layer_norm(x, &n.weight, Some(&n.bias), self.cfg.layer_norm_eps)
+    }
+
+    /// The pooler's output `[B, hidden]`: `tanh(W h_first + b)`, what the sequence classifier
+    /// reads.
+    pub fn pooled_output(&self, inputs: &ModelInputs) -> Result<Tensor> {
+        let pooler = self.pooler.as_ref().ok_or_else(|| PeftError::InvalidState("this BERT head has no pooler".into()))?;
+        let h = self.last_hidden_state(inputs, None)?;
+        Ok(pooler.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?)
     }
 
     /// The encoder's last hidden state `[B, T, hidden]` (prefix positions excluded).
