@@ -167,7 +167,7 @@ fn logits_with_prompt_learning_adapters() {
 fn demo_runs_every_method() {
     for method in ["lora", "ia3", "prompt", "p_tuning", "prefix"] {
         let dir = tempfile::tempdir().unwrap();
-        let o = peft(&["demo", "--method", method, "--steps", "40", "--out", dir.path().to_str().unwrap()]);
+        let o = peft(&["demo", "--method", method, "--steps", "60", "--out", dir.path().to_str().unwrap()]);
         assert!(o.status.success(), "{method}: {}", stderr(&o));
         let text = stdout(&o);
         assert!(text.contains("trainable params:") && text.contains("demo passed"), "{method}: {text}");
@@ -181,7 +181,7 @@ fn demo_runs_every_method() {
 fn demo_runs_every_model_type() {
     for (model_type, method) in [("gpt2", "lora"), ("gpt2", "ia3"), ("t5", "lora"), ("t5", "prefix"), ("bert", "lora"), ("bert", "prefix")] {
         let dir = tempfile::tempdir().unwrap();
-        let o = peft(&["demo", "--model-type", model_type, "--method", method, "--steps", "40", "--out", dir.path().to_str().unwrap()]);
+        let o = peft(&["demo", "--model-type", model_type, "--method", method, "--steps", "60", "--out", dir.path().to_str().unwrap()]);
         assert!(o.status.success(), "{model_type} {method}: {}", stderr(&o));
         assert!(stdout(&o).contains("demo passed"), "{model_type} {method}: {}", stdout(&o));
     }

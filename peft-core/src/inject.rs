@@ -311,10 +311,26 @@ impl PeftModel {
             let resolved = resolve_target_modules(&requested, &modules, &info.output_heads, condense);
             method.target_spec_mut().target_modules = Some(resolved);
         }
+        let selected = {
+            let method = Self::layer_method(&config)?;
+            let spec = method.target_spec();
+            let targets = spec.target_modules.clone().unwrap_or(TargetModules::AllLinear);
+            select_targets(spec, &targets, &modules, &info.output_heads)?
+        };
+        // peft corrects `fan_in_fan_out` to each targeted layer's weight layout, in the config too.
+        let mut layouts = Vec::new();
+        self.base.visit_linears(&mut |path, slot| {
+            if selected.iter().any(|s| s == path) {
+                layouts.push(slot.stores_transposed());
+            }
+            Ok(())
+        })?;
+        if let Some(method) = config.method.as_layer_method_mut() {
+            for transposed in layouts {
+                method.observe_weight_layout(transposed);
+            }
+        }
         let method = Self::layer_method(&config)?;
-        let spec = method.target_spec();
-        let targets = spec.target_modules.clone().unwrap_or(TargetModules::AllLinear);
-        let selected = select_targets(spec, &targets, &modules, &info.output_heads)?;
         for path in &selected {
             let kind = modules.iter().find(|m| &m.path == path).map(|m| m.kind);
             if let Some(ModuleKind::Other(class)) = kind {

@@ -58,6 +58,11 @@ pub trait LayerMethod: MethodConfig {
     /// architecture's defaults, the expansion of `all-linear`), as peft does before saving.
     fn target_spec_mut(&mut self) -> &mut TargetSpec;
 
+    /// Called with the weight layout of each targeted linear layer (`true`: stored `[in, out]`,
+    /// GPT-2's Conv1D) before any is wrapped, so a method can record it (peft rewrites
+    /// `fan_in_fan_out` to match, with a warning).
+    fn observe_weight_layout(&mut self, _transposed: bool) {}
+
     /// Whether a long target list (20 entries or more) may be condensed to the shortest
     /// suffixes that select the same modules, as peft does for every method except IA3.
     fn condense_long_target_lists(&self) -> bool {

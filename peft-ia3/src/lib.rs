@@ -125,6 +125,11 @@ impl LayerMethod for Ia3Config {
         default_modules(model_type).map(|(t, _)| TargetModules::List(t))
     }
 
+    fn observe_weight_layout(&mut self, transposed: bool) {
+        // As peft: the config follows the layers' layout (Conv1D stores [in, out]).
+        self.fan_in_fan_out = transposed;
+    }
+
     fn condense_long_target_lists(&self) -> bool {
         // peft skips this for IA3: targets and feed-forward modules are coupled.
         false

@@ -89,15 +89,19 @@ impl LayerMethod for LoraConfig {
         default_target_modules(model_type)
     }
 
+    fn observe_weight_layout(&mut self, transposed: bool) {
+        if self.fan_in_fan_out != transposed {
+            tracing::warn!(
+                "fan_in_fan_out is {} but a target layer stores its weight {}; setting fan_in_fan_out to {transposed}",
+                self.fan_in_fan_out,
+                if transposed { "[in, out] (Conv1D)" } else { "[out, in]" }
+            );
+            self.fan_in_fan_out = transposed;
+        }
+    }
+
     fn wrap_linear(&self, path: &str, base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>> {
         self.check_init_for(params)?;
-        if self.fan_in_fan_out != base.stores_transposed() {
-            tracing::warn!(
-                "{path}: fan_in_fan_out={} does not match the layer's weight layout; using {}",
-                self.fan_in_fan_out,
-                base.stores_transposed()
-            );
-        }
         let (r, alpha) = self.rank_and_alpha(path);
         Ok(Box::new(LoraLinear::new(
             params,

@@ -81,8 +81,8 @@ fn tensors(examples: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
     let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for e in examples {
-        ids.extend(e.ids.iter().copied().chain(std::iter::repeat(0).take(len - e.ids.len())));
-        mask.extend(std::iter::repeat(1u32).take(e.ids.len()).chain(std::iter::repeat(0).take(len - e.ids.len())));
+        ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, len - e.ids.len())));
+        mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, len - e.ids.len())));
     }
     let dev = Device::Cpu;
     let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();

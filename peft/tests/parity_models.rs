@@ -180,3 +180,17 @@ fn fresh_adapters_have_peft_parameter_lines_and_configs() {
         assert_eq!(shapes(&saved), shapes(&reference), "{m}__{method}: keys and shapes");
     }
 }
+
+/// peft rewrites `fan_in_fan_out` to the targeted layers' layout (true for GPT-2's Conv1D).
+#[test]
+fn fan_in_fan_out_follows_the_layer_layout() {
+    for peft_type in ["LORA", "IA3"] {
+        let config = AdapterConfig::from_json_str(&format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": false}}"#), "inline").unwrap();
+        let model = peft::get_peft_model(base("gpt2_tiny"), config, 0).unwrap();
+        let saved = model.adapter("default").unwrap().config().to_json();
+        assert_eq!(saved["fan_in_fan_out"], Value::Bool(true), "{peft_type}");
+        let config = AdapterConfig::from_json_str(&format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": true}}"#), "inline").unwrap();
+        let model = peft::get_peft_model(base("llama_tiny"), config, 0).unwrap();
+        assert_eq!(model.adapter("default").unwrap().config().to_json()["fan_in_fan_out"], Value::Bool(false), "{peft_type}");
+    }
+}

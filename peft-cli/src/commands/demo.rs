@@ -279,8 +279,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     model.set_training(false);
     let eval_after = eval.loss(&model)?.to_scalar::<f32>()?;
     println!("held-out batch loss {eval_before:.4} -> {eval_after:.4} ({:.1}s of training)", train_started.elapsed().as_secs_f32());
-    if eval_after.is_nan() || eval_after >= eval_before * 0.8 {
-        bail!("the loss did not fall enough ({eval_before:.4} -> {eval_after:.4})");
+    // Prompt-learning methods steer a random base less than weight adapters do.
+    let required = if mergeable { 0.8 } else { 0.9 };
+    if eval_after.is_nan() || eval_after >= eval_before * required {
+        bail!("the loss did not fall enough ({eval_before:.4} -> {eval_after:.4}; at least {:.0}% was required)", 100.0 * (1.0 - required));
     }
     println!("after:  {}", sample(kind, &model, &vocab, &eval)?);
 
