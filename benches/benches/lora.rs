@@ -4,7 +4,6 @@
 //! `cargo bench -p peft-benches --bench lora` (run on a quiet machine).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
-
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::sync::Arc;
@@ -18,13 +17,42 @@ use peft::{get_peft_model, AdapterConfig, DenseLinear, LinearLike, ParamStore, P
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let store = ParamStore::new(seed, &Device::Cpu, "");
-    store.root().get(shape, "x", peft::Init::Normal { mean: 0.0, std: 0.02 }).unwrap()
+    store
+        .root()
+        .get(
+            shape,
+            "x",
+            peft::Init::Normal {
+                mean: 0.0,
+                std: 0.02,
+            },
+        )
+        .unwrap()
 }
 
-fn lora_layer(dim: usize, r: usize) -> (Arc<dyn LinearLike>, Arc<dyn LinearLike>, Vec<candle_core::Var>) {
-    let base: Arc<dyn LinearLike> = DenseLinear::new(randn(&[dim, dim], 1), None).unwrap().into_slot();
+fn lora_layer(
+    dim: usize,
+    r: usize,
+) -> (
+    Arc<dyn LinearLike>,
+    Arc<dyn LinearLike>,
+    Vec<candle_core::Var>,
+) {
+    let base: Arc<dyn LinearLike> = DenseLinear::new(randn(&[dim, dim], 1), None)
+        .unwrap()
+        .into_slot();
     let store = ParamStore::new(2, &Device::Cpu, "");
-    let lora = LoraLinear::new(&store.root(), dim, dim, r, 2.0, 0.0, &InitLoraWeights::Random, 0).unwrap();
+    let lora = LoraLinear::new(
+        &store.root(),
+        dim,
+        dim,
+        r,
+        2.0,
+        0.0,
+        &InitLoraWeights::Random,
+        0,
+    )
+    .unwrap();
     let state = Arc::new(RuntimeState::default());
     state.set_active(vec!["default".into()]);
     let adapted = AdaptedLinear::attach(&base, "default", Arc::new(lora), &state);
@@ -37,15 +65,23 @@ fn linear(c: &mut Criterion) {
     for dim in [768usize, 2048] {
         let (base, adapted, vars) = lora_layer(dim, 16);
         let x = randn(&[4 * 256, dim], 3);
-        group.bench_with_input(BenchmarkId::new("base_forward", dim), &dim, |b, _| b.iter(|| base.forward(&x).unwrap()));
-        group.bench_with_input(BenchmarkId::new("lora_forward", dim), &dim, |b, _| b.iter(|| adapted.forward(&x).unwrap()));
-        group.bench_with_input(BenchmarkId::new("lora_forward_backward", dim), &dim, |b, _| {
-            b.iter(|| {
-                let y = adapted.forward(&x).unwrap();
-                let grads = y.sum_all().unwrap().backward().unwrap();
-                assert!(grads.get(vars[0].as_tensor()).is_some());
-            })
+        group.bench_with_input(BenchmarkId::new("base_forward", dim), &dim, |b, _| {
+            b.iter(|| base.forward(&x).unwrap())
         });
+        group.bench_with_input(BenchmarkId::new("lora_forward", dim), &dim, |b, _| {
+            b.iter(|| adapted.forward(&x).unwrap())
+        });
+        group.bench_with_input(
+            BenchmarkId::new("lora_forward_backward", dim),
+            &dim,
+            |b, _| {
+                b.iter(|| {
+                    let y = adapted.forward(&x).unwrap();
+                    let grads = y.sum_all().unwrap().backward().unwrap();
+                    assert!(grads.get(vars[0].as_tensor()).is_some());
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -68,12 +104,16 @@ fn checkpoint(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group(format!("adapter_{adapter_params}_params"));
     group.sample_size(20);
-    group.bench_function("save_pretrained", |b| b.iter(|| model.save_pretrained(dir.path()).unwrap()));
+    group.bench_function("save_pretrained", |b| {
+        b.iter(|| model.save_pretrained(dir.path()).unwrap())
+    });
     group.bench_function("load_adapter", |b| {
         let mut i = 0;
         b.iter(|| {
             i += 1;
-            model.load_adapter(dir.path(), &format!("copy{i}"), false).unwrap();
+            model
+                .load_adapter(dir.path(), &format!("copy{i}"), false)
+                .unwrap();
             model.delete_adapter(&format!("copy{i}")).unwrap();
         })
     });

@@ -13,7 +13,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("run peft")
 }
 
 fn stdout(o: &Output) -> String {
@@ -25,7 +28,16 @@ fn stderr(o: &Output) -> String {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -42,10 +54,13 @@ fn logits_match_the_reference_unmerged_and_merged() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     candle_core::safetensors::save(
-        &[("input_ids", data["input_ids"].clone()), ("attention_mask", data["attention_mask"].clone())]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+        &[
+            ("input_ids", data["input_ids"].clone()),
+            ("attention_mask", data["attention_mask"].clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
         &input,
     )
     .unwrap();
@@ -53,8 +68,19 @@ fn logits_match_the_reference_unmerged_and_merged() {
     let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
     for (merge, expected) in [(false, "logits_adapted"), (true, "logits_merged")] {
         let out = dir.path().join(format!("out_{merge}.safetensors"));
-        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
-        args.extend(["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let mut args = vec![
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ];
+        args.extend([
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         if merge {
             args.push("--merge");
         }
@@ -62,7 +88,10 @@ fn logits_match_the_reference_unmerged_and_merged() {
         assert!(o.status.success(), "{}", stderr(&o));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
         assert_eq!(got["logits"].dtype(), DType::F32);
-        assert!(max_diff(&got["logits"], &data[expected]) <= 1e-4, "{expected}");
+        assert!(
+            max_diff(&got["logits"], &data[expected]) <= 1e-4,
+            "{expected}"
+        );
     }
 }
 
@@ -72,11 +101,24 @@ fn merge_writes_a_loadable_model_folder() {
     let out = dir.path().join("merged");
     let model = fixtures().join("models/llama_tiny");
     let adapter = fixtures().join("adapters/llama_tiny__lora_embed");
-    let o = peft(&["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = peft(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let data = candle_core::safetensors::load(fixtures().join("cases/llama_tiny__lora_embed.safetensors"), &Device::Cpu).unwrap();
+    let data = candle_core::safetensors::load(
+        fixtures().join("cases/llama_tiny__lora_embed.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let merged = peft::models::load_model(&out, DType::F32, &Device::Cpu).unwrap();
-    let inputs = peft::ModelInputs::from_ids(data["input_ids"].clone()).with_mask(Some(data["attention_mask"].clone()));
+    let inputs = peft::ModelInputs::from_ids(data["input_ids"].clone())
+        .with_mask(Some(data["attention_mask"].clone()));
     let logits = merged.forward(&inputs, None).unwrap();
     assert!(max_diff(&logits, &data["logits_merged"]) <= 1e-4);
 }
@@ -85,12 +127,23 @@ fn merge_writes_a_loadable_model_folder() {
 fn inspect_prints_config_tensors_and_parameter_line() {
     let model = fixtures().join("models/llama_tiny");
     let adapter = fixtures().join("adapters/llama_tiny__lora_qv");
-    let o = peft(&["inspect", adapter.to_str().unwrap(), "--model", model.to_str().unwrap()]);
+    let o = peft(&[
+        "inspect",
+        adapter.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains("\"peft_type\": \"LORA\""), "{text}");
-    assert!(text.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), "{text}");
-    assert!(text.contains("trainable params: 1,792 || all params: 79,936 || trainable%: 2.2418"), "{text}");
+    assert!(
+        text.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trainable params: 1,792 || all params: 79,936 || trainable%: 2.2418"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -98,17 +151,33 @@ fn errors_exit_non_zero_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     candle_core::safetensors::save(
-        &[("tokens".to_string(), Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap())].into_iter().collect(),
+        &[(
+            "tokens".to_string(),
+            Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap(),
+        )]
+        .into_iter()
+        .collect(),
         &input,
     )
     .unwrap();
     let model = fixtures().join("models/llama_tiny");
     let out = dir.path().join("out.safetensors");
-    let o = peft(&["logits", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = peft(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("input_ids") && err.contains("in.safetensors"), "{err}");
+    assert!(
+        err.contains("input_ids") && err.contains("in.safetensors"),
+        "{err}"
+    );
     assert!(!out.exists());
 
     let o = peft(&["inspect", dir.path().join("missing").to_str().unwrap()]);
@@ -125,20 +194,53 @@ fn generate_matches_the_reference_text_for_every_method() {
     let model = fixtures().join("models/llama_tiny");
     let mut checked = 0;
     for case in cases.iter().filter(|c| c["model"] == "llama_tiny") {
-        let adapter = fixtures().join("adapters").join(format!("llama_tiny__{}", case["method"].as_str().unwrap()));
+        let adapter = fixtures()
+            .join("adapters")
+            .join(format!("llama_tiny__{}", case["method"].as_str().unwrap()));
         let o = peft(&[
-            "generate", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
-            "--prompt", case["prompt_text"].as_str().unwrap(), "--max-new-tokens", "10", "--ignore-eos",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            case["prompt_text"].as_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+            "--ignore-eos",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert_eq!(stdout(&o).trim_end_matches('\n'), case["generated_text"].as_str().unwrap(), "{}", case["method"]);
+        assert_eq!(
+            stdout(&o).trim_end_matches('\n'),
+            case["generated_text"].as_str().unwrap(),
+            "{}",
+            case["method"]
+        );
         checked += 1;
     }
     assert!(checked >= 5);
-    let o = peft(&["generate", "--model", model.to_str().unwrap(), "--prompt", "the model learns", "--max-new-tokens", "5"]);
+    let o = peft(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "the model learns",
+        "--max-new-tokens",
+        "5",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = peft(&["generate", "--model", fixtures().join("models/qwen2_tiny").to_str().unwrap(), "--prompt", "x"]);
-    assert!(!o.status.success() && stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+    let o = peft(&[
+        "generate",
+        "--model",
+        fixtures().join("models/qwen2_tiny").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("tokenizer.json"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `peft logits` with a prompt-tuning adapter includes the virtual positions, as peft returns.
@@ -149,17 +251,48 @@ fn logits_with_prompt_learning_adapters() {
         let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.safetensors");
-        let tensors = [("input_ids".to_string(), data["input_ids"].clone()), ("attention_mask".to_string(), data["attention_mask"].clone())];
+        let tensors = [
+            ("input_ids".to_string(), data["input_ids"].clone()),
+            ("attention_mask".to_string(), data["attention_mask"].clone()),
+        ];
         candle_core::safetensors::save(&tensors.into_iter().collect(), &input).unwrap();
         let out = dir.path().join("out.safetensors");
         let model = fixtures().join("models/llama_tiny");
         let adapter = fixtures().join(format!("adapters/llama_tiny__{method}"));
-        let o = peft(&["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = peft(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        assert!(max_diff(&got["logits"], &data["logits_adapted"]) <= 1e-4, "{method}");
-        let o = peft(&["logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--merge", "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-        assert!(!o.status.success() && stderr(&o).contains("merge"), "{}", stderr(&o));
+        assert!(
+            max_diff(&got["logits"], &data["logits_adapted"]) <= 1e-4,
+            "{method}"
+        );
+        let o = peft(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--merge",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            !o.status.success() && stderr(&o).contains("merge"),
+            "{}",
+            stderr(&o)
+        );
     }
 }
 
@@ -167,26 +300,69 @@ fn logits_with_prompt_learning_adapters() {
 fn demo_runs_every_method() {
     for method in ["lora", "ia3", "prompt", "p_tuning", "prefix"] {
         let dir = tempfile::tempdir().unwrap();
-        let o = peft(&["demo", "--method", method, "--steps", "60", "--out", dir.path().to_str().unwrap()]);
+        let o = peft(&[
+            "demo",
+            "--method",
+            method,
+            "--steps",
+            "60",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{method}: {}", stderr(&o));
         let text = stdout(&o);
-        assert!(text.contains("trainable params:") && text.contains("demo passed"), "{method}: {text}");
-        assert!(dir.path().join("adapter/adapter_model.safetensors").is_file());
+        assert!(
+            text.contains("trainable params:") && text.contains("demo passed"),
+            "{method}: {text}"
+        );
+        assert!(dir
+            .path()
+            .join("adapter/adapter_model.safetensors")
+            .is_file());
     }
     let o = peft(&["demo", "--method", "dora"]);
-    assert!(!o.status.success() && stderr(&o).contains("lora, ia3"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("lora, ia3"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn demo_runs_every_model_type() {
-    for (model_type, method) in [("gpt2", "lora"), ("gpt2", "ia3"), ("t5", "lora"), ("t5", "prefix"), ("bert", "lora"), ("bert", "prefix")] {
+    for (model_type, method) in [
+        ("gpt2", "lora"),
+        ("gpt2", "ia3"),
+        ("t5", "lora"),
+        ("t5", "prefix"),
+        ("bert", "lora"),
+        ("bert", "prefix"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let o = peft(&["demo", "--model-type", model_type, "--method", method, "--steps", "60", "--out", dir.path().to_str().unwrap()]);
+        let o = peft(&[
+            "demo",
+            "--model-type",
+            model_type,
+            "--method",
+            method,
+            "--steps",
+            "60",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{model_type} {method}: {}", stderr(&o));
-        assert!(stdout(&o).contains("demo passed"), "{model_type} {method}: {}", stdout(&o));
+        assert!(
+            stdout(&o).contains("demo passed"),
+            "{model_type} {method}: {}",
+            stdout(&o)
+        );
     }
     let o = peft(&["demo", "--model-type", "bloom"]);
-    assert!(!o.status.success() && stderr(&o).contains("llama, gpt2, t5 or bert"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("llama, gpt2, t5 or bert"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `peft count` prints peft's line from configs alone, including the seed's number for
@@ -195,18 +371,31 @@ fn demo_runs_every_model_type() {
 fn count_from_configs_alone() {
     let text = std::fs::read_to_string(fixtures().join("count_cases.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    assert!(cases.iter().any(|c| c["parameter_line"] == "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915"));
+    assert!(cases.iter().any(|c| c["parameter_line"]
+        == "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915"));
     for case in cases {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("config.json");
         let adapter = dir.path().join("adapter_config.json");
         std::fs::write(&model, case["model_config"].to_string()).unwrap();
         std::fs::write(&adapter, case["adapter_config"].to_string()).unwrap();
-        let o = peft(&["count", "--model-config", model.to_str().unwrap(), "--adapter-config", adapter.to_str().unwrap()]);
+        let o = peft(&[
+            "count",
+            "--model-config",
+            model.to_str().unwrap(),
+            "--adapter-config",
+            adapter.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(stdout(&o).trim(), case["parameter_line"].as_str().unwrap());
     }
-    let o = peft(&["count", "--model-config", "/no/such.json", "--adapter-config", "/no/such.json"]);
+    let o = peft(&[
+        "count",
+        "--model-config",
+        "/no/such.json",
+        "--adapter-config",
+        "/no/such.json",
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("/no/such.json"));
 }
 
@@ -222,7 +411,11 @@ fn logits_and_generate_on_every_model_family() {
         ("bert_tokcls__ptuning", "logits"),
         ("bert_base__prefix", "last_hidden_state"),
     ] {
-        let data = candle_core::safetensors::load(fixtures().join(format!("cases/{case}.safetensors")), &Device::Cpu).unwrap();
+        let data = candle_core::safetensors::load(
+            fixtures().join(format!("cases/{case}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.safetensors");
         let mut tensors = std::collections::HashMap::new();
@@ -235,34 +428,87 @@ fn logits_and_generate_on_every_model_family() {
         let (model, _) = case.split_once("__").unwrap();
         let out = dir.path().join("out.safetensors");
         let o = peft(&[
-            "logits", "--model", fixtures().join("models").join(model).to_str().unwrap(),
-            "--adapter", fixtures().join("adapters").join(case).to_str().unwrap(),
-            "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "logits",
+            "--model",
+            fixtures().join("models").join(model).to_str().unwrap(),
+            "--adapter",
+            fixtures().join("adapters").join(case).to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        assert!(max_diff(&got[output], &data["logits_adapted"]) <= 1e-4, "{case}");
+        assert!(
+            max_diff(&got[output], &data["logits_adapted"]) <= 1e-4,
+            "{case}"
+        );
     }
     for case in ["t5_tiny__prefix", "gpt2_tiny__prompt"] {
-        let data = candle_core::safetensors::load(fixtures().join(format!("cases/{case}.safetensors")), &Device::Cpu).unwrap();
+        let data = candle_core::safetensors::load(
+            fixtures().join(format!("cases/{case}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let (model, _) = case.split_once("__").unwrap();
         let row: Vec<i64> = data["input_ids"].get(0).unwrap().to_vec1().unwrap();
-        let ids: Vec<String> = if model.starts_with("t5") { row.iter() } else { row[..5].iter() }.map(|v| v.to_string()).collect();
-        let expected: Vec<String> = data["generated"].to_vec1::<i64>().unwrap().iter().map(|v| v.to_string()).collect();
+        let ids: Vec<String> = if model.starts_with("t5") {
+            row.iter()
+        } else {
+            row[..5].iter()
+        }
+        .map(|v| v.to_string())
+        .collect();
+        let expected: Vec<String> = data["generated"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
         let o = peft(&[
-            "generate", "--model", fixtures().join("models").join(model).to_str().unwrap(),
-            "--adapter", fixtures().join("adapters").join(case).to_str().unwrap(),
-            "--prompt-ids", &ids.join(","), "--max-new-tokens", &expected.len().to_string(), "--ignore-eos",
+            "generate",
+            "--model",
+            fixtures().join("models").join(model).to_str().unwrap(),
+            "--adapter",
+            fixtures().join("adapters").join(case).to_str().unwrap(),
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            &expected.len().to_string(),
+            "--ignore-eos",
         ]);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         assert_eq!(stdout(&o).trim(), expected.join(","), "{case}");
     }
     // A decoder-only model refuses decoder inputs.
-    let data = candle_core::safetensors::load(fixtures().join("cases/t5_tiny__lora.safetensors"), &Device::Cpu).unwrap();
+    let data = candle_core::safetensors::load(
+        fixtures().join("cases/t5_tiny__lora.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
-    let tensors = [("input_ids".to_string(), data["input_ids"].clone()), ("decoder_input_ids".to_string(), data["decoder_input_ids"].clone())];
+    let tensors = [
+        ("input_ids".to_string(), data["input_ids"].clone()),
+        (
+            "decoder_input_ids".to_string(),
+            data["decoder_input_ids"].clone(),
+        ),
+    ];
     candle_core::safetensors::save(&tensors.into_iter().collect(), &input).unwrap();
-    let o = peft(&["logits", "--model", fixtures().join("models/gpt2_tiny").to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", dir.path().join("o.safetensors").to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("decoder_input_ids"), "{}", stderr(&o));
+    let o = peft(&[
+        "logits",
+        "--model",
+        fixtures().join("models/gpt2_tiny").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.safetensors").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("decoder_input_ids"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -27,14 +27,21 @@ pub struct RuntimeState {
 impl RuntimeState {
     /// The active adapter names.
     pub fn active(&self) -> Vec<String> {
-        self.active.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     /// Sets the active adapters.
     pub fn set_active(&self, names: Vec<String>) {
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = names;
     }
     fn is_active(&self, name: &str) -> bool {
-        self.active.read().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n == name)
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|n| n == name)
     }
     /// Whether all adapters are bypassed.
     pub fn disabled(&self) -> bool {
@@ -102,10 +109,20 @@ impl<K: SlotKind> Adapted<K> {
     }
 
     /// Attaches `adapter` under `name` to `slot`, wrapping it if it is not wrapped yet.
-    pub fn attach(slot: &K::Slot, name: &str, adapter: K::Adapter, state: &Arc<RuntimeState>) -> K::Slot {
+    pub fn attach(
+        slot: &K::Slot,
+        name: &str,
+        adapter: K::Adapter,
+        state: &Arc<RuntimeState>,
+    ) -> K::Slot {
         let mut wrapped = match K::downcast(slot) {
             Some(existing) => existing.clone(),
-            None => Adapted { original: slot.clone(), merged: None, adapters: Vec::new(), state: Arc::clone(state) },
+            None => Adapted {
+                original: slot.clone(),
+                merged: None,
+                adapters: Vec::new(),
+                state: Arc::clone(state),
+            },
         };
         wrapped.adapters.retain(|(n, _)| n != name);
         wrapped.adapters.push((name.to_string(), adapter));
@@ -145,12 +162,19 @@ impl<K: SlotKind> Adapted<K> {
 
     /// Names of the adapters folded into the base weights.
     pub fn merged_names(&self) -> &[String] {
-        self.merged.as_ref().map_or(&[], |(_, names)| names.as_slice())
+        self.merged
+            .as_ref()
+            .map_or(&[], |(_, names)| names.as_slice())
     }
 
     /// A base layer with the adapters named in `names` folded into its weights.
     pub fn merged_base(&self, names: &[String]) -> Result<K::Slot> {
-        let chosen: Vec<&K::Adapter> = self.adapters.iter().filter(|(n, _)| names.contains(n)).map(|(_, a)| a).collect();
+        let chosen: Vec<&K::Adapter> = self
+            .adapters
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(_, a)| a)
+            .collect();
         if chosen.is_empty() {
             return Ok(self.original.clone());
         }
@@ -160,9 +184,16 @@ impl<K: SlotKind> Adapted<K> {
     /// This layer with `names` merged into its base (replacing any earlier merge).
     pub fn with_merged(&self, names: &[String]) -> Result<K::Slot> {
         let mut out = self.clone();
-        let applicable: Vec<String> =
-            names.iter().filter(|n| self.adapters.iter().any(|(a, _)| a == *n)).cloned().collect();
-        out.merged = if applicable.is_empty() { None } else { Some((self.merged_base(&applicable)?, applicable)) };
+        let applicable: Vec<String> = names
+            .iter()
+            .filter(|n| self.adapters.iter().any(|(a, _)| a == *n))
+            .cloned()
+            .collect();
+        out.merged = if applicable.is_empty() {
+            None
+        } else {
+            Some((self.merged_base(&applicable)?, applicable))
+        };
         Ok(K::into_slot(out))
     }
 
@@ -228,7 +259,10 @@ impl SlotKind for LinearKind {
         if transposed {
             weight = weight.t()?.contiguous()?;
         }
-        let mut bias = original.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let mut bias = original
+            .bias()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
         for adapter in adapters {
             let (w, b) = adapter.merge(&weight, bias.as_ref())?;
             weight = w;
@@ -238,7 +272,10 @@ impl SlotKind for LinearKind {
             weight = weight.t()?.contiguous()?;
         }
         let bias_dtype = original.bias().map_or(dtype, |b| b.dtype());
-        original.with_weights(weight.to_dtype(dtype)?, bias.map(|b| b.to_dtype(bias_dtype)).transpose()?)
+        original.with_weights(
+            weight.to_dtype(dtype)?,
+            bias.map(|b| b.to_dtype(bias_dtype)).transpose()?,
+        )
     }
 }
 
@@ -263,7 +300,10 @@ impl SlotKind for EmbeddingKind {
         Arc::new(adapted)
     }
 
-    fn fold(original: &EmbeddingSlot, adapters: &[&Arc<dyn EmbeddingAdapter>]) -> Result<EmbeddingSlot> {
+    fn fold(
+        original: &EmbeddingSlot,
+        adapters: &[&Arc<dyn EmbeddingAdapter>],
+    ) -> Result<EmbeddingSlot> {
         let stored = original.weight()?;
         let dtype = stored.dtype();
         let mut weight = stored.to_dtype(DType::F32)?;

@@ -18,9 +18,15 @@ pub const WEIGHTS_NAME_BIN: &str = "adapter_model.bin";
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
@@ -63,7 +69,8 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         out.push((name, t));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -72,11 +79,12 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
 
 /// Reads a pickled PyTorch tensor file (`adapter_model.bin`) without executing any code.
 pub fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let mut tensors = candle_core::pickle::read_all(path).map_err(|e| PeftError::BadCheckpoint {
-        path: path.to_path_buf(),
-        format: "PyTorch pickle".into(),
-        reason: e.to_string(),
-    })?;
+    let mut tensors =
+        candle_core::pickle::read_all(path).map_err(|e| PeftError::BadCheckpoint {
+            path: path.to_path_buf(),
+            format: "PyTorch pickle".into(),
+            reason: e.to_string(),
+        })?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
 }
@@ -93,7 +101,10 @@ pub fn adapter_weights_file(dir: &Path) -> Result<PathBuf> {
     }
     Err(PeftError::io(
         &st,
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("no {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} here")),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} here"),
+        ),
     ))
 }
 
@@ -101,7 +112,10 @@ pub fn adapter_weights_file(dir: &Path) -> Result<PathBuf> {
 pub fn read_adapter_weights(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     if path.extension().is_some_and(|e| e == "bin") {
         let tensors = read_pickle(path)?;
-        tensors.into_iter().map(|(k, t)| Ok((k, t.to_device(device)?))).collect()
+        tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect()
     } else {
         read_safetensors(path, device)
     }

@@ -118,11 +118,21 @@ impl CommonConfig {
 
     fn write(&self, out: &mut Map<String, Value>) {
         let opt = |s: &Option<String>| s.clone().map_or(Value::Null, Value::String);
-        out.insert("task_type".into(), self.task_type.map_or(Value::Null, |t| Value::from(t.as_str())));
-        out.insert("base_model_name_or_path".into(), opt(&self.base_model_name_or_path));
+        out.insert(
+            "task_type".into(),
+            self.task_type
+                .map_or(Value::Null, |t| Value::from(t.as_str())),
+        );
+        out.insert(
+            "base_model_name_or_path".into(),
+            opt(&self.base_model_name_or_path),
+        );
         out.insert("revision".into(), opt(&self.revision));
         out.insert("inference_mode".into(), Value::Bool(self.inference_mode));
-        out.insert("auto_mapping".into(), self.auto_mapping.clone().unwrap_or(Value::Null));
+        out.insert(
+            "auto_mapping".into(),
+            self.auto_mapping.clone().unwrap_or(Value::Null),
+        );
         out.insert("peft_version".into(), opt(&self.peft_version));
     }
 }
@@ -158,7 +168,8 @@ pub trait MethodConfig: Debug + Send + Sync + 'static {
         if let Some(layer) = self.as_layer_method() {
             return layer.target_spec().modules_to_save.as_deref();
         }
-        self.as_prompt_method().and_then(|p| p.prompt_config().modules_to_save.as_deref())
+        self.as_prompt_method()
+            .and_then(|p| p.prompt_config().modules_to_save.as_deref())
     }
     /// Replaces `modules_to_save` (core adds classification heads as peft does).
     fn set_modules_to_save(&mut self, modules: Option<Vec<String>>) {
@@ -191,7 +202,11 @@ pub struct AdapterConfig {
 impl AdapterConfig {
     /// Wraps a method config with default shared fields.
     pub fn new(method: impl MethodConfig) -> Self {
-        AdapterConfig { common: CommonConfig::default(), method: Box::new(method), unknown: Map::new() }
+        AdapterConfig {
+            common: CommonConfig::default(),
+            method: Box::new(method),
+            unknown: Map::new(),
+        }
     }
 
     /// Sets the task type.
@@ -219,14 +234,23 @@ impl AdapterConfig {
     pub fn from_value(value: Value, source_name: &str) -> Result<Self> {
         match value {
             Value::Object(map) => Self::from_map(map, source_name),
-            other => Err(PeftError::config_value(source_name, "<root>", "a JSON object", describe(&other))),
+            other => Err(PeftError::config_value(
+                source_name,
+                "<root>",
+                "a JSON object",
+                describe(&other),
+            )),
         }
     }
 
     /// Reads `adapter_config.json` from a file, or from a folder holding one.
     pub fn from_path(path: &Path) -> Result<Self> {
         let is_file = path.is_file() || path.extension().is_some_and(|e| e == "json");
-        let file = if is_file { path.to_path_buf() } else { path.join(CONFIG_NAME) };
+        let file = if is_file {
+            path.to_path_buf()
+        } else {
+            path.join(CONFIG_NAME)
+        };
         let text = std::fs::read_to_string(&file).map_err(|e| PeftError::io(&file, e))?;
         Self::from_json_str(&text, &file.display().to_string())
     }
@@ -245,14 +269,20 @@ impl AdapterConfig {
             Some(v) => return Err(fields.type_error("peft_type", "a string", &v)),
         };
         let registration = registry::lookup(&peft_type).map_err(|e| match e {
-            PeftError::UnknownMethod { found, registered, .. } => {
-                PeftError::UnknownMethod { source_name: source_name.to_string(), found, registered }
-            }
+            PeftError::UnknownMethod {
+                found, registered, ..
+            } => PeftError::UnknownMethod {
+                source_name: source_name.to_string(),
+                found,
+                registered,
+            },
             other => other,
         })?;
         // The runtime-only field peft also drops on load.
         if fields.take_raw("runtime_config").is_some() {
-            tracing::warn!("{source_name}: `runtime_config` is a runtime-only setting and is ignored");
+            tracing::warn!(
+                "{source_name}: `runtime_config` is a runtime-only setting and is ignored"
+            );
         }
         let common = CommonConfig::take(&mut fields)?;
         let method = (registration.parse)(&mut fields, &common)?;
@@ -264,7 +294,11 @@ impl AdapterConfig {
                  the file may come from a newer peft"
             );
         }
-        Ok(AdapterConfig { common, method, unknown })
+        Ok(AdapterConfig {
+            common,
+            method,
+            unknown,
+        })
     }
 
     /// The JSON object peft would write (not yet sorted).

@@ -155,6 +155,16 @@ pub enum PeftError {
         /// What was found.
         found: String,
     },
+    /// A record of a data file cannot be used (bad JSON, missing field, empty text, too long).
+    #[error("{}:{line}: {reason}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// The 1-based line (JSONL) or record (CSV, counting the header as line 1).
+        line: usize,
+        /// What is wrong, and what was expected.
+        reason: String,
+    },
     /// An operation that is not valid in the model's current state.
     #[error("{0}")]
     InvalidState(String),
@@ -166,7 +176,10 @@ pub enum PeftError {
 impl PeftError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PeftError::Io { path: path.into(), error: source }
+        PeftError::Io {
+            path: path.into(),
+            error: source,
+        }
     }
 
     /// Builds a [`PeftError::ConfigValue`].
@@ -190,6 +203,10 @@ impl PeftError {
         expected: impl Into<String>,
         found: impl Into<String>,
     ) -> Self {
-        PeftError::BadInput { context: context.into(), expected: expected.into(), found: found.into() }
+        PeftError::BadInput {
+            context: context.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! adapter's virtual tokens or prefix), then one token per step.
 
 use candle_core::{DType, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::error::{PeftError, Result};
 use crate::model::ModelInputs;
@@ -9,7 +11,12 @@ use crate::peft_model::PeftModel;
 
 /// Greedily extends `prompt` by up to `max_new_tokens` tokens, stopping after any token in
 /// `stop_tokens`. Returns only the new tokens.
-pub fn greedy_generate(model: &PeftModel, prompt: &[u32], max_new_tokens: usize, stop_tokens: &[u32]) -> Result<Vec<u32>> {
+pub fn greedy_generate(
+    model: &PeftModel,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+) -> Result<Vec<u32>> {
     greedy_generate_with(model, prompt, max_new_tokens, stop_tokens, &mut |_| Ok(()))
 }
 
@@ -22,8 +29,147 @@ pub fn greedy_generate_with(
     stop_tokens: &[u32],
     on_token: &mut dyn FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
+    generate_with(
+        model,
+        prompt,
+        max_new_tokens,
+        stop_tokens,
+        &mut Sampler::greedy(),
+        on_token,
+    )
+}
+
+/// How the next token is chosen: greedy (`temperature == 0`) or sampled from the softmax of
+/// `logits / temperature`, restricted to the `top_k` most likely tokens and then to the
+/// smallest set whose probability reaches `top_p` (transformers' processor order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 for greedy decoding.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (`None` or 0: all).
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1] (`None`: 1).
+    pub top_p: Option<f32>,
+    /// Seed of the sampling generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks tokens from logits according to a [`SamplingConfig`], with its own seeded generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    cfg: SamplingConfig,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self::new(SamplingConfig::default())
+            .unwrap_or_else(|_| unreachable!("the default config is valid"))
+    }
+
+    /// A sampler; rejects a negative or non-finite temperature and `top_p` outside (0, 1].
+    pub fn new(cfg: SamplingConfig) -> Result<Self> {
+        if !cfg.temperature.is_finite() || cfg.temperature < 0.0 {
+            return Err(PeftError::bad_input(
+                "temperature",
+                "a finite value >= 0",
+                cfg.temperature.to_string(),
+            ));
+        }
+        if let Some(p) = cfg.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(PeftError::bad_input(
+                    "top_p",
+                    "a value in (0, 1]",
+                    p.to_string(),
+                ));
+            }
+        }
+        let rng = StdRng::seed_from_u64(cfg.seed);
+        Ok(Sampler { cfg, rng })
+    }
+
+    /// The next token for `logits` (`[V]`).
+    pub fn pick(&mut self, logits: &Tensor) -> Result<u32> {
+        if self.cfg.temperature == 0.0 {
+            return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        }
+        let values: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        let t = self.cfg.temperature;
+        let mut order: Vec<usize> = (0..values.len())
+            .filter(|&i| values[i].is_finite())
+            .collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+        if let Some(k) = self.cfg.top_k.filter(|&k| k > 0) {
+            order.truncate(k);
+        }
+        if order.is_empty() {
+            return Err(PeftError::InvalidState("sampling: no finite logits".into()));
+        }
+        let max = values[order[0]] / t;
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| f64::from((values[i] / t - max).exp()))
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if let Some(top_p) = self.cfg.top_p {
+            // Keep the most likely tokens until their mass reaches top_p (at least one).
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                mass += p;
+                if mass >= f64::from(top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            order.truncate(keep);
+            probs.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= total);
+        }
+        let u: f64 = self.rng.random::<f64>();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return Ok(order[i] as u32);
+            }
+        }
+        Ok(order[order.len() - 1] as u32)
+    }
+}
+
+/// Extends `prompt` by up to `max_new_tokens` tokens chosen by `sampler`, stopping after any
+/// token in `stop_tokens`, calling `on_token` with each new token as it is chosen. Returns the
+/// new tokens.
+pub fn generate_with(
+    model: &PeftModel,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
-        return Err(PeftError::bad_input("generate", "a non-empty prompt", "no tokens"));
+        return Err(PeftError::bad_input(
+            "generate",
+            "a non-empty prompt",
+            "no tokens",
+        ));
     }
     let device = model.base_model().device().clone();
     let mut cache = model.new_cache();
@@ -32,8 +178,12 @@ pub fn greedy_generate_with(
     for _ in 0..max_new_tokens {
         let logits = model.forward_with_cache(&ModelInputs::from_ids(next_input), &mut cache)?;
         let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_dtype(DType::F32)?;
-        let token = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        let last = logits
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        let token = sampler.pick(&last)?;
         out.push(token);
         on_token(token)?;
         if stop_tokens.contains(&token) {
@@ -57,7 +207,11 @@ pub fn greedy_generate_seq2seq(
 ) -> Result<Vec<u32>> {
     let info = model.base_model().info();
     let start = info.decoder_start_token_id.ok_or_else(|| {
-        PeftError::bad_input("generate", "an encoder-decoder model", format!("model_type `{}`", info.model_type))
+        PeftError::bad_input(
+            "generate",
+            "an encoder-decoder model",
+            format!("model_type `{}`", info.model_type),
+        )
     })?;
     let device = model.base_model().device().clone();
     let mut cache = model.new_cache();
@@ -72,7 +226,11 @@ pub fn greedy_generate_seq2seq(
         };
         let logits = model.forward_with_cache(&inputs, &mut cache)?;
         let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let last = logits
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
         next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
         out.push(next);
         on_token(next)?;

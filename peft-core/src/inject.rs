@@ -16,7 +16,9 @@ use crate::model::ModuleKind;
 use crate::peft_model::{Adapter, PeftModel};
 use crate::prompt::PromptState;
 use crate::saved_modules::{EmbeddingCopy, LinearCopy};
-use crate::targets::{resolve_target_modules, select_targets, targets_embedding_layers, TargetModules};
+use crate::targets::{
+    resolve_target_modules, select_targets, targets_embedding_layers, TargetModules,
+};
 use crate::vars::{ParamBuilder, ParamStore, BASE_MODEL_PREFIX};
 
 /// Suffix of the base weights peft stores beside adapters of embedding layers.
@@ -45,7 +47,9 @@ impl Source {
     fn store(&self, device: &Device, key_prefix: &str) -> Arc<ParamStore> {
         match self {
             Source::Fresh(seed) => ParamStore::new(*seed, device, key_prefix),
-            Source::File(path, tensors) => ParamStore::from_tensors(path, tensors.clone(), device, key_prefix),
+            Source::File(path, tensors) => {
+                ParamStore::from_tensors(path, tensors.clone(), device, key_prefix)
+            }
         }
     }
 
@@ -77,14 +81,23 @@ impl PeftModel {
                 });
             }
             let t = t.to_dtype(current.dtype())?;
-            let same = t.to_dtype(DType::F32)?.eq(&current.to_dtype(DType::F32)?)?.min_all()?.to_scalar::<u8>()? == 1;
+            let same = t
+                .to_dtype(DType::F32)?
+                .eq(&current.to_dtype(DType::F32)?)?
+                .min_all()?
+                .to_scalar::<u8>()?
+                == 1;
             Ok(if same { None } else { Some(t) })
         };
         self.base.visit_embeddings(&mut |path, slot| {
             if let Some((key, t)) = by_path.remove(path) {
-                let Some(adapted) = AdaptedEmbedding::from_slot(slot) else { return Ok(()) };
+                let Some(adapted) = AdaptedEmbedding::from_slot(slot) else {
+                    return Ok(());
+                };
                 if let Some(w) = check(&key, &t, &adapted.original().weight()?)? {
-                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
+                    tracing::info!(
+                        "{key}: replacing the base weights of `{path}` with the checkpoint's"
+                    );
                     *slot = adapted.with_original(adapted.original().with_weight(w)?);
                 }
             }
@@ -92,24 +105,39 @@ impl PeftModel {
         })?;
         self.base.visit_linears(&mut |path, slot| {
             if let Some((key, t)) = by_path.remove(path) {
-                let Some(adapted) = AdaptedLinear::from_slot(slot) else { return Ok(()) };
+                let Some(adapted) = AdaptedLinear::from_slot(slot) else {
+                    return Ok(());
+                };
                 let original = adapted.original();
                 if let Some(w) = check(&key, &t, &original.weight()?)? {
-                    tracing::info!("{key}: replacing the base weights of `{path}` with the checkpoint's");
-                    *slot = adapted.with_original(original.with_weights(w, original.bias().cloned())?);
+                    tracing::info!(
+                        "{key}: replacing the base weights of `{path}` with the checkpoint's"
+                    );
+                    *slot =
+                        adapted.with_original(original.with_weights(w, original.bias().cloned())?);
                 }
             }
             Ok(())
         })?;
         for (path, (key, _)) in by_path {
-            tracing::warn!("{}: `{key}` names no adapted module `{path}`; ignored", file.display());
+            tracing::warn!(
+                "{}: `{key}` names no adapted module `{path}`; ignored",
+                file.display()
+            );
         }
         Ok(())
     }
 
     /// The base weights peft saves beside an adapter that targets an embedding layer.
-    pub(crate) fn embedding_base_tensors(&self, adapter: &Adapter) -> Result<Vec<(String, Tensor)>> {
-        let Some(targets) = adapter.config.method.as_layer_method().and_then(|m| m.target_spec().target_modules.clone())
+    pub(crate) fn embedding_base_tensors(
+        &self,
+        adapter: &Adapter,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let Some(targets) = adapter
+            .config
+            .method
+            .as_layer_method()
+            .and_then(|m| m.target_spec().target_modules.clone())
         else {
             return Ok(Vec::new());
         };
@@ -147,7 +175,13 @@ impl PeftModel {
 
     /// Injects an adapter built from `config` (freshly initialised, or from a checkpoint's
     /// tensors) and returns the checkpoint keys nothing used.
-    pub(crate) fn inject(&mut self, name: &str, mut config: AdapterConfig, source: Source, trainable: bool) -> Result<Vec<String>> {
+    pub(crate) fn inject(
+        &mut self,
+        name: &str,
+        mut config: AdapterConfig,
+        source: Source,
+        trainable: bool,
+    ) -> Result<Vec<String>> {
         if self.adapters.contains_key(name) {
             return Err(PeftError::AdapterExists(name.to_string()));
         }
@@ -155,9 +189,20 @@ impl PeftModel {
         // heads are always trained and saved in full.
         // For prompt-learning adapters peft adds them twice (in the model's constructor and in
         // its add_adapter), and saves the list so; keep the files identical.
-        if matches!(config.common.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
-            let mut modules = config.method.modules_to_save().map(<[String]>::to_vec).unwrap_or_default();
-            let times = if config.method.as_prompt_method().is_some() { 2 } else { 1 };
+        if matches!(
+            config.common.task_type,
+            Some(TaskType::SeqCls | TaskType::TokenCls)
+        ) {
+            let mut modules = config
+                .method
+                .modules_to_save()
+                .map(<[String]>::to_vec)
+                .unwrap_or_default();
+            let times = if config.method.as_prompt_method().is_some() {
+                2
+            } else {
+                1
+            };
             for _ in 0..times {
                 modules.extend(CLASSIFIER_MODULE_NAMES.iter().map(|s| s.to_string()));
             }
@@ -187,23 +232,35 @@ impl PeftModel {
         }
     }
 
-    fn inject_prompt(&mut self, name: &str, mut config: AdapterConfig, source: &Source, trainable: bool) -> Result<Vec<Arc<ParamStore>>> {
+    fn inject_prompt(
+        &mut self,
+        name: &str,
+        mut config: AdapterConfig,
+        source: &Source,
+        trainable: bool,
+    ) -> Result<Vec<Arc<ParamStore>>> {
         let info = self.base.info().clone();
         let task_type = config.common.task_type;
         let peft_type = config.peft_type();
-        let method = config
-            .method
-            .as_prompt_method_mut()
-            .ok_or_else(|| PeftError::InvalidState(format!("{peft_type} is not a prompt-learning method")))?;
+        let method = config.method.as_prompt_method_mut().ok_or_else(|| {
+            PeftError::InvalidState(format!("{peft_type} is not a prompt-learning method"))
+        })?;
         method.prepare(&info, task_type)?;
         let store = source.store(self.base.device(), "");
         let encoder = method.build(&store.root(), self.base.as_ref())?;
-        let prompt = PromptState { encoder, kind: method.kind(), num_virtual_tokens: method.num_virtual_tokens() };
+        let prompt = PromptState {
+            encoder,
+            kind: method.kind(),
+            num_virtual_tokens: method.num_virtual_tokens(),
+        };
         // Full copies of modules_to_save live in their own store: peft keys them `base_model.<path>`.
         let saved_store = source.store(self.base.device(), PROMPT_MODULES_PREFIX);
         let mut built = BTreeMap::new();
-        let saved_modules =
-            self.build_saved_modules(config.method.modules_to_save().unwrap_or_default(), &saved_store.root(), &mut built)?;
+        let saved_modules = self.build_saved_modules(
+            config.method.modules_to_save().unwrap_or_default(),
+            &saved_store.root(),
+            &mut built,
+        )?;
         if !self.merged.is_empty() {
             tracing::warn!("adding adapter `{name}` to a merged model: unmerging first");
             self.unmerge_adapter()?;
@@ -250,7 +307,10 @@ impl PeftModel {
         self.base.visit_linears(&mut |path, slot| {
             if matches(path) {
                 let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
-                built.insert(path.to_string(), Built::Linear(Arc::new(LinearCopy::new(&root.pp(path), base.as_ref())?)));
+                built.insert(
+                    path.to_string(),
+                    Built::Linear(Arc::new(LinearCopy::new(&root.pp(path), base.as_ref())?)),
+                );
                 paths.push(path.to_string());
             }
             Ok(())
@@ -258,7 +318,10 @@ impl PeftModel {
         self.base.visit_embeddings(&mut |path, slot| {
             if matches(path) {
                 let base = AdaptedEmbedding::from_slot(slot).map_or(&*slot, |a| a.original());
-                built.insert(path.to_string(), Built::Embedding(Arc::new(EmbeddingCopy::new(&root.pp(path), base.as_ref())?)));
+                built.insert(
+                    path.to_string(),
+                    Built::Embedding(Arc::new(EmbeddingCopy::new(&root.pp(path), base.as_ref())?)),
+                );
                 paths.push(path.to_string());
             }
             Ok(())
@@ -283,7 +346,13 @@ impl PeftModel {
         })
     }
 
-    fn inject_layers(&mut self, name: &str, mut config: AdapterConfig, source: &Source, trainable: bool) -> Result<Vec<Arc<ParamStore>>> {
+    fn inject_layers(
+        &mut self,
+        name: &str,
+        mut config: AdapterConfig,
+        source: &Source,
+        trainable: bool,
+    ) -> Result<Vec<Arc<ParamStore>>> {
         let store = source.store(self.base.device(), BASE_MODEL_PREFIX);
         let info = self.base.info().clone();
         let modules = self.base.modules();
@@ -308,13 +377,17 @@ impl PeftModel {
                 })?,
             };
             let condense = method.condense_long_target_lists();
-            let resolved = resolve_target_modules(&requested, &modules, &info.output_heads, condense);
+            let resolved =
+                resolve_target_modules(&requested, &modules, &info.output_heads, condense);
             method.target_spec_mut().target_modules = Some(resolved);
         }
         let selected = {
             let method = Self::layer_method(&config)?;
             let spec = method.target_spec();
-            let targets = spec.target_modules.clone().unwrap_or(TargetModules::AllLinear);
+            let targets = spec
+                .target_modules
+                .clone()
+                .unwrap_or(TargetModules::AllLinear);
             select_targets(spec, &targets, &modules, &info.output_heads)?
         };
         // peft corrects `fan_in_fan_out` to each targeted layer's weight layout, in the config too.
@@ -351,7 +424,11 @@ impl PeftModel {
         let wanted: BTreeSet<&str> = selected.iter().map(String::as_str).collect();
         let root = store.root();
         let mut built: BTreeMap<String, Built> = BTreeMap::new();
-        let saved_modules = self.build_saved_modules(config.method.modules_to_save().unwrap_or_default(), &root, &mut built)?;
+        let saved_modules = self.build_saved_modules(
+            config.method.modules_to_save().unwrap_or_default(),
+            &root,
+            &mut built,
+        )?;
         self.base.visit_linears(&mut |path, slot| {
             if wanted.contains(path) {
                 let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
@@ -391,5 +468,4 @@ impl PeftModel {
         self.register(name, adapter);
         Ok(vec![store])
     }
-
 }

@@ -25,7 +25,10 @@ pub fn describe(value: &Value) -> String {
     };
     let mut text = value.to_string();
     if text.len() > 80 {
-        let cut = (0..=80).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=80)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
         text.truncate(cut);
         text.push_str("...");
     }
@@ -35,7 +38,10 @@ pub fn describe(value: &Value) -> String {
 impl ConfigFields {
     /// Wraps a JSON object; `source_name` names it in errors (usually the file path).
     pub fn new(source_name: impl Into<String>, map: Map<String, Value>) -> Self {
-        ConfigFields { source_name: source_name.into(), map }
+        ConfigFields {
+            source_name: source_name.into(),
+            map,
+        }
     }
 
     /// Where the object came from.
@@ -70,7 +76,11 @@ impl ConfigFields {
     }
 
     /// Takes a number (integer or float, kept as written), or `default` when absent or null.
-    pub fn take_number(&mut self, key: &str, default: serde_json::Number) -> Result<serde_json::Number> {
+    pub fn take_number(
+        &mut self,
+        key: &str,
+        default: serde_json::Number,
+    ) -> Result<serde_json::Number> {
         match self.take_raw(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Number(n)) => Ok(n),
@@ -82,7 +92,9 @@ impl ConfigFields {
     pub fn take_f64(&mut self, key: &str, default: f64) -> Result<f64> {
         match self.take_raw(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.type_error(key, "a number", &v)),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.type_error(key, "a number", &v)),
         }
     }
 
@@ -191,6 +203,11 @@ pub fn parse_object(text: &str, source_name: &str) -> Result<Map<String, Value>>
     })?;
     match value {
         Value::Object(map) => Ok(map),
-        other => Err(PeftError::config_value(source_name, "<root>", "a JSON object", describe(&other))),
+        other => Err(PeftError::config_value(
+            source_name,
+            "<root>",
+            "a JSON object",
+            describe(&other),
+        )),
     }
 }

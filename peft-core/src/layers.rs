@@ -67,12 +67,22 @@ pub type EmbeddingSlot = Arc<dyn EmbeddingLike>;
 
 /// Multiplies `x [.., in]` by `w^T` where `w` is `[out, in]` (or by `w` when it is stored
 /// `[in, out]`), flattening the leading dimensions into one matmul.
-pub fn linear_forward(x: &Tensor, weight: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
+pub fn linear_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    transposed: bool,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
-    let in_features = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear input is a scalar".into()))?;
+    let in_features = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("linear input is a scalar".into()))?;
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_features))?;
-    let y = if transposed { x2.matmul(weight)? } else { x2.matmul(&weight.t()?)? };
+    let y = if transposed {
+        x2.matmul(weight)?
+    } else {
+        x2.matmul(&weight.t()?)?
+    };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = y.dim(1)?;
     y.reshape(out_dims)
@@ -99,7 +109,11 @@ impl DenseLinear {
 
     fn build(weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Result<Self> {
         let (d0, d1) = weight.dims2().map_err(|_| {
-            PeftError::bad_input("linear weight", "a 2-D tensor", format!("{:?}", weight.dims()))
+            PeftError::bad_input(
+                "linear weight",
+                "a 2-D tensor",
+                format!("{:?}", weight.dims()),
+            )
         })?;
         let out = if transposed { d1 } else { d0 };
         if let Some(b) = &bias {
@@ -111,7 +125,11 @@ impl DenseLinear {
                 ));
             }
         }
-        Ok(DenseLinear { weight, bias, transposed })
+        Ok(DenseLinear {
+            weight,
+            bias,
+            transposed,
+        })
     }
 
     /// Wraps this layer as a slot.
@@ -165,9 +183,16 @@ impl DenseEmbedding {
     /// An embedding with table `[num_embeddings, dim]`.
     pub fn new(weight: Tensor, padding_idx: Option<usize>) -> Result<Self> {
         weight.dims2().map_err(|_| {
-            PeftError::bad_input("embedding weight", "a 2-D tensor", format!("{:?}", weight.dims()))
+            PeftError::bad_input(
+                "embedding weight",
+                "a 2-D tensor",
+                format!("{:?}", weight.dims()),
+            )
         })?;
-        Ok(DenseEmbedding { weight, padding_idx })
+        Ok(DenseEmbedding {
+            weight,
+            padding_idx,
+        })
     }
 
     /// Wraps this table as a slot.
@@ -178,7 +203,11 @@ impl DenseEmbedding {
 
 /// Looks rows of `table` up by `ids`, keeping the ids' shape and appending the row width.
 pub fn embedding_lookup(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let ids = if ids.dtype() == DType::U32 { ids.clone() } else { ids.to_dtype(DType::U32)? };
+    let ids = if ids.dtype() == DType::U32 {
+        ids.clone()
+    } else {
+        ids.to_dtype(DType::U32)?
+    };
     let flat = ids.flatten_all()?;
     let rows = table.index_select(&flat, 0)?;
     let mut dims = ids.dims().to_vec();

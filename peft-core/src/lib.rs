@@ -42,14 +42,21 @@ pub mod vars;
 
 pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};
 pub use error::{PeftError, Result};
-pub use layers::{DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot};
-pub use method::{EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod, StoredPrompt};
+pub use layers::{
+    DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot,
+};
+pub use method::{
+    EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod,
+    StoredPrompt,
+};
 pub use model::{AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind};
-pub use peft_model::{get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER};
+pub use peft_model::{
+    get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER,
+};
 pub use prompt_config::PromptLearningConfig;
 pub use registry::{MethodRegistration, ParseFn};
-pub use vars::{Init, ParamBuilder, ParamStore};
 pub use targets::{LayerIndices, TargetModules, TargetSpec};
+pub use vars::{Init, ParamBuilder, ParamStore};
 
 /// Re-exported so method crates can register without depending on `inventory` themselves.
 pub use inventory;

@@ -12,15 +12,23 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
     let (n, _v) = logits.dims2()?;
     if targets.dims() != [n] {
-        return Err(PeftError::bad_input("cross_entropy targets", format!("shape [{n}]"), format!("{:?}", targets.dims())));
+        return Err(PeftError::bad_input(
+            "cross_entropy targets",
+            format!("shape [{n}]"),
+            format!("{:?}", targets.dims()),
+        ));
     }
     let logits = logits.to_dtype(DType::F32)?;
     let targets = targets.to_dtype(DType::I64)?;
     let keep = targets.ne(IGNORE_INDEX)?;
     let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
-    let safe_targets = keep.where_cond(&targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+    let safe_targets = keep
+        .where_cond(&targets, &targets.zeros_like()?)?
+        .to_dtype(DType::U32)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&safe_targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let picked = log_probs
+        .gather(&safe_targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
     let masked = (picked * keep.to_dtype(DType::F32)?)?;
     let loss = (masked.sum_all()?.neg()? / (count.max(1) as f64))?;
     Ok((loss, count))
@@ -31,12 +39,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     if labels.dims() != [b, t] {
-        return Err(PeftError::bad_input("causal_lm_loss labels", format!("shape [{b}, {t}]"), format!("{:?}", labels.dims())));
+        return Err(PeftError::bad_input(
+            "causal_lm_loss labels",
+            format!("shape [{b}, {t}]"),
+            format!("{:?}", labels.dims()),
+        ));
     }
     if t < 2 {
         return Ok(Tensor::zeros((), DType::F32, logits.device())?);
     }
-    let shifted_logits = logits.narrow(1, 0, t - 1)?.contiguous()?.reshape((b * (t - 1), v))?;
-    let shifted_labels = labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
+    let shifted_logits = logits
+        .narrow(1, 0, t - 1)?
+        .contiguous()?
+        .reshape((b * (t - 1), v))?;
+    let shifted_labels = labels
+        .narrow(1, 1, t - 1)?
+        .contiguous()?
+        .reshape(b * (t - 1))?;
     Ok(cross_entropy(&shifted_logits, &shifted_labels)?.0)
 }

@@ -82,7 +82,12 @@ pub trait LayerMethod: MethodConfig {
     /// Builds the adapter for the linear layer at `path`. Parameters come from `params`
     /// (names relative to the module, e.g. `lora_A.weight`), which either initialises them or
     /// loads them from a checkpoint.
-    fn wrap_linear(&self, path: &str, base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>>;
+    fn wrap_linear(
+        &self,
+        path: &str,
+        base: &dyn LinearLike,
+        params: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>>;
 
     /// Builds the adapter for the embedding at `path`; by default the method cannot.
     fn wrap_embedding(
@@ -155,7 +160,11 @@ pub trait PromptMethod: MethodConfig {
     /// Builds the encoder. Its parameters come from `params`: freshly initialised, or loaded.
     /// When a checkpoint holds `prompt_embeddings` (what peft saves), the encoder must use that
     /// tensor directly, as peft does in inference mode.
-    fn build(&self, params: &ParamBuilder, model: &dyn AdaptableModel) -> Result<Box<dyn PromptEncoder>>;
+    fn build(
+        &self,
+        params: &ParamBuilder,
+        model: &dyn AdaptableModel,
+    ) -> Result<Box<dyn PromptEncoder>>;
 }
 
 /// The parameter name of peft's saved prompt tensor.
@@ -172,9 +181,20 @@ impl StoredPrompt {
     /// The `prompt_embeddings` of a peft checkpoint if `params` is loading one; otherwise the
     /// parameter `name` (peft's in-memory name, e.g. `embedding.weight`), loaded or created
     /// with `init`.
-    pub fn new(params: &ParamBuilder, name: &str, shape: [usize; 2], init: crate::vars::Init) -> Result<Self> {
-        let name = if params.source_contains(PROMPT_EMBEDDINGS) { PROMPT_EMBEDDINGS } else { name };
-        Ok(StoredPrompt { embeddings: params.get(&shape, name, init)? })
+    pub fn new(
+        params: &ParamBuilder,
+        name: &str,
+        shape: [usize; 2],
+        init: crate::vars::Init,
+    ) -> Result<Self> {
+        let name = if params.source_contains(PROMPT_EMBEDDINGS) {
+            PROMPT_EMBEDDINGS
+        } else {
+            name
+        };
+        Ok(StoredPrompt {
+            embeddings: params.get(&shape, name, init)?,
+        })
     }
 
     /// Wraps a parameter obtained elsewhere (for example from [`ParamBuilder::get_with`]).

@@ -34,7 +34,10 @@ pub struct ModuleEntry {
 impl ModuleEntry {
     /// Builds an entry.
     pub fn new(path: impl Into<String>, kind: ModuleKind) -> Self {
-        ModuleEntry { path: path.into(), kind }
+        ModuleEntry {
+            path: path.into(),
+            kind,
+        }
     }
 }
 
@@ -101,7 +104,10 @@ pub struct ModelInputs {
 impl ModelInputs {
     /// Inputs made of token ids only.
     pub fn from_ids(input_ids: Tensor) -> Self {
-        ModelInputs { input_ids: Some(input_ids), ..Default::default() }
+        ModelInputs {
+            input_ids: Some(input_ids),
+            ..Default::default()
+        }
     }
 
     /// Sets the attention mask.
@@ -112,7 +118,12 @@ impl ModelInputs {
 
     /// Refuses inputs a model does not take (rather than silently ignoring them): decoder
     /// inputs unless `seq2seq`, segment ids unless `token_types`.
-    pub fn check_supported(&self, model_type: &str, seq2seq: bool, token_types: bool) -> Result<()> {
+    pub fn check_supported(
+        &self,
+        model_type: &str,
+        seq2seq: bool,
+        token_types: bool,
+    ) -> Result<()> {
         let decoder = self.decoder_input_ids.is_some()
             || self.decoder_inputs_embeds.is_some()
             || self.decoder_attention_mask.is_some();
@@ -124,7 +135,11 @@ impl ModelInputs {
             ));
         }
         if self.token_type_ids.is_some() && !token_types {
-            return Err(PeftError::bad_input(format!("{model_type} inputs"), "no token_type_ids", "token_type_ids"));
+            return Err(PeftError::bad_input(
+                format!("{model_type} inputs"),
+                "no token_type_ids",
+                "token_type_ids",
+            ));
         }
         Ok(())
     }
@@ -134,7 +149,11 @@ impl ModelInputs {
         match (&self.input_ids, &self.inputs_embeds) {
             (Some(ids), None) => {
                 let (b, t) = ids.dims2().map_err(|_| {
-                    PeftError::bad_input("input_ids", "a [batch, seq_len] tensor", format!("{:?}", ids.dims()))
+                    PeftError::bad_input(
+                        "input_ids",
+                        "a [batch, seq_len] tensor",
+                        format!("{:?}", ids.dims()),
+                    )
                 })?;
                 Ok((b, t))
             }
@@ -153,7 +172,11 @@ impl ModelInputs {
                 "input_ids or inputs_embeds",
                 "both",
             )),
-            (None, None) => Err(PeftError::bad_input("model inputs", "input_ids or inputs_embeds", "neither")),
+            (None, None) => Err(PeftError::bad_input(
+                "model inputs",
+                "input_ids or inputs_embeds",
+                "neither",
+            )),
         }
     }
 }
@@ -172,12 +195,18 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers], ..Default::default() }
+        KvCache {
+            layers: vec![None; num_layers],
+            ..Default::default()
+        }
     }
 
     /// A cache holding one `(key, value)` prefix per layer.
     pub fn from_prefix(prefix: Vec<(Tensor, Tensor)>) -> Self {
-        KvCache { layers: prefix.into_iter().map(Some).collect(), ..Default::default() }
+        KvCache {
+            layers: prefix.into_iter().map(Some).collect(),
+            ..Default::default()
+        }
     }
 
     /// The encoder output `[B, S, d]` and its attention mask, once computed.
@@ -249,7 +278,10 @@ pub trait AdaptableModel: Send + Sync {
     fn modules(&self) -> Vec<ModuleEntry>;
 
     /// Calls `f` with each linear slot and its path.
-    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()>;
+    fn visit_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
+    ) -> Result<()>;
 
     /// Calls `f` with each embedding slot and its path.
     fn visit_embeddings(

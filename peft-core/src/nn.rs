@@ -5,6 +5,8 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,14 +24,35 @@ pub struct Linear {
 
 impl Linear {
     /// Builds (or loads) `weight` and `bias` under `params`.
-    pub fn new(params: &ParamBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
-        Self::with_init(params, in_features, out_features, bias, Init::kaiming_uniform_linear(in_features))
+    pub fn new(
+        params: &ParamBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Self::with_init(
+            params,
+            in_features,
+            out_features,
+            bias,
+            Init::kaiming_uniform_linear(in_features),
+        )
     }
 
     /// Like [`Linear::new`] with an explicit initialisation for both tensors (e.g. zeros).
-    pub fn with_init(params: &ParamBuilder, in_features: usize, out_features: usize, bias: bool, init: Init) -> Result<Self> {
+    pub fn with_init(
+        params: &ParamBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
         let weight = params.get(&[out_features, in_features], "weight", init)?;
-        let bias = if bias { Some(params.get(&[out_features], "bias", init)?) } else { None };
+        let bias = if bias {
+            Some(params.get(&[out_features], "bias", init)?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -43,17 +66,33 @@ impl Linear {
     }
 }
 
+/// The training step dropout masks are drawn for (see [`set_dropout_step`]).
+static DROPOUT_STEP: AtomicU64 = AtomicU64::new(0);
+
+/// Ties dropout masks to a training step: every [`Dropout`] reseeds its generator from its own
+/// seed and `step` when the step changes, so the masks of step N are the same whether training
+/// ran straight through or resumed from a checkpoint. Trainers call it before each micro-batch.
+pub fn set_dropout_step(step: u64) {
+    DROPOUT_STEP.store(step, Ordering::Relaxed);
+}
+
 /// Inverted dropout with its own seeded generator (candle's CPU generator cannot be seeded).
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
-    rng: Mutex<StdRng>,
+    seed: u64,
+    /// The step the generator was last seeded for, and the generator.
+    rng: Mutex<(u64, StdRng)>,
 }
 
 impl Dropout {
     /// Dropout with probability `p`, seeded.
     pub fn new(p: f64, seed: u64) -> Self {
-        Dropout { p, rng: Mutex::new(StdRng::seed_from_u64(seed)) }
+        Dropout {
+            p,
+            seed,
+            rng: Mutex::new((0, StdRng::seed_from_u64(seed))),
+        }
     }
 
     /// In training, zeroes each element with probability `p` and scales the rest by
@@ -66,8 +105,22 @@ impl Dropout {
         let scale = (1.0 / keep) as f32;
         let n = x.elem_count();
         let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (0..n).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect()
+            let mut state = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let step = DROPOUT_STEP.load(Ordering::Relaxed);
+            if state.0 != step {
+                let mixed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
+                *state = (step, StdRng::seed_from_u64(mixed));
+            }
+            let rng = &mut state.1;
+            (0..n)
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)

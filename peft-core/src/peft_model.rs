@@ -14,13 +14,12 @@ use crate::adapted::{AdaptedEmbedding, AdaptedLinear, RuntimeState};
 use crate::checkpoint;
 use crate::config::{AdapterConfig, TaskType, CONFIG_NAME};
 use crate::error::{PeftError, Result};
+use crate::inject::Source;
 use crate::layers::{EmbeddingSlot, LinearSlot};
 use crate::method::{PromptKind, PROMPT_EMBEDDINGS};
-use crate::inject::Source;
-use crate::prompt::{forward_with_prompt, PromptState};
 use crate::model::{AdaptableModel, KvCache, ModelInputs};
+use crate::prompt::{forward_with_prompt, PromptState};
 use crate::vars::ParamStore;
-
 
 /// The name peft gives the first adapter.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -73,7 +72,10 @@ impl Adapter {
     /// parameters, or a prompt method's encoder output as `prompt_embeddings`.
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut tensors = match &self.prompt {
-            Some(p) => vec![(PROMPT_EMBEDDINGS.to_string(), p.encoder.forward(false)?.to_dtype(DType::F32)?)],
+            Some(p) => vec![(
+                PROMPT_EMBEDDINGS.to_string(),
+                p.encoder.forward(false)?.to_dtype(DType::F32)?,
+            )],
             None => self.params.checkpoint_tensors()?,
         };
         if let Some(saved) = &self.saved {
@@ -111,7 +113,11 @@ impl std::fmt::Debug for PeftModel {
 
 /// Wraps `base` with a fresh adapter named `default` built from `config`, like peft's
 /// `get_peft_model`. `seed` makes the initialisation reproducible.
-pub fn get_peft_model(base: Box<dyn AdaptableModel>, config: AdapterConfig, seed: u64) -> Result<PeftModel> {
+pub fn get_peft_model(
+    base: Box<dyn AdaptableModel>,
+    config: AdapterConfig,
+    seed: u64,
+) -> Result<PeftModel> {
     let mut model = PeftModel::new(base);
     model.add_adapter(DEFAULT_ADAPTER, config, seed)?;
     Ok(model)
@@ -152,7 +158,11 @@ pub fn group_thousands(n: usize) -> String {
 
 /// peft's `print_trainable_parameters` line.
 pub fn parameter_line(trainable: usize, all: usize) -> String {
-    let pct = if all == 0 { 0.0 } else { 100.0 * trainable as f64 / all as f64 };
+    let pct = if all == 0 {
+        0.0
+    } else {
+        100.0 * trainable as f64 / all as f64
+    };
     format!(
         "trainable params: {} || all params: {} || trainable%: {pct:.4}",
         group_thousands(trainable),
@@ -160,16 +170,24 @@ pub fn parameter_line(trainable: usize, all: usize) -> String {
     )
 }
 
-
 impl PeftModel {
     /// A model with no adapters yet.
     pub fn new(base: Box<dyn AdaptableModel>) -> Self {
-        PeftModel { base, adapters: BTreeMap::new(), state: Arc::new(RuntimeState::default()), merged: Vec::new() }
+        PeftModel {
+            base,
+            adapters: BTreeMap::new(),
+            state: Arc::new(RuntimeState::default()),
+            merged: Vec::new(),
+        }
     }
 
     /// Loads the adapter saved in `dir` as `default` onto `base` (peft's
     /// `PeftModel.from_pretrained`). With `is_trainable` false it is frozen.
-    pub fn from_pretrained(base: Box<dyn AdaptableModel>, dir: &Path, is_trainable: bool) -> Result<Self> {
+    pub fn from_pretrained(
+        base: Box<dyn AdaptableModel>,
+        dir: &Path,
+        is_trainable: bool,
+    ) -> Result<Self> {
         let mut model = PeftModel::new(base);
         model.load_adapter(dir, DEFAULT_ADAPTER, is_trainable)?;
         Ok(model)
@@ -191,7 +209,10 @@ impl PeftModel {
     }
 
     fn unknown(&self, name: &str) -> PeftError {
-        PeftError::UnknownAdapter { name: name.to_string(), available: self.adapter_names().join(", ") }
+        PeftError::UnknownAdapter {
+            name: name.to_string(),
+            available: self.adapter_names().join(", "),
+        }
     }
 
     /// The active adapters.
@@ -208,12 +229,22 @@ impl PeftModel {
     }
 
     /// Loads an adapter saved by peft or by this library from `dir` under `name`.
-    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<LoadReport> {
+    pub fn load_adapter(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        is_trainable: bool,
+    ) -> Result<LoadReport> {
         let mut config = AdapterConfig::from_path(dir)?;
         config.common.inference_mode = !is_trainable;
         let weights = checkpoint::adapter_weights_file(dir)?;
         let tensors = checkpoint::read_adapter_weights(&weights, self.base.device())?;
-        let unexpected_keys = self.inject(name, config, Source::File(weights.clone(), tensors), is_trainable)?;
+        let unexpected_keys = self.inject(
+            name,
+            config,
+            Source::File(weights.clone(), tensors),
+            is_trainable,
+        )?;
         if !unexpected_keys.is_empty() {
             tracing::warn!(
                 "{}: unexpected keys not used by adapter `{name}`: {unexpected_keys:?}",
@@ -241,7 +272,8 @@ impl PeftModel {
             tracing::warn!("changing the active adapter of a merged model: unmerging first");
             self.unmerge_adapter()?;
         }
-        self.state.set_active(names.iter().map(|s| s.to_string()).collect());
+        self.state
+            .set_active(names.iter().map(|s| s.to_string()).collect());
         Ok(())
     }
 
@@ -249,7 +281,10 @@ impl PeftModel {
     /// (peft's `with model.disable_adapter():`).
     pub fn disable_adapters(&self) -> DisabledAdapters<'_> {
         let previous = self.state.set_disabled(true);
-        DisabledAdapters { model: self, previous }
+        DisabledAdapters {
+            model: self,
+            previous,
+        }
     }
 
     /// Replaces every adapted slot with what `linear`/`embedding` make of it.
@@ -295,7 +330,9 @@ impl PeftModel {
     pub fn merge_adapter(&mut self) -> Result<()> {
         self.refuse_prompt_merge()?;
         let active = self.state.active();
-        self.rewrite_adapted(&mut |a| a.with_merged(&active), &mut |a| a.with_merged(&active))?;
+        self.rewrite_adapted(&mut |a| a.with_merged(&active), &mut |a| {
+            a.with_merged(&active)
+        })?;
         self.merged = active;
         Ok(())
     }
@@ -315,14 +352,19 @@ impl PeftModel {
             return None;
         }
         let active = self.state.active();
-        active.iter().find_map(|n| self.adapters.get(n).and_then(|a| a.prompt.as_ref()))
+        active
+            .iter()
+            .find_map(|n| self.adapters.get(n).and_then(|a| a.prompt.as_ref()))
     }
 
     /// Virtual-token positions the active adapter adds to the logits (prompt tuning and
     /// p-tuning on a causal LM); labels need as many `-100` in front.
     pub fn virtual_tokens_in_output(&self) -> usize {
         match self.active_prompt() {
-            Some(p) if p.kind == PromptKind::Prepend && self.base.info().task_type == TaskType::CausalLm => {
+            Some(p)
+                if p.kind == PromptKind::Prepend
+                    && self.base.info().task_type == TaskType::CausalLm =>
+            {
                 p.num_virtual_tokens
             }
             _ => 0,
@@ -346,13 +388,17 @@ impl PeftModel {
     pub fn merge_and_unload(mut self) -> Result<Box<dyn AdaptableModel>> {
         self.refuse_prompt_merge()?;
         let active = self.state.active();
-        self.rewrite_adapted(&mut |a| a.merged_base(&active), &mut |a| a.merged_base(&active))?;
+        self.rewrite_adapted(&mut |a| a.merged_base(&active), &mut |a| {
+            a.merged_base(&active)
+        })?;
         Ok(self.base)
     }
 
     /// Removes every adapter layer without merging and returns the base model (peft's `unload`).
     pub fn unload(mut self) -> Result<Box<dyn AdaptableModel>> {
-        self.rewrite_adapted(&mut |a| Ok(Arc::clone(a.original())), &mut |a| Ok(Arc::clone(a.original())))?;
+        self.rewrite_adapted(&mut |a| Ok(Arc::clone(a.original())), &mut |a| {
+            Ok(Arc::clone(a.original()))
+        })?;
         Ok(self.base)
     }
 
@@ -368,7 +414,10 @@ impl PeftModel {
 
     /// The `Var`s an optimizer should update: those of the active, trainable adapters.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.trainable_named_vars().into_iter().map(|(_, v)| v).collect()
+        self.trainable_named_vars()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// [`PeftModel::trainable_vars`] with their parameter paths (`<adapter>:<path>`).
@@ -377,7 +426,11 @@ impl PeftModel {
         self.adapters
             .iter()
             .filter(|(name, a)| a.trainable && active.contains(name))
-            .flat_map(|(name, a)| a.vars().into_iter().map(move |(p, v)| (format!("{name}:{p}"), v)))
+            .flat_map(|(name, a)| {
+                a.vars()
+                    .into_iter()
+                    .map(move |(p, v)| (format!("{name}:{p}"), v))
+            })
             .collect()
     }
 
@@ -398,7 +451,9 @@ impl PeftModel {
     /// Runs the model with the active adapters.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<Tensor> {
         match self.active_prompt() {
-            Some(p) => forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training()),
+            Some(p) => {
+                forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training())
+            }
             None => self.base.forward(inputs, None),
         }
     }
@@ -406,7 +461,13 @@ impl PeftModel {
     /// Runs the model with a KV cache (incremental decoding).
     pub fn forward_with_cache(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor> {
         match self.active_prompt() {
-            Some(p) => forward_with_prompt(self.base.as_ref(), p, inputs, Some(cache), self.state.training()),
+            Some(p) => forward_with_prompt(
+                self.base.as_ref(),
+                p,
+                inputs,
+                Some(cache),
+                self.state.training(),
+            ),
             None => self.base.forward(inputs, Some(cache)),
         }
     }
@@ -419,7 +480,11 @@ impl PeftModel {
     /// Saves every adapter in peft's layout: `default` in `dir`, others in `dir/<name>/`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         for name in self.adapters.keys() {
-            let sub = if name == DEFAULT_ADAPTER { dir.to_path_buf() } else { dir.join(name) };
+            let sub = if name == DEFAULT_ADAPTER {
+                dir.to_path_buf()
+            } else {
+                dir.join(name)
+            };
             self.save_adapter(name, &sub)?;
         }
         Ok(())
@@ -431,7 +496,9 @@ impl PeftModel {
         let mut tensors = adapter.checkpoint_tensors()?;
         tensors.extend(self.embedding_base_tensors(adapter)?);
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let config = adapter.config.for_saving(self.base.info().name_or_path.as_deref());
+        let config = adapter
+            .config
+            .for_saving(self.base.info().name_or_path.as_deref());
         checkpoint::write_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &tensors)?;
         checkpoint::write_atomic(&dir.join(CONFIG_NAME), config.to_json_string().as_bytes())
     }

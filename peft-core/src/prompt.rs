@@ -39,16 +39,28 @@ pub fn prefix_key_values(
     if width != num_layers * 2 * num_heads * head_dim {
         return Err(PeftError::bad_input(
             "prefix encoder output",
-            format!("width num_layers * 2 * heads * head_dim = {}", num_layers * 2 * num_heads * head_dim),
+            format!(
+                "width num_layers * 2 * heads * head_dim = {}",
+                num_layers * 2 * num_heads * head_dim
+            ),
             width.to_string(),
         ));
     }
-    let per = flat.to_dtype(dtype)?.reshape((nvt, num_layers * 2, num_heads, head_dim))?.permute((1, 2, 0, 3))?;
+    let per = flat
+        .to_dtype(dtype)?
+        .reshape((nvt, num_layers * 2, num_heads, head_dim))?
+        .permute((1, 2, 0, 3))?;
     let expand = |t: Tensor| -> Result<Tensor> {
-        Ok(t.unsqueeze(0)?.broadcast_as((batch, num_heads, nvt, head_dim))?.contiguous()?)
+        Ok(t.unsqueeze(0)?
+            .broadcast_as((batch, num_heads, nvt, head_dim))?
+            .contiguous()?)
     };
     let slots = 2 * num_layers;
-    let (stride, wrap) = if submodules == 2 { (4, slots) } else { (2, usize::MAX) };
+    let (stride, wrap) = if submodules == 2 {
+        (4, slots)
+    } else {
+        (2, usize::MAX)
+    };
     (0..num_layers)
         .map(|i| {
             let k = (stride * i) % wrap;
@@ -85,7 +97,9 @@ pub(crate) fn forward_with_prompt(
                 inputs.attention_mask = Some(with_leading_ones(mask, nvt)?);
             }
             if inputs.position_ids.take().is_some() {
-                tracing::warn!("position ids are not supported with prompt tuning or p-tuning; ignoring them");
+                tracing::warn!(
+                    "position ids are not supported with prompt tuning or p-tuning; ignoring them"
+                );
             }
             if let Some(t) = inputs.token_type_ids.take() {
                 let zeros = Tensor::zeros((batch, nvt), t.dtype(), t.device())?;
@@ -101,13 +115,25 @@ pub(crate) fn forward_with_prompt(
                 };
                 let prompts = prompt.encoder.forward(training)?.narrow(0, 0, nvt)?;
                 let (rows, width) = prompts.dims2()?;
-                let prompts = prompts.to_dtype(embeds.dtype())?.unsqueeze(0)?.broadcast_as((batch, rows, width))?;
+                let prompts = prompts
+                    .to_dtype(embeds.dtype())?
+                    .unsqueeze(0)?
+                    .broadcast_as((batch, rows, width))?;
                 inputs.inputs_embeds = Some(Tensor::cat(&[&prompts.contiguous()?, &embeds], 1)?);
             }
             base.forward(&inputs, cache)
         }
-        PromptKind::Prefix { num_layers, num_heads, head_dim, submodules } => {
-            let mask = if encoder_decoder { &mut inputs.decoder_attention_mask } else { &mut inputs.attention_mask };
+        PromptKind::Prefix {
+            num_layers,
+            num_heads,
+            head_dim,
+            submodules,
+        } => {
+            let mask = if encoder_decoder {
+                &mut inputs.decoder_attention_mask
+            } else {
+                &mut inputs.attention_mask
+            };
             if let Some(m) = mask.take() {
                 *mask = Some(with_leading_ones(&m, nvt)?);
             }
@@ -119,7 +145,15 @@ pub(crate) fn forward_with_prompt(
                 Some(c) if !first_call => c,
                 other => {
                     let flat = prompt.encoder.forward(training)?;
-                    let kv = prefix_key_values(&flat, batch, num_layers, num_heads, head_dim, submodules, base.dtype())?;
+                    let kv = prefix_key_values(
+                        &flat,
+                        batch,
+                        num_layers,
+                        num_heads,
+                        head_dim,
+                        submodules,
+                        base.dtype(),
+                    )?;
                     match other {
                         Some(c) => {
                             *c = KvCache::from_prefix(kv);

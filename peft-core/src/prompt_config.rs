@@ -65,7 +65,12 @@ impl PromptLearningConfig {
             Some(_) => fields.take_usize("num_virtual_tokens", 0)?,
         };
         if num_virtual_tokens == 0 {
-            return Err(PeftError::config_value(fields.source_name(), "num_virtual_tokens", "a positive integer", 0));
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "num_virtual_tokens",
+                "a positive integer",
+                0,
+            ));
         }
         let out = PromptLearningConfig {
             num_virtual_tokens,
@@ -82,7 +87,12 @@ impl PromptLearningConfig {
             ("num_layers", out.num_layers),
         ] {
             if v == Some(0) {
-                return Err(PeftError::config_value(fields.source_name(), key, "a positive integer or null", 0));
+                return Err(PeftError::config_value(
+                    fields.source_name(),
+                    key,
+                    "a positive integer or null",
+                    0,
+                ));
             }
         }
         Ok(out)
@@ -91,33 +101,63 @@ impl PromptLearningConfig {
     /// Writes the shared fields.
     pub fn write(&self, out: &mut Map<String, Value>) {
         let opt = |v: Option<usize>| v.map_or(Value::Null, Value::from);
-        out.insert("num_virtual_tokens".into(), Value::from(self.num_virtual_tokens));
+        out.insert(
+            "num_virtual_tokens".into(),
+            Value::from(self.num_virtual_tokens),
+        );
         out.insert("token_dim".into(), opt(self.token_dim));
-        out.insert("num_transformer_submodules".into(), opt(self.num_transformer_submodules));
+        out.insert(
+            "num_transformer_submodules".into(),
+            opt(self.num_transformer_submodules),
+        );
         out.insert("num_attention_heads".into(), opt(self.num_attention_heads));
         out.insert("num_layers".into(), opt(self.num_layers));
-        out.insert("modules_to_save".into(), self.modules_to_save.clone().map_or(Value::Null, Value::from));
+        out.insert(
+            "modules_to_save".into(),
+            self.modules_to_save
+                .clone()
+                .map_or(Value::Null, Value::from),
+        );
     }
 
     /// Fills the null fields from the model and checks the rest against it. With `prefix`,
     /// `token_dim` and `num_attention_heads` become the key/value width and heads (peft does
     /// this for grouped-query attention, overriding any value given).
-    pub fn prepare(&mut self, info: &ModelInfo, task_type: Option<TaskType>, prefix: bool) -> Result<()> {
-        let submodules = *self
-            .num_transformer_submodules
-            .get_or_insert(if task_type == Some(TaskType::Seq2SeqLm) { 2 } else { 1 });
-        let allowed = if info.is_encoder_decoder { 1..=2 } else { 1..=1 };
+    pub fn prepare(
+        &mut self,
+        info: &ModelInfo,
+        task_type: Option<TaskType>,
+        prefix: bool,
+    ) -> Result<()> {
+        let submodules = *self.num_transformer_submodules.get_or_insert(
+            if task_type == Some(TaskType::Seq2SeqLm) {
+                2
+            } else {
+                1
+            },
+        );
+        let allowed = if info.is_encoder_decoder {
+            1..=2
+        } else {
+            1..=1
+        };
         if !allowed.contains(&submodules) {
             let expected = if info.is_encoder_decoder {
                 "1 or 2 for an encoder-decoder".to_string()
             } else {
                 format!("1 for the decoder-only model `{}`", info.model_type)
             };
-            return Err(PeftError::config_value(SOURCE, "num_transformer_submodules", expected, submodules));
+            return Err(PeftError::config_value(
+                SOURCE,
+                "num_transformer_submodules",
+                expected,
+                submodules,
+            ));
         }
         let layers = *self.num_layers.get_or_insert(info.num_layers);
         let token_dim = *self.token_dim.get_or_insert(info.hidden_size);
-        self.num_attention_heads.get_or_insert(info.num_attention_heads);
+        self.num_attention_heads
+            .get_or_insert(info.num_attention_heads);
         if prefix {
             if layers != info.num_layers {
                 return Err(PeftError::config_value(
@@ -147,6 +187,8 @@ impl PromptLearningConfig {
 
     /// `token_dim`, after [`PromptLearningConfig::prepare`].
     pub fn token_dim(&self) -> Result<usize> {
-        self.token_dim.ok_or_else(|| PeftError::InvalidState("token_dim is unknown before the config is prepared".into()))
+        self.token_dim.ok_or_else(|| {
+            PeftError::InvalidState("token_dim is unknown before the config is prepared".into())
+        })
     }
 }

@@ -46,13 +46,20 @@ macro_rules! register_method {
     };
 }
 
-type Table = std::result::Result<BTreeMap<&'static str, &'static MethodRegistration>, (String, String, String)>;
+type Table = std::result::Result<
+    BTreeMap<&'static str, &'static MethodRegistration>,
+    (String, String, String),
+>;
 
 fn build_table(regs: impl IntoIterator<Item = &'static MethodRegistration>) -> Table {
     let mut map: BTreeMap<&'static str, &'static MethodRegistration> = BTreeMap::new();
     for reg in regs {
         if let Some(prev) = map.insert(reg.peft_type, reg) {
-            return Err((reg.peft_type.to_string(), prev.crate_name.to_string(), reg.crate_name.to_string()));
+            return Err((
+                reg.peft_type.to_string(),
+                prev.crate_name.to_string(),
+                reg.crate_name.to_string(),
+            ));
         }
     }
     Ok(map)
@@ -64,11 +71,13 @@ fn table() -> &'static Table {
 }
 
 fn checked() -> Result<&'static BTreeMap<&'static str, &'static MethodRegistration>> {
-    table().as_ref().map_err(|(peft_type, first, second)| PeftError::DuplicateMethod {
-        peft_type: peft_type.clone(),
-        first: first.clone(),
-        second: second.clone(),
-    })
+    table()
+        .as_ref()
+        .map_err(|(peft_type, first, second)| PeftError::DuplicateMethod {
+            peft_type: peft_type.clone(),
+            first: first.clone(),
+            second: second.clone(),
+        })
 }
 
 /// All registrations, sorted by `peft_type`.
@@ -78,21 +87,25 @@ pub fn registrations() -> Result<Vec<&'static MethodRegistration>> {
 
 /// The registered `peft_type`s, sorted (empty if the registry is inconsistent).
 pub fn registered_types() -> Vec<&'static str> {
-    checked().map(|m| m.keys().copied().collect()).unwrap_or_default()
+    checked()
+        .map(|m| m.keys().copied().collect())
+        .unwrap_or_default()
 }
 
 /// Finds the registration for `peft_type`; the error lists what is registered.
 pub fn lookup(peft_type: &str) -> Result<&'static MethodRegistration> {
     let map = checked()?;
-    map.get(peft_type).copied().ok_or_else(|| PeftError::UnknownMethod {
-        source_name: "<registry>".into(),
-        found: peft_type.to_string(),
-        registered: if map.is_empty() {
-            "none (enable a method crate, e.g. peft-lora)".to_string()
-        } else {
-            map.keys().copied().collect::<Vec<_>>().join(", ")
-        },
-    })
+    map.get(peft_type)
+        .copied()
+        .ok_or_else(|| PeftError::UnknownMethod {
+            source_name: "<registry>".into(),
+            found: peft_type.to_string(),
+            registered: if map.is_empty() {
+                "none (enable a method crate, e.g. peft-lora)".to_string()
+            } else {
+                map.keys().copied().collect::<Vec<_>>().join(", ")
+            },
+        })
 }
 
 #[cfg(test)]
@@ -103,15 +116,30 @@ mod tests {
         Err(PeftError::InvalidState("test".into()))
     }
 
-    static A: MethodRegistration =
-        MethodRegistration { peft_type: "X", description: "", crate_name: "crate-a", parse: parse_none };
-    static B: MethodRegistration =
-        MethodRegistration { peft_type: "X", description: "", crate_name: "crate-b", parse: parse_none };
+    static A: MethodRegistration = MethodRegistration {
+        peft_type: "X",
+        description: "",
+        crate_name: "crate-a",
+        parse: parse_none,
+    };
+    static B: MethodRegistration = MethodRegistration {
+        peft_type: "X",
+        description: "",
+        crate_name: "crate-b",
+        parse: parse_none,
+    };
 
     #[test]
     fn duplicate_registrations_are_reported() {
         let err = build_table([&A, &B]).unwrap_err();
-        assert_eq!(err, ("X".to_string(), "crate-a".to_string(), "crate-b".to_string()));
+        assert_eq!(
+            err,
+            (
+                "X".to_string(),
+                "crate-a".to_string(),
+                "crate-b".to_string()
+            )
+        );
         assert!(build_table([&A]).is_ok());
     }
 }

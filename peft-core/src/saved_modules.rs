@@ -31,7 +31,11 @@ impl LinearCopy {
             Some(b) => Some(params.get_with(b.dims(), "bias", |_| Ok(b.to_dtype(DType::F32)?))?),
             None => None,
         };
-        Ok(LinearCopy { weight, bias, transposed: base.stores_transposed() })
+        Ok(LinearCopy {
+            weight,
+            bias,
+            transposed: base.stores_transposed(),
+        })
     }
 }
 
@@ -63,7 +67,11 @@ impl LinearLike for LinearCopy {
         DType::F32
     }
     fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Arc<dyn LinearLike>> {
-        Ok(Arc::new(LinearCopy { weight, bias, transposed: self.transposed }))
+        Ok(Arc::new(LinearCopy {
+            weight,
+            bias,
+            transposed: self.transposed,
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -75,7 +83,11 @@ impl LinearAdapter for LinearCopy {
         LinearLike::forward(self, x)
     }
     fn merge(&self, _weight: &Tensor, _bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        let w = if self.transposed { self.weight.t()?.contiguous()? } else { self.weight.clone() };
+        let w = if self.transposed {
+            self.weight.t()?.contiguous()?
+        } else {
+            self.weight.clone()
+        };
         Ok((w, self.bias.clone()))
     }
     fn replacement(&self) -> Option<&(dyn LinearLike + 'static)> {
@@ -95,7 +107,10 @@ impl EmbeddingCopy {
     pub fn new(params: &ParamBuilder, base: &dyn EmbeddingLike) -> Result<Self> {
         let w = base.weight()?;
         let table = params.get_with(w.dims(), "weight", |_| Ok(w.to_dtype(DType::F32)?))?;
-        Ok(EmbeddingCopy { table, padding_idx: base.padding_idx() })
+        Ok(EmbeddingCopy {
+            table,
+            padding_idx: base.padding_idx(),
+        })
     }
 }
 
@@ -119,7 +134,10 @@ impl EmbeddingLike for EmbeddingCopy {
         DType::F32
     }
     fn with_weight(&self, weight: Tensor) -> Result<Arc<dyn EmbeddingLike>> {
-        Ok(Arc::new(EmbeddingCopy { table: weight, padding_idx: self.padding_idx }))
+        Ok(Arc::new(EmbeddingCopy {
+            table: weight,
+            padding_idx: self.padding_idx,
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self

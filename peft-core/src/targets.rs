@@ -32,7 +32,11 @@ pub enum TargetModules {
 
 impl TargetModules {
     /// Parses the JSON form: a string (regex or `all-linear`), a list of strings, or null.
-    pub fn from_json(fields: &mut ConfigFields, key: &str, allow_all_linear: bool) -> Result<Option<Self>> {
+    pub fn from_json(
+        fields: &mut ConfigFields,
+        key: &str,
+        allow_all_linear: bool,
+    ) -> Result<Option<Self>> {
         match fields.take_raw(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => {
@@ -40,7 +44,12 @@ impl TargetModules {
                     Ok(Some(TargetModules::AllLinear))
                 } else {
                     compile_full_match(&s).map_err(|e| {
-                        PeftError::config_value(fields.source_name(), key, "a valid regular expression", e)
+                        PeftError::config_value(
+                            fields.source_name(),
+                            key,
+                            "a valid regular expression",
+                            e,
+                        )
                     })?;
                     Ok(Some(TargetModules::Regex(s)))
                 }
@@ -50,7 +59,9 @@ impl TargetModules {
                 for item in &items {
                     match item {
                         Value::String(s) => names.push(s.clone()),
-                        other => return Err(fields.type_error(key, "a list of module names", other)),
+                        other => {
+                            return Err(fields.type_error(key, "a list of module names", other))
+                        }
                     }
                 }
                 Ok(Some(TargetModules::List(names)))
@@ -105,13 +116,17 @@ impl LayerIndices {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .map(|i| Some(LayerIndices::One(i as usize)))
-                .ok_or_else(|| fields.type_error(key, "a non-negative layer index", &Value::Number(n))),
+                .ok_or_else(|| {
+                    fields.type_error(key, "a non-negative layer index", &Value::Number(n))
+                }),
             Some(Value::Array(items)) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in &items {
                     match item.as_u64() {
                         Some(i) => out.push(i as usize),
-                        None => return Err(fields.type_error(key, "a list of layer indices", item)),
+                        None => {
+                            return Err(fields.type_error(key, "a list of layer indices", item))
+                        }
                     }
                 }
                 Ok(Some(LayerIndices::Many(out)))
@@ -144,7 +159,10 @@ impl LayerIndices {
 }
 
 /// Parses `layers_pattern`: a string, a list of strings, or null.
-pub fn layers_pattern_from_json(fields: &mut ConfigFields, key: &str) -> Result<Option<Vec<String>>> {
+pub fn layers_pattern_from_json(
+    fields: &mut ConfigFields,
+    key: &str,
+) -> Result<Option<Vec<String>>> {
     match fields.peek(key) {
         Some(Value::String(_)) => Ok(fields.take_opt_string(key)?.map(|s| vec![s])),
         _ => fields.take_opt_string_list(key),
@@ -183,7 +201,8 @@ pub fn compile_full_match(pattern: &str) -> std::result::Result<Regex, String> {
 }
 
 fn compile(pattern: &str) -> Result<Regex> {
-    Regex::new(pattern).map_err(|e| PeftError::InvalidState(format!("invalid pattern `{pattern}`: {e}")))
+    Regex::new(pattern)
+        .map_err(|e| PeftError::InvalidState(format!("invalid pattern `{pattern}`: {e}")))
 }
 
 fn is_match(re: &Regex, text: &str) -> bool {
@@ -208,14 +227,23 @@ enum CompiledTargets {
 }
 
 impl CompiledTargets {
-    fn new(targets: &TargetModules, linear_names: &[String], output_heads: &[String]) -> Result<Self> {
+    fn new(
+        targets: &TargetModules,
+        linear_names: &[String],
+        output_heads: &[String],
+    ) -> Result<Self> {
         Ok(match targets {
             TargetModules::Regex(p) => CompiledTargets::Regex(
-                compile_full_match(p).map_err(|e| PeftError::InvalidState(format!("invalid regex `{p}`: {e}")))?,
+                compile_full_match(p)
+                    .map_err(|e| PeftError::InvalidState(format!("invalid regex `{p}`: {e}")))?,
             ),
             TargetModules::List(names) => CompiledTargets::List(names.iter().cloned().collect()),
             TargetModules::AllLinear => CompiledTargets::List(
-                linear_names.iter().filter(|n| !output_heads.contains(n)).cloned().collect(),
+                linear_names
+                    .iter()
+                    .filter(|n| !output_heads.contains(n))
+                    .cloned()
+                    .collect(),
             ),
         })
     }
@@ -298,7 +326,11 @@ impl TargetMatcher {
 
     fn layer_index(&self, key: &str) -> Option<usize> {
         self.layer_regexes.iter().find_map(|re| {
-            re.captures(key).ok().flatten().and_then(|c| c.name("idx")).and_then(|m| m.as_str().parse().ok())
+            re.captures(key)
+                .ok()
+                .flatten()
+                .and_then(|c| c.name("idx"))
+                .and_then(|m| m.as_str().parse().ok())
         })
     }
 }
@@ -310,7 +342,9 @@ pub const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
 /// Whether `targets` names an embedding layer in peft's sense (see [`EMBEDDING_LAYER_NAMES`]).
 pub fn targets_embedding_layers(targets: &TargetModules, modules: &[ModuleEntry]) -> bool {
     match targets {
-        TargetModules::List(names) => EMBEDDING_LAYER_NAMES.iter().any(|e| names.iter().any(|n| n == e)),
+        TargetModules::List(names) => EMBEDDING_LAYER_NAMES
+            .iter()
+            .any(|e| names.iter().any(|n| n == e)),
         TargetModules::Regex(pattern) => compile_full_match(pattern).is_ok_and(|re| {
             modules.iter().any(|m| {
                 let last = m.path.rsplit('.').next().unwrap_or(&m.path);
@@ -344,10 +378,15 @@ pub fn resolve_target_modules(
         other => other.clone(),
     };
     match targets {
-        TargetModules::List(names) if condense && names.len() >= MIN_TARGET_MODULES_FOR_CONDENSING => {
+        TargetModules::List(names)
+            if condense && names.len() >= MIN_TARGET_MODULES_FOR_CONDENSING =>
+        {
             let selected = CompiledTargets::List(names.iter().cloned().collect());
-            let others: Vec<&str> =
-                modules.iter().map(|m| m.path.as_str()).filter(|p| !selected.matches(p)).collect();
+            let others: Vec<&str> = modules
+                .iter()
+                .map(|m| m.path.as_str())
+                .filter(|p| !selected.matches(p))
+                .collect();
             let minimal = minimal_target_modules(&names, &others);
             if minimal.len() < names.len() {
                 TargetModules::List(minimal)
@@ -364,11 +403,18 @@ pub fn resolve_target_modules(
 pub fn minimal_target_modules(targets: &[String], others: &[&str]) -> Vec<String> {
     fn suffixes(s: &str) -> Vec<String> {
         let parts: Vec<&str> = s.split('.').collect();
-        (0..parts.len()).rev().map(|i| parts[i..].join(".")).collect()
+        (0..parts.len())
+            .rev()
+            .map(|i| parts[i..].join("."))
+            .collect()
     }
     let other_suffixes: BTreeSet<String> = others.iter().flat_map(|o| suffixes(o)).collect();
-    let mut items: Vec<(Vec<String>, &String)> =
-        targets.iter().collect::<BTreeSet<_>>().into_iter().map(|t| (suffixes(t), t)).collect();
+    let mut items: Vec<(Vec<String>, &String)> = targets
+        .iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|t| (suffixes(t), t))
+        .collect();
     items.sort();
     let mut required: BTreeSet<String> = BTreeSet::new();
     for (sfx, item) in &items {
@@ -383,7 +429,12 @@ pub fn minimal_target_modules(targets: &[String], others: &[&str]) -> Vec<String
         }
     }
     if required.is_empty() {
-        targets.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect()
+        targets
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
     } else {
         required.into_iter().collect()
     }
@@ -398,8 +449,11 @@ pub fn select_targets(
     modules: &[ModuleEntry],
     output_heads: &[String],
 ) -> Result<Vec<String>> {
-    let linear_names: Vec<String> =
-        modules.iter().filter(|m| m.kind == ModuleKind::Linear).map(|m| m.path.clone()).collect();
+    let linear_names: Vec<String> = modules
+        .iter()
+        .filter(|m| m.kind == ModuleKind::Linear)
+        .map(|m| m.path.clone())
+        .collect();
     let matcher = TargetMatcher::new(spec, targets, &linear_names, output_heads)?;
     let mut selected = Vec::new();
     let mut excluded = 0usize;
@@ -417,7 +471,10 @@ pub fn select_targets(
             "All modules were excluded; check `target_modules`, `exclude_modules` and `modules_to_save`"
                 .to_string()
         } else if excluded == 0 {
-            format!("Target modules {} not found in the base model", targets.describe())
+            format!(
+                "Target modules {} not found in the base model",
+                targets.describe()
+            )
         } else {
             format!(
                 "No modules were targeted for adaptation: the modules target modules {} match were \
@@ -446,7 +503,10 @@ pub fn select_targets(
 fn example_names(modules: &[ModuleEntry]) -> String {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for m in modules.iter().filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Embedding)) {
+    for m in modules
+        .iter()
+        .filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Embedding))
+    {
         // Show distinct last segments first ("q_proj", "lm_head"), then full paths.
         let last = m.path.rsplit('.').next().unwrap_or(&m.path).to_string();
         if seen.insert(last) {
@@ -473,7 +533,13 @@ mod tests {
     use super::*;
 
     fn entries(names: &[&str]) -> Vec<ModuleEntry> {
-        names.iter().map(|n| ModuleEntry { path: n.to_string(), kind: ModuleKind::Linear }).collect()
+        names
+            .iter()
+            .map(|n| ModuleEntry {
+                path: n.to_string(),
+                kind: ModuleKind::Linear,
+            })
+            .collect()
     }
 
     #[test]
@@ -481,9 +547,15 @@ mod tests {
         let spec = TargetSpec::default();
         let t = TargetModules::List(vec!["q_proj".into(), "model.norm".into()]);
         let m = TargetMatcher::new(&spec, &t, &[], &[]).unwrap();
-        assert_eq!(m.check("model.layers.0.self_attn.q_proj"), MatchOutcome::Target);
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj"),
+            MatchOutcome::Target
+        );
         assert_eq!(m.check("q_proj"), MatchOutcome::Target);
-        assert_eq!(m.check("model.layers.0.self_attn.xq_proj"), MatchOutcome::NoMatch);
+        assert_eq!(
+            m.check("model.layers.0.self_attn.xq_proj"),
+            MatchOutcome::NoMatch
+        );
         assert_eq!(m.check("model.norm"), MatchOutcome::Target);
     }
 
@@ -492,11 +564,20 @@ mod tests {
         let spec = TargetSpec::default();
         let t = TargetModules::Regex(r".*\.(q|v)_proj".into());
         let m = TargetMatcher::new(&spec, &t, &[], &[]).unwrap();
-        assert_eq!(m.check("model.layers.0.self_attn.q_proj"), MatchOutcome::Target);
-        assert_eq!(m.check("model.layers.0.self_attn.q_proj.x"), MatchOutcome::NoMatch);
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj"),
+            MatchOutcome::Target
+        );
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj.x"),
+            MatchOutcome::NoMatch
+        );
         let t = TargetModules::Regex(r"q_proj|v_proj".into());
         let m = TargetMatcher::new(&spec, &t, &[], &[]).unwrap();
-        assert_eq!(m.check("model.layers.0.self_attn.q_proj"), MatchOutcome::NoMatch);
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj"),
+            MatchOutcome::NoMatch
+        );
     }
 
     #[test]
@@ -507,9 +588,18 @@ mod tests {
         };
         let t = TargetModules::List(vec!["q_proj".into()]);
         let m = TargetMatcher::new(&spec, &t, &[], &[]).unwrap();
-        assert_eq!(m.check("model.layers.1.self_attn.q_proj"), MatchOutcome::Target);
-        assert_eq!(m.check("model.layers.0.self_attn.q_proj"), MatchOutcome::NoMatch);
-        assert_eq!(m.check("model.layers.0.experts.1.q_proj"), MatchOutcome::NoMatch);
+        assert_eq!(
+            m.check("model.layers.1.self_attn.q_proj"),
+            MatchOutcome::Target
+        );
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj"),
+            MatchOutcome::NoMatch
+        );
+        assert_eq!(
+            m.check("model.layers.0.experts.1.q_proj"),
+            MatchOutcome::NoMatch
+        );
     }
 
     #[test]
@@ -521,8 +611,14 @@ mod tests {
         };
         let t = TargetModules::List(vec!["q".into()]);
         let m = TargetMatcher::new(&spec, &t, &[], &[]).unwrap();
-        assert_eq!(m.check("encoder.block.0.layer.0.SelfAttention.q"), MatchOutcome::Target);
-        assert_eq!(m.check("encoder.block.1.layer.0.SelfAttention.q"), MatchOutcome::NoMatch);
+        assert_eq!(
+            m.check("encoder.block.0.layer.0.SelfAttention.q"),
+            MatchOutcome::Target
+        );
+        assert_eq!(
+            m.check("encoder.block.1.layer.0.SelfAttention.q"),
+            MatchOutcome::NoMatch
+        );
         assert_eq!(m.check("encoder.layers.0.q"), MatchOutcome::NoMatch);
     }
 
@@ -533,7 +629,13 @@ mod tests {
             exclude_modules: Some(TargetModules::List(vec!["v_proj".into()])),
             ..TargetSpec::default()
         };
-        let got = select_targets(&spec, &TargetModules::AllLinear, &names, &["lm_head".into()]).unwrap();
+        let got = select_targets(
+            &spec,
+            &TargetModules::AllLinear,
+            &names,
+            &["lm_head".into()],
+        )
+        .unwrap();
         assert_eq!(got, vec!["model.layers.0.q_proj".to_string()]);
     }
 
@@ -544,26 +646,58 @@ mod tests {
         for i in 0..12 {
             for n in ["q_proj", "k_proj", "v_proj"] {
                 let p = format!("model.layers.{i}.self_attn.{n}");
-                modules.push(ModuleEntry { path: p.clone(), kind: ModuleKind::Linear });
+                modules.push(ModuleEntry {
+                    path: p.clone(),
+                    kind: ModuleKind::Linear,
+                });
                 if n != "k_proj" {
                     targets.push(p);
                 }
             }
         }
-        modules.push(ModuleEntry { path: "lm_head".into(), kind: ModuleKind::Linear });
+        modules.push(ModuleEntry {
+            path: "lm_head".into(),
+            kind: ModuleKind::Linear,
+        });
         let got = resolve_target_modules(&TargetModules::List(targets), &modules, &[], true);
-        assert_eq!(got, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
-        let all = resolve_target_modules(&TargetModules::AllLinear, &modules, &["lm_head".into()], true);
-        assert_eq!(all, TargetModules::List(vec!["k_proj".into(), "q_proj".into(), "v_proj".into()]));
+        assert_eq!(
+            got,
+            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+        );
+        let all = resolve_target_modules(
+            &TargetModules::AllLinear,
+            &modules,
+            &["lm_head".into()],
+            true,
+        );
+        assert_eq!(
+            all,
+            TargetModules::List(vec!["k_proj".into(), "q_proj".into(), "v_proj".into()])
+        );
     }
 
     #[test]
     fn pattern_value_takes_first_matching_key() {
-        let pats = vec![("layers.0.self_attn.q_proj".to_string(), 16), ("q_proj".to_string(), 4)];
-        assert_eq!(pattern_value(&pats, "model.layers.0.self_attn.q_proj"), Some(&16));
-        assert_eq!(pattern_value(&pats, "model.layers.1.self_attn.q_proj"), Some(&4));
-        assert_eq!(pattern_value(&pats, "model.layers.1.self_attn.k_proj"), None);
+        let pats = vec![
+            ("layers.0.self_attn.q_proj".to_string(), 16),
+            ("q_proj".to_string(), 4),
+        ];
+        assert_eq!(
+            pattern_value(&pats, "model.layers.0.self_attn.q_proj"),
+            Some(&16)
+        );
+        assert_eq!(
+            pattern_value(&pats, "model.layers.1.self_attn.q_proj"),
+            Some(&4)
+        );
+        assert_eq!(
+            pattern_value(&pats, "model.layers.1.self_attn.k_proj"),
+            None
+        );
         // a key must end at a segment boundary
-        assert_eq!(pattern_value(&pats, "model.layers.1.self_attn.xq_proj"), None);
+        assert_eq!(
+            pattern_value(&pats, "model.layers.1.self_attn.xq_proj"),
+            None
+        );
     }
 }

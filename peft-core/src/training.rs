@@ -40,7 +40,11 @@ impl CausalLmBatch {
             }
             None => ids.clone(),
         };
-        Ok(CausalLmBatch { input_ids, attention_mask, labels })
+        Ok(CausalLmBatch {
+            input_ids,
+            attention_mask,
+            labels,
+        })
     }
 }
 
@@ -95,9 +99,17 @@ impl Batch {
         match self {
             Batch::CausalLm(b) => causal_lm_batch_loss(model, b),
             Batch::Seq2Seq(b) => {
-                let start = model.base_model().info().decoder_start_token_id.ok_or_else(|| {
-                    PeftError::bad_input("seq2seq batch", "an encoder-decoder model", model.base_model().info().model_type.clone())
-                })?;
+                let start = model
+                    .base_model()
+                    .info()
+                    .decoder_start_token_id
+                    .ok_or_else(|| {
+                        PeftError::bad_input(
+                            "seq2seq batch",
+                            "an encoder-decoder model",
+                            model.base_model().info().model_type.clone(),
+                        )
+                    })?;
                 let inputs = ModelInputs {
                     input_ids: Some(b.input_ids.clone()),
                     attention_mask: b.attention_mask.clone(),
@@ -106,10 +118,15 @@ impl Batch {
                 };
                 let logits = model.forward(&inputs)?;
                 let (n, t, v) = logits.dims3()?;
-                Ok(cross_entropy(&logits.reshape((n * t, v))?, &b.labels.to_dtype(DType::I64)?.reshape(n * t)?)?.0)
+                Ok(cross_entropy(
+                    &logits.reshape((n * t, v))?,
+                    &b.labels.to_dtype(DType::I64)?.reshape(n * t)?,
+                )?
+                .0)
             }
             Batch::Classification(b) => {
-                let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
+                let inputs =
+                    ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
                 let logits = model.forward(&inputs)?;
                 let classes = logits.dim(logits.rank() - 1)?;
                 let rows = logits.elem_count() / classes;
@@ -121,11 +138,21 @@ impl Batch {
 }
 
 /// One optimizer step on any batch: forward, loss, backward, optional clipping, update.
-pub fn train_step<O: Optimizer>(model: &PeftModel, optimizer: &mut O, batch: &Batch, max_grad_norm: Option<f32>) -> Result<StepStats> {
+pub fn train_step<O: Optimizer>(
+    model: &PeftModel,
+    optimizer: &mut O,
+    batch: &Batch,
+    max_grad_norm: Option<f32>,
+) -> Result<StepStats> {
     step_on_loss(model, optimizer, batch.loss(model)?, max_grad_norm)
 }
 
-fn step_on_loss<O: Optimizer>(model: &PeftModel, optimizer: &mut O, loss: Tensor, max_grad_norm: Option<f32>) -> Result<StepStats> {
+fn step_on_loss<O: Optimizer>(
+    model: &PeftModel,
+    optimizer: &mut O,
+    loss: Tensor,
+    max_grad_norm: Option<f32>,
+) -> Result<StepStats> {
     let loss_value = loss.to_scalar::<f32>()?;
     let mut grads = loss.backward()?;
     let vars = model.trainable_vars();
@@ -134,7 +161,10 @@ fn step_on_loss<O: Optimizer>(model: &PeftModel, optimizer: &mut O, loss: Tensor
         None => grad_norm(&grads, &vars)?,
     };
     optimizer.step(&grads)?;
-    Ok(StepStats { loss: loss_value, grad_norm })
+    Ok(StepStats {
+        loss: loss_value,
+        grad_norm,
+    })
 }
 
 /// What one training step measured.
@@ -148,7 +178,8 @@ pub struct StepStats {
 
 /// The causal-LM loss of `model` on `batch` (with the model's current train/eval mode).
 pub fn causal_lm_batch_loss(model: &PeftModel, batch: &CausalLmBatch) -> Result<Tensor> {
-    let inputs = ModelInputs::from_ids(batch.input_ids.clone()).with_mask(batch.attention_mask.clone());
+    let inputs =
+        ModelInputs::from_ids(batch.input_ids.clone()).with_mask(batch.attention_mask.clone());
     let logits = model.forward(&inputs)?;
     // Prompt tuning and p-tuning add virtual positions to the logits; peft prepends -100 labels.
     let virtual_tokens = model.virtual_tokens_in_output();
@@ -173,9 +204,16 @@ pub fn check_gradients(grads: &GradStore, vars: &[(String, Var)]) -> Result<Vec<
                 "trainable parameter `{name}` received no gradient: an op on its path has no backward pass"
             )));
         };
-        let norm = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let norm = g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            .sqrt();
         if !norm.is_finite() {
-            return Err(PeftError::InvalidState(format!("gradient of `{name}` is not finite")));
+            return Err(PeftError::InvalidState(format!(
+                "gradient of `{name}` is not finite"
+            )));
         }
         norms.push((name.clone(), norm));
     }
@@ -187,7 +225,12 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f32> {
     let mut total = 0.0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += f64::from(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            total += f64::from(
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?,
+            );
         }
     }
     Ok(total.sqrt() as f32)
@@ -215,5 +258,10 @@ pub fn causal_lm_step<O: Optimizer>(
     batch: &CausalLmBatch,
     max_grad_norm: Option<f32>,
 ) -> Result<StepStats> {
-    step_on_loss(model, optimizer, causal_lm_batch_loss(model, batch)?, max_grad_norm)
+    step_on_loss(
+        model,
+        optimizer,
+        causal_lm_batch_loss(model, batch)?,
+        max_grad_norm,
+    )
 }

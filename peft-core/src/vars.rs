@@ -43,14 +43,19 @@ impl Init {
     /// uniform on `±1/sqrt(fan_in)`.
     pub fn kaiming_uniform_linear(fan_in: usize) -> Self {
         let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-        Init::Uniform { low: -bound, high: bound }
+        Init::Uniform {
+            low: -bound,
+            high: bound,
+        }
     }
 
     fn sample(&self, n: usize, rng: &mut StdRng) -> Vec<f32> {
         match *self {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
-            Init::Uniform { low, high } => (0..n).map(|_| rng.random_range(low..high) as f32).collect(),
+            Init::Uniform { low, high } => {
+                (0..n).map(|_| rng.random_range(low..high) as f32).collect()
+            }
             Init::Normal { mean, std } => (0..n)
                 .map(|_| {
                     // Box-Muller; `1 - u` keeps the logarithm finite.
@@ -134,7 +139,11 @@ impl ParamStore {
             .collect();
         Arc::new(ParamStore {
             vars: Mutex::new(BTreeMap::new()),
-            source: Mutex::new(Some(TensorSource { path: path.to_path_buf(), tensors, used: BTreeSet::new() })),
+            source: Mutex::new(Some(TensorSource {
+                path: path.to_path_buf(),
+                tensors,
+                used: BTreeSet::new(),
+            })),
             key_prefix: key_prefix.to_string(),
             seed: 0,
             device: device.clone(),
@@ -143,7 +152,10 @@ impl ParamStore {
 
     /// A builder rooted at the empty path.
     pub fn root(self: &Arc<Self>) -> ParamBuilder {
-        ParamBuilder { store: Arc::clone(self), prefix: String::new() }
+        ParamBuilder {
+            store: Arc::clone(self),
+            prefix: String::new(),
+        }
     }
 
     fn get_or_create(&self, path: &str, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -223,9 +235,14 @@ impl ParamStore {
 
     /// Takes (and marks as used) the source tensors whose path satisfies `pred`, returning
     /// `(path, file key, tensor)`.
-    pub fn take_source_tensors(&self, pred: impl Fn(&str) -> bool) -> Vec<(String, String, Tensor)> {
+    pub fn take_source_tensors(
+        &self,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<(String, String, Tensor)> {
         let mut guard = lock(&self.source);
-        let Some(src) = guard.as_mut() else { return Vec::new() };
+        let Some(src) = guard.as_mut() else {
+            return Vec::new();
+        };
         let picked: Vec<(String, String, Tensor)> = src
             .tensors
             .iter()
@@ -250,7 +267,10 @@ impl ParamStore {
 
     /// All parameters, sorted by path.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        lock(&self.vars).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        lock(&self.vars)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Total number of parameter values.
@@ -262,7 +282,12 @@ impl ParamStore {
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         lock(&self.vars)
             .iter()
-            .map(|(k, v)| Ok((format!("{}{k}", self.key_prefix), v.as_tensor().to_dtype(DType::F32)?)))
+            .map(|(k, v)| {
+                Ok((
+                    format!("{}{k}", self.key_prefix),
+                    v.as_tensor().to_dtype(DType::F32)?,
+                ))
+            })
             .collect()
     }
 
@@ -283,8 +308,15 @@ impl ParamBuilder {
     /// Descends into a sub-module.
     pub fn pp(&self, name: impl AsRef<str>) -> ParamBuilder {
         let name = name.as_ref();
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        ParamBuilder { store: Arc::clone(&self.store), prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        ParamBuilder {
+            store: Arc::clone(&self.store),
+            prefix,
+        }
     }
 
     /// The full path of parameter `name` under this builder.
@@ -309,7 +341,8 @@ impl ParamBuilder {
         name: &str,
         mut init: impl FnMut(&mut StdRng) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        self.store.get_or_create_with(&self.path(name), shape, &mut init)
+        self.store
+            .get_or_create_with(&self.path(name), shape, &mut init)
     }
 
     /// A seed for auxiliary randomness (such as dropout) of the module at this path, derived
@@ -326,7 +359,9 @@ impl ParamBuilder {
     /// Whether the checkpoint being loaded holds parameter `name` under this builder.
     pub fn source_contains(&self, name: &str) -> bool {
         let path = self.path(name);
-        lock(&self.store.source).as_ref().is_some_and(|s| s.tensors.contains_key(&path))
+        lock(&self.store.source)
+            .as_ref()
+            .is_some_and(|s| s.tensors.contains_key(&path))
     }
 
     /// Whether parameters come from a checkpoint rather than a fresh init.
@@ -344,14 +379,20 @@ mod tests {
         let dev = Device::Cpu;
         let a = ParamStore::new(7, &dev, "");
         let b = ParamStore::new(7, &dev, "");
-        let init = Init::Normal { mean: 0.0, std: 1.0 };
+        let init = Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         let a1 = a.root().get(&[3, 4], "x.w", init).unwrap();
         let a2 = a.root().get(&[2], "y.w", init).unwrap();
         let b2 = b.root().get(&[2], "y.w", init).unwrap();
         let b1 = b.root().get(&[3, 4], "x.w", init).unwrap();
         assert_eq!(a1.to_vec2::<f32>().unwrap(), b1.to_vec2::<f32>().unwrap());
         assert_eq!(a2.to_vec1::<f32>().unwrap(), b2.to_vec1::<f32>().unwrap());
-        assert_ne!(a1.to_vec2::<f32>().unwrap()[0], a1.to_vec2::<f32>().unwrap()[1]);
+        assert_ne!(
+            a1.to_vec2::<f32>().unwrap()[0],
+            a1.to_vec2::<f32>().unwrap()[1]
+        );
     }
 
     #[test]
@@ -360,20 +401,37 @@ mod tests {
         let t = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
         let store = ParamStore::from_tensors(
             Path::new("f.safetensors"),
-            vec![("base_model.model.a.w".into(), t.clone()), ("extra".into(), t)],
+            vec![
+                ("base_model.model.a.w".into(), t.clone()),
+                ("extra".into(), t),
+            ],
             &dev,
             BASE_MODEL_PREFIX,
         );
         assert!(store.root().get(&[2, 3], "a.w", Init::Zeros).is_ok());
-        let err = store.root().get(&[2, 3], "b.w", Init::Zeros).unwrap_err().to_string();
-        assert!(err.contains("f.safetensors") && err.contains("base_model.model.b.w"), "{err}");
+        let err = store
+            .root()
+            .get(&[2, 3], "b.w", Init::Zeros)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.safetensors") && err.contains("base_model.model.b.w"),
+            "{err}"
+        );
         let store2 = ParamStore::from_tensors(
             Path::new("f.safetensors"),
-            vec![("a.w".into(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap())],
+            vec![(
+                "a.w".into(),
+                Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            )],
             &dev,
             BASE_MODEL_PREFIX,
         );
-        let err = store2.root().get(&[3, 2], "a.w", Init::Zeros).unwrap_err().to_string();
+        let err = store2
+            .root()
+            .get(&[3, 2], "a.w", Init::Zeros)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
         assert_eq!(store.unused_source_keys(), vec!["extra".to_string()]);
     }

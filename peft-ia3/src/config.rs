@@ -4,7 +4,9 @@ use std::any::Any;
 
 use peft_core::json::{describe, ConfigFields};
 use peft_core::targets::compile_full_match;
-use peft_core::{CommonConfig, LayerMethod, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
+use peft_core::{
+    CommonConfig, LayerMethod, MethodConfig, PeftError, Result, TargetModules, TargetSpec,
+};
 use serde_json::{Map, Value};
 
 /// `feedforward_modules`: which targets rescale their input rather than their output.
@@ -31,7 +33,12 @@ pub struct Ia3Config {
 
 impl Default for Ia3Config {
     fn default() -> Self {
-        Ia3Config { targets: TargetSpec::default(), feedforward_modules: None, fan_in_fan_out: false, init_ia3_weights: true }
+        Ia3Config {
+            targets: TargetSpec::default(),
+            feedforward_modules: None,
+            fan_in_fan_out: false,
+            init_ia3_weights: true,
+        }
     }
 }
 
@@ -42,7 +49,9 @@ impl Ia3Config {
             Some(FeedforwardModules::Regex(p)) => {
                 compile_full_match(p).is_ok_and(|re| re.is_match(path).unwrap_or(false))
             }
-            Some(FeedforwardModules::List(names)) => names.iter().any(|n| path.ends_with(n.as_str())),
+            Some(FeedforwardModules::List(names)) => {
+                names.iter().any(|n| path.ends_with(n.as_str()))
+            }
             None => false,
         }
     }
@@ -56,7 +65,12 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
         None | Some(Value::Null) => None,
         Some(Value::String(p)) => {
             compile_full_match(&p).map_err(|e| {
-                PeftError::config_value(fields.source_name(), "feedforward_modules", "a valid regular expression", e)
+                PeftError::config_value(
+                    fields.source_name(),
+                    "feedforward_modules",
+                    "a valid regular expression",
+                    e,
+                )
             })?;
             Some(FeedforwardModules::Regex(p))
         }
@@ -65,7 +79,13 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             for item in &items {
                 match item.as_str() {
                     Some(s) => out.push(s.to_string()),
-                    None => return Err(fields.type_error("feedforward_modules", "a list of module names", item)),
+                    None => {
+                        return Err(fields.type_error(
+                            "feedforward_modules",
+                            "a list of module names",
+                            item,
+                        ))
+                    }
                 }
             }
             Some(FeedforwardModules::List(out))
@@ -81,7 +101,9 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
     };
     // peft requires a literal subset; also accept a name that targets list as full paths (what
     // saving an `all-linear` config produces) so such files load.
-    if let (Some(FeedforwardModules::List(ff)), Some(TargetModules::List(t))) = (&feedforward_modules, &target_modules) {
+    if let (Some(FeedforwardModules::List(ff)), Some(TargetModules::List(t))) =
+        (&feedforward_modules, &target_modules)
+    {
         let covered = |f: &String| t.iter().any(|x| x == f || x.ends_with(&format!(".{f}")));
         if let Some(extra) = ff.iter().find(|f| !covered(f)) {
             return Err(PeftError::config_value(
@@ -94,7 +116,12 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
     }
     let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
     Ok(Box::new(Ia3Config {
-        targets: TargetSpec { target_modules, exclude_modules, modules_to_save, ..TargetSpec::default() },
+        targets: TargetSpec {
+            target_modules,
+            exclude_modules,
+            modules_to_save,
+            ..TargetSpec::default()
+        },
         feedforward_modules,
         fan_in_fan_out: fields.take_bool("fan_in_fan_out", false)?,
         init_ia3_weights: fields.take_bool("init_ia3_weights", true)?,
@@ -109,8 +136,18 @@ impl MethodConfig for Ia3Config {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         let t = &self.targets;
-        out.insert("target_modules".into(), t.target_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
-        out.insert("exclude_modules".into(), t.exclude_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
+        out.insert(
+            "target_modules".into(),
+            t.target_modules
+                .as_ref()
+                .map_or(Value::Null, TargetModules::to_json),
+        );
+        out.insert(
+            "exclude_modules".into(),
+            t.exclude_modules
+                .as_ref()
+                .map_or(Value::Null, TargetModules::to_json),
+        );
         out.insert(
             "feedforward_modules".into(),
             match &self.feedforward_modules {
@@ -120,8 +157,14 @@ impl MethodConfig for Ia3Config {
             },
         );
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        out.insert("modules_to_save".into(), t.modules_to_save.clone().map_or(Value::Null, Value::from));
-        out.insert("init_ia3_weights".into(), Value::Bool(self.init_ia3_weights));
+        out.insert(
+            "modules_to_save".into(),
+            t.modules_to_save.clone().map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "init_ia3_weights".into(),
+            Value::Bool(self.init_ia3_weights),
+        );
         out
     }
 

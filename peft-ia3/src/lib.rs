@@ -13,8 +13,8 @@ pub mod config;
 
 use candle_core::{DType, Tensor};
 use peft_core::{
-    Init, LayerMethod, LinearAdapter, LinearLike, MethodRegistration, ModelInfo, ParamBuilder, PeftError, Result,
-    TargetModules, TargetSpec, TaskType,
+    Init, LayerMethod, LinearAdapter, LinearLike, MethodRegistration, ModelInfo, ParamBuilder,
+    PeftError, Result, TargetModules, TargetSpec, TaskType,
 };
 
 pub use config::{FeedforwardModules, Ia3Config};
@@ -40,7 +40,10 @@ pub fn default_modules(model_type: &str) -> Option<(Vec<String>, Vec<String>)> {
         "t5" => (&["k", "v", "wo"], &["wo"]),
         "mt5" => (&["k", "v", "wi_1"], &[]),
         "gpt2" | "gpt_bigcode" => (&["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
-        "bloom" => (&["query_key_value", "mlp.dense_4h_to_h"], &["mlp.dense_4h_to_h"]),
+        "bloom" => (
+            &["query_key_value", "mlp.dense_4h_to_h"],
+            &["mlp.dense_4h_to_h"],
+        ),
         "roberta" | "bert" => (&["key", "value", "output.dense"], &["output.dense"]),
         "opt" => (&["q_proj", "k_proj", "fc2"], &["fc2"]),
         "gptj" => (&["q_proj", "v_proj", "fc_out"], &["fc_out"]),
@@ -54,7 +57,10 @@ pub fn default_modules(model_type: &str) -> Option<(Vec<String>, Vec<String>)> {
             (&["q_proj", "v_proj", "down_proj"], &["down_proj"])
         }
         "mixtral" => (&["k_proj", "v_proj", "w2"], &["w2"]),
-        "deberta-v2" => (&["key_proj", "value_proj", "output.dense"], &["output.dense"]),
+        "deberta-v2" => (
+            &["key_proj", "value_proj", "output.dense"],
+            &["output.dense"],
+        ),
         "deberta" => (&["in_proj", "output.dense"], &["output.dense"]),
         "phi" => (&["q_proj", "v_proj", "fc2"], &["fc2"]),
         _ => return None,
@@ -72,10 +78,29 @@ pub struct Ia3Linear {
 
 impl Ia3Linear {
     /// Builds (or loads) `ia3_l` under `params`.
-    pub fn new(params: &ParamBuilder, base: &dyn LinearLike, feedforward: bool, init_ones: bool) -> Result<Self> {
-        let shape = if feedforward { [1, base.in_features()] } else { [base.out_features(), 1] };
-        let init = if init_ones { Init::Ones } else { Init::Normal { mean: 0.0, std: 1.0 } };
-        Ok(Ia3Linear { l: params.get(&shape, "ia3_l", init)?, feedforward })
+    pub fn new(
+        params: &ParamBuilder,
+        base: &dyn LinearLike,
+        feedforward: bool,
+        init_ones: bool,
+    ) -> Result<Self> {
+        let shape = if feedforward {
+            [1, base.in_features()]
+        } else {
+            [base.out_features(), 1]
+        };
+        let init = if init_ones {
+            Init::Ones
+        } else {
+            Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            }
+        };
+        Ok(Ia3Linear {
+            l: params.get(&shape, "ia3_l", init)?,
+            feedforward,
+        })
     }
 
     fn scale(&self, t: &Tensor) -> Result<Tensor> {
@@ -137,18 +162,32 @@ impl LayerMethod for Ia3Config {
 
     fn prepare(&mut self, info: &ModelInfo, _task_type: Option<TaskType>) -> Result<()> {
         if self.feedforward_modules.is_none() {
-            let (_, ff) = default_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
-                source_name: "adapter config".into(),
-                key: "feedforward_modules".into(),
-                expected: format!("feed-forward module names: IA3 has no defaults for model_type `{}`", info.model_type),
-            })?;
+            let (_, ff) =
+                default_modules(&info.model_type).ok_or_else(|| PeftError::MissingKey {
+                    source_name: "adapter config".into(),
+                    key: "feedforward_modules".into(),
+                    expected: format!(
+                        "feed-forward module names: IA3 has no defaults for model_type `{}`",
+                        info.model_type
+                    ),
+                })?;
             self.feedforward_modules = Some(FeedforwardModules::List(ff));
         }
         Ok(())
     }
 
-    fn wrap_linear(&self, path: &str, base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>> {
+    fn wrap_linear(
+        &self,
+        path: &str,
+        base: &dyn LinearLike,
+        params: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>> {
         let feedforward = self.is_feedforward(path);
-        Ok(Box::new(Ia3Linear::new(params, base, feedforward, self.init_ia3_weights)?))
+        Ok(Box::new(Ia3Linear::new(
+            params,
+            base,
+            feedforward,
+            self.init_ia3_weights,
+        )?))
     }
 }

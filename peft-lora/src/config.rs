@@ -51,7 +51,16 @@ impl InitLoraWeights {
 }
 
 /// Inits peft 0.21 knows besides `true`, `false` and `"gaussian"`.
-const OTHER_INITS: &[&str] = &["eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica"];
+const OTHER_INITS: &[&str] = &[
+    "eva",
+    "olora",
+    "pissa",
+    "corda",
+    "loftq",
+    "orthogonal",
+    "lora_ga",
+    "mica",
+];
 
 /// The LoRA configuration (peft's `LoraConfig`).
 #[derive(Debug, Clone, PartialEq)]
@@ -93,7 +102,10 @@ impl Default for LoraConfig {
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
-            inert: inert_defaults().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            inert: inert_defaults()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         }
     }
 }
@@ -164,7 +176,10 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
             "eva_config" | "corda_config" | "loftq_config" | "lora_ga_config" => {
                 let owner = key.trim_end_matches("_config");
                 if !is_off(&value) && init_str != owner {
-                    tracing::warn!("{}: `{key}` is ignored because init_lora_weights is not '{owner}'", fields.source_name());
+                    tracing::warn!(
+                        "{}: `{key}` is ignored because init_lora_weights is not '{owner}'",
+                        fields.source_name()
+                    );
                 }
                 true
             }
@@ -195,8 +210,14 @@ fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
     match fields.take_raw("init_lora_weights") {
         None | Some(Value::Bool(true)) => Ok(InitLoraWeights::Default),
         Some(Value::Bool(false)) => Ok(InitLoraWeights::Random),
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("gaussian") => Ok(InitLoraWeights::Gaussian),
-        Some(Value::String(s)) if OTHER_INITS.contains(&s.as_str()) || s.starts_with("pissa") || s.starts_with("corda") => {
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("gaussian") => {
+            Ok(InitLoraWeights::Gaussian)
+        }
+        Some(Value::String(s))
+            if OTHER_INITS.contains(&s.as_str())
+                || s.starts_with("pissa")
+                || s.starts_with("corda") =>
+        {
             Ok(InitLoraWeights::Other(s))
         }
         Some(v) => Err(PeftError::config_value(
@@ -216,12 +237,21 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
 impl LoraConfig {
     /// A config with rank `r` and `lora_alpha`, other fields at peft's defaults.
     pub fn new(r: usize, lora_alpha: f64) -> Self {
-        LoraConfig { r, lora_alpha: number(lora_alpha), ..Default::default() }
+        LoraConfig {
+            r,
+            lora_alpha: number(lora_alpha),
+            ..Default::default()
+        }
     }
 
     /// Targets these module names (exact names or dotted suffixes).
-    pub fn with_target_modules<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
-        self.targets.target_modules = Some(TargetModules::List(names.into_iter().map(Into::into).collect()));
+    pub fn with_target_modules<S: Into<String>>(
+        mut self,
+        names: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.targets.target_modules = Some(TargetModules::List(
+            names.into_iter().map(Into::into).collect(),
+        ));
         self
     }
 
@@ -262,7 +292,9 @@ impl LoraConfig {
 
     /// `(r, alpha)` for the module at `path`, after `rank_pattern`/`alpha_pattern`.
     pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
-        let r = peft_core::targets::pattern_value(&self.rank_pattern, path).copied().unwrap_or(self.r);
+        let r = peft_core::targets::pattern_value(&self.rank_pattern, path)
+            .copied()
+            .unwrap_or(self.r);
         let alpha = peft_core::targets::pattern_value(&self.alpha_pattern, path)
             .and_then(Number::as_f64)
             .unwrap_or_else(|| self.alpha());
@@ -281,7 +313,12 @@ impl LoraConfig {
     fn from_fields(fields: &mut ConfigFields) -> Result<Self> {
         let r = fields.take_usize("r", 8)?;
         if r == 0 {
-            return Err(PeftError::config_value(fields.source_name(), "r", "a positive integer", "0"));
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "r",
+                "a positive integer",
+                "0",
+            ));
         }
         let lora_alpha = fields.take_number("lora_alpha", Number::from(8))?;
         let lora_dropout = fields.take_f64("lora_dropout", 0.0)?;
@@ -376,15 +413,36 @@ impl MethodConfig for LoraConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         for (key, default) in inert_defaults() {
-            out.insert(key.to_string(), self.inert.get(key).cloned().unwrap_or(default));
+            out.insert(
+                key.to_string(),
+                self.inert.get(key).cloned().unwrap_or(default),
+            );
         }
         let t = &self.targets;
         out.insert("r".into(), Value::from(self.r));
         out.insert("lora_alpha".into(), Value::Number(self.lora_alpha.clone()));
-        out.insert("lora_dropout".into(), Value::Number(Number::from_f64(self.lora_dropout).unwrap_or(Number::from(0))));
-        out.insert("target_modules".into(), t.target_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
-        out.insert("exclude_modules".into(), t.exclude_modules.as_ref().map_or(Value::Null, TargetModules::to_json));
-        out.insert("layers_to_transform".into(), t.layers_to_transform.as_ref().map_or(Value::Null, LayerIndices::to_json));
+        out.insert(
+            "lora_dropout".into(),
+            Value::Number(Number::from_f64(self.lora_dropout).unwrap_or(Number::from(0))),
+        );
+        out.insert(
+            "target_modules".into(),
+            t.target_modules
+                .as_ref()
+                .map_or(Value::Null, TargetModules::to_json),
+        );
+        out.insert(
+            "exclude_modules".into(),
+            t.exclude_modules
+                .as_ref()
+                .map_or(Value::Null, TargetModules::to_json),
+        );
+        out.insert(
+            "layers_to_transform".into(),
+            t.layers_to_transform
+                .as_ref()
+                .map_or(Value::Null, LayerIndices::to_json),
+        );
         out.insert(
             "layers_pattern".into(),
             match &t.layers_pattern {
@@ -393,17 +451,30 @@ impl MethodConfig for LoraConfig {
                 Some(p) => Value::from(p.clone()),
             },
         );
-        out.insert("modules_to_save".into(), t.modules_to_save.clone().map_or(Value::Null, Value::from));
+        out.insert(
+            "modules_to_save".into(),
+            t.modules_to_save.clone().map_or(Value::Null, Value::from),
+        );
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
         out.insert("use_rslora".into(), Value::Bool(self.use_rslora));
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
         out.insert(
             "rank_pattern".into(),
-            Value::Object(self.rank_pattern.iter().map(|(k, r)| (k.clone(), Value::from(*r))).collect()),
+            Value::Object(
+                self.rank_pattern
+                    .iter()
+                    .map(|(k, r)| (k.clone(), Value::from(*r)))
+                    .collect(),
+            ),
         );
         out.insert(
             "alpha_pattern".into(),
-            Value::Object(self.alpha_pattern.iter().map(|(k, a)| (k.clone(), Value::Number(a.clone()))).collect()),
+            Value::Object(
+                self.alpha_pattern
+                    .iter()
+                    .map(|(k, a)| (k.clone(), Value::Number(a.clone())))
+                    .collect(),
+            ),
         );
         out
     }

@@ -33,13 +33,33 @@ impl LoraLinear {
         seed: u64,
     ) -> Result<Self> {
         let (init_a, init_b) = match init {
-            InitLoraWeights::Default | InitLoraWeights::Other(_) => (Init::kaiming_uniform_linear(in_features), Init::Zeros),
-            InitLoraWeights::Gaussian => (Init::Normal { mean: 0.0, std: 1.0 / r as f64 }, Init::Zeros),
-            InitLoraWeights::Random => (Init::kaiming_uniform_linear(in_features), Init::kaiming_uniform_linear(r)),
+            InitLoraWeights::Default | InitLoraWeights::Other(_) => {
+                (Init::kaiming_uniform_linear(in_features), Init::Zeros)
+            }
+            InitLoraWeights::Gaussian => (
+                Init::Normal {
+                    mean: 0.0,
+                    std: 1.0 / r as f64,
+                },
+                Init::Zeros,
+            ),
+            InitLoraWeights::Random => (
+                Init::kaiming_uniform_linear(in_features),
+                Init::kaiming_uniform_linear(r),
+            ),
         };
-        let a = params.pp("lora_A").get(&[r, in_features], "weight", init_a)?;
-        let b = params.pp("lora_B").get(&[out_features, r], "weight", init_b)?;
-        Ok(LoraLinear { a, b, scaling, dropout: Dropout::new(dropout, seed) })
+        let a = params
+            .pp("lora_A")
+            .get(&[r, in_features], "weight", init_a)?;
+        let b = params
+            .pp("lora_B")
+            .get(&[out_features, r], "weight", init_b)?;
+        Ok(LoraLinear {
+            a,
+            b,
+            scaling,
+            dropout: Dropout::new(dropout, seed),
+        })
     }
 
     /// The scaling applied to `B A x`.
@@ -55,11 +75,19 @@ impl LoraLinear {
 
 impl LinearAdapter for LoraLinear {
     fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor> {
-        let x = if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
+        let x = if x.dtype() == DType::F32 {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
         let x = self.dropout.forward(&x, training)?;
         let h = linear_forward(&x, &self.a, false)?;
         let delta = (linear_forward(&h, &self.b, false)? * self.scaling)?;
-        let delta = if y.dtype() == DType::F32 { delta } else { delta.to_dtype(y.dtype())? };
+        let delta = if y.dtype() == DType::F32 {
+            delta
+        } else {
+            delta.to_dtype(y.dtype())?
+        };
         Ok((y + delta)?)
     }
 
@@ -90,14 +118,22 @@ impl LoraEmbedding {
         init: &InitLoraWeights,
         padding_idx: Option<usize>,
     ) -> Result<Self> {
-        let normal = Init::Normal { mean: 0.0, std: 1.0 };
+        let normal = Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         let (init_a, init_b) = match init {
             InitLoraWeights::Random => (normal, normal),
             _ => (Init::Zeros, normal),
         };
         let a = params.get(&[r, num_embeddings], "lora_embedding_A", init_a)?;
         let b = params.get(&[dim, r], "lora_embedding_B", init_b)?;
-        Ok(LoraEmbedding { a, b, scaling, padding_idx })
+        Ok(LoraEmbedding {
+            a,
+            b,
+            scaling,
+            padding_idx,
+        })
     }
 }
 
@@ -107,12 +143,19 @@ impl EmbeddingAdapter for LoraEmbedding {
         let mut after_a = embedding_lookup(&table, ids)?;
         if let (true, Some(pad)) = (training, self.padding_idx) {
             // torch's padding_idx: the padding row gets no gradient.
-            let is_pad = ids.to_dtype(DType::U32)?.eq(pad as u32)?.unsqueeze(candle_core::D::Minus1)?;
+            let is_pad = ids
+                .to_dtype(DType::U32)?
+                .eq(pad as u32)?
+                .unsqueeze(candle_core::D::Minus1)?;
             let is_pad = is_pad.broadcast_as(after_a.shape())?;
             after_a = is_pad.where_cond(&after_a.detach(), &after_a)?;
         }
         let delta = (linear_forward(&after_a, &self.b, false)? * self.scaling)?;
-        let delta = if y.dtype() == DType::F32 { delta } else { delta.to_dtype(y.dtype())? };
+        let delta = if y.dtype() == DType::F32 {
+            delta
+        } else {
+            delta.to_dtype(y.dtype())?
+        };
         Ok((y + delta)?)
     }
 

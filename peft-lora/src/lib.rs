@@ -11,8 +11,8 @@ pub mod layer;
 
 use peft_core::layers::{EmbeddingLike, LinearLike};
 use peft_core::{
-    EmbeddingAdapter, LayerMethod, LinearAdapter, MethodRegistration, ParamBuilder, PeftError, Result,
-    TargetModules, TargetSpec,
+    EmbeddingAdapter, LayerMethod, LinearAdapter, MethodRegistration, ParamBuilder, PeftError,
+    Result, TargetModules, TargetSpec,
 };
 
 pub use config::{InitLoraWeights, LoraConfig};
@@ -32,10 +32,14 @@ peft_core::register_method!(MethodRegistration {
 pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
     let names: &[&str] = match model_type {
         "t5" | "mt5" => &["q", "v"],
-        "bart" | "opt" | "gptj" | "gpt_neo" | "llama" | "llama4" | "mistral" | "mixtral" | "stablelm" | "gemma"
-        | "gemma2" | "gemma3_text" | "qwen2" | "qwen3" => &["q_proj", "v_proj"],
+        "bart" | "opt" | "gptj" | "gpt_neo" | "llama" | "llama4" | "mistral" | "mixtral"
+        | "stablelm" | "gemma" | "gemma2" | "gemma3_text" | "qwen2" | "qwen3" => {
+            &["q_proj", "v_proj"]
+        }
         "gpt2" | "gpt_bigcode" => &["c_attn"],
-        "bloom" | "gpt_neox" | "chatglm" | "RefinedWebModel" | "RefinedWeb" | "falcon" => &["query_key_value"],
+        "bloom" | "gpt_neox" | "chatglm" | "RefinedWebModel" | "RefinedWeb" | "falcon" => {
+            &["query_key_value"]
+        }
         "blip-2" => &["q", "v", "q_proj", "v_proj"],
         "bert" | "roberta" | "xlm-roberta" | "electra" | "layoutlm" => &["query", "value"],
         "deberta-v2" => &["query_proj", "value_proj"],
@@ -47,10 +51,16 @@ pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
         "nemotron_h" => &["q_proj", "k_proj", "v_proj", "o_proj"],
         "rwkv" => &["key", "value", "receptance", "output"],
         "rwkv7" => &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-        "gemma4" => return Some(TargetModules::Regex(r".*language_model\..*\.(q_proj|v_proj)".into())),
+        "gemma4" => {
+            return Some(TargetModules::Regex(
+                r".*language_model\..*\.(q_proj|v_proj)".into(),
+            ))
+        }
         _ => return None,
     };
-    Some(TargetModules::List(names.iter().map(|s| s.to_string()).collect()))
+    Some(TargetModules::List(
+        names.iter().map(|s| s.to_string()).collect(),
+    ))
 }
 
 impl LoraConfig {
@@ -100,7 +110,12 @@ impl LayerMethod for LoraConfig {
         }
     }
 
-    fn wrap_linear(&self, path: &str, base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>> {
+    fn wrap_linear(
+        &self,
+        path: &str,
+        base: &dyn LinearLike,
+        params: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>> {
         self.check_init_for(params)?;
         let (r, alpha) = self.rank_and_alpha(path);
         Ok(Box::new(LoraLinear::new(

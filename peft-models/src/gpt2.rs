@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::json::{parse_object, ConfigFields};
 use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result, TaskType,
+    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
+    TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -52,11 +53,19 @@ impl Gpt2Config {
         let n_embd = f.take_usize("n_embd", 768)?;
         let n_head = f.take_usize("n_head", 12)?;
         if n_head == 0 || n_embd % n_head != 0 {
-            return Err(PeftError::config_value(source, "n_head", format!("a divisor of n_embd ({n_embd})"), n_head));
+            return Err(PeftError::config_value(
+                source,
+                "n_head",
+                format!("a divisor of n_embd ({n_embd})"),
+                n_head,
+            ));
         }
         let n_inner = match f.take_raw("n_inner") {
             None | Some(Value::Null) => 4 * n_embd,
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| f.type_error("n_inner", "an integer or null", &v))?,
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| f.type_error("n_inner", "an integer or null", &v))?,
         };
         for key in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
             if f.take_bool(key, false)? {
@@ -75,7 +84,9 @@ impl Gpt2Config {
             n_layer: f.take_usize("n_layer", 12)?,
             n_head,
             n_inner,
-            activation: f.take_opt_string("activation_function")?.unwrap_or_else(|| "gelu_new".into()),
+            activation: f
+                .take_opt_string("activation_function")?
+                .unwrap_or_else(|| "gelu_new".into()),
             layer_norm_epsilon: f.take_f64("layer_norm_epsilon", 1e-5)?,
             scale_attn_weights: f.take_bool("scale_attn_weights", true)?,
             tie_word_embeddings: f.take_bool("tie_word_embeddings", true)?,
@@ -125,16 +136,25 @@ fn conv1d(src: &mut Source<'_>, name: &str, inp: usize, out: usize) -> Result<Li
 }
 
 fn layer_norm(src: &mut Source<'_>, name: &str, dim: usize) -> Result<LayerNorm> {
-    Ok(LayerNorm { weight: src(&format!("{name}.weight"), &[dim])?, bias: src(&format!("{name}.bias"), &[dim])? })
+    Ok(LayerNorm {
+        weight: src(&format!("{name}.weight"), &[dim])?,
+        bias: src(&format!("{name}.bias"), &[dim])?,
+    })
 }
 
 impl Gpt2Model {
     /// Builds the model, taking each tensor from `src` by its HF name.
-    pub fn build(cfg: Gpt2Config, src: &mut Source<'_>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn build(
+        cfg: Gpt2Config,
+        src: &mut Source<'_>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let d = cfg.n_embd;
         let wte_w = src("transformer.wte.weight", &[cfg.vocab_size, d])?;
         let wte = DenseEmbedding::new(wte_w.clone(), None)?.into_slot();
-        let wpe = DenseEmbedding::new(src("transformer.wpe.weight", &[cfg.n_positions, d])?, None)?.into_slot();
+        let wpe = DenseEmbedding::new(src("transformer.wpe.weight", &[cfg.n_positions, d])?, None)?
+            .into_slot();
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("transformer.h.{i}");
@@ -152,7 +172,10 @@ impl Gpt2Model {
             let head = DenseLinear::new(wte_w, None)?.into_slot();
             (Arc::clone(&head), Some(head))
         } else {
-            (DenseLinear::new(src("lm_head.weight", &[cfg.vocab_size, d])?, None)?.into_slot(), None)
+            (
+                DenseLinear::new(src("lm_head.weight", &[cfg.vocab_size, d])?, None)?.into_slot(),
+                None,
+            )
         };
         let info = ModelInfo {
             model_type: "gpt2".into(),
@@ -172,13 +195,25 @@ impl Gpt2Model {
             num_labels: None,
             name_or_path: None,
         };
-        Ok(Gpt2Model { cfg, info, wte, wpe, blocks, ln_f, lm_head, tied_head, device: device.clone(), dtype })
+        Ok(Gpt2Model {
+            cfg,
+            info,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            tied_head,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Loads a Hugging Face folder. Checkpoints with or without the `transformer.` prefix load.
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = Gpt2Config::from_map(parse_object(&text, &source)?, &source)?;
         let weights = ModelWeights::open(dir, dtype, device)?;
@@ -206,7 +241,9 @@ impl Gpt2Model {
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        self.tied_head
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
     }
 }
 
@@ -229,14 +266,26 @@ impl AdaptableModel for Gpt2Model {
             out.push(other(p.clone(), "GPT2Block"));
             out.push(other(format!("{p}.ln_1"), "LayerNorm"));
             out.push(other(format!("{p}.attn"), "GPT2Attention"));
-            out.push(ModuleEntry::new(format!("{p}.attn.c_attn"), ModuleKind::Linear));
-            out.push(ModuleEntry::new(format!("{p}.attn.c_proj"), ModuleKind::Linear));
+            out.push(ModuleEntry::new(
+                format!("{p}.attn.c_attn"),
+                ModuleKind::Linear,
+            ));
+            out.push(ModuleEntry::new(
+                format!("{p}.attn.c_proj"),
+                ModuleKind::Linear,
+            ));
             out.push(other(format!("{p}.attn.attn_dropout"), "Dropout"));
             out.push(other(format!("{p}.attn.resid_dropout"), "Dropout"));
             out.push(other(format!("{p}.ln_2"), "LayerNorm"));
             out.push(other(format!("{p}.mlp"), "GPT2MLP"));
-            out.push(ModuleEntry::new(format!("{p}.mlp.c_fc"), ModuleKind::Linear));
-            out.push(ModuleEntry::new(format!("{p}.mlp.c_proj"), ModuleKind::Linear));
+            out.push(ModuleEntry::new(
+                format!("{p}.mlp.c_fc"),
+                ModuleKind::Linear,
+            ));
+            out.push(ModuleEntry::new(
+                format!("{p}.mlp.c_proj"),
+                ModuleKind::Linear,
+            ));
             out.push(other(format!("{p}.mlp.act"), "NewGELUActivation"));
             out.push(other(format!("{p}.mlp.dropout"), "Dropout"));
         }
@@ -245,7 +294,10 @@ impl AdaptableModel for Gpt2Model {
         out
     }
 
-    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()> {
+    fn visit_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
+    ) -> Result<()> {
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("transformer.h.{i}");
             f(&format!("{p}.attn.c_attn"), &mut b.c_attn)?;
@@ -256,14 +308,20 @@ impl AdaptableModel for Gpt2Model {
         f("lm_head", &mut self.lm_head)
     }
 
-    fn visit_embeddings(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>) -> Result<()> {
+    fn visit_embeddings(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
+    ) -> Result<()> {
         f("transformer.wte", &mut self.wte)?;
         f("transformer.wpe", &mut self.wpe)
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self.wte.forward(&input_ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        Ok(self
+            .wte
+            .forward(&input_ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -277,7 +335,9 @@ impl AdaptableModel for Gpt2Model {
         };
         let positions = match &inputs.position_ids {
             Some(p) => p.clone(),
-            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?.unsqueeze(0)?.expand((b, t))?,
+            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?
+                .unsqueeze(0)?
+                .expand((b, t))?,
         };
         if past + t > self.cfg.n_positions {
             return Err(PeftError::bad_input(
@@ -286,20 +346,38 @@ impl AdaptableModel for Gpt2Model {
                 format!("{} (cached {past} + new {t})", past + t),
             ));
         }
-        let mut h = (tokens + self.wpe.forward(&positions.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)?;
-        let mask = ops::causal_mask(inputs.attention_mask.as_ref(), b, t, past, None, &self.device)?;
+        let mut h = (tokens
+            + self
+                .wpe
+                .forward(&positions.to_dtype(DType::U32)?)?
+                .to_dtype(self.dtype)?)?;
+        let mask = ops::causal_mask(
+            inputs.attention_mask.as_ref(),
+            b,
+            t,
+            past,
+            None,
+            &self.device,
+        )?;
         let (nh, d) = (self.cfg.n_head, self.cfg.n_embd);
         let hd = d / nh;
-        let scale = if self.cfg.scale_attn_weights { 1.0 / (hd as f64).sqrt() } else { 1.0 };
+        let scale = if self.cfg.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let a = self.norm(&h, &block.ln_1)?;
             let qkv = block.c_attn.forward(&a)?;
-            let heads = |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
+            let heads =
+                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
             let q = heads(qkv.narrow(2, 0, d)?)?;
             let k = heads(qkv.narrow(2, d, d)?)?;
             let v = heads(qkv.narrow(2, 2 * d, d)?)?;
             let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
-            let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?.transpose(1, 2)?.reshape((b, t, d))?;
+            let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?
+                .transpose(1, 2)?
+                .reshape((b, t, d))?;
             h = (h + block.attn_proj.forward(&attn)?)?;
             let m = self.norm(&h, &block.ln_2)?;
             let m = ops::activation(&self.cfg.activation, &block.c_fc.forward(&m)?)?;
@@ -313,7 +391,11 @@ impl AdaptableModel for Gpt2Model {
         let d = self.cfg.n_embd;
         let mut n = self.wte.num_embeddings() * d + self.wpe.num_embeddings() * d + 2 * d;
         for b in &self.blocks {
-            n += 4 * d + [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj].iter().map(|l| l.num_params()).sum::<usize>();
+            n += 4 * d
+                + [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj]
+                    .iter()
+                    .map(|l| l.num_params())
+                    .sum::<usize>();
         }
         if !self.head_is_tied() {
             n += self.lm_head.num_params();
@@ -334,7 +416,12 @@ impl AdaptableModel for Gpt2Model {
             let p = format!("transformer.h.{i}");
             ln(format!("{p}.ln_1"), &b.ln_1, &mut out);
             ln(format!("{p}.ln_2"), &b.ln_2, &mut out);
-            for (name, slot) in [("attn.c_attn", &b.c_attn), ("attn.c_proj", &b.attn_proj), ("mlp.c_fc", &b.c_fc), ("mlp.c_proj", &b.mlp_proj)] {
+            for (name, slot) in [
+                ("attn.c_attn", &b.c_attn),
+                ("attn.c_proj", &b.attn_proj),
+                ("mlp.c_fc", &b.c_fc),
+                ("mlp.c_proj", &b.mlp_proj),
+            ] {
                 out.push((format!("{p}.{name}.weight"), slot.weight()?));
                 if let Some(bias) = slot.bias() {
                     out.push((format!("{p}.{name}.bias"), bias.clone()));

@@ -9,7 +9,12 @@ use rand::{Rng, SeedableRng};
 
 /// Random weights as transformers initialises them: biases zero, 1-D weights (norm scales)
 /// one, everything else normal with standard deviation `std`. Reproducible from `seed`.
-pub fn random_source(seed: u64, std: f32, dtype: DType, device: &Device) -> impl FnMut(&str, &[usize]) -> Result<Tensor> {
+pub fn random_source(
+    seed: u64,
+    std: f32,
+    dtype: DType,
+    device: &Device,
+) -> impl FnMut(&str, &[usize]) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let device = device.clone();
     move |name: &str, shape: &[usize]| {
@@ -35,5 +40,7 @@ pub fn random_source(seed: u64, std: f32, dtype: DType, device: &Device) -> impl
 /// built from them can be counted, listed and adapted, but its outputs are meaningless.
 pub fn shape_only_source(device: &Device) -> impl FnMut(&str, &[usize]) -> Result<Tensor> {
     let device = device.clone();
-    move |_name: &str, shape: &[usize]| Ok(Tensor::zeros((), DType::F32, &device)?.broadcast_as(shape)?)
+    move |_name: &str, shape: &[usize]| {
+        Ok(Tensor::zeros((), DType::F32, &device)?.broadcast_as(shape)?)
+    }
 }

@@ -10,11 +10,13 @@
 //! ([`bert::BertModel`]).
 
 pub mod bert;
+pub mod gguf;
 pub mod gpt2;
 pub mod init;
 pub mod llama;
 pub mod ops;
 pub mod t5;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::Path;
@@ -27,6 +29,7 @@ pub use bert::{BertConfig, BertModel};
 pub use gpt2::{Gpt2Config, Gpt2Model};
 pub use llama::{LlamaConfig, LlamaModel};
 pub use t5::{T5Config, T5Model};
+pub use tokenizer::{ChatMessage, TextTokenizer};
 
 /// Reads `model_type` from a model folder's `config.json`.
 pub fn model_type_of(dir: &Path) -> Result<String> {
@@ -53,7 +56,10 @@ pub fn supported_model_types() -> Vec<&'static str> {
 /// Checks that token ids are within the vocabulary.
 pub(crate) fn check_token_ids(ids: &Tensor, vocab_size: usize) -> Result<()> {
     let ids = ids.to_dtype(DType::I64)?;
-    let (min, max) = (ids.min_all()?.to_scalar::<i64>()?, ids.max_all()?.to_scalar::<i64>()?);
+    let (min, max) = (
+        ids.min_all()?.to_scalar::<i64>()?,
+        ids.max_all()?.to_scalar::<i64>()?,
+    );
     if min < 0 || max >= vocab_size as i64 {
         return Err(PeftError::bad_input(
             "input_ids",
@@ -87,14 +93,36 @@ pub fn shape_only_model(config_path: &Path) -> Result<Box<dyn AdaptableModel>> {
     let map = peft_core::json::parse_object(&text, &source)?;
     let device = Device::Cpu;
     let mut src = init::shape_only_source(&device);
-    let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
+    let model_type = map
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     Ok(match model_type.as_str() {
-        t if llama::config::LLAMA_FAMILY.contains(&t) => {
-            Box::new(LlamaModel::build(LlamaConfig::from_map(map, &source)?, &mut src, DType::F32, &device)?)
-        }
-        "gpt2" => Box::new(Gpt2Model::build(Gpt2Config::from_map(map, &source)?, &mut src, DType::F32, &device)?),
-        "t5" | "mt5" => Box::new(T5Model::build(T5Config::from_map(map, &source)?, &mut src, DType::F32, &device)?),
-        "bert" => Box::new(BertModel::build(BertConfig::from_map(map, &source, None)?, &mut src, DType::F32, &device)?),
+        t if llama::config::LLAMA_FAMILY.contains(&t) => Box::new(LlamaModel::build(
+            LlamaConfig::from_map(map, &source)?,
+            &mut src,
+            DType::F32,
+            &device,
+        )?),
+        "gpt2" => Box::new(Gpt2Model::build(
+            Gpt2Config::from_map(map, &source)?,
+            &mut src,
+            DType::F32,
+            &device,
+        )?),
+        "t5" | "mt5" => Box::new(T5Model::build(
+            T5Config::from_map(map, &source)?,
+            &mut src,
+            DType::F32,
+            &device,
+        )?),
+        "bert" => Box::new(BertModel::build(
+            BertConfig::from_map(map, &source, None)?,
+            &mut src,
+            DType::F32,
+            &device,
+        )?),
         other => {
             return Err(PeftError::config_value(
                 &source,
@@ -106,8 +134,12 @@ pub fn shape_only_model(config_path: &Path) -> Result<Box<dyn AdaptableModel>> {
     })
 }
 
-/// Loads any supported Hugging Face model folder, dispatching on `model_type`.
+/// Loads any supported Hugging Face model folder (dispatching on `model_type`) or a GGUF file
+/// of the LLaMA family (weights dequantized to `dtype`).
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn AdaptableModel>> {
+    if gguf::is_gguf(dir) {
+        return Ok(Box::new(gguf::load_gguf_llama(dir, dtype, device)?));
+    }
     let model_type = model_type_of(dir)?;
     if llama::config::LLAMA_FAMILY.contains(&model_type.as_str()) {
         return Ok(Box::new(LlamaModel::from_folder(dir, dtype, device)?));
@@ -119,7 +151,9 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn A
         return Ok(Box::new(T5Model::from_folder(dir, dtype, device)?));
     }
     if model_type == "bert" {
-        return Ok(Box::new(BertModel::from_folder(dir, None, dtype, device, 0)?));
+        return Ok(Box::new(BertModel::from_folder(
+            dir, None, dtype, device, 0,
+        )?));
     }
     Err(PeftError::config_value(
         &dir.join("config.json").display().to_string(),

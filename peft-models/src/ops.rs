@@ -21,7 +21,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     let mean = x32.mean_keepdim(D::Minus1)?;
     let centred = x32.broadcast_sub(&mean)?;
     let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+    let normed = centred
+        .broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)?
+        .to_dtype(dtype)?;
     let scaled = normed.broadcast_mul(weight)?;
     Ok(match bias {
         Some(b) => scaled.broadcast_add(b)?,
@@ -41,7 +43,11 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
         "gelu" => Ok(x.gelu_erf()?),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(x.gelu()?),
         "relu" => Ok(x.relu()?),
-        other => Err(PeftError::bad_input("hidden_act", "silu, gelu, gelu_new, gelu_pytorch_tanh or relu", other)),
+        other => Err(PeftError::bad_input(
+            "hidden_act",
+            "silu, gelu, gelu_new, gelu_pytorch_tanh or relu",
+            other,
+        )),
     }
 }
 
@@ -56,7 +62,10 @@ impl Rotary {
     /// Builds the table from per-pair inverse frequencies.
     pub fn new(inv_freq: Vec<f32>, attention_scaling: f64, device: &Device) -> Result<Self> {
         let n = inv_freq.len();
-        Ok(Rotary { inv_freq: Tensor::from_vec(inv_freq, (1, 1, n), device)?, attention_scaling })
+        Ok(Rotary {
+            inv_freq: Tensor::from_vec(inv_freq, (1, 1, n), device)?,
+            attention_scaling,
+        })
     }
 
     /// `(cos, sin)` of shape `[B, 1, T, head_dim]` in `dtype` for `positions [B, T]`.
@@ -121,7 +130,9 @@ pub fn causal_mask(
         None => None,
     };
     let window_bites = sliding_window.is_some_and(|w| s > w);
-    let all_visible = padding.as_ref().is_none_or(|p| p.iter().all(|row| row.iter().all(|v| *v != 0.0)));
+    let all_visible = padding
+        .as_ref()
+        .is_none_or(|p| p.iter().all(|row| row.iter().all(|v| *v != 0.0)));
     if all_visible && t == 1 && !window_bites {
         return Ok(None);
     }
@@ -148,7 +159,10 @@ pub fn causal_mask(
     } else {
         Some(Tensor::from_vec(valid, (batch, 1, t, 1), device)?)
     };
-    Ok(Some(AttentionMask { additive, row_valid }))
+    Ok(Some(AttentionMask {
+        additive,
+        row_valid,
+    }))
 }
 
 /// Repeats key/value heads `[B, KV, S, D]` to `[B, KV * n_rep, S, D]` (grouped-query attention).
@@ -157,7 +171,9 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))?)
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))?)
 }
 
 /// Appends this step's keys and values `[B, KV, T, D]` to layer `layer`'s cache (if any) and
@@ -168,7 +184,9 @@ pub fn cache_kv(
     layer: usize,
     cache: Option<&mut peft_core::KvCache>,
 ) -> Result<(Tensor, Tensor)> {
-    let Some(cache) = cache else { return Ok((k, v)) };
+    let Some(cache) = cache else {
+        return Ok((k, v));
+    };
     let (k, v) = match cache.get(layer) {
         Some((pk, pv)) => (
             Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 2)?.contiguous()?,
@@ -181,7 +199,13 @@ pub fn cache_kv(
 }
 
 /// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, H, S, D]`, softmax in f32.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&AttentionMask>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&AttentionMask>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
     let scores = match mask {

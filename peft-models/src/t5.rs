@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::json::{parse_object, ConfigFields};
 use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result, TaskType,
+    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
+    TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -66,23 +67,43 @@ impl T5Config {
     /// Resolves a parsed `config.json`.
     pub fn from_map(raw: Map<String, Value>, source: &str) -> Result<Self> {
         let mut f = ConfigFields::new(source, raw.clone());
-        let model_type = f.take_opt_string("model_type")?.unwrap_or_else(|| "t5".into());
+        let model_type = f
+            .take_opt_string("model_type")?
+            .unwrap_or_else(|| "t5".into());
         let num_layers = f.take_usize("num_layers", 6)?;
         let num_decoder_layers = match f.take_raw("num_decoder_layers") {
             None | Some(Value::Null) => num_layers,
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| f.type_error("num_decoder_layers", "an integer", &v))?,
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| f.type_error("num_decoder_layers", "an integer", &v))?,
         };
-        let default_ff = if model_type == "mt5" { "gated-gelu" } else { "relu" };
-        let ff = f.take_opt_string("feed_forward_proj")?.unwrap_or_else(|| default_ff.into());
+        let default_ff = if model_type == "mt5" {
+            "gated-gelu"
+        } else {
+            "relu"
+        };
+        let ff = f
+            .take_opt_string("feed_forward_proj")?
+            .unwrap_or_else(|| default_ff.into());
         let parts: Vec<&str> = ff.split('-').collect();
         let (is_gated_act, act) = match parts.as_slice() {
             [act] => (false, act.to_string()),
             ["gated", act] => (true, act.to_string()),
             _ => {
-                return Err(PeftError::config_value(source, "feed_forward_proj", "`ACT` or `gated-ACT`", format!("\"{ff}\"")))
+                return Err(PeftError::config_value(
+                    source,
+                    "feed_forward_proj",
+                    "`ACT` or `gated-ACT`",
+                    format!("\"{ff}\""),
+                ))
             }
         };
-        let dense_act_fn = if ff == "gated-gelu" { "gelu_new".to_string() } else { act };
+        let dense_act_fn = if ff == "gated-gelu" {
+            "gelu_new".to_string()
+        } else {
+            act
+        };
         let tie_word_embeddings = f.take_bool("tie_word_embeddings", true)?;
         let scale_decoder_outputs = match f.take_raw("scale_decoder_outputs") {
             Some(Value::Bool(b)) => b,
@@ -91,7 +112,11 @@ impl T5Config {
         };
         let eos = match f.take_raw("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![1],
         };
         Ok(T5Config {
@@ -103,7 +128,8 @@ impl T5Config {
             num_decoder_layers,
             num_heads: f.take_usize("num_heads", 8)?,
             relative_attention_num_buckets: f.take_usize("relative_attention_num_buckets", 32)?,
-            relative_attention_max_distance: f.take_usize("relative_attention_max_distance", 128)?,
+            relative_attention_max_distance: f
+                .take_usize("relative_attention_max_distance", 128)?,
             dense_act_fn,
             is_gated_act,
             layer_norm_epsilon: f.take_f64("layer_norm_epsilon", 1e-6)?,
@@ -169,7 +195,12 @@ fn linear(src: &mut Source<'_>, name: &str, out: usize, inp: usize) -> Result<Li
 }
 
 /// T5's relative position bucket (`_relative_position_bucket`).
-fn relative_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+fn relative_bucket(
+    relative: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
     let mut buckets = num_buckets as i64;
     let mut out = 0i64;
     let mut rel = relative;
@@ -186,7 +217,8 @@ fn relative_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_d
     if rel < max_exact {
         out += rel;
     } else {
-        let scaled = ((rel as f32 / max_exact as f32).ln() / (max_distance as f32 / max_exact as f32).ln()
+        let scaled = ((rel as f32 / max_exact as f32).ln()
+            / (max_distance as f32 / max_exact as f32).ln()
             * (buckets - max_exact) as f32) as i64;
         out += (max_exact + scaled).min(buckets - 1);
     }
@@ -194,7 +226,12 @@ fn relative_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_d
 }
 
 impl T5Model {
-    fn attention(src: &mut Source<'_>, cfg: &T5Config, name: &str, relative: bool) -> Result<Attention> {
+    fn attention(
+        src: &mut Source<'_>,
+        cfg: &T5Config,
+        name: &str,
+        relative: bool,
+    ) -> Result<Attention> {
         let (d, inner) = (cfg.d_model, cfg.inner());
         Ok(Attention {
             proj: [
@@ -204,7 +241,10 @@ impl T5Model {
                 linear(src, &format!("{name}.o"), d, inner)?,
             ],
             relative_bias: if relative {
-                Some(src(&format!("{name}.relative_attention_bias.weight"), &[cfg.relative_attention_num_buckets, cfg.num_heads])?)
+                Some(src(
+                    &format!("{name}.relative_attention_bias.weight"),
+                    &[cfg.relative_attention_num_buckets, cfg.num_heads],
+                )?)
             } else {
                 None
             },
@@ -220,11 +260,19 @@ impl T5Model {
         } else {
             vec![linear(src, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?]
         };
-        Ok(FeedForward { wi, wo: linear(src, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)? })
+        Ok(FeedForward {
+            wi,
+            wo: linear(src, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)?,
+        })
     }
 
     /// Builds the model, taking each tensor from `src` by its HF name.
-    pub fn build(cfg: T5Config, src: &mut Source<'_>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn build(
+        cfg: T5Config,
+        src: &mut Source<'_>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let d = cfg.d_model;
         let shared_w = src("shared.weight", &[cfg.vocab_size, d])?;
         let shared = DenseEmbedding::new(shared_w.clone(), None)?.into_slot();
@@ -263,8 +311,12 @@ impl T5Model {
         };
         let info = ModelInfo {
             model_type: cfg.model_type.clone(),
-            architecture: if cfg.model_type == "mt5" { "MT5ForConditionalGeneration" } else { "T5ForConditionalGeneration" }
-                .into(),
+            architecture: if cfg.model_type == "mt5" {
+                "MT5ForConditionalGeneration"
+            } else {
+                "T5ForConditionalGeneration"
+            }
+            .into(),
             task_type: TaskType::Seq2SeqLm,
             num_layers: cfg.num_layers,
             hidden_size: d,
@@ -300,7 +352,8 @@ impl T5Model {
     /// Loads a Hugging Face folder.
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = T5Config::from_map(parse_object(&text, &source)?, &source)?;
         let weights = ModelWeights::open(dir, dtype, device)?;
@@ -312,7 +365,11 @@ impl T5Model {
     /// A model with random weights (normal with the config's `initializer_range`, 0.05 when
     /// absent), reproducible from `seed`.
     pub fn random(cfg: T5Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let std = cfg.raw.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.05) as f32;
+        let std = cfg
+            .raw
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.05) as f32;
         let mut src = crate::init::random_source(seed, std, dtype, device);
         Self::build(cfg, &mut src, dtype, device)
     }
@@ -329,7 +386,14 @@ impl T5Model {
     }
 
     /// The relative position bias `[1, H, T, S]` for `t` queries after `past` positions.
-    fn position_bias(&self, table: &Tensor, t: usize, s: usize, past: usize, bidirectional: bool) -> Result<Tensor> {
+    fn position_bias(
+        &self,
+        table: &Tensor,
+        t: usize,
+        s: usize,
+        past: usize,
+        bidirectional: bool,
+    ) -> Result<Tensor> {
         let mut buckets = Vec::with_capacity(t * s);
         for i in 0..t {
             for j in 0..s {
@@ -344,18 +408,36 @@ impl T5Model {
         }
         let idx = Tensor::from_vec(buckets, t * s, &self.device)?;
         let values = table.index_select(&idx, 0)?; // [T*S, H]
-        Ok(values.reshape((t, s, self.cfg.num_heads))?.permute((2, 0, 1))?.unsqueeze(0)?.to_dtype(DType::F32)?)
+        Ok(values
+            .reshape((t, s, self.cfg.num_heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)?)
     }
 
     fn heads(&self, x: Tensor, b: usize, t: usize) -> Result<Tensor> {
-        Ok(x.reshape((b, t, self.cfg.num_heads, self.cfg.d_kv))?.transpose(1, 2)?)
+        Ok(x.reshape((b, t, self.cfg.num_heads, self.cfg.d_kv))?
+            .transpose(1, 2)?)
     }
 
-    fn attend(&self, attn: &Attention, q_in: &Tensor, k: Tensor, v: Tensor, bias: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+    fn attend(
+        &self,
+        attn: &Attention,
+        q_in: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: &Tensor,
+        valid: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = q_in.dims3()?;
         let q = self.heads(attn.proj[0].forward(q_in)?, b, t)?;
-        let mask = AttentionMask { additive: bias.clone(), row_valid: valid.cloned() };
-        let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?.transpose(1, 2)?.reshape((b, t, self.cfg.inner()))?;
+        let mask = AttentionMask {
+            additive: bias.clone(),
+            row_valid: valid.cloned(),
+        };
+        let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.cfg.inner()))?;
         attn.proj[3].forward(&out)
     }
 
@@ -377,7 +459,11 @@ impl T5Model {
         match mask {
             Some(m) => {
                 if m.dims() != [b, s] {
-                    return Err(PeftError::bad_input("attention_mask", format!("shape [{b}, {s}]"), format!("{:?}", m.dims())));
+                    return Err(PeftError::bad_input(
+                        "attention_mask",
+                        format!("shape [{b}, {s}]"),
+                        format!("{:?}", m.dims()),
+                    ));
                 }
                 let keep = m.to_dtype(DType::F32)?;
                 Ok(((keep - 1.0)? * 1.0e30)?.reshape((b, 1, 1, s))?)
@@ -389,8 +475,16 @@ impl T5Model {
     /// Runs the encoder on `embeds` and returns its output.
     pub fn encode(&self, embeds: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
-        let table = self.encoder[0].self_attn.relative_bias.as_ref().ok_or_else(|| PeftError::InvalidState("encoder block 0 lacks its relative bias".into()))?;
-        let bias = self.position_bias(table, t, t, 0, true)?.broadcast_add(&self.padding_additive(mask, b, t)?)?;
+        let table = self.encoder[0]
+            .self_attn
+            .relative_bias
+            .as_ref()
+            .ok_or_else(|| {
+                PeftError::InvalidState("encoder block 0 lacks its relative bias".into())
+            })?;
+        let bias = self
+            .position_bias(table, t, t, 0, true)?
+            .broadcast_add(&self.padding_additive(mask, b, t)?)?;
         let mut h = embeds.clone();
         for block in &self.encoder {
             let x = self.norm(&h, &block.self_norm)?;
@@ -415,13 +509,20 @@ impl AdaptableModel for T5Model {
         let mut out = vec![ModuleEntry::new("shared", ModuleKind::Embedding)];
         for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
             out.push(other(stack.into(), "T5Stack"));
-            out.push(ModuleEntry::new(format!("{stack}.embed_tokens"), ModuleKind::Embedding));
+            out.push(ModuleEntry::new(
+                format!("{stack}.embed_tokens"),
+                ModuleKind::Embedding,
+            ));
             out.push(other(format!("{stack}.block"), "ModuleList"));
             for (i, block) in blocks.iter().enumerate() {
                 let p = format!("{stack}.block.{i}");
                 out.push(other(p.clone(), "T5Block"));
                 out.push(other(format!("{p}.layer"), "ModuleList"));
-                let mut sub = vec![("SelfAttention", "T5LayerSelfAttention", Some(&block.self_attn))];
+                let mut sub = vec![(
+                    "SelfAttention",
+                    "T5LayerSelfAttention",
+                    Some(&block.self_attn),
+                )];
                 if let Some((cross, _)) = &block.cross_attn {
                     sub.push(("EncDecAttention", "T5LayerCrossAttention", Some(cross)));
                 }
@@ -433,16 +534,30 @@ impl AdaptableModel for T5Model {
                         out.push(lin(format!("{l}.{name}.{n}")));
                     }
                     if attn.is_some_and(|a| a.relative_bias.is_some()) {
-                        out.push(other(format!("{l}.{name}.relative_attention_bias"), "Embedding"));
+                        out.push(other(
+                            format!("{l}.{name}.relative_attention_bias"),
+                            "Embedding",
+                        ));
                     }
                     out.push(other(format!("{l}.layer_norm"), "T5LayerNorm"));
                     out.push(other(format!("{l}.dropout"), "Dropout"));
                 }
-                let l = format!("{p}.layer.{}", if block.cross_attn.is_some() { 2 } else { 1 });
+                let l = format!(
+                    "{p}.layer.{}",
+                    if block.cross_attn.is_some() { 2 } else { 1 }
+                );
                 out.push(other(l.clone(), "T5LayerFF"));
-                let ffc = if self.cfg.is_gated_act { "T5DenseGatedActDense" } else { "T5DenseActDense" };
+                let ffc = if self.cfg.is_gated_act {
+                    "T5DenseGatedActDense"
+                } else {
+                    "T5DenseActDense"
+                };
                 out.push(other(format!("{l}.DenseReluDense"), ffc));
-                let wi: &[&str] = if self.cfg.is_gated_act { &["wi_0", "wi_1"] } else { &["wi"] };
+                let wi: &[&str] = if self.cfg.is_gated_act {
+                    &["wi_0", "wi_1"]
+                } else {
+                    &["wi"]
+                };
                 for n in wi {
                     out.push(lin(format!("{l}.DenseReluDense.{n}")));
                 }
@@ -459,9 +574,15 @@ impl AdaptableModel for T5Model {
         out
     }
 
-    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()> {
+    fn visit_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
+    ) -> Result<()> {
         let gated = self.cfg.is_gated_act;
-        for (stack, blocks) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+        for (stack, blocks) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
             for (i, block) in blocks.iter_mut().enumerate() {
                 let p = format!("{stack}.block.{i}.layer");
                 for (slot, n) in block.self_attn.proj.iter_mut().zip(["q", "k", "v", "o"]) {
@@ -485,7 +606,10 @@ impl AdaptableModel for T5Model {
         f("lm_head", &mut self.lm_head)
     }
 
-    fn visit_embeddings(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>) -> Result<()> {
+    fn visit_embeddings(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
+    ) -> Result<()> {
         f("shared", &mut self.shared)?;
         f("encoder.embed_tokens", &mut self.encoder_embed)?;
         f("decoder.embed_tokens", &mut self.decoder_embed)
@@ -493,7 +617,10 @@ impl AdaptableModel for T5Model {
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self.shared.forward(&input_ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        Ok(self
+            .shared
+            .forward(&input_ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -506,10 +633,16 @@ impl AdaptableModel for T5Model {
                     (Some(e), _) => e.to_dtype(self.dtype)?,
                     (None, Some(ids)) => {
                         crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                        self.encoder_embed.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?
+                        self.encoder_embed
+                            .forward(&ids.to_dtype(DType::U32)?)?
+                            .to_dtype(self.dtype)?
                     }
                     (None, None) => {
-                        return Err(PeftError::bad_input("t5 inputs", "input_ids or inputs_embeds", "neither"))
+                        return Err(PeftError::bad_input(
+                            "t5 inputs",
+                            "input_ids or inputs_embeds",
+                            "neither",
+                        ))
                     }
                 };
                 let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
@@ -524,21 +657,34 @@ impl AdaptableModel for T5Model {
             (Some(e), _) => e.to_dtype(self.dtype)?,
             (None, Some(ids)) => {
                 crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                self.decoder_embed.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?
+                self.decoder_embed
+                    .forward(&ids.to_dtype(DType::U32)?)?
+                    .to_dtype(self.dtype)?
             }
-            (None, None) => {
-                return Err(PeftError::bad_input(
-                    "t5 inputs",
-                    "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
-                    "neither",
-                ))
-            }
+            (None, None) => return Err(PeftError::bad_input(
+                "t5 inputs",
+                "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
+                "neither",
+            )),
         };
         let (b, t, _) = dec.dims3()?;
         let s_enc = encoded.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let table = self.decoder[0].self_attn.relative_bias.as_ref().ok_or_else(|| PeftError::InvalidState("decoder block 0 lacks its relative bias".into()))?;
-        let causal = ops::causal_mask(inputs.decoder_attention_mask.as_ref(), b, t, past, None, &self.device)?;
+        let table = self.decoder[0]
+            .self_attn
+            .relative_bias
+            .as_ref()
+            .ok_or_else(|| {
+                PeftError::InvalidState("decoder block 0 lacks its relative bias".into())
+            })?;
+        let causal = ops::causal_mask(
+            inputs.decoder_attention_mask.as_ref(),
+            b,
+            t,
+            past,
+            None,
+            &self.device,
+        )?;
         let position = self.position_bias(table, t, past + t, past, false)?;
         let (self_bias, self_valid) = match &causal {
             Some(m) => (position.broadcast_add(&m.additive)?, m.row_valid.clone()),
@@ -557,8 +703,12 @@ impl AdaptableModel for T5Model {
                 let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
                     Some((k, v)) => (k.clone(), v.clone()),
                     None => {
-                        let k = self.heads(cross.proj[1].forward(&encoded)?, b, s_enc)?.contiguous()?;
-                        let v = self.heads(cross.proj[2].forward(&encoded)?, b, s_enc)?.contiguous()?;
+                        let k = self
+                            .heads(cross.proj[1].forward(&encoded)?, b, s_enc)?
+                            .contiguous()?;
+                        let v = self
+                            .heads(cross.proj[2].forward(&encoded)?, b, s_enc)?
+                            .contiguous()?;
                         if let Some(c) = cache.as_deref_mut() {
                             c.set_cross(i, (k.clone(), v.clone()));
                         }
@@ -581,16 +731,22 @@ impl AdaptableModel for T5Model {
         let c = &self.cfg;
         let mut n = c.vocab_size * c.d_model + 2 * c.d_model;
         for block in self.encoder.iter().chain(self.decoder.iter()) {
-            let attns = std::iter::once(&block.self_attn).chain(block.cross_attn.as_ref().map(|(a, _)| a));
+            let attns =
+                std::iter::once(&block.self_attn).chain(block.cross_attn.as_ref().map(|(a, _)| a));
             for a in attns {
                 n += a.proj.iter().map(|l| l.num_params()).sum::<usize>();
                 n += a.relative_bias.as_ref().map_or(0, Tensor::elem_count);
             }
             n += block.cross_attn.as_ref().map_or(0, |_| c.d_model);
-            n += block.ff.wi.iter().map(|l| l.num_params()).sum::<usize>() + block.ff.wo.num_params();
+            n += block.ff.wi.iter().map(|l| l.num_params()).sum::<usize>()
+                + block.ff.wo.num_params();
             n += 2 * c.d_model;
         }
-        if !self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head)) {
+        if !self
+            .tied_head
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        {
             n += self.lm_head.num_params();
         }
         n
@@ -602,7 +758,10 @@ impl AdaptableModel for T5Model {
         for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
             for (i, block) in blocks.iter().enumerate() {
                 let p = format!("{stack}.block.{i}.layer");
-                let attn = |l: &str, a: &Attention, out: &mut Vec<(String, Tensor)>| -> Result<()> {
+                let attn = |l: &str,
+                            a: &Attention,
+                            out: &mut Vec<(String, Tensor)>|
+                 -> Result<()> {
                     for (slot, n) in a.proj.iter().zip(["q", "k", "v", "o"]) {
                         out.push((format!("{p}.{l}.{n}.weight"), slot.weight()?));
                     }
@@ -623,25 +782,48 @@ impl AdaptableModel for T5Model {
                 };
                 let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
                 for (slot, n) in block.ff.wi.iter().zip(wi) {
-                    out.push((format!("{p}.{ff_idx}.DenseReluDense.{n}.weight"), slot.weight()?));
+                    out.push((
+                        format!("{p}.{ff_idx}.DenseReluDense.{n}.weight"),
+                        slot.weight()?,
+                    ));
                 }
-                out.push((format!("{p}.{ff_idx}.DenseReluDense.wo.weight"), block.ff.wo.weight()?));
-                out.push((format!("{p}.{ff_idx}.layer_norm.weight"), block.ff_norm.clone()));
+                out.push((
+                    format!("{p}.{ff_idx}.DenseReluDense.wo.weight"),
+                    block.ff.wo.weight()?,
+                ));
+                out.push((
+                    format!("{p}.{ff_idx}.layer_norm.weight"),
+                    block.ff_norm.clone(),
+                ));
             }
-            let norm = if stack == "encoder" { &self.encoder_norm } else { &self.decoder_norm };
+            let norm = if stack == "encoder" {
+                &self.encoder_norm
+            } else {
+                &self.decoder_norm
+            };
             out.push((format!("{stack}.final_layer_norm.weight"), norm.clone()));
         }
-        if !self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head)) {
+        if !self
+            .tied_head
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        {
             out.push(("lm_head.weight".into(), self.lm_head.weight()?));
         }
         Ok(out)
     }
 
     fn config_json(&self) -> Value {
-        let tied = self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head));
+        let tied = self
+            .tied_head
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head));
         let mut v = crate::config_with(&self.cfg.raw, tied, self.dtype);
         if let Value::Object(m) = &mut v {
-            m.insert("scale_decoder_outputs".into(), Value::Bool(self.cfg.scale_decoder_outputs));
+            m.insert(
+                "scale_decoder_outputs".into(),
+                Value::Bool(self.cfg.scale_decoder_outputs),
+            );
         }
         v
     }
@@ -666,8 +848,14 @@ mod tests {
     #[test]
     fn buckets_match_transformers() {
         // Computed with transformers 5.24: T5Attention._relative_position_bucket(tensor, bidirectional, 32, 128).
-        let bi: Vec<usize> = [-200, -20, -5, 0, 3, 9, 50, 300].iter().map(|r| relative_bucket(*r, true, 32, 128)).collect();
-        let uni: Vec<usize> = [-200, -20, -5, 0, 3].iter().map(|r| relative_bucket(*r, false, 32, 128)).collect();
+        let bi: Vec<usize> = [-200, -20, -5, 0, 3, 9, 50, 300]
+            .iter()
+            .map(|r| relative_bucket(*r, true, 32, 128))
+            .collect();
+        let uni: Vec<usize> = [-200, -20, -5, 0, 3]
+            .iter()
+            .map(|r| relative_bucket(*r, false, 32, 128))
+            .collect();
         assert_eq!(bi, vec![15, 10, 5, 0, 19, 24, 29, 31]);
         assert_eq!(uni, vec![31, 17, 5, 0, 0]);
     }

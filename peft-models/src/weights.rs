@@ -21,7 +21,10 @@ pub struct ModelWeights {
 
 impl std::fmt::Debug for ModelWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelWeights").field("tensors", &self.routing.len()).field("dtype", &self.dtype).finish()
+        f.debug_struct("ModelWeights")
+            .field("tensors", &self.routing.len())
+            .field("dtype", &self.dtype)
+            .finish()
     }
 }
 
@@ -36,11 +39,14 @@ impl ModelWeights {
                 source_name: index.display().to_string(),
                 message: e.to_string(),
             })?;
-            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| PeftError::MissingKey {
-                source_name: index.display().to_string(),
-                key: "weight_map".into(),
-                expected: "an object mapping tensor names to shard files".into(),
-            })?;
+            let map = value
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| PeftError::MissingKey {
+                    source_name: index.display().to_string(),
+                    key: "weight_map".into(),
+                    expected: "an object mapping tensor names to shard files".into(),
+                })?;
             let mut files: Vec<PathBuf> = map
                 .values()
                 .filter_map(Value::as_str)
@@ -63,23 +69,35 @@ impl ModelWeights {
         let mut routing = BTreeMap::new();
         for file in &files {
             if !file.is_file() {
-                return Err(PeftError::io(file, std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing")));
+                return Err(PeftError::io(
+                    file,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
+                ));
             }
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them
         // not being modified while the model is being loaded.
-        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| PeftError::BadCheckpoint {
-            path: dir.to_path_buf(),
-            format: "safetensors".into(),
-            reason: e.to_string(),
-        })?;
+        let st =
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| PeftError::BadCheckpoint {
+                path: dir.to_path_buf(),
+                format: "safetensors".into(),
+                reason: e.to_string(),
+            })?;
         // Later files win, as in `MmapedSafetensors::multi`.
         for file in &files {
             for name in header_names(file)? {
                 routing.insert(name, file.clone());
             }
         }
-        Ok(ModelWeights { st, routing, dtype: dtype_or_float(dtype), device: device.clone() })
+        Ok(ModelWeights {
+            st,
+            routing,
+            dtype: dtype_or_float(dtype),
+            device: device.clone(),
+        })
     }
 
     /// Whether the folder holds tensor `name`.
@@ -107,7 +125,11 @@ impl ModelWeights {
             });
         }
         let t = self.st.load(name, &self.device)?;
-        Ok(if t.dtype() == self.dtype { t } else { t.to_dtype(self.dtype)? })
+        Ok(if t.dtype() == self.dtype {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        })
     }
 
     /// The dtype tensors are converted to.
@@ -133,14 +155,20 @@ fn header_names(file: &Path) -> Result<Vec<String>> {
     };
     let mut f = std::fs::File::open(file).map_err(|e| PeftError::io(file, e))?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| bad("file shorter than its 8-byte header length"))?;
+    f.read_exact(&mut len)
+        .map_err(|_| bad("file shorter than its 8-byte header length"))?;
     let n = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad("header length overflows"))?;
     if n > 100_000_000 {
         return Err(bad("header larger than 100 MB"));
     }
     let mut header = vec![0u8; n];
-    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
+    f.read_exact(&mut header)
+        .map_err(|_| bad("truncated header"))?;
     let map: serde_json::Map<String, Value> =
         serde_json::from_slice(&header).map_err(|e| bad(&format!("header is not JSON: {e}")))?;
-    Ok(map.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+    Ok(map
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }

@@ -3,7 +3,9 @@
 use std::any::Any;
 
 use peft_core::json::ConfigFields;
-use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result};
+use peft_core::{
+    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
+};
 use serde_json::{Map, Value};
 
 /// The prefix-tuning configuration (peft's `PrefixTuningConfig`).
@@ -49,7 +51,12 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
         Some(_) => {
             let hidden = fields.take_usize("encoder_hidden_size", 0)?;
             if hidden == 0 {
-                return Err(PeftError::config_value(fields.source_name(), "encoder_hidden_size", "a positive integer or null", 0));
+                return Err(PeftError::config_value(
+                    fields.source_name(),
+                    "encoder_hidden_size",
+                    "a positive integer or null",
+                    0,
+                ));
             }
             Some(hidden)
         }
@@ -59,10 +66,20 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
         None => false,
         Some("zero") => true,
         Some(other) => {
-            return Err(PeftError::config_value(fields.source_name(), "init_weights", "null or \"zero\"", format!("\"{other}\"")))
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "init_weights",
+                "null or \"zero\"",
+                format!("\"{other}\""),
+            ))
         }
     };
-    Ok(Box::new(PrefixTuningConfig { prompt, encoder_hidden_size, prefix_projection, init_zero }))
+    Ok(Box::new(PrefixTuningConfig {
+        prompt,
+        encoder_hidden_size,
+        prefix_projection,
+        init_zero,
+    }))
 }
 
 impl MethodConfig for PrefixTuningConfig {
@@ -73,9 +90,22 @@ impl MethodConfig for PrefixTuningConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         self.prompt.write(&mut out);
-        out.insert("encoder_hidden_size".into(), self.encoder_hidden_size.map_or(Value::Null, Value::from));
-        out.insert("prefix_projection".into(), Value::Bool(self.prefix_projection));
-        out.insert("init_weights".into(), if self.init_zero { Value::from("zero") } else { Value::Null });
+        out.insert(
+            "encoder_hidden_size".into(),
+            self.encoder_hidden_size.map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "prefix_projection".into(),
+            Value::Bool(self.prefix_projection),
+        );
+        out.insert(
+            "init_weights".into(),
+            if self.init_zero {
+                Value::from("zero")
+            } else {
+                Value::Null
+            },
+        );
         out
     }
 

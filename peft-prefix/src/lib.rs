@@ -15,8 +15,8 @@ use candle_core::Tensor;
 use peft_core::method::PROMPT_EMBEDDINGS;
 use peft_core::nn::Linear;
 use peft_core::{
-    AdaptableModel, Init, MethodRegistration, PromptLearningConfig, ModelInfo, ParamBuilder, PromptEncoder, PromptKind, PromptMethod, Result,
-    StoredPrompt, TaskType,
+    AdaptableModel, Init, MethodRegistration, ModelInfo, ParamBuilder, PromptEncoder, PromptKind,
+    PromptLearningConfig, PromptMethod, Result, StoredPrompt, TaskType,
 };
 
 pub use config::PrefixTuningConfig;
@@ -41,7 +41,8 @@ pub struct ProjectedPrefix {
 
 impl PromptEncoder for ProjectedPrefix {
     fn forward(&self, _training: bool) -> Result<Tensor> {
-        self.up.forward(&self.down.forward(&self.embedding)?.tanh()?)
+        self.up
+            .forward(&self.down.forward(&self.embedding)?.tanh()?)
     }
 }
 
@@ -77,11 +78,27 @@ impl PromptMethod for PrefixTuningConfig {
         [self.prompt.num_virtual_tokens, width]
     }
 
-    fn build(&self, params: &ParamBuilder, _model: &dyn AdaptableModel) -> Result<Box<dyn PromptEncoder>> {
+    fn build(
+        &self,
+        params: &ParamBuilder,
+        _model: &dyn AdaptableModel,
+    ) -> Result<Box<dyn PromptEncoder>> {
         let shape = self.saved_shape();
-        let init = if self.init_zero { Init::Zeros } else { Init::Normal { mean: 0.0, std: 1.0 } };
+        let init = if self.init_zero {
+            Init::Zeros
+        } else {
+            Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            }
+        };
         if params.source_contains(PROMPT_EMBEDDINGS) || !self.prefix_projection {
-            return Ok(Box::new(StoredPrompt::new(params, "embedding.weight", shape, init)?));
+            return Ok(Box::new(StoredPrompt::new(
+                params,
+                "embedding.weight",
+                shape,
+                init,
+            )?));
         }
         let token_dim = self.prompt.token_dim()?;
         let hidden = self.encoder_hidden_size.unwrap_or(token_dim);
@@ -92,7 +109,14 @@ impl PromptMethod for PrefixTuningConfig {
             Linear::new(&transform.pp("2"), hidden, shape[1], true)?
         };
         Ok(Box::new(ProjectedPrefix {
-            embedding: params.pp("embedding").get(&[shape[0], token_dim], "weight", Init::Normal { mean: 0.0, std: 1.0 })?,
+            embedding: params.pp("embedding").get(
+                &[shape[0], token_dim],
+                "weight",
+                Init::Normal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+            )?,
             down: Linear::new(&transform.pp("0"), token_dim, hidden, true)?,
             up,
         }))

@@ -3,7 +3,9 @@
 use std::any::Any;
 
 use peft_core::json::ConfigFields;
-use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result};
+use peft_core::{
+    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
+};
 use serde_json::{Map, Value};
 
 /// `prompt_tuning_init`.
@@ -86,7 +88,10 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
         Some(v) => Some(v),
     };
     if init == PromptTuningInit::Text {
-        for (key, present) in [("tokenizer_name_or_path", tokenizer.is_some()), ("prompt_tuning_init_text", text.is_some())] {
+        for (key, present) in [
+            ("tokenizer_name_or_path", tokenizer.is_some()),
+            ("prompt_tuning_init_text", text.is_some()),
+        ] {
             if !present {
                 return Err(PeftError::MissingKey {
                     source_name: fields.source_name().to_string(),
@@ -95,7 +100,10 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
                 });
             }
         }
-    } else if kwargs.as_ref().is_some_and(|k| k.as_object().is_none_or(|o| !o.is_empty())) {
+    } else if kwargs
+        .as_ref()
+        .is_some_and(|k| k.as_object().is_none_or(|o| !o.is_empty()))
+    {
         return Err(PeftError::config_value(
             fields.source_name(),
             "tokenizer_kwargs",
@@ -120,10 +128,26 @@ impl MethodConfig for PromptTuningConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         self.prompt.write(&mut out);
-        out.insert("prompt_tuning_init".into(), Value::from(self.prompt_tuning_init.as_str()));
-        out.insert("prompt_tuning_init_text".into(), self.prompt_tuning_init_text.clone().map_or(Value::Null, Value::from));
-        out.insert("tokenizer_name_or_path".into(), self.tokenizer_name_or_path.clone().map_or(Value::Null, Value::from));
-        out.insert("tokenizer_kwargs".into(), self.tokenizer_kwargs.clone().unwrap_or(Value::Null));
+        out.insert(
+            "prompt_tuning_init".into(),
+            Value::from(self.prompt_tuning_init.as_str()),
+        );
+        out.insert(
+            "prompt_tuning_init_text".into(),
+            self.prompt_tuning_init_text
+                .clone()
+                .map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "tokenizer_name_or_path".into(),
+            self.tokenizer_name_or_path
+                .clone()
+                .map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "tokenizer_kwargs".into(),
+            self.tokenizer_kwargs.clone().unwrap_or(Value::Null),
+        );
         out
     }
 

@@ -14,8 +14,8 @@ pub mod config;
 use candle_core::{DType, Tensor};
 use peft_core::method::PROMPT_EMBEDDINGS;
 use peft_core::{
-    AdaptableModel, Init, MethodRegistration, PromptLearningConfig, ParamBuilder, PeftError, PromptEncoder, PromptKind, PromptMethod, Result,
-    StoredPrompt, TaskType,
+    AdaptableModel, Init, MethodRegistration, ParamBuilder, PeftError, PromptEncoder, PromptKind,
+    PromptLearningConfig, PromptMethod, Result, StoredPrompt, TaskType,
 };
 use rand_index::random_ids;
 
@@ -48,7 +48,11 @@ mod rand_index {
 /// added), repeated or truncated to `n`.
 pub fn init_token_ids(tokenizer_dir: &str, text: &str, n: usize) -> Result<Vec<u32>> {
     let path = std::path::Path::new(tokenizer_dir);
-    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
     if !file.is_file() {
         return Err(PeftError::io(
             &file,
@@ -58,15 +62,27 @@ pub fn init_token_ids(tokenizer_dir: &str, text: &str, n: usize) -> Result<Vec<u
             ),
         ));
     }
-    let tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| PeftError::BadCheckpoint {
-        path: file.clone(),
-        format: "tokenizer.json".into(),
-        reason: e.to_string(),
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&file).map_err(|e| PeftError::BadCheckpoint {
+            path: file.clone(),
+            format: "tokenizer.json".into(),
+            reason: e.to_string(),
+        })?;
+    let encoding = tokenizer.encode(text, true).map_err(|e| {
+        PeftError::bad_input(
+            "prompt_tuning_init_text",
+            "text the tokenizer can encode",
+            e.to_string(),
+        )
     })?;
-    let encoding = tokenizer.encode(text, true).map_err(|e| PeftError::bad_input("prompt_tuning_init_text", "text the tokenizer can encode", e.to_string()))?;
     let ids = encoding.get_ids();
     if ids.is_empty() {
-        return Err(PeftError::config_value("adapter config", "prompt_tuning_init_text", "text that tokenizes to at least one token", "no tokens"));
+        return Err(PeftError::config_value(
+            "adapter config",
+            "prompt_tuning_init_text",
+            "text that tokenizes to at least one token",
+            "no tokens",
+        ));
     }
     Ok(ids.iter().copied().cycle().take(n).collect())
 }
@@ -89,28 +105,48 @@ impl PromptMethod for PromptTuningConfig {
     }
 
     fn saved_shape(&self) -> [usize; 2] {
-        [self.prompt.total_virtual_tokens(), self.prompt.token_dim.unwrap_or(0)]
+        [
+            self.prompt.total_virtual_tokens(),
+            self.prompt.token_dim.unwrap_or(0),
+        ]
     }
 
-    fn build(&self, params: &ParamBuilder, model: &dyn AdaptableModel) -> Result<Box<dyn PromptEncoder>> {
+    fn build(
+        &self,
+        params: &ParamBuilder,
+        model: &dyn AdaptableModel,
+    ) -> Result<Box<dyn PromptEncoder>> {
         let shape = self.saved_shape();
         let [rows, _] = shape;
         let embed_rows = |ids: Vec<u32>| -> Result<Tensor> {
             let ids = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
             Ok(model.embed_tokens(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
         };
-        let loading = params.source_contains(PROMPT_EMBEDDINGS) || params.source_contains(EMBEDDING);
+        let loading =
+            params.source_contains(PROMPT_EMBEDDINGS) || params.source_contains(EMBEDDING);
         let embeddings = match (&self.prompt_tuning_init, loading) {
             (_, true) | (PromptTuningInit::Random, _) => {
                 // nn.Embedding's default init.
-                return Ok(Box::new(StoredPrompt::new(params, EMBEDDING, shape, Init::Normal { mean: 0.0, std: 1.0 })?));
+                return Ok(Box::new(StoredPrompt::new(
+                    params,
+                    EMBEDDING,
+                    shape,
+                    Init::Normal {
+                        mean: 0.0,
+                        std: 1.0,
+                    },
+                )?));
             }
             (PromptTuningInit::SampleVocab, false) => {
                 let vocab = model.info().vocab_size;
-                params.get_with(&shape, EMBEDDING, |rng| embed_rows(random_ids(rows, vocab, rng)))?
+                params.get_with(&shape, EMBEDDING, |rng| {
+                    embed_rows(random_ids(rows, vocab, rng))
+                })?
             }
             (PromptTuningInit::Text, false) => {
-                let (Some(dir), Some(text)) = (&self.tokenizer_name_or_path, &self.prompt_tuning_init_text) else {
+                let (Some(dir), Some(text)) =
+                    (&self.tokenizer_name_or_path, &self.prompt_tuning_init_text)
+                else {
                     unreachable!("the config parser requires both for TEXT")
                 };
                 let ids = init_token_ids(dir, text, rows)?;

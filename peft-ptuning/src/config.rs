@@ -3,7 +3,9 @@
 use std::any::Any;
 
 use peft_core::json::ConfigFields;
-use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result};
+use peft_core::{
+    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
+};
 use serde_json::{Map, Number, Value};
 
 /// `encoder_reparameterization_type`.
@@ -32,7 +34,11 @@ pub struct PromptEncoderConfig {
 
 impl PromptEncoderConfig {
     /// A config with `num_virtual_tokens` and an MLP encoder of `hidden` units.
-    pub fn new(num_virtual_tokens: usize, encoder_type: EncoderType, hidden: Option<usize>) -> Self {
+    pub fn new(
+        num_virtual_tokens: usize,
+        encoder_type: EncoderType,
+        hidden: Option<usize>,
+    ) -> Self {
         PromptEncoderConfig {
             prompt: PromptLearningConfig::new(num_virtual_tokens),
             encoder_type,
@@ -46,7 +52,10 @@ impl PromptEncoderConfig {
 /// Parses a p-tuning config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let prompt = PromptLearningConfig::take(fields)?;
-    let encoder_type = match fields.take_opt_string("encoder_reparameterization_type")?.as_deref() {
+    let encoder_type = match fields
+        .take_opt_string("encoder_reparameterization_type")?
+        .as_deref()
+    {
         None | Some("MLP") => EncoderType::Mlp,
         Some("LSTM") => EncoderType::Lstm,
         Some(other) => {
@@ -66,23 +75,46 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
         Some(_) => {
             let hidden = fields.take_usize("encoder_hidden_size", 0)?;
             if hidden == 0 {
-                return Err(PeftError::config_value(fields.source_name(), "encoder_hidden_size", "a positive integer or null", 0));
+                return Err(PeftError::config_value(
+                    fields.source_name(),
+                    "encoder_hidden_size",
+                    "a positive integer or null",
+                    0,
+                ));
             }
             Some(hidden)
         }
     };
     let encoder_num_layers = fields.take_usize("encoder_num_layers", 2)?;
     if encoder_num_layers == 0 {
-        return Err(PeftError::config_value(fields.source_name(), "encoder_num_layers", "a positive integer", 0));
+        return Err(PeftError::config_value(
+            fields.source_name(),
+            "encoder_num_layers",
+            "a positive integer",
+            0,
+        ));
     }
     if encoder_type == EncoderType::Mlp && encoder_num_layers != 2 {
-        tracing::warn!("for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used.");
+        tracing::warn!(
+            "for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used."
+        );
     }
     let encoder_dropout = fields.take_f64("encoder_dropout", 0.0)?;
     if !(0.0..1.0).contains(&encoder_dropout) {
-        return Err(PeftError::config_value(fields.source_name(), "encoder_dropout", "a probability in [0, 1)", encoder_dropout));
+        return Err(PeftError::config_value(
+            fields.source_name(),
+            "encoder_dropout",
+            "a probability in [0, 1)",
+            encoder_dropout,
+        ));
     }
-    Ok(Box::new(PromptEncoderConfig { prompt, encoder_type, encoder_hidden_size, encoder_num_layers, encoder_dropout }))
+    Ok(Box::new(PromptEncoderConfig {
+        prompt,
+        encoder_type,
+        encoder_hidden_size,
+        encoder_num_layers,
+        encoder_dropout,
+    }))
 }
 
 impl MethodConfig for PromptEncoderConfig {
@@ -100,11 +132,19 @@ impl MethodConfig for PromptEncoderConfig {
                 EncoderType::Lstm => "LSTM",
             }),
         );
-        out.insert("encoder_hidden_size".into(), self.encoder_hidden_size.map_or(Value::Null, Value::from));
-        out.insert("encoder_num_layers".into(), Value::from(self.encoder_num_layers));
+        out.insert(
+            "encoder_hidden_size".into(),
+            self.encoder_hidden_size.map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "encoder_num_layers".into(),
+            Value::from(self.encoder_num_layers),
+        );
         out.insert(
             "encoder_dropout".into(),
-            Value::Number(Number::from_f64(self.encoder_dropout).unwrap_or_else(|| Number::from(0))),
+            Value::Number(
+                Number::from_f64(self.encoder_dropout).unwrap_or_else(|| Number::from(0)),
+            ),
         );
         out
     }

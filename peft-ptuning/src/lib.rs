@@ -14,8 +14,8 @@ use candle_core::Tensor;
 use peft_core::method::PROMPT_EMBEDDINGS;
 use peft_core::nn::Linear;
 use peft_core::{
-    AdaptableModel, Init, MethodRegistration, PromptLearningConfig, ModelInfo, ParamBuilder, PromptEncoder, PromptKind, PromptMethod, Result,
-    StoredPrompt, TaskType,
+    AdaptableModel, Init, MethodRegistration, ModelInfo, ParamBuilder, PromptEncoder, PromptKind,
+    PromptLearningConfig, PromptMethod, Result, StoredPrompt, TaskType,
 };
 
 pub use config::{EncoderType, PromptEncoderConfig};
@@ -47,9 +47,21 @@ pub struct PTuningEncoder {
 
 impl PTuningEncoder {
     /// Builds (or loads) the encoder for `rows` virtual tokens of width `dim`.
-    pub fn new(params: &ParamBuilder, cfg: &PromptEncoderConfig, rows: usize, dim: usize) -> Result<Self> {
+    pub fn new(
+        params: &ParamBuilder,
+        cfg: &PromptEncoderConfig,
+        rows: usize,
+        dim: usize,
+    ) -> Result<Self> {
         let hidden = cfg.encoder_hidden_size.unwrap_or(dim);
-        let embedding = params.pp("embedding").get(&[rows, dim], "weight", Init::Normal { mean: 0.0, std: 1.0 })?;
+        let embedding = params.pp("embedding").get(
+            &[rows, dim],
+            "weight",
+            Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+        )?;
         let mlp = params.pp("mlp_head");
         let head = match cfg.encoder_type {
             EncoderType::Mlp => Head::Mlp([
@@ -58,8 +70,17 @@ impl PTuningEncoder {
                 Linear::new(&mlp.pp("4"), hidden, dim, true)?,
             ]),
             EncoderType::Lstm => Head::Lstm(
-                Box::new(BiLstm::new(&params.pp("lstm_head"), dim, hidden, cfg.encoder_num_layers, cfg.encoder_dropout)?),
-                [Linear::new(&mlp.pp("0"), 2 * hidden, 2 * hidden, true)?, Linear::new(&mlp.pp("2"), 2 * hidden, dim, true)?],
+                Box::new(BiLstm::new(
+                    &params.pp("lstm_head"),
+                    dim,
+                    hidden,
+                    cfg.encoder_num_layers,
+                    cfg.encoder_dropout,
+                )?),
+                [
+                    Linear::new(&mlp.pp("0"), 2 * hidden, 2 * hidden, true)?,
+                    Linear::new(&mlp.pp("2"), 2 * hidden, dim, true)?,
+                ],
             ),
         };
         Ok(PTuningEncoder { embedding, head })
@@ -104,13 +125,25 @@ impl PromptMethod for PromptEncoderConfig {
     }
 
     fn saved_shape(&self) -> [usize; 2] {
-        [self.prompt.total_virtual_tokens(), self.prompt.token_dim.unwrap_or(0)]
+        [
+            self.prompt.total_virtual_tokens(),
+            self.prompt.token_dim.unwrap_or(0),
+        ]
     }
 
-    fn build(&self, params: &ParamBuilder, _model: &dyn AdaptableModel) -> Result<Box<dyn PromptEncoder>> {
+    fn build(
+        &self,
+        params: &ParamBuilder,
+        _model: &dyn AdaptableModel,
+    ) -> Result<Box<dyn PromptEncoder>> {
         let [rows, dim] = self.saved_shape();
         if params.source_contains(PROMPT_EMBEDDINGS) {
-            return Ok(Box::new(StoredPrompt::new(params, PROMPT_EMBEDDINGS, [rows, dim], Init::Zeros)?));
+            return Ok(Box::new(StoredPrompt::new(
+                params,
+                PROMPT_EMBEDDINGS,
+                [rows, dim],
+                Init::Zeros,
+            )?));
         }
         Ok(Box::new(PTuningEncoder::new(params, self, rows, dim)?))
     }

@@ -26,23 +26,44 @@ pub struct BiLstm {
 
 impl BiLstm {
     /// Builds (or loads) the weights under `params`, initialised uniform on `±1/sqrt(hidden)`.
-    pub fn new(params: &ParamBuilder, input: usize, hidden: usize, num_layers: usize, dropout: f64) -> Result<Self> {
+    pub fn new(
+        params: &ParamBuilder,
+        input: usize,
+        hidden: usize,
+        num_layers: usize,
+        dropout: f64,
+    ) -> Result<Self> {
         let bound = 1.0 / (hidden as f64).sqrt();
-        let init = Init::Uniform { low: -bound, high: bound };
+        let init = Init::Uniform {
+            low: -bound,
+            high: bound,
+        };
         let mut layers = Vec::with_capacity(num_layers);
         for k in 0..num_layers {
             let in_k = if k == 0 { input } else { 2 * hidden };
             let dir = |suffix: &str| -> Result<Direction> {
                 Ok(Direction {
-                    w_ih: params.get(&[4 * hidden, in_k], &format!("weight_ih_l{k}{suffix}"), init)?,
-                    w_hh: params.get(&[4 * hidden, hidden], &format!("weight_hh_l{k}{suffix}"), init)?,
+                    w_ih: params.get(
+                        &[4 * hidden, in_k],
+                        &format!("weight_ih_l{k}{suffix}"),
+                        init,
+                    )?,
+                    w_hh: params.get(
+                        &[4 * hidden, hidden],
+                        &format!("weight_hh_l{k}{suffix}"),
+                        init,
+                    )?,
                     b_ih: params.get(&[4 * hidden], &format!("bias_ih_l{k}{suffix}"), init)?,
                     b_hh: params.get(&[4 * hidden], &format!("bias_hh_l{k}{suffix}"), init)?,
                 })
             };
             layers.push([dir("")?, dir("_reverse")?]);
         }
-        Ok(BiLstm { layers, hidden, dropout: Dropout::new(dropout, params.seed("dropout")) })
+        Ok(BiLstm {
+            layers,
+            hidden,
+            dropout: Dropout::new(dropout, params.seed("dropout")),
+        })
     }
 
     fn run(&self, d: &Direction, xs: &Tensor, reverse: bool) -> Result<Tensor> {
@@ -53,7 +74,11 @@ impl BiLstm {
         let mut h = Tensor::zeros((1, h4), xs.dtype(), xs.device())?;
         let mut c = h.clone();
         let mut outs = vec![None; t];
-        let order: Vec<usize> = if reverse { (0..t).rev().collect() } else { (0..t).collect() };
+        let order: Vec<usize> = if reverse {
+            (0..t).rev().collect()
+        } else {
+            (0..t).collect()
+        };
         for step in order {
             let gates = (gates_x.narrow(0, step, 1)? + linear_forward(&h, &d.w_hh, false)?)?;
             let i = candle_nn::ops::sigmoid(&gates.narrow(D::Minus1, 0, h4)?)?;
@@ -76,7 +101,10 @@ impl BiLstm {
             if k > 0 {
                 x = self.dropout.forward(&x, training)?;
             }
-            x = Tensor::cat(&[&self.run(fwd, &x, false)?, &self.run(bwd, &x, true)?], D::Minus1)?;
+            x = Tensor::cat(
+                &[&self.run(fwd, &x, false)?, &self.run(bwd, &x, true)?],
+                D::Minus1,
+            )?;
         }
         Ok(x)
     }

@@ -17,11 +17,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use peft::models::BertModel;
-use peft::training::{train_step, Batch, ClassificationBatch};
-use peft::{get_peft_model, AdapterConfig, ModelInputs, PeftModel, TaskType};
 use peft::rand::rngs::StdRng;
 use peft::rand::seq::SliceRandom;
 use peft::rand::SeedableRng;
+use peft::training::{train_step, Batch, ClassificationBatch};
+use peft::{get_peft_model, AdapterConfig, ModelInputs, PeftModel, TaskType};
 
 const CATEGORIES: [&str; 4] = ["computers", "politics", "science", "work"];
 const PER_CLASS: usize = 400;
@@ -57,11 +57,17 @@ fn dataset(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<(Vec<Example
         fortunes.shuffle(&mut rng);
         fortunes.truncate(PER_CLASS);
         if fortunes.len() < 50 {
-            bail!("{}: only {} fortunes", dir.join(name).display(), fortunes.len());
+            bail!(
+                "{}: only {} fortunes",
+                dir.join(name).display(),
+                fortunes.len()
+            );
         }
         let cut = fortunes.len() * 4 / 5;
         for (i, text) in fortunes.iter().enumerate() {
-            let enc = tokenizer.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            let enc = tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
             let mut ids = enc.get_ids().to_vec();
             if ids.len() > MAX_TOKENS {
                 let sep = *ids.last().unwrap_or(&102);
@@ -69,7 +75,11 @@ fn dataset(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<(Vec<Example
                 ids.push(sep);
             }
             let ex = Example { ids, label };
-            if i < cut { train.push(ex) } else { held_out.push(ex) }
+            if i < cut {
+                train.push(ex)
+            } else {
+                held_out.push(ex)
+            }
         }
     }
     train.shuffle(&mut rng);
@@ -81,8 +91,15 @@ fn tensors(examples: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
     let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for e in examples {
-        ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, len - e.ids.len())));
-        mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, len - e.ids.len())));
+        ids.extend(
+            e.ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, len - e.ids.len())),
+        );
+        mask.extend(
+            std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, len - e.ids.len())),
+        );
     }
     let dev = Device::Cpu;
     let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
@@ -96,15 +113,29 @@ fn tensors(examples: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
 fn accuracy(predicted: &Tensor, labels: &Tensor) -> Result<usize> {
     let p: Vec<u32> = predicted.argmax(D::Minus1)?.to_vec1()?;
     let l: Vec<i64> = labels.to_vec1()?;
-    Ok(p.iter().zip(&l).filter(|(p, l)| i64::from(**p) == **l).count())
+    Ok(p.iter()
+        .zip(&l)
+        .filter(|(p, l)| i64::from(**p) == **l)
+        .count())
 }
 
 fn base(dir: &Path) -> Result<BertModel> {
-    Ok(BertModel::from_folder(dir, Some((TaskType::SeqCls, CATEGORIES.len())), DType::F32, &Device::Cpu, SEED)?)
+    Ok(BertModel::from_folder(
+        dir,
+        Some((TaskType::SeqCls, CATEGORIES.len())),
+        DType::F32,
+        &Device::Cpu,
+        SEED,
+    )?)
 }
 
 /// 1. The head alone: pooled features of the frozen encoder, then a linear classifier.
-fn head_alone(dir: &Path, train: &[Example], held_out: &[Example], epochs: usize) -> Result<(f64, f32)> {
+fn head_alone(
+    dir: &Path,
+    train: &[Example],
+    held_out: &[Example],
+    epochs: usize,
+) -> Result<(f64, f32)> {
     let started = Instant::now();
     let encoder = base(dir)?;
     let features = |set: &[Example]| -> Result<(Tensor, Tensor)> {
@@ -122,7 +153,14 @@ fn head_alone(dir: &Path, train: &[Example], held_out: &[Example], epochs: usize
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let head = candle_nn::linear(xs.dim(1)?, CATEGORIES.len(), vb.pp("classifier"))?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let n = xs.dim(0)?;
     for epoch in 1..=epochs * 10 {
         for start in (0..n).step_by(BATCH) {
@@ -132,8 +170,13 @@ fn head_alone(dir: &Path, train: &[Example], held_out: &[Example], epochs: usize
             opt.backward_step(&loss)?;
         }
         if epoch % 10 == 0 {
-            let acc = accuracy(&candle_nn::Module::forward(&head, &hx)?, &hy)? as f64 / hy.dim(0)? as f64;
-            println!("  head alone, epoch {:>3}: held-out accuracy {:.1}%", epoch, 100.0 * acc);
+            let acc =
+                accuracy(&candle_nn::Module::forward(&head, &hx)?, &hy)? as f64 / hy.dim(0)? as f64;
+            println!(
+                "  head alone, epoch {:>3}: held-out accuracy {:.1}%",
+                epoch,
+                100.0 * acc
+            );
         }
     }
     let acc = accuracy(&candle_nn::Module::forward(&head, &hx)?, &hy)? as f64 / hy.dim(0)? as f64;
@@ -145,13 +188,22 @@ fn evaluate(model: &PeftModel, set: &[Example]) -> Result<f64> {
     for chunk in set.chunks(32) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let (ids, mask, labels) = tensors(&refs)?;
-        right += accuracy(&model.forward(&ModelInputs::from_ids(ids).with_mask(Some(mask)))?, &labels)?;
+        right += accuracy(
+            &model.forward(&ModelInputs::from_ids(ids).with_mask(Some(mask)))?,
+            &labels,
+        )?;
     }
     Ok(right as f64 / set.len() as f64)
 }
 
 /// 2. The head plus LoRA on the encoder.
-fn head_and_lora(dir: &Path, train: &[Example], held_out: &[Example], epochs: usize, out: &Path) -> Result<(f64, f32, String)> {
+fn head_and_lora(
+    dir: &Path,
+    train: &[Example],
+    held_out: &[Example],
+    epochs: usize,
+    out: &Path,
+) -> Result<(f64, f32, String)> {
     let started = Instant::now();
     let config = AdapterConfig::from_json_str(
         r#"{"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1}"#,
@@ -160,20 +212,35 @@ fn head_and_lora(dir: &Path, train: &[Example], held_out: &[Example], epochs: us
     let model = get_peft_model(Box::new(base(dir)?), config, SEED)?;
     let line = model.parameter_line();
     println!("  {line}");
-    let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr: 1e-3, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        model.trainable_vars(),
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     for epoch in 1..=epochs {
         model.set_training(true);
         let (mut total, mut steps) = (0.0, 0);
         for chunk in train.chunks(BATCH) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let (input_ids, attention_mask, labels) = tensors(&refs)?;
-            let batch = Batch::Classification(ClassificationBatch { input_ids, attention_mask: Some(attention_mask), labels });
+            let batch = Batch::Classification(ClassificationBatch {
+                input_ids,
+                attention_mask: Some(attention_mask),
+                labels,
+            });
             total += train_step(&model, &mut opt, &batch, Some(1.0))?.loss;
             steps += 1;
         }
         model.set_training(false);
         let acc = evaluate(&model, held_out)?;
-        println!("  head + LoRA, epoch {epoch}: train loss {:.4}, held-out accuracy {:.1}%", total / steps as f32, 100.0 * acc);
+        println!(
+            "  head + LoRA, epoch {epoch}: train loss {:.4}, held-out accuracy {:.1}%",
+            total / steps as f32,
+            100.0 * acc
+        );
     }
     model.save_pretrained(out)?;
     let acc = evaluate(&model, held_out)?;
@@ -188,10 +255,19 @@ fn head_and_lora(dir: &Path, train: &[Example], held_out: &[Example], epochs: us
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let model_dir = PathBuf::from(args.next().unwrap_or_else(|| "models/all-minilm-l6-v2".into()));
-    let fortunes = PathBuf::from(args.next().unwrap_or_else(|| "/usr/share/games/fortunes".into()));
+    let model_dir = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "models/all-minilm-l6-v2".into()),
+    );
+    let fortunes = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "/usr/share/games/fortunes".into()),
+    );
     let out = PathBuf::from(args.next().unwrap_or_else(|| "out/fortunes-lora".into()));
-    let epochs: usize = std::env::var("EPOCHS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let epochs: usize = std::env::var("EPOCHS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let tokenizer = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", model_dir.join("tokenizer.json").display()))?;
     let (train, held_out) = dataset(&fortunes, &tokenizer)?;
@@ -203,12 +279,23 @@ fn main() -> Result<()> {
     );
     let (head_acc, head_secs) = head_alone(&model_dir, &train, &held_out, epochs)?;
     let (lora_acc, lora_secs, line) = head_and_lora(&model_dir, &train, &held_out, epochs, &out)?;
-    let size = std::fs::metadata(out.join("adapter_model.safetensors")).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(out.join("adapter_model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!("\n| training | held-out accuracy | wall time |");
     println!("|---|---|---|");
-    println!("| head alone (frozen MiniLM) | {:.1}% | {head_secs:.0} s |", 100.0 * head_acc);
-    println!("| head + LoRA r=8 | {:.1}% | {lora_secs:.0} s |", 100.0 * lora_acc);
-    println!("\nLoRA: {line}; adapter saved to {} ({size} bytes)", out.display());
+    println!(
+        "| head alone (frozen MiniLM) | {:.1}% | {head_secs:.0} s |",
+        100.0 * head_acc
+    );
+    println!(
+        "| head + LoRA r=8 | {:.1}% | {lora_secs:.0} s |",
+        100.0 * lora_acc
+    );
+    println!(
+        "\nLoRA: {line}; adapter saved to {} ({size} bytes)",
+        out.display()
+    );
     println!("chance: {:.1}%", 100.0 / CATEGORIES.len() as f64);
     Ok(())
 }

@@ -19,11 +19,13 @@ use peft::{get_peft_model, AdapterConfig, ModelInputs, PeftModel, TaskType};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model_dir = args
+    let model_dir = args.next().map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama_tiny")
+    });
+    let out_dir = args
         .next()
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama_tiny"));
-    let out_dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("peft-rs-example"));
+        .unwrap_or_else(|| std::env::temp_dir().join("peft-rs-example"));
     let method = args.next().unwrap_or_else(|| "lora".to_string());
     let device = Device::Cpu;
 
@@ -50,10 +52,19 @@ fn main() -> anyhow::Result<()> {
     println!("{}", model.parameter_line());
 
     // An ordinary training loop: teach the model to continue a counting pattern.
-    let ids: Vec<u32> = (0..4 * 32).map(|i| 3 + (i * 5) % (vocab - 3).min(60)).collect();
+    let ids: Vec<u32> = (0..4 * 32)
+        .map(|i| 3 + (i * 5) % (vocab - 3).min(60))
+        .collect();
     let ids = Tensor::from_vec(ids, (4, 32), &device)?;
     let batch = CausalLmBatch::from_ids(ids.clone(), None)?;
-    let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        model.trainable_vars(),
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     model.set_training(true);
     for step in 1..=40 {
         let stats = causal_lm_step(&model, &mut opt, &batch, Some(1.0))?;
@@ -68,14 +79,25 @@ fn main() -> anyhow::Result<()> {
     let logits = model.forward(&ModelInputs::from_ids(ids.clone()))?;
     peft::checkpoint::write_safetensors(
         &out_dir.join("check.safetensors"),
-        &[("input_ids".into(), ids.to_dtype(DType::I64)?), ("logits".into(), logits.clone())],
+        &[
+            ("input_ids".into(), ids.to_dtype(DType::I64)?),
+            ("logits".into(), logits.clone()),
+        ],
     )?;
     println!("saved adapter to {}", out_dir.display());
 
     // model = PeftModel.from_pretrained(base, out_dir)
-    let reloaded = PeftModel::from_pretrained(peft::models::load_model(&model_dir, DType::F32, &device)?, &out_dir, false)?;
+    let reloaded = PeftModel::from_pretrained(
+        peft::models::load_model(&model_dir, DType::F32, &device)?,
+        &out_dir,
+        false,
+    )?;
     let again = reloaded.forward(&ModelInputs::from_ids(ids))?;
-    let diff = (again - logits)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (again - logits)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     println!("reloaded: max |logit difference| = {diff:e}");
     Ok(())
 }

@@ -21,21 +21,26 @@
 pub use peft_core::*;
 pub use peft_models as models;
 
-/// LoRA (feature `lora`).
-#[cfg(feature = "lora")]
-pub use peft_lora as lora;
+pub mod data;
+pub mod optim;
+pub mod plot;
+pub mod trainer;
+
 /// IA3 (feature `ia3`).
 #[cfg(feature = "ia3")]
 pub use peft_ia3 as ia3;
+/// LoRA (feature `lora`).
+#[cfg(feature = "lora")]
+pub use peft_lora as lora;
+/// Prefix tuning (feature `prefix`).
+#[cfg(feature = "prefix")]
+pub use peft_prefix as prefix_tuning;
 /// Prompt tuning (feature `prompt`).
 #[cfg(feature = "prompt")]
 pub use peft_prompt as prompt_tuning;
 /// P-tuning (feature `ptuning`).
 #[cfg(feature = "ptuning")]
 pub use peft_ptuning as p_tuning;
-/// Prefix tuning (feature `prefix`).
-#[cfg(feature = "prefix")]
-pub use peft_prefix as prefix_tuning;
 
 /// The methods linked into this build, sorted by `peft_type`.
 pub fn available_methods() -> Vec<&'static str> {

@@ -10,7 +10,12 @@ use common::{assert_close, fixtures, max_abs_diff};
 use peft::{AdapterConfig, ModelInputs, PeftModel};
 
 fn base() -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(&fixtures().join("models/llama_tiny"), DType::F32, &Device::Cpu).unwrap()
+    peft::models::load_model(
+        &fixtures().join("models/llama_tiny"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn cfg(targets: &str, r: usize, alpha: f64, dropout: f64) -> AdapterConfig {
@@ -35,7 +40,11 @@ fn switching_combining_and_deleting_adapters() {
     let mut model = PeftModel::new(base());
     model.add_adapter("a", a(), 1).unwrap();
     model.add_adapter("b", b(), 2).unwrap();
-    assert_eq!(model.active_adapters(), vec!["a".to_string()], "the first adapter is active");
+    assert_eq!(
+        model.active_adapters(),
+        vec!["a".to_string()],
+        "the first adapter is active"
+    );
 
     let mut only_a = PeftModel::new(base());
     only_a.add_adapter("a", a(), 1).unwrap();
@@ -56,7 +65,11 @@ fn switching_combining_and_deleting_adapters() {
     {
         let off = model.disable_adapters();
         let plain = PeftModel::new(base()).forward(&x).unwrap();
-        assert_eq!(max_abs_diff(&off.forward(&x).unwrap(), &plain), 0.0, "disabled while merged = base");
+        assert_eq!(
+            max_abs_diff(&off.forward(&x).unwrap(), &plain),
+            0.0,
+            "disabled while merged = base"
+        );
     }
     assert_close("re-enabled", &model.forward(&x).unwrap(), &both, 1e-4);
     model.unmerge_adapter().unwrap();
@@ -75,7 +88,8 @@ fn switching_combining_and_deleting_adapters() {
 
 #[test]
 fn dropout_applies_in_training_only() {
-    let model = peft::get_peft_model(base(), cfg(r#"["q_proj", "v_proj"]"#, 4, 8.0, 0.5), 3).unwrap();
+    let model =
+        peft::get_peft_model(base(), cfg(r#"["q_proj", "v_proj"]"#, 4, 8.0, 0.5), 3).unwrap();
     let x = inputs();
     let eval1 = model.forward(&x).unwrap();
     model.set_training(true);
@@ -92,18 +106,40 @@ fn dropout_applies_in_training_only() {
 fn bf16_base_runs_close_to_f32() {
     let dir = fixtures().join("adapters/llama_tiny__lora_qv");
     let f32_model = PeftModel::from_pretrained(base(), &dir, false).unwrap();
-    let bf16_base = peft::models::load_model(&fixtures().join("models/llama_tiny"), DType::BF16, &Device::Cpu).unwrap();
+    let bf16_base = peft::models::load_model(
+        &fixtures().join("models/llama_tiny"),
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
     let bf16_model = PeftModel::from_pretrained(bf16_base, &dir, false).unwrap();
     let x = inputs();
     let a = f32_model.forward(&x).unwrap();
     let b = bf16_model.forward(&x).unwrap();
     assert_eq!(b.dtype(), DType::BF16);
-    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    assert!(max_abs_diff(&a, &b) < 0.05 * scale, "bf16 drifted: {} vs scale {scale}", max_abs_diff(&a, &b));
+    let scale = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        max_abs_diff(&a, &b) < 0.05 * scale,
+        "bf16 drifted: {} vs scale {scale}",
+        max_abs_diff(&a, &b)
+    );
     // Adapters stay F32 and save as F32.
     let tmp = tempfile::tempdir().unwrap();
     bf16_model.save_pretrained(tmp.path()).unwrap();
-    for (_, t) in peft::checkpoint::read_safetensors(&tmp.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap() {
+    for (_, t) in peft::checkpoint::read_safetensors(
+        &tmp.path().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    {
         assert_eq!(t.dtype(), DType::F32);
     }
 }
@@ -112,19 +148,40 @@ fn bf16_base_runs_close_to_f32() {
 /// prepended) and a KV cache pre-filled with per-layer key/value prefixes.
 #[test]
 fn input_embedding_and_prefix_hooks() {
-    let model = PeftModel::from_pretrained(base(), &fixtures().join("adapters/llama_tiny__lora_embed"), false).unwrap();
+    let model = PeftModel::from_pretrained(
+        base(),
+        &fixtures().join("adapters/llama_tiny__lora_embed"),
+        false,
+    )
+    .unwrap();
     let ids = Tensor::new(&[[1u32, 9, 33, 71, 5, 2]], &Device::Cpu).unwrap();
     let by_ids = model.forward(&ModelInputs::from_ids(ids.clone())).unwrap();
     let embeds = model.base_model().embed_tokens(&ids).unwrap();
-    let by_embeds = model.forward(&ModelInputs { inputs_embeds: Some(embeds.clone()), ..Default::default() }).unwrap();
-    assert_eq!(max_abs_diff(&by_ids, &by_embeds), 0.0, "embed_tokens includes the embedding adapter");
+    let by_embeds = model
+        .forward(&ModelInputs {
+            inputs_embeds: Some(embeds.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&by_ids, &by_embeds),
+        0.0,
+        "embed_tokens includes the embedding adapter"
+    );
 
     // A prefix in the cache: the first three positions' keys/values, then the rest.
     let mut cache = model.new_cache();
-    let head = ModelInputs { inputs_embeds: Some(embeds.narrow(1, 0, 3).unwrap()), ..Default::default() };
+    let head = ModelInputs {
+        inputs_embeds: Some(embeds.narrow(1, 0, 3).unwrap()),
+        ..Default::default()
+    };
     model.forward_with_cache(&head, &mut cache).unwrap();
     assert_eq!(cache.seq_len(), 3);
-    let prefix = peft::KvCache::from_prefix((0..cache.num_layers()).map(|i| cache.get(i).unwrap().clone()).collect());
+    let prefix = peft::KvCache::from_prefix(
+        (0..cache.num_layers())
+            .map(|i| cache.get(i).unwrap().clone())
+            .collect(),
+    );
     let mut cache = prefix;
     let tail = ModelInputs {
         inputs_embeds: Some(embeds.narrow(1, 3, 3).unwrap()),
@@ -132,31 +189,53 @@ fn input_embedding_and_prefix_hooks() {
         ..Default::default()
     };
     let rest = model.forward_with_cache(&tail, &mut cache).unwrap();
-    assert_close("prefix + rest", &rest, &by_ids.narrow(1, 3, 3).unwrap(), 1e-5);
+    assert_close(
+        "prefix + rest",
+        &rest,
+        &by_ids.narrow(1, 3, 3).unwrap(),
+        1e-5,
+    );
 }
 
 /// A model split into shards with `model.safetensors.index.json` loads like the single file.
 #[test]
 fn sharded_checkpoints_load() {
     let src = fixtures().join("models/llama_tiny");
-    let tensors = peft::checkpoint::read_safetensors(&src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        peft::checkpoint::read_safetensors(&src.join("model.safetensors"), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     let (a, b) = tensors.split_at(tensors.len() / 2);
     let mut map = serde_json::Map::new();
-    for (part, file) in [(a, "model-00001-of-00002.safetensors"), (b, "model-00002-of-00002.safetensors")] {
+    for (part, file) in [
+        (a, "model-00001-of-00002.safetensors"),
+        (b, "model-00002-of-00002.safetensors"),
+    ] {
         peft::checkpoint::write_safetensors(&dir.path().join(file), part).unwrap();
         for (k, _) in part {
             map.insert(k.clone(), serde_json::Value::from(file));
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let sharded = peft::models::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let x = inputs();
-    assert_eq!(max_abs_diff(&sharded.forward(&x, None).unwrap(), &base().forward(&x, None).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &sharded.forward(&x, None).unwrap(),
+            &base().forward(&x, None).unwrap()
+        ),
+        0.0
+    );
     // A shard listed in the index but absent is an error naming it.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let err = peft::models::load_model(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let err = peft::models::load_model(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
 }

@@ -25,7 +25,10 @@ fn parameter_lines_match_peft() {
         lora.insert("peft_type".into(), Value::from("LORA"));
         let config = AdapterConfig::from_value(Value::Object(lora), "param_lines.json").unwrap();
         let model = get_peft_model(Box::new(base), config, 0).unwrap();
-        assert_eq!(model.parameter_line(), spec["parameter_line"].as_str().unwrap());
+        assert_eq!(
+            model.parameter_line(),
+            spec["parameter_line"].as_str().unwrap()
+        );
     }
 }
 
@@ -33,8 +36,21 @@ fn parameter_lines_match_peft() {
 fn reference_llama_tiny_line() {
     // ../shared/REFERENCE.md: llama-tiny (hidden 256, 4 layers, 4 heads, 2 kv heads, vocab 1000),
     // LoRA r=8 on q_proj, v_proj.
-    let base = LlamaModel::random(LlamaConfig::tiny(1000, 256, 4, 4, 2, 688), 0, DType::F32, &Device::Cpu).unwrap();
-    let config = AdapterConfig::from_json_str(r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]}"#, "inline").unwrap();
+    let base = LlamaModel::random(
+        LlamaConfig::tiny(1000, 256, 4, 4, 2, 688),
+        0,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let config = AdapterConfig::from_json_str(
+        r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]}"#,
+        "inline",
+    )
+    .unwrap();
     let model = get_peft_model(Box::new(base), config, 0).unwrap();
-    assert_eq!(model.parameter_line(), "trainable params: 28,672 || all params: 3,442,944 || trainable%: 0.8328");
+    assert_eq!(
+        model.parameter_line(),
+        "trainable params: 28,672 || all params: 3,442,944 || trainable%: 0.8328"
+    );
 }

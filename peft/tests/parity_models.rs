@@ -28,14 +28,23 @@ fn runnable() -> Vec<(String, String, String)> {
             assert!(reason.as_str().unwrap().contains("reference cannot run"));
             continue;
         }
-        out.push((c["model"].as_str().unwrap().into(), c["method"].as_str().unwrap().into(), c["task_type"].as_str().unwrap().into()));
+        out.push((
+            c["model"].as_str().unwrap().into(),
+            c["method"].as_str().unwrap().into(),
+            c["task_type"].as_str().unwrap().into(),
+        ));
     }
     assert!(out.len() >= 25, "{} runnable cases", out.len());
     out
 }
 
 fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(&fixtures().join("models").join(model), DType::F32, &Device::Cpu).unwrap()
+    peft::models::load_model(
+        &fixtures().join("models").join(model),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn inputs(data: &HashMap<String, Tensor>) -> ModelInputs {
@@ -52,19 +61,34 @@ fn loss(task: &str, logits: &Tensor, data: &HashMap<String, Tensor>, model: &Pef
     let dev = Device::Cpu;
     match task {
         "CAUSAL_LM" => {
-            let batch = peft::training::CausalLmBatch::from_ids(data["input_ids"].clone(), Some(data["attention_mask"].clone())).unwrap();
+            let batch = peft::training::CausalLmBatch::from_ids(
+                data["input_ids"].clone(),
+                Some(data["attention_mask"].clone()),
+            )
+            .unwrap();
             peft::training::causal_lm_batch_loss(model, &batch).unwrap()
         }
         "SEQ_2_SEQ_LM" => {
             let (b, t, v) = logits.dims3().unwrap();
             let labels = data["decoder_input_ids"].reshape(b * t).unwrap();
-            peft::loss::cross_entropy(&logits.reshape((b * t, v)).unwrap(), &labels).unwrap().0
+            peft::loss::cross_entropy(&logits.reshape((b * t, v)).unwrap(), &labels)
+                .unwrap()
+                .0
         }
-        "SEQ_CLS" => peft::loss::cross_entropy(logits, &Tensor::new(&[0i64, 2, 1], &dev).unwrap()).unwrap().0,
+        "SEQ_CLS" => {
+            peft::loss::cross_entropy(logits, &Tensor::new(&[0i64, 2, 1], &dev).unwrap())
+                .unwrap()
+                .0
+        }
         "TOKEN_CLS" => {
             let (b, t, n) = logits.dims3().unwrap();
             let labels: Vec<i64> = (0..b * t).map(|i| (i % n) as i64).collect();
-            peft::loss::cross_entropy(&logits.reshape((b * t, n)).unwrap(), &Tensor::new(labels, &dev).unwrap()).unwrap().0
+            peft::loss::cross_entropy(
+                &logits.reshape((b * t, n)).unwrap(),
+                &Tensor::new(labels, &dev).unwrap(),
+            )
+            .unwrap()
+            .0
         }
         _ => logits.sqr().unwrap().mean_all().unwrap(),
     }
@@ -76,30 +100,68 @@ fn every_model_and_method_matches_peft() {
         let name = format!("{m}__{method}");
         let data = load_case(&name);
         let x = inputs(&data);
-        let mut model = PeftModel::from_pretrained(base(&m), &fixtures().join("adapters").join(&name), false).unwrap();
-        assert_close(&format!("{name} adapted"), &model.forward(&x).unwrap(), &data["logits_adapted"], TOL);
+        let mut model =
+            PeftModel::from_pretrained(base(&m), &fixtures().join("adapters").join(&name), false)
+                .unwrap();
+        assert_close(
+            &format!("{name} adapted"),
+            &model.forward(&x).unwrap(),
+            &data["logits_adapted"],
+            TOL,
+        );
         {
             let off = model.disable_adapters();
-            assert_close(&format!("{name} disabled"), &off.forward(&x).unwrap(), &data["logits_base"], TOL);
+            assert_close(
+                &format!("{name} disabled"),
+                &off.forward(&x).unwrap(),
+                &data["logits_base"],
+                TOL,
+            );
         }
         if let Some(expected) = data.get("generated") {
             let expected: Vec<u32> = expected.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
             let got = if task == "SEQ_2_SEQ_LM" {
                 let ids = data["input_ids"].narrow(0, 0, 1).unwrap();
                 let mask = data["attention_mask"].narrow(0, 0, 1).unwrap();
-                peft::generate::greedy_generate_seq2seq(&model, &ids, Some(&mask), expected.len(), &[], &mut |_| Ok(())).unwrap()
+                peft::generate::greedy_generate_seq2seq(
+                    &model,
+                    &ids,
+                    Some(&mask),
+                    expected.len(),
+                    &[],
+                    &mut |_| Ok(()),
+                )
+                .unwrap()
             } else {
-                let prompt: Vec<u32> = data["input_ids"].get(0).unwrap().narrow(0, 0, 5).unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+                let prompt: Vec<u32> = data["input_ids"]
+                    .get(0)
+                    .unwrap()
+                    .narrow(0, 0, 5)
+                    .unwrap()
+                    .to_dtype(DType::U32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 peft::generate::greedy_generate(&model, &prompt, expected.len(), &[]).unwrap()
             };
             assert_eq!(got, expected, "{name}: greedy continuation");
         }
         if let Some(merged) = data.get("logits_merged") {
             model.merge_adapter().unwrap();
-            assert_close(&format!("{name} merged"), &model.forward(&x).unwrap(), merged, TOL);
+            assert_close(
+                &format!("{name} merged"),
+                &model.forward(&x).unwrap(),
+                merged,
+                TOL,
+            );
             model.unmerge_adapter().unwrap();
             let unloaded = model.merge_and_unload().unwrap();
-            assert_close(&format!("{name} merge_and_unload"), &unloaded.forward(&x, None).unwrap(), merged, TOL);
+            assert_close(
+                &format!("{name} merge_and_unload"),
+                &unloaded.forward(&x, None).unwrap(),
+                merged,
+                TOL,
+            );
         }
     }
 }
@@ -109,22 +171,48 @@ fn training_mode_outputs_loss_and_gradients_match_peft() {
     for (m, method, task) in runnable() {
         let name = format!("{m}__{method}");
         let data = load_case(&name);
-        let params: Vec<(String, Tensor)> =
-            data.iter().filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone()))).collect();
+        let params: Vec<(String, Tensor)> = data
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone())))
+            .collect();
         let tmp = tempfile::tempdir().unwrap();
-        let text = std::fs::read_to_string(fixtures().join("adapters").join(&name).join("adapter_config.json")).unwrap();
+        let text = std::fs::read_to_string(
+            fixtures()
+                .join("adapters")
+                .join(&name)
+                .join("adapter_config.json"),
+        )
+        .unwrap();
         let mut config: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
         config.insert("inference_mode".into(), Value::Bool(false));
-        std::fs::write(tmp.path().join("adapter_config.json"), Value::Object(config).to_string()).unwrap();
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            Value::Object(config).to_string(),
+        )
+        .unwrap();
         checkpoint::write_safetensors(&tmp.path().join(checkpoint::WEIGHTS_NAME), &params).unwrap();
         let mut model = PeftModel::new(base(&m));
         let report = model.load_adapter(tmp.path(), "default", true).unwrap();
-        assert!(report.unexpected_keys.is_empty(), "{name}: {:?}", report.unexpected_keys);
+        assert!(
+            report.unexpected_keys.is_empty(),
+            "{name}: {:?}",
+            report.unexpected_keys
+        );
         model.set_training(true);
         let logits = model.forward(&inputs(&data)).unwrap();
-        assert_close(&format!("{name} train logits"), &logits, &data["train.logits"], TOL);
+        assert_close(
+            &format!("{name} train logits"),
+            &logits,
+            &data["train.logits"],
+            TOL,
+        );
         let l = loss(&task, &logits, &data, &model);
-        assert_close(&format!("{name} loss"), &l.reshape(1).unwrap(), &data["train.loss"], TOL);
+        assert_close(
+            &format!("{name} loss"),
+            &l.reshape(1).unwrap(),
+            &data["train.loss"],
+            TOL,
+        );
         let grads = l.backward().unwrap();
         let vars = model.adapter("default").unwrap().vars();
         assert_eq!(vars.len(), params.len(), "{name}: parameter count");
@@ -133,7 +221,19 @@ fn training_mode_outputs_loss_and_gradients_match_peft() {
             match grads.get(var.as_tensor()) {
                 Some(g) => assert_close(&format!("{name} grad {path}"), g, expected, TOL),
                 // Unused rows (the second half of a seq2seq prompt) get no gradient in either.
-                None => assert_eq!(expected.abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap(), 0.0, "{name}: {path}"),
+                None => assert_eq!(
+                    expected
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(D::Minus1)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    0.0,
+                    "{name}: {path}"
+                ),
             }
         }
     }
@@ -153,19 +253,32 @@ fn fresh_adapters_have_peft_parameter_lines_and_configs() {
         }
         let config = AdapterConfig::from_value(Value::Object(value), "fixture").unwrap();
         let model = peft::get_peft_model(base(m), config, 0).unwrap();
-        assert_eq!(model.parameter_line(), c["parameter_line"].as_str().unwrap(), "{m}__{method}");
+        assert_eq!(
+            model.parameter_line(),
+            c["parameter_line"].as_str().unwrap(),
+            "{m}__{method}"
+        );
         let out = tempfile::tempdir().unwrap();
         model.save_pretrained(out.path()).unwrap();
-        let ours: serde_json::Map<String, Value> =
-            serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
+        let ours: serde_json::Map<String, Value> = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         let theirs: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
-        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{m}__{method}: config keys");
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{m}__{method}: config keys"
+        );
         for (k, v) in &theirs {
             match k.as_str() {
                 "peft_version" | "base_model_name_or_path" | "auto_mapping" => {}
                 "target_modules" | "feedforward_modules" => {
                     let set = |v: &Value| {
-                        let mut a: Vec<String> = v.as_array().map(|a| a.iter().map(|x| x.to_string()).collect()).unwrap_or_default();
+                        let mut a: Vec<String> = v
+                            .as_array()
+                            .map(|a| a.iter().map(|x| x.to_string()).collect())
+                            .unwrap_or_default();
                         a.sort();
                         a
                     };
@@ -174,10 +287,22 @@ fn fresh_adapters_have_peft_parameter_lines_and_configs() {
                 _ => assert_eq!(&ours[k], v, "{m}__{method}: {k}"),
             }
         }
-        let saved = checkpoint::read_safetensors(&out.path().join(checkpoint::WEIGHTS_NAME), &Device::Cpu).unwrap();
-        let reference = checkpoint::read_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &Device::Cpu).unwrap();
-        let shapes = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect::<Vec<_>>();
-        assert_eq!(shapes(&saved), shapes(&reference), "{m}__{method}: keys and shapes");
+        let saved =
+            checkpoint::read_safetensors(&out.path().join(checkpoint::WEIGHTS_NAME), &Device::Cpu)
+                .unwrap();
+        let reference =
+            checkpoint::read_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &Device::Cpu)
+                .unwrap();
+        let shapes = |v: &[(String, Tensor)]| {
+            v.iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shapes(&saved),
+            shapes(&reference),
+            "{m}__{method}: keys and shapes"
+        );
     }
 }
 
@@ -185,12 +310,24 @@ fn fresh_adapters_have_peft_parameter_lines_and_configs() {
 #[test]
 fn fan_in_fan_out_follows_the_layer_layout() {
     for peft_type in ["LORA", "IA3"] {
-        let config = AdapterConfig::from_json_str(&format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": false}}"#), "inline").unwrap();
+        let config = AdapterConfig::from_json_str(
+            &format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": false}}"#),
+            "inline",
+        )
+        .unwrap();
         let model = peft::get_peft_model(base("gpt2_tiny"), config, 0).unwrap();
         let saved = model.adapter("default").unwrap().config().to_json();
         assert_eq!(saved["fan_in_fan_out"], Value::Bool(true), "{peft_type}");
-        let config = AdapterConfig::from_json_str(&format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": true}}"#), "inline").unwrap();
+        let config = AdapterConfig::from_json_str(
+            &format!(r#"{{"peft_type": "{peft_type}", "fan_in_fan_out": true}}"#),
+            "inline",
+        )
+        .unwrap();
         let model = peft::get_peft_model(base("llama_tiny"), config, 0).unwrap();
-        assert_eq!(model.adapter("default").unwrap().config().to_json()["fan_in_fan_out"], Value::Bool(false), "{peft_type}");
+        assert_eq!(
+            model.adapter("default").unwrap().config().to_json()["fan_in_fan_out"],
+            Value::Bool(false),
+            "{peft_type}"
+        );
     }
 }

@@ -4,16 +4,37 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use peft::lora::LoraConfig;
-use peft::targets::{minimal_target_modules, resolve_target_modules, select_targets, TargetMatcher, MatchOutcome};
+use peft::targets::{
+    minimal_target_modules, resolve_target_modules, select_targets, MatchOutcome, TargetMatcher,
+};
 use peft::{AdapterConfig, LayerIndices, ModuleEntry, ModuleKind, TargetModules, TargetSpec};
 use proptest::prelude::*;
 use serde_json::Value;
 
-const LEAVES: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "q", "v", "dense"];
+const LEAVES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "up_proj",
+    "down_proj",
+    "q",
+    "v",
+    "dense",
+];
 const GROUPS: &[&str] = &["self_attn", "mlp", "attn", "cross"];
 
 fn module_tree() -> impl Strategy<Value = Vec<ModuleEntry>> {
-    (1usize..6, prop::collection::vec((0usize..GROUPS.len(), prop::collection::btree_set(0usize..LEAVES.len(), 1..5)), 1..4))
+    (
+        1usize..6,
+        prop::collection::vec(
+            (
+                0usize..GROUPS.len(),
+                prop::collection::btree_set(0usize..LEAVES.len(), 1..5),
+            ),
+            1..4,
+        ),
+    )
         .prop_map(|(layers, groups)| {
             let mut out = vec![ModuleEntry::new("model", ModuleKind::Other("Model"))];
             for i in 0..layers {
@@ -24,7 +45,10 @@ fn module_tree() -> impl Strategy<Value = Vec<ModuleEntry>> {
                     }
                     out.push(ModuleEntry::new(&group, ModuleKind::Other("Group")));
                     for l in leaves {
-                        out.push(ModuleEntry::new(format!("{group}.{}", LEAVES[*l]), ModuleKind::Linear));
+                        out.push(ModuleEntry::new(
+                            format!("{group}.{}", LEAVES[*l]),
+                            ModuleKind::Linear,
+                        ));
                     }
                 }
             }

@@ -35,22 +35,37 @@ fn batch() -> CausalLmBatch {
 fn lora_all_linear_with_embedding() -> AdapterConfig {
     let mut cfg = LoraConfig::new(4, 8.0).with_dropout(0.1);
     cfg.targets.target_modules = Some(peft::TargetModules::List(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "embed_tokens",
+            "lm_head",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
     ));
     AdapterConfig::new(cfg.with_init(peft::lora::InitLoraWeights::Random))
 }
 
 #[test]
 fn every_trainable_tensor_gets_a_gradient() {
-    let model = get_peft_model(Box::new(tiny_base(1)), lora_all_linear_with_embedding(), 3).unwrap();
+    let model =
+        get_peft_model(Box::new(tiny_base(1)), lora_all_linear_with_embedding(), 3).unwrap();
     model.set_training(true);
     let loss = causal_lm_batch_loss(&model, &batch()).unwrap();
     let grads = loss.backward().unwrap();
     let vars = model.trainable_named_vars();
-    assert_eq!(vars.len(), (2 * 7 + 2) * 2, "A and B for 14 linears, the embedding and the head");
+    assert_eq!(
+        vars.len(),
+        (2 * 7 + 2) * 2,
+        "A and B for 14 linears, the embedding and the head"
+    );
     for (name, norm) in check_gradients(&grads, &vars).unwrap() {
         assert!(norm > 0.0, "{name}: zero gradient");
     }
@@ -58,19 +73,35 @@ fn every_trainable_tensor_gets_a_gradient() {
 
 #[test]
 fn loss_falls_and_frozen_weights_stay_frozen() {
-    let model = get_peft_model(Box::new(tiny_base(2)), AdapterConfig::new(LoraConfig::new(8, 16.0).with_all_linear()), 5).unwrap();
+    let model = get_peft_model(
+        Box::new(tiny_base(2)),
+        AdapterConfig::new(LoraConfig::new(8, 16.0).with_all_linear()),
+        5,
+    )
+    .unwrap();
     let before: Vec<(String, Tensor)> = model.base_model().named_tensors().unwrap();
     model.set_training(true);
-    let params = ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() };
+    let params = ParamsAdamW {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(model.trainable_vars(), params).unwrap();
     let b = batch();
-    let first = causal_lm_step(&model, &mut opt, &b, Some(1.0)).unwrap().loss;
+    let first = causal_lm_step(&model, &mut opt, &b, Some(1.0))
+        .unwrap()
+        .loss;
     let mut last = first;
     for _ in 0..40 {
-        last = causal_lm_step(&model, &mut opt, &b, Some(1.0)).unwrap().loss;
+        last = causal_lm_step(&model, &mut opt, &b, Some(1.0))
+            .unwrap()
+            .loss;
     }
     assert!(last < first * 0.7, "loss did not fall: {first} -> {last}");
-    for ((name, a), (_, b)) in before.iter().zip(model.base_model().named_tensors().unwrap()) {
+    for ((name, a), (_, b)) in before
+        .iter()
+        .zip(model.base_model().named_tensors().unwrap())
+    {
         assert_close(name, a, &b, 0.0);
     }
     let _ = opt.learning_rate();
@@ -78,7 +109,8 @@ fn loss_falls_and_frozen_weights_stay_frozen() {
 
 #[test]
 fn save_then_load_reproduces_trained_outputs() {
-    let mut cfg = LoraConfig::new(4, 12.0).with_target_modules(["q_proj", "v_proj", "embed_tokens"]);
+    let mut cfg =
+        LoraConfig::new(4, 12.0).with_target_modules(["q_proj", "v_proj", "embed_tokens"]);
     cfg.lora_dropout = 0.05;
     let model = get_peft_model(Box::new(tiny_base(3)), AdapterConfig::new(cfg), 9).unwrap();
     model.set_training(true);
@@ -93,7 +125,12 @@ fn save_then_load_reproduces_trained_outputs() {
     let dir = tempfile::tempdir().unwrap();
     model.save_pretrained(dir.path()).unwrap();
     let reloaded = PeftModel::from_pretrained(Box::new(tiny_base(3)), dir.path(), false).unwrap();
-    assert_close("reloaded", &reloaded.forward(&inputs).unwrap(), &trained, 0.0);
+    assert_close(
+        "reloaded",
+        &reloaded.forward(&inputs).unwrap(),
+        &trained,
+        0.0,
+    );
     let _ = fixtures();
 }
 
@@ -116,18 +153,33 @@ fn every_method_trains() {
         model.set_training(true);
         let b = batch();
         let loss = causal_lm_batch_loss(&model, &b).unwrap();
-        let norms = check_gradients(&loss.backward().unwrap(), &model.trainable_named_vars()).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let norms = check_gradients(&loss.backward().unwrap(), &model.trainable_named_vars())
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
         // Only LoRA's A may start with a zero gradient (its B starts at zero).
         for (name, norm) in norms {
-            assert!(norm > 0.0 || name.contains("lora_A"), "{json}: {name} has a zero gradient");
+            assert!(
+                norm > 0.0 || name.contains("lora_A"),
+                "{json}: {name} has a zero gradient"
+            );
         }
-        let params = ParamsAdamW { lr: 2e-2, weight_decay: 0.0, ..Default::default() };
+        let params = ParamsAdamW {
+            lr: 2e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(model.trainable_vars(), params).unwrap();
-        let first = causal_lm_step(&model, &mut opt, &b, Some(1.0)).unwrap().loss;
+        let first = causal_lm_step(&model, &mut opt, &b, Some(1.0))
+            .unwrap()
+            .loss;
         let mut last = first;
         for _ in 0..30 {
-            last = causal_lm_step(&model, &mut opt, &b, Some(1.0)).unwrap().loss;
+            last = causal_lm_step(&model, &mut opt, &b, Some(1.0))
+                .unwrap()
+                .loss;
         }
-        assert!(last < first * 0.9, "{json}: loss did not fall: {first} -> {last}");
+        assert!(
+            last < first * 0.9,
+            "{json}: loss did not fall: {first} -> {last}"
+        );
     }
 }

@@ -21,7 +21,11 @@ pub struct CountArgs {
 
 /// Prints peft's `print_trainable_parameters` line.
 pub fn run(args: CountArgs) -> Result<()> {
-    let model_config = if args.model_config.is_dir() { args.model_config.join("config.json") } else { args.model_config };
+    let model_config = if args.model_config.is_dir() {
+        args.model_config.join("config.json")
+    } else {
+        args.model_config
+    };
     let base = peft::models::shape_only_model(&model_config)?;
     let mut config = AdapterConfig::from_path(&args.adapter_config)?;
     // Counted as peft counts a freshly created (trainable) adapter.

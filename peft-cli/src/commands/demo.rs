@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::Args;
-use peft::models::{BertConfig, BertModel, Gpt2Config, Gpt2Model, LlamaConfig, LlamaModel, T5Config, T5Model};
+use peft::models::{
+    BertConfig, BertModel, Gpt2Config, Gpt2Model, LlamaConfig, LlamaModel, T5Config, T5Model,
+};
 use peft::training::{train_step, Batch, CausalLmBatch, ClassificationBatch, Seq2SeqBatch};
 use peft::{get_peft_model, AdaptableModel, AdapterConfig, ModelInputs, PeftModel, TaskType};
 use rand::rngs::StdRng;
@@ -72,10 +74,15 @@ impl Vocab {
         self.chars.len() + 1
     }
     fn encode(&self, text: &str) -> Vec<u32> {
-        text.chars().filter_map(|c| self.chars.iter().position(|x| *x == c)).map(|i| i as u32 + 1).collect()
+        text.chars()
+            .filter_map(|c| self.chars.iter().position(|x| *x == c))
+            .map(|i| i as u32 + 1)
+            .collect()
     }
     fn decode(&self, ids: &[u32]) -> String {
-        ids.iter().filter_map(|i| i.checked_sub(1).and_then(|i| self.chars.get(i as usize))).collect()
+        ids.iter()
+            .filter_map(|i| i.checked_sub(1).and_then(|i| self.chars.get(i as usize)))
+            .collect()
     }
 }
 
@@ -107,7 +114,12 @@ impl Kind {
     }
 }
 
-fn base_model(kind: Kind, vocab: usize, labels: usize, seed: u64) -> Result<Box<dyn AdaptableModel>> {
+fn base_model(
+    kind: Kind,
+    vocab: usize,
+    labels: usize,
+    seed: u64,
+) -> Result<Box<dyn AdaptableModel>> {
     let device = Device::Cpu;
     let map = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
     Ok(match kind {
@@ -117,22 +129,43 @@ fn base_model(kind: Kind, vocab: usize, labels: usize, seed: u64) -> Result<Box<
             Box::new(LlamaModel::random(cfg, seed, DType::F32, &device)?)
         }
         Kind::Gpt2 => {
-            let cfg = map(json!({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": vocab,
-                "n_positions": 128, "initializer_range": 0.1}));
-            Box::new(Gpt2Model::random(Gpt2Config::from_map(cfg, "demo")?, seed, DType::F32, &device)?)
+            let cfg = map(
+                json!({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": vocab,
+                "n_positions": 128, "initializer_range": 0.1}),
+            );
+            Box::new(Gpt2Model::random(
+                Gpt2Config::from_map(cfg, "demo")?,
+                seed,
+                DType::F32,
+                &device,
+            )?)
         }
         Kind::T5 => {
-            let cfg = map(json!({"model_type": "t5", "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
+            let cfg = map(
+                json!({"model_type": "t5", "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
                 "num_heads": 4, "vocab_size": vocab, "relative_attention_num_buckets": 16,
                 "relative_attention_max_distance": 64, "decoder_start_token_id": 0, "feed_forward_proj": "relu",
-                "tie_word_embeddings": false, "initializer_range": 0.2}));
-            Box::new(T5Model::random(T5Config::from_map(cfg, "demo")?, seed, DType::F32, &device)?)
+                "tie_word_embeddings": false, "initializer_range": 0.2}),
+            );
+            Box::new(T5Model::random(
+                T5Config::from_map(cfg, "demo")?,
+                seed,
+                DType::F32,
+                &device,
+            )?)
         }
         Kind::Bert => {
-            let cfg = map(json!({"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+            let cfg = map(
+                json!({"model_type": "bert", "architectures": ["BertForSequenceClassification"],
                 "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-                "vocab_size": vocab, "max_position_embeddings": 128, "num_labels": labels, "initializer_range": 0.1}));
-            Box::new(BertModel::random(BertConfig::from_map(cfg, "demo", None)?, seed, DType::F32, &device)?)
+                "vocab_size": vocab, "max_position_embeddings": 128, "num_labels": labels, "initializer_range": 0.1}),
+            );
+            Box::new(BertModel::random(
+                BertConfig::from_map(cfg, "demo", None)?,
+                seed,
+                DType::F32,
+                &device,
+            )?)
         }
     })
 }
@@ -140,21 +173,45 @@ fn base_model(kind: Kind, vocab: usize, labels: usize, seed: u64) -> Result<Box<
 /// The demo's adapter config and learning rate for `method`, and whether it can be merged.
 fn method_config(method: &str, task: TaskType) -> Result<(AdapterConfig, f64, bool)> {
     let (json, lr, mergeable) = match method {
-        "lora" => (r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}"#, 1e-2, true),
+        "lora" => (
+            r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}"#,
+            1e-2,
+            true,
+        ),
         "ia3" => (r#"{"peft_type": "IA3"}"#, 5e-2, true),
-        "prompt" | "prompt_tuning" => (r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}"#, 5e-2, false),
-        "p_tuning" | "ptuning" => (r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 16, "encoder_hidden_size": 64}"#, 1e-2, false),
-        "prefix" | "prefix_tuning" => (r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 16}"#, 3e-2, false),
+        "prompt" | "prompt_tuning" => (
+            r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}"#,
+            5e-2,
+            false,
+        ),
+        "p_tuning" | "ptuning" => (
+            r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 16, "encoder_hidden_size": 64}"#,
+            1e-2,
+            false,
+        ),
+        "prefix" | "prefix_tuning" => (
+            r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 16}"#,
+            3e-2,
+            false,
+        ),
         other => bail!("--method {other}: expected one of lora, ia3, prompt, p_tuning, prefix"),
     };
     let config = AdapterConfig::from_json_str(json, "demo config")
-        .with_context(|| format!("the {method} method is not linked into this build (see `peft methods`)"))?
+        .with_context(|| {
+            format!("the {method} method is not linked into this build (see `peft methods`)")
+        })?
         .with_task_type(task);
     Ok((config, lr, mergeable))
 }
 
 /// Draws a batch of the demo task for `kind`.
-fn batch(kind: Kind, lines: &[Vec<u32>], tokens: &[u32], n: usize, rng: &mut StdRng) -> Result<Batch> {
+fn batch(
+    kind: Kind,
+    lines: &[Vec<u32>],
+    tokens: &[u32],
+    n: usize,
+    rng: &mut StdRng,
+) -> Result<Batch> {
     let dev = Device::Cpu;
     let window = |len: usize, rng: &mut StdRng| -> Vec<u32> {
         let start = rng.random_range(0..tokens.len() - len);
@@ -163,7 +220,10 @@ fn batch(kind: Kind, lines: &[Vec<u32>], tokens: &[u32], n: usize, rng: &mut Std
     Ok(match kind {
         Kind::Llama | Kind::Gpt2 => {
             let data: Vec<u32> = (0..n).flat_map(|_| window(2 * WINDOW, rng)).collect();
-            Batch::CausalLm(CausalLmBatch::from_ids(Tensor::from_vec(data, (n, 2 * WINDOW), &dev)?, None)?)
+            Batch::CausalLm(CausalLmBatch::from_ids(
+                Tensor::from_vec(data, (n, 2 * WINDOW), &dev)?,
+                None,
+            )?)
         }
         Kind::T5 => {
             let (mut src, mut tgt) = (Vec::new(), Vec::new());
@@ -202,7 +262,11 @@ fn model_inputs(batch: &Batch, start: Option<u32>) -> Result<ModelInputs> {
         Batch::Classification(b) => ModelInputs::from_ids(b.input_ids.clone()),
         Batch::Seq2Seq(b) => ModelInputs {
             input_ids: Some(b.input_ids.clone()),
-            decoder_input_ids: Some(peft::training::shift_right(&b.labels, start.unwrap_or(0), 0)?),
+            decoder_input_ids: Some(peft::training::shift_right(
+                &b.labels,
+                start.unwrap_or(0),
+                0,
+            )?),
             ..Default::default()
         },
     })
@@ -217,19 +281,31 @@ fn sample(kind: Kind, model: &PeftModel, vocab: &Vocab, eval: &Batch) -> Result<
     let prompt = "train the adapter, ";
     Ok(match (kind, eval) {
         (Kind::Llama | Kind::Gpt2, _) => {
-            let out = peft::generate::greedy_generate(model, &vocab.encode(prompt), 40, &vocab.encode("\n"))?;
+            let out = peft::generate::greedy_generate(
+                model,
+                &vocab.encode(prompt),
+                40,
+                &vocab.encode("\n"),
+            )?;
             format!("{:?}", format!("{prompt}{}", vocab.decode(&out)).trim_end())
         }
         (Kind::T5, _) => {
             let ids = Tensor::new(vocab.encode(prompt).as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let out = peft::generate::greedy_generate_seq2seq(model, &ids, None, 24, &[], &mut |_| Ok(()))?;
+            let out =
+                peft::generate::greedy_generate_seq2seq(model, &ids, None, 24, &[], &mut |_| {
+                    Ok(())
+                })?;
             format!("{prompt:?} -> {:?}", vocab.decode(&out))
         }
         (Kind::Bert, Batch::Classification(b)) => {
             let logits = model.forward(&ModelInputs::from_ids(b.input_ids.clone()))?;
             let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             let labels: Vec<i64> = b.labels.to_vec1()?;
-            let right = predicted.iter().zip(&labels).filter(|(p, l)| i64::from(**p) == **l).count();
+            let right = predicted
+                .iter()
+                .zip(&labels)
+                .filter(|(p, l)| i64::from(**p) == **l)
+                .count();
             format!("held-out accuracy {right}/{}", labels.len())
         }
         _ => String::new(),
@@ -244,7 +320,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let kind = Kind::parse(&args.model_type)?;
     let (config, lr, mergeable) = method_config(&args.method, kind.task())?;
     let started = Instant::now();
-    let out = args.out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("peft-demo-{}", std::process::id())));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("peft-demo-{}", std::process::id())));
     let vocab = Vocab::new(CORPUS);
     let tokens = vocab.encode(CORPUS);
     let lines: Vec<Vec<u32>> = CORPUS.lines().map(|l| vocab.encode(l)).collect();
@@ -259,26 +338,50 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let model = get_peft_model(fresh_base()?, config, args.seed)?;
     let start = model.base_model().info().decoder_start_token_id;
     println!("{}", model.parameter_line());
-    let eval = batch(kind, &lines, &tokens, 32, &mut StdRng::seed_from_u64(args.seed ^ 0xe7a1))?;
+    let eval = batch(
+        kind,
+        &lines,
+        &tokens,
+        32,
+        &mut StdRng::seed_from_u64(args.seed ^ 0xe7a1),
+    )?;
     println!("before: {}", sample(kind, &model, &vocab, &eval)?);
 
     let eval_before = eval.loss(&model)?.to_scalar::<f32>()?;
-    let mut opt = AdamW::new(model.trainable_vars(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        model.trainable_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     model.set_training(true);
     let train_started = Instant::now();
     let mut recent = Vec::new();
     for step in 1..=args.steps {
-        let stats = train_step(&model, &mut opt, &batch(kind, &lines, &tokens, 16, &mut rng)?, Some(1.0))?;
+        let stats = train_step(
+            &model,
+            &mut opt,
+            &batch(kind, &lines, &tokens, 16, &mut rng)?,
+            Some(1.0),
+        )?;
         recent.push(stats.loss);
         if step % 10 == 0 || step == 1 || step == args.steps {
-            println!("step {step:>4}  loss {:.4}", recent.iter().sum::<f32>() / recent.len() as f32);
+            println!(
+                "step {step:>4}  loss {:.4}",
+                recent.iter().sum::<f32>() / recent.len() as f32
+            );
             recent.clear();
         }
     }
     model.set_training(false);
     let eval_after = eval.loss(&model)?.to_scalar::<f32>()?;
-    println!("held-out batch loss {eval_before:.4} -> {eval_after:.4} ({:.1}s of training)", train_started.elapsed().as_secs_f32());
+    println!(
+        "held-out batch loss {eval_before:.4} -> {eval_after:.4} ({:.1}s of training)",
+        train_started.elapsed().as_secs_f32()
+    );
     // Prompt-learning methods steer a random base less than weight adapters do.
     let required = if mergeable { 0.8 } else { 0.9 };
     if eval_after.is_nan() || eval_after >= eval_before * required {
@@ -302,7 +405,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if mergeable {
         merge_checks(reloaded, &inputs, &trained, &out)?;
     } else {
-        println!("{}: a prompt-learning adapter has no weights to merge", args.method);
+        println!(
+            "{}: a prompt-learning adapter has no weights to merge",
+            args.method
+        );
     }
     println!("demo passed in {:.1}s", started.elapsed().as_secs_f32());
     Ok(())
@@ -310,7 +416,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
 /// Merges in memory, then merge-and-unloads into a model folder and loads that; both must give
 /// the trained outputs.
-fn merge_checks(mut model: PeftModel, inputs: &ModelInputs, trained: &Tensor, out: &Path) -> Result<()> {
+fn merge_checks(
+    mut model: PeftModel,
+    inputs: &ModelInputs,
+    trained: &Tensor,
+    out: &Path,
+) -> Result<()> {
     model.merge_adapter()?;
     let d = max_diff(&model.forward(inputs)?, trained)?;
     println!("merged in memory: max |output difference| = {d:e}");
@@ -323,7 +434,10 @@ fn merge_checks(mut model: PeftModel, inputs: &ModelInputs, trained: &Tensor, ou
     let merged = peft::models::load_model(&merged_dir, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", merged_dir.display()))?;
     let d = max_diff(&merged.forward(inputs, None)?, trained)?;
-    println!("merged model folder {}: max |output difference| = {d:e}", merged_dir.display());
+    println!(
+        "merged model folder {}: max |output difference| = {d:e}",
+        merged_dir.display()
+    );
     if d > 1e-4 {
         bail!("the merged model folder differs by {d}");
     }

@@ -25,7 +25,13 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let tensors = checkpoint::read_adapter_weights(&weights, &Device::Cpu)?;
     let total: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
     let bytes = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
-    println!("{} ({} tensors, {} values, {} bytes)", weights.display(), tensors.len(), total, bytes);
+    println!(
+        "{} ({} tensors, {} values, {} bytes)",
+        weights.display(),
+        tensors.len(),
+        total,
+        bytes
+    );
     for (name, t) in &tensors {
         println!("  {name}  {:?}  {:?}", t.dtype(), t.dims());
     }

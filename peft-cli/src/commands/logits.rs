@@ -35,11 +35,22 @@ pub struct LogitsArgs {
 }
 
 fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> {
-    if !matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8 | DType::I32 | DType::I16) {
-        bail!("{}: `{name}`: expected an integer tensor, found {:?}", file.display(), t.dtype());
+    if !matches!(
+        t.dtype(),
+        DType::I64 | DType::U32 | DType::U8 | DType::I32 | DType::I16
+    ) {
+        bail!(
+            "{}: `{name}`: expected an integer tensor, found {:?}",
+            file.display(),
+            t.dtype()
+        );
     }
     if t.rank() != 2 {
-        bail!("{}: `{name}`: expected shape [batch, seq_len], found {:?}", file.display(), t.dims());
+        bail!(
+            "{}: `{name}`: expected shape [batch, seq_len], found {:?}",
+            file.display(),
+            t.dims()
+        );
     }
     Ok(t.to_dtype(DType::I64)?)
 }
@@ -48,10 +59,18 @@ fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> 
 pub fn run(args: LogitsArgs) -> Result<()> {
     let dtype = super::parse_dtype(&args.dtype)?;
     let tensors = checkpoint::read_safetensors(&args.input, &Device::Cpu)?;
-    let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
+    let find = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+    };
     let Some(ids) = find("input_ids") else {
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
-        bail!("{}: missing tensor `input_ids` (I64 [batch, seq_len]); found {names:?}", args.input.display());
+        bail!(
+            "{}: missing tensor `input_ids` (I64 [batch, seq_len]); found {names:?}",
+            args.input.display()
+        );
     };
     let ids = integer_2d("input_ids", &ids, &args.input)?;
     let mask = match find("attention_mask") {
@@ -71,7 +90,9 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     };
     let base = super::load_base(&args.model, dtype)?;
     let optional = |name: &str| -> Result<Option<Tensor>> {
-        find(name).map(|t| integer_2d(name, &t, &args.input)).transpose()
+        find(name)
+            .map(|t| integer_2d(name, &t, &args.input))
+            .transpose()
     };
     let decoder_input_ids = optional("decoder_input_ids")?;
     if decoder_input_ids.is_some() != base.info().is_encoder_decoder {
@@ -79,11 +100,23 @@ pub fn run(args: LogitsArgs) -> Result<()> {
             "{}: {} is {}, so `decoder_input_ids` must be {}",
             args.input.display(),
             args.model.display(),
-            if base.info().is_encoder_decoder { "an encoder-decoder" } else { "decoder-only or an encoder" },
-            if base.info().is_encoder_decoder { "given" } else { "absent" },
+            if base.info().is_encoder_decoder {
+                "an encoder-decoder"
+            } else {
+                "decoder-only or an encoder"
+            },
+            if base.info().is_encoder_decoder {
+                "given"
+            } else {
+                "absent"
+            },
         );
     }
-    let output_name = if base.info().task_type == peft::TaskType::FeatureExtraction { "last_hidden_state" } else { "logits" };
+    let output_name = if base.info().task_type == peft::TaskType::FeatureExtraction {
+        "last_hidden_state"
+    } else {
+        "logits"
+    };
     let mut model = super::with_adapters(base, &args.adapter, false)?;
     if args.merge {
         if args.adapter.is_empty() {
@@ -101,6 +134,10 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     };
     let output = model.forward(&inputs)?.to_dtype(DType::F32)?;
     checkpoint::write_safetensors(&args.out, &[(output_name.to_string(), output.clone())])?;
-    println!("wrote {output_name} {:?} to {}", output.dims(), args.out.display());
+    println!(
+        "wrote {output_name} {:?} to {}",
+        output.dims(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -45,7 +45,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
     for name in SIDE_FILES {
         let src = args.model.join(name);
         if src.is_file() {
-            std::fs::copy(&src, args.out.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, args.out.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     println!("wrote merged model to {}", args.out.display());

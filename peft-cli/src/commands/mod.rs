@@ -24,21 +24,29 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
-/// Loads a model folder on the CPU.
+/// Loads a model folder or a GGUF file on the CPU.
 pub fn load_base(dir: &Path, dtype: DType) -> Result<Box<dyn AdaptableModel>> {
-    if !dir.is_dir() {
-        bail!("{}: model folder not found", dir.display());
+    if !dir.is_dir() && !peft::models::gguf::is_gguf(dir) {
+        bail!("{}: neither a model folder nor a GGUF file", dir.display());
     }
     Ok(peft::models::load_model(dir, dtype, &Device::Cpu)?)
 }
 
 /// Loads `adapters` onto `base` (the first as `default`, then `adapter_1`, ...) and makes them
 /// all active.
-pub fn with_adapters(base: Box<dyn AdaptableModel>, adapters: &[std::path::PathBuf], trainable: bool) -> Result<PeftModel> {
+pub fn with_adapters(
+    base: Box<dyn AdaptableModel>,
+    adapters: &[std::path::PathBuf],
+    trainable: bool,
+) -> Result<PeftModel> {
     let mut model = PeftModel::new(base);
     let mut names = Vec::new();
     for (i, dir) in adapters.iter().enumerate() {
-        let name = if i == 0 { peft::DEFAULT_ADAPTER.to_string() } else { format!("adapter_{i}") };
+        let name = if i == 0 {
+            peft::DEFAULT_ADAPTER.to_string()
+        } else {
+            format!("adapter_{i}")
+        };
         model
             .load_adapter(dir, &name, trainable)
             .with_context(|| format!("loading adapter {}", dir.display()))?;

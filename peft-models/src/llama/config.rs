@@ -92,7 +92,11 @@ fn token_ids(fields: &mut ConfigFields, key: &str) -> Result<Vec<u32>> {
             .ok_or_else(|| fields.type_error(key, "a token id", &Value::Number(n))),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| fields.type_error(key, "a list of token ids", v)))
+            .map(|v| {
+                v.as_u64()
+                    .map(|x| x as u32)
+                    .ok_or_else(|| fields.type_error(key, "a list of token ids", v))
+            })
             .collect(),
         Some(v) => Err(fields.type_error(key, "a token id or a list of them", &v)),
     }
@@ -114,12 +118,15 @@ fn rope_from(
         .unwrap_or_else(|| "default".to_string());
     let scaling = match kind.as_str() {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: f.take_f64("factor", 1.0)? },
+        "linear" => RopeScaling::Linear {
+            factor: f.take_f64("factor", 1.0)?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: f.take_f64("factor", 8.0)?,
             low_freq_factor: f.take_f64("low_freq_factor", 1.0)?,
             high_freq_factor: f.take_f64("high_freq_factor", 4.0)?,
-            original_max_position_embeddings: f.take_f64("original_max_position_embeddings", 8192.0)?,
+            original_max_position_embeddings: f
+                .take_f64("original_max_position_embeddings", 8192.0)?,
         },
         other => {
             return Err(PeftError::Unsupported {
@@ -143,13 +150,20 @@ impl LlamaConfig {
     /// Resolves a parsed `config.json` object.
     pub fn from_map(raw: Map<String, Value>, source: &str) -> Result<Self> {
         let mut f = ConfigFields::new(source, raw.clone());
-        let model_type = f.take_opt_string("model_type")?.ok_or_else(|| PeftError::MissingKey {
-            source_name: source.to_string(),
-            key: "model_type".into(),
-            expected: format!("one of {LLAMA_FAMILY:?}"),
-        })?;
+        let model_type = f
+            .take_opt_string("model_type")?
+            .ok_or_else(|| PeftError::MissingKey {
+                source_name: source.to_string(),
+                key: "model_type".into(),
+                expected: format!("one of {LLAMA_FAMILY:?}"),
+            })?;
         if !LLAMA_FAMILY.contains(&model_type.as_str()) {
-            return Err(PeftError::config_value(source, "model_type", format!("one of {LLAMA_FAMILY:?}"), format!("\"{model_type}\"")));
+            return Err(PeftError::config_value(
+                source,
+                "model_type",
+                format!("one of {LLAMA_FAMILY:?}"),
+                format!("\"{model_type}\""),
+            ));
         }
         let required = |f: &mut ConfigFields, key: &str| -> Result<usize> {
             if f.peek(key).is_none() {
@@ -161,7 +175,12 @@ impl LlamaConfig {
             }
             let v = f.take_usize(key, 0)?;
             if v == 0 {
-                return Err(PeftError::config_value(source, key, "a positive integer", 0));
+                return Err(PeftError::config_value(
+                    source,
+                    key,
+                    "a positive integer",
+                    0,
+                ));
             }
             Ok(v)
         };
@@ -191,11 +210,22 @@ impl LlamaConfig {
                 }
                 hidden_size / num_attention_heads
             }
-            Some(v) => v.as_u64().filter(|d| *d > 0 && d % 2 == 0).map(|d| d as usize).ok_or_else(|| {
-                PeftError::config_value(source, "head_dim", "a positive even integer", peft_core::json::describe(&v))
-            })?,
+            Some(v) => v
+                .as_u64()
+                .filter(|d| *d > 0 && d % 2 == 0)
+                .map(|d| d as usize)
+                .ok_or_else(|| {
+                    PeftError::config_value(
+                        source,
+                        "head_dim",
+                        "a positive even integer",
+                        peft_core::json::describe(&v),
+                    )
+                })?,
         };
-        let hidden_act = f.take_opt_string("hidden_act")?.unwrap_or_else(|| "silu".into());
+        let hidden_act = f
+            .take_opt_string("hidden_act")?
+            .unwrap_or_else(|| "silu".into());
         let max_position_embeddings = f.take_usize("max_position_embeddings", 2048)?;
         let rms_norm_eps = f.take_f64("rms_norm_eps", 1e-6)?;
         // transformers 5 nests RoPE settings in `rope_parameters`; 4.x has `rope_theta` and `rope_scaling`.
@@ -218,7 +248,11 @@ impl LlamaConfig {
                 Some(v) => return Err(f.type_error(key, "an object", &v)),
             }
         }
-        let default_theta = if model_type == "qwen2" { 1_000_000.0 } else { 10000.0 };
+        let default_theta = if model_type == "qwen2" {
+            1_000_000.0
+        } else {
+            10000.0
+        };
         let rope_theta = rope_theta.unwrap_or(default_theta);
         let tie_word_embeddings = f.take_bool("tie_word_embeddings", false)?;
         let (qkv_bias, o_bias) = if model_type == "qwen2" {
@@ -227,12 +261,26 @@ impl LlamaConfig {
             let b = f.take_bool("attention_bias", false)?;
             (b, b)
         };
-        let mlp_bias = if model_type == "llama" { f.take_bool("mlp_bias", false)? } else { false };
+        let mlp_bias = if model_type == "llama" {
+            f.take_bool("mlp_bias", false)?
+        } else {
+            false
+        };
         let sliding_window = match f.take_raw("sliding_window") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().filter(|w| *w > 0).map(|w| w as usize).ok_or_else(|| {
-                PeftError::config_value(source, "sliding_window", "a positive integer or null", peft_core::json::describe(&v))
-            })?),
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|w| *w > 0)
+                    .map(|w| w as usize)
+                    .ok_or_else(|| {
+                        PeftError::config_value(
+                            source,
+                            "sliding_window",
+                            "a positive integer or null",
+                            peft_core::json::describe(&v),
+                        )
+                    })?,
+            ),
         };
         let sliding_windows = match model_type.as_str() {
             "mistral" => vec![sliding_window; num_hidden_layers],
@@ -240,7 +288,13 @@ impl LlamaConfig {
                 let use_sw = f.take_bool("use_sliding_window", false)?;
                 let max_window_layers = f.take_usize("max_window_layers", num_hidden_layers)?;
                 (0..num_hidden_layers)
-                    .map(|i| if use_sw && i >= max_window_layers { sliding_window } else { None })
+                    .map(|i| {
+                        if use_sw && i >= max_window_layers {
+                            sliding_window
+                        } else {
+                            None
+                        }
+                    })
                     .collect()
             }
             _ => vec![None; num_hidden_layers],
@@ -277,7 +331,14 @@ impl LlamaConfig {
     }
 
     /// A small LLaMA config for tests and demos (no `config.json` needed).
-    pub fn tiny(vocab_size: usize, hidden_size: usize, layers: usize, heads: usize, kv_heads: usize, intermediate: usize) -> Self {
+    pub fn tiny(
+        vocab_size: usize,
+        hidden_size: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+    ) -> Self {
         let raw = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -301,7 +362,9 @@ impl LlamaConfig {
             "dtype": "float32"
         });
         match raw {
-            Value::Object(map) => Self::from_map(map, "<tiny config>").expect("the tiny config is valid"),
+            Value::Object(map) => {
+                Self::from_map(map, "<tiny config>").expect("the tiny config is valid")
+            }
             _ => unreachable!("json! object"),
         }
     }
@@ -317,14 +380,27 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor as f32),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high, old) =
-                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
                 let low_wavelen = old / low;
                 let high_wavelen = old / high;
                 for f in inv.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);

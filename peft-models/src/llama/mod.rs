@@ -11,7 +11,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result, TaskType,
+    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
+    TaskType,
 };
 use serde_json::Value;
 
@@ -53,15 +54,30 @@ pub struct LlamaModel {
     dtype: DType,
 }
 
-fn linear(src: &mut TensorSource<'_>, name: &str, out: usize, inp: usize, bias: bool) -> Result<LinearSlot> {
+fn linear(
+    src: &mut TensorSource<'_>,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<LinearSlot> {
     let w = src(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias { Some(src(&format!("{name}.bias"), &[out])?) } else { None };
+    let b = if bias {
+        Some(src(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
     Ok(DenseLinear::new(w, b)?.into_slot())
 }
 
 impl LlamaModel {
     /// Builds the model from a config, taking each tensor from `src` by its HF name.
-    pub fn build(cfg: LlamaConfig, src: &mut TensorSource<'_>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn build(
+        cfg: LlamaConfig,
+        src: &mut TensorSource<'_>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
@@ -72,21 +88,60 @@ impl LlamaModel {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let attn = [
-                linear(src, &format!("{p}.self_attn.q_proj"), q_out, h, cfg.qkv_bias)?,
-                linear(src, &format!("{p}.self_attn.k_proj"), kv_out, h, cfg.qkv_bias)?,
-                linear(src, &format!("{p}.self_attn.v_proj"), kv_out, h, cfg.qkv_bias)?,
+                linear(
+                    src,
+                    &format!("{p}.self_attn.q_proj"),
+                    q_out,
+                    h,
+                    cfg.qkv_bias,
+                )?,
+                linear(
+                    src,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_out,
+                    h,
+                    cfg.qkv_bias,
+                )?,
+                linear(
+                    src,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_out,
+                    h,
+                    cfg.qkv_bias,
+                )?,
                 linear(src, &format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias)?,
             ];
             let mlp = [
-                linear(src, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
-                linear(src, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
-                linear(src, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                linear(
+                    src,
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                )?,
+                linear(
+                    src,
+                    &format!("{p}.mlp.up_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                )?,
+                linear(
+                    src,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
             ];
             layers.push(DecoderLayer {
                 attn,
                 mlp,
                 input_layernorm: src(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: src(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: src(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
                 sliding_window: cfg.sliding_windows.get(i).copied().flatten(),
             });
         }
@@ -116,16 +171,33 @@ impl LlamaModel {
             name_or_path: None,
         };
         let rotary = Rotary::new(cfg.inv_freq(), 1.0, device)?;
-        Ok(LlamaModel { cfg, info, embed_tokens, layers, norm, lm_head, tied_head, rotary, device: device.clone(), dtype })
+        Ok(LlamaModel {
+            cfg,
+            info,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            tied_head,
+            rotary,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Loads a Hugging Face model folder (`config.json` + safetensors) in `dtype`.
     pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let cfg = LlamaConfig::from_json_str(&text, &config_path.display().to_string())?;
         let weights = ModelWeights::open(dir, dtype, device)?;
-        let mut model = Self::build(cfg, &mut |name, shape| weights.get(name, shape), weights.dtype(), device)?;
+        let mut model = Self::build(
+            cfg,
+            &mut |name, shape| weights.get(name, shape),
+            weights.dtype(),
+            device,
+        )?;
         model.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
@@ -164,10 +236,23 @@ impl LlamaModel {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let q = layer.attn[0].forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = layer.attn[1].forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = layer.attn[2].forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let q = layer.attn[0]
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = layer.attn[1]
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = layer.attn[2]
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
         let q = ops::apply_rotary(&q, cos, sin)?;
         let k = ops::apply_rotary(&k, cos, sin)?;
         let (k, v) = ops::cache_kv(k, v, layer_idx, cache)?;
@@ -185,7 +270,11 @@ impl LlamaModel {
     }
 
     /// Runs the decoder stack and returns the final hidden states `[B, T, hidden]`.
-    pub fn hidden_states(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        inputs: &ModelInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let mut h = match (&inputs.inputs_embeds, &inputs.input_ids) {
@@ -206,7 +295,11 @@ impl LlamaModel {
         let positions = match &inputs.position_ids {
             Some(p) if p.dims() == [b, t] => p.clone(),
             Some(p) => {
-                return Err(PeftError::bad_input("position_ids", format!("shape [{b}, {t}]"), format!("{:?}", p.dims())))
+                return Err(PeftError::bad_input(
+                    "position_ids",
+                    format!("shape [{b}, {t}]"),
+                    format!("{:?}", p.dims()),
+                ))
             }
             None => self.default_positions(b, t, past)?,
         };
@@ -216,10 +309,14 @@ impl LlamaModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let w = layer.sliding_window;
             if !masks.iter().any(|(mw, _)| *mw == w) {
-                let m = ops::causal_mask(inputs.attention_mask.as_ref(), b, t, past, w, &self.device)?;
+                let m =
+                    ops::causal_mask(inputs.attention_mask.as_ref(), b, t, past, w, &self.device)?;
                 masks.push((w, m));
             }
-            let mask = masks.iter().find(|(mw, _)| *mw == w).and_then(|(_, m)| m.as_ref());
+            let mask = masks
+                .iter()
+                .find(|(mw, _)| *mw == w)
+                .and_then(|(_, m)| m.as_ref());
             let normed = ops::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
             let attn = self.attention(layer, i, &normed, &cos, &sin, mask, cache.as_deref_mut())?;
             h = (h + attn)?;
@@ -230,7 +327,9 @@ impl LlamaModel {
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tied_head.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        self.tied_head
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
     }
 }
 
@@ -240,11 +339,33 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn modules(&self) -> Vec<ModuleEntry> {
-        let (model_cls, layer_cls, attn_cls, mlp_cls, norm_cls, rot_cls) = match self.cfg.model_type.as_str() {
-            "mistral" => ("MistralModel", "MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm", "MistralRotaryEmbedding"),
-            "qwen2" => ("Qwen2Model", "Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm", "Qwen2RotaryEmbedding"),
-            _ => ("LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm", "LlamaRotaryEmbedding"),
-        };
+        let (model_cls, layer_cls, attn_cls, mlp_cls, norm_cls, rot_cls) =
+            match self.cfg.model_type.as_str() {
+                "mistral" => (
+                    "MistralModel",
+                    "MistralDecoderLayer",
+                    "MistralAttention",
+                    "MistralMLP",
+                    "MistralRMSNorm",
+                    "MistralRotaryEmbedding",
+                ),
+                "qwen2" => (
+                    "Qwen2Model",
+                    "Qwen2DecoderLayer",
+                    "Qwen2Attention",
+                    "Qwen2MLP",
+                    "Qwen2RMSNorm",
+                    "Qwen2RotaryEmbedding",
+                ),
+                _ => (
+                    "LlamaModel",
+                    "LlamaDecoderLayer",
+                    "LlamaAttention",
+                    "LlamaMLP",
+                    "LlamaRMSNorm",
+                    "LlamaRotaryEmbedding",
+                ),
+            };
         let mut out = vec![
             ModuleEntry::new("model", ModuleKind::Other(model_cls)),
             ModuleEntry::new("model.embed_tokens", ModuleKind::Embedding),
@@ -253,25 +374,49 @@ impl AdaptableModel for LlamaModel {
         for i in 0..self.layers.len() {
             let p = format!("model.layers.{i}");
             out.push(ModuleEntry::new(&p, ModuleKind::Other(layer_cls)));
-            out.push(ModuleEntry::new(format!("{p}.self_attn"), ModuleKind::Other(attn_cls)));
+            out.push(ModuleEntry::new(
+                format!("{p}.self_attn"),
+                ModuleKind::Other(attn_cls),
+            ));
             for n in ATTN_PROJ {
-                out.push(ModuleEntry::new(format!("{p}.self_attn.{n}"), ModuleKind::Linear));
+                out.push(ModuleEntry::new(
+                    format!("{p}.self_attn.{n}"),
+                    ModuleKind::Linear,
+                ));
             }
-            out.push(ModuleEntry::new(format!("{p}.mlp"), ModuleKind::Other(mlp_cls)));
+            out.push(ModuleEntry::new(
+                format!("{p}.mlp"),
+                ModuleKind::Other(mlp_cls),
+            ));
             for n in MLP_PROJ {
                 out.push(ModuleEntry::new(format!("{p}.mlp.{n}"), ModuleKind::Linear));
             }
-            out.push(ModuleEntry::new(format!("{p}.mlp.act_fn"), ModuleKind::Other("SiLUActivation")));
-            out.push(ModuleEntry::new(format!("{p}.input_layernorm"), ModuleKind::Other(norm_cls)));
-            out.push(ModuleEntry::new(format!("{p}.post_attention_layernorm"), ModuleKind::Other(norm_cls)));
+            out.push(ModuleEntry::new(
+                format!("{p}.mlp.act_fn"),
+                ModuleKind::Other("SiLUActivation"),
+            ));
+            out.push(ModuleEntry::new(
+                format!("{p}.input_layernorm"),
+                ModuleKind::Other(norm_cls),
+            ));
+            out.push(ModuleEntry::new(
+                format!("{p}.post_attention_layernorm"),
+                ModuleKind::Other(norm_cls),
+            ));
         }
         out.push(ModuleEntry::new("model.norm", ModuleKind::Other(norm_cls)));
-        out.push(ModuleEntry::new("model.rotary_emb", ModuleKind::Other(rot_cls)));
+        out.push(ModuleEntry::new(
+            "model.rotary_emb",
+            ModuleKind::Other(rot_cls),
+        ));
         out.push(ModuleEntry::new("lm_head", ModuleKind::Linear));
         out
     }
 
-    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>) -> Result<()> {
+    fn visit_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
+    ) -> Result<()> {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (slot, name) in layer.attn.iter_mut().zip(ATTN_PROJ) {
                 f(&format!("model.layers.{i}.self_attn.{name}"), slot)?;
@@ -283,13 +428,19 @@ impl AdaptableModel for LlamaModel {
         f("lm_head", &mut self.lm_head)
     }
 
-    fn visit_embeddings(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>) -> Result<()> {
+    fn visit_embeddings(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
+    ) -> Result<()> {
         f("model.embed_tokens", &mut self.embed_tokens)
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self.embed_tokens.forward(&input_ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        Ok(self
+            .embed_tokens
+            .forward(&input_ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -302,7 +453,12 @@ impl AdaptableModel for LlamaModel {
         let c = &self.cfg;
         let mut n = c.vocab_size * c.hidden_size + c.hidden_size;
         for layer in &self.layers {
-            n += layer.attn.iter().chain(layer.mlp.iter()).map(|l| l.num_params()).sum::<usize>();
+            n += layer
+                .attn
+                .iter()
+                .chain(layer.mlp.iter())
+                .map(|l| l.num_params())
+                .sum::<usize>();
             n += 2 * c.hidden_size;
         }
         if !self.head_is_tied() {
@@ -312,7 +468,10 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.weight()?)];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.weight()?,
+        )];
         let mut push_linear = |name: String, slot: &LinearSlot| -> Result<()> {
             out.push((format!("{name}.weight"), slot.weight()?));
             if let Some(b) = slot.bias() {
@@ -332,8 +491,14 @@ impl AdaptableModel for LlamaModel {
             push_linear("lm_head".into(), &self.lm_head)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), layer.input_layernorm.clone()));
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), layer.post_attention_layernorm.clone()));
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
         }
         out.push(("model.norm.weight".into(), self.norm.clone()));
         Ok(out)

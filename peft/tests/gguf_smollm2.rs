@@ -1,0 +1,171 @@
+//! The real GGUF base (SmolLM2-135M-Instruct, Q4_1) against transformers' `gguf_file=` loading
+//! and Python peft (fixtures from tools/reference/make_gguf_fixtures.py): the tokenizer rebuilt
+//! from GGUF metadata, the chat template, logits with and without a LoRA adapter, and greedy
+//! continuations.
+//!
+//! The model is not committed; `scripts/fetch-smollm2.sh` downloads it (CI does). Without it
+//! these tests say so and pass, unless PEFT_REQUIRE_MODELS=1 (as in CI), where they fail.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, D};
+use common::{assert_close, fixtures};
+use peft::models::{ChatMessage, TextTokenizer};
+use peft::{ModelInputs, PeftModel};
+
+fn model_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PEFT_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("PEFT_REQUIRE_MODELS").map_or(true, |v| v != "1"),
+        "{} missing and PEFT_REQUIRE_MODELS=1: run scripts/fetch-smollm2.sh",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} not found (run scripts/fetch-smollm2.sh)",
+        path.display()
+    );
+    None
+}
+
+fn gguf_dir() -> PathBuf {
+    fixtures().join("gguf")
+}
+
+#[test]
+fn tokenizer_matches_transformers_on_reference_strings() {
+    let Some(path) = model_path() else { return };
+    let tok = TextTokenizer::for_model(&path).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(gguf_dir().join("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cases.len() >= 250, "only {} cases", cases.len());
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, false).unwrap();
+        if got != want {
+            mismatches.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+        assert_eq!(tok.decode(&got, false).unwrap(), text, "decode round trip");
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} differ:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+    assert_eq!(tok.eos_token_ids, vec![2]);
+    assert_eq!(tok.bos_token_id, Some(1));
+}
+
+#[test]
+fn chat_template_renders_as_transformers() {
+    let Some(path) = model_path() else { return };
+    let tok = TextTokenizer::for_model(&path).unwrap();
+    let chat: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(gguf_dir().join("chat_template.json")).unwrap(),
+    )
+    .unwrap();
+    let messages: Vec<ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
+    assert_eq!(
+        tok.apply_chat_template(&messages, true).unwrap(),
+        chat["rendered"].as_str().unwrap()
+    );
+    assert_eq!(
+        tok.apply_chat_template(&messages, false).unwrap(),
+        chat["rendered_no_generation_prompt"].as_str().unwrap()
+    );
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn logits_and_greedy_continuations_match_transformers_and_peft() {
+    let Some(path) = model_path() else { return };
+    let case = candle_core::safetensors::load(gguf_dir().join("logits.safetensors"), &Device::Cpu)
+        .unwrap();
+    let gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gguf_dir().join("generate.json")).unwrap())
+            .unwrap();
+    let inputs = ModelInputs::from_ids(case["input_ids"].clone())
+        .with_mask(Some(case["attention_mask"].clone()));
+    let prompt = ids_of(&gen["prompt"]);
+    for adapted in [false, true] {
+        let base = peft::models::load_model(&path, DType::F32, &Device::Cpu).unwrap();
+        let model = if adapted {
+            PeftModel::from_pretrained(base, &gguf_dir().join("lora_adapter"), false).unwrap()
+        } else {
+            PeftModel::new(base)
+        };
+        let name = if adapted { "adapted" } else { "base" };
+        let logits = model.forward(&inputs).unwrap();
+        let (_, t, v) = logits.dims3().unwrap();
+        assert_eq!(v, 49152);
+        let valid = case["attention_mask"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
+        // Padded positions are compared too (transformers computes them the same way).
+        let head = logits.narrow(2, 0, 1024).unwrap();
+        assert_close(
+            &format!("{name} logits[..., :1024]"),
+            &head.broadcast_mul(&valid).unwrap(),
+            &case[&format!("{name}.head")].broadcast_mul(&valid).unwrap(),
+            1e-3,
+        );
+        let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+        assert_close(
+            &format!("{name} last-position logits"),
+            &last,
+            &case[&format!("{name}.last")],
+            1e-3,
+        );
+        let argmax = logits
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_dtype(DType::I64)
+            .unwrap();
+        let mask = case["attention_mask"].to_dtype(DType::I64).unwrap();
+        let want = case[&format!("{name}.argmax")].clone();
+        let same = (argmax * &mask)
+            .unwrap()
+            .eq(&(want * &mask).unwrap())
+            .unwrap();
+        assert_eq!(
+            same.to_dtype(DType::U32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap() as usize,
+            same.elem_count()
+        );
+        let out = peft::generate::greedy_generate(&model, &prompt, 24, &[]).unwrap();
+        assert_eq!(out, ids_of(&gen[name]), "{name} greedy continuation");
+    }
+}
