@@ -41,8 +41,12 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Run a model (with adapters) on input ids and write its logits.
     Logits(commands::logits::LogitsArgs),
-    /// Continue a text prompt greedily with a model and adapters.
+    /// Continue a prompt (greedy or sampled, streamed) with a model and adapters.
     Generate(commands::generate::GenerateArgs),
+    /// Fine-tune an adapter on a data file (JSONL or CSV).
+    Train(Box<commands::train::TrainArgs>),
+    /// Loss and perplexity of a model (and adapters) on a data file.
+    Eval(commands::eval::EvalArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(commands::merge::MergeArgs),
     /// Fine-tune a small model offline: train, save, reload, merge, and check each step.
@@ -82,6 +86,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Count(args) => commands::count::run(args),
         Command::Logits(args) => commands::logits::run(args),
+        Command::Train(args) => commands::train::run(*args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Demo(args) => commands::demo::run(args),

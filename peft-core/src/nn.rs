@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -66,14 +66,17 @@ impl Linear {
     }
 }
 
-/// The training step dropout masks are drawn for (see [`set_dropout_step`]).
-static DROPOUT_STEP: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// The training step dropout masks are drawn for on this thread (see [`set_dropout_step`]).
+    static DROPOUT_STEP: Cell<u64> = const { Cell::new(0) };
+}
 
 /// Ties dropout masks to a training step: every [`Dropout`] reseeds its generator from its own
 /// seed and `step` when the step changes, so the masks of step N are the same whether training
 /// ran straight through or resumed from a checkpoint. Trainers call it before each micro-batch.
+/// The step is per thread, so models trained on different threads do not disturb each other.
 pub fn set_dropout_step(step: u64) {
-    DROPOUT_STEP.store(step, Ordering::Relaxed);
+    DROPOUT_STEP.with(|s| s.set(step));
 }
 
 /// Inverted dropout with its own seeded generator (candle's CPU generator cannot be seeded).
@@ -106,7 +109,7 @@ impl Dropout {
         let n = x.elem_count();
         let mask: Vec<f32> = {
             let mut state = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            let step = DROPOUT_STEP.load(Ordering::Relaxed);
+            let step = DROPOUT_STEP.with(Cell::get);
             if state.0 != step {
                 let mixed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
                 *state = (step, StdRng::seed_from_u64(mixed));

@@ -1,7 +1,9 @@
-//! `peft generate`: greedy continuation of a prompt with any adapter (or none), streamed to
-//! stdout as it is decoded. The prompt is text (tokenised with the model folder's
-//! `tokenizer.json`) or token ids. Encoder-decoders (T5) read the prompt with the encoder and
-//! generate from the decoder.
+//! `peft generate`: continue a prompt with any adapter (or none), greedily or by sampling
+//! (temperature, top-k, top-p, seed), streamed to stdout as it is decoded, stopping at the
+//! model's end-of-sequence tokens or at `--stop` strings. The prompt is text (tokenised with the
+//! model's tokenizer: a folder's `tokenizer.json` or the GGUF's own; `--chat` formats it with the
+//! chat template) or token ids. Encoder-decoders (T5) read the prompt with the encoder and
+//! generate greedily from the decoder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,9 +15,34 @@ use clap::Args;
 /// Arguments of `peft generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The base model folder (config.json, safetensors, and tokenizer.json for text prompts).
+    /// The base model: a folder (config.json, safetensors, tokenizer.json), a .gguf file, or a
+    /// hub id.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
+    /// A tokenizer.json (or folder, or .gguf) to use instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Format the prompt as a user message with the chat template (and open the reply).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only from the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: sample from the smallest set of tokens with this much probability.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this text (repeatable; the stop text is not printed).
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Adapter folders (all active; the first is `default`).
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
@@ -40,8 +67,137 @@ pub struct GenerateArgs {
     pub dtype: String,
 }
 
+/// Generates and streams the continuation.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let model_path = super::resolve_model(&args.model)?;
+    let tokenizer = match &args.prompt {
+        Some(_) => Some(
+            super::load_tokenizer(&model_path, args.tokenizer.as_deref())
+                .context("text prompts need a tokenizer (or use --prompt-ids)")?,
+        ),
+        None => None,
+    };
+    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids, &tokenizer) {
+        (Some(text), _, Some(tok)) => {
+            if args.chat {
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(peft::models::ChatMessage {
+                        role: "system".into(),
+                        content: system.clone(),
+                    });
+                }
+                messages.push(peft::models::ChatMessage {
+                    role: "user".into(),
+                    content: text.clone(),
+                });
+                let rendered = tok.apply_chat_template(&messages, true)?;
+                tok.encode(&rendered, false)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (_, Some(ids), _) => ids.clone(),
+        _ => bail!("give --prompt or --prompt-ids"),
+    };
+    let sampling = peft::generate::SamplingConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut sampler = peft::generate::Sampler::new(sampling)?;
+    let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
+    let seq2seq = base.info().is_encoder_decoder;
+    let model = super::with_adapters(base, &args.adapter, false)?;
+    let stop_ids = match (&tokenizer, args.ignore_eos) {
+        (_, true) => Vec::new(),
+        (Some(tok), false) => tok.eos_token_ids.clone(),
+        (None, false) => eos_tokens(&model_path),
+    };
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    let mut stdout = std::io::stdout().lock();
+    let stops = args.stop.clone();
+    let mut on_token = |token: u32| -> peft::Result<()> {
+        generated.push(token);
+        match &tokenizer {
+            Some(tok) => {
+                let text = tok.decode(&generated, true)?;
+                if let Some(pos) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    if pos > printed && text.is_char_boundary(printed) {
+                        let _ = write!(stdout, "{}", &text[printed..pos]);
+                    }
+                    let _ = stdout.flush();
+                    return Err(peft::PeftError::InvalidState(STOP.into()));
+                }
+                // Hold back what could still become a stop string or change as bytes complete.
+                let hold = stops
+                    .iter()
+                    .map(|s| s.len().saturating_sub(1))
+                    .max()
+                    .unwrap_or(0);
+                let mut upto = text.len().saturating_sub(hold);
+                while upto > printed && !text.is_char_boundary(upto) {
+                    upto -= 1;
+                }
+                if upto > printed
+                    && text.is_char_boundary(printed)
+                    && !text[printed..upto].contains('\u{FFFD}')
+                {
+                    let _ = write!(stdout, "{}", &text[printed..upto]);
+                    printed = upto;
+                }
+            }
+            None => {
+                let _ = write!(
+                    stdout,
+                    "{}{token}",
+                    if generated.len() > 1 { "," } else { "" }
+                );
+            }
+        }
+        let _ = stdout.flush();
+        Ok(())
+    };
+    let result = if seq2seq {
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        peft::generate::greedy_generate_seq2seq(
+            &model,
+            &ids,
+            None,
+            args.max_new_tokens,
+            &stop_ids,
+            &mut on_token,
+        )
+    } else {
+        peft::generate::generate_with(
+            &model,
+            &prompt,
+            args.max_new_tokens,
+            &stop_ids,
+            &mut sampler,
+            &mut on_token,
+        )
+    };
+    let stopped = matches!(&result, Err(peft::PeftError::InvalidState(m)) if m == STOP);
+    if !stopped {
+        result.context("generating")?;
+        if let Some(tok) = &tokenizer {
+            let text = tok.decode(&generated, true)?;
+            if text.len() > printed && text.is_char_boundary(printed) {
+                write!(stdout, "{}", &text[printed..])?;
+            }
+        }
+    }
+    writeln!(stdout)?;
+    Ok(())
+}
+
+const STOP: &str = "stop string reached";
+
 /// `eos_token_id` from `generation_config.json` or `config.json` (an id or a list).
-fn eos_tokens(dir: &Path) -> Vec<u32> {
+pub fn eos_tokens(dir: &Path) -> Vec<u32> {
     for file in ["generation_config.json", "config.json"] {
         let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
             continue;
@@ -63,91 +219,10 @@ fn eos_tokens(dir: &Path) -> Vec<u32> {
             _ => {}
         }
     }
-    Vec::new()
-}
-
-/// Generates and streams the continuation.
-pub fn run(args: GenerateArgs) -> Result<()> {
-    let tokenizer = match &args.prompt {
-        Some(_) => {
-            let file = args.model.join("tokenizer.json");
-            if !file.is_file() {
-                bail!(
-                    "{}: no tokenizer.json in the model folder (use --prompt-ids)",
-                    args.model.display()
-                );
-            }
-            Some(
-                tokenizers::Tokenizer::from_file(&file)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
-            )
+    if peft::models::gguf::is_gguf(dir) {
+        if let Ok(tok) = peft::models::TextTokenizer::for_model(dir) {
+            return tok.eos_token_ids;
         }
-        None => None,
-    };
-    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids, &tokenizer) {
-        (Some(text), _, Some(tok)) => tok
-            .encode(text.as_str(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-            .get_ids()
-            .to_vec(),
-        (_, Some(ids), _) => ids.clone(),
-        _ => bail!("give --prompt or --prompt-ids"),
-    };
-    let base = super::load_base(&args.model, super::parse_dtype(&args.dtype)?)?;
-    let seq2seq = base.info().is_encoder_decoder;
-    let model = super::with_adapters(base, &args.adapter, false)?;
-    let stop = if args.ignore_eos {
-        Vec::new()
-    } else {
-        eos_tokens(&args.model)
-    };
-    let mut generated = Vec::new();
-    let mut printed = 0;
-    let mut stdout = std::io::stdout().lock();
-    let mut on_token = |token: u32| -> peft::Result<()> {
-        generated.push(token);
-        match &tokenizer {
-            Some(tok) => {
-                let text = tok
-                    .decode(&generated, true)
-                    .map_err(|e| peft::PeftError::InvalidState(e.to_string()))?;
-                // Print only what became final: the decoded text can change at its end.
-                if text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = write!(stdout, "{}", &text[printed..]);
-                    printed = text.len();
-                }
-            }
-            None => {
-                let _ = write!(
-                    stdout,
-                    "{}{token}",
-                    if generated.len() > 1 { "," } else { "" }
-                );
-            }
-        }
-        let _ = stdout.flush();
-        Ok(())
-    };
-    if seq2seq {
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        peft::generate::greedy_generate_seq2seq(
-            &model,
-            &ids,
-            None,
-            args.max_new_tokens,
-            &stop,
-            &mut on_token,
-        )
-    } else {
-        peft::generate::greedy_generate_with(
-            &model,
-            &prompt,
-            args.max_new_tokens,
-            &stop,
-            &mut on_token,
-        )
     }
-    .context("generating")?;
-    writeln!(stdout)?;
-    Ok(())
+    Vec::new()
 }

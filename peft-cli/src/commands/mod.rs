@@ -2,13 +2,15 @@
 
 pub mod count;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
 pub mod methods;
+pub mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -22,6 +24,91 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f16" | "float16" => DType::F16,
         other => bail!("--dtype: expected f32, bf16 or f16, found `{other}`"),
     })
+}
+
+/// Resolves `--model`: a local folder or GGUF file as is; otherwise a Hugging Face Hub id
+/// (`org/name`), downloaded (config, tokenizer files, safetensors) into the hub cache. Offline,
+/// the download fails at once with a message that suggests a local path.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(spec);
+    if path.exists() {
+        return Ok(path);
+    }
+    let looks_like_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with(".gguf");
+    if !looks_like_id {
+        bail!("{spec}: no such model folder or GGUF file");
+    }
+    download_from_hub(spec).with_context(|| {
+        format!(
+            "{spec} is not a local path, and downloading it from the Hugging Face Hub failed; \
+             offline, pass a local model folder (config.json + safetensors + tokenizer.json) or a .gguf file"
+        )
+    })
+}
+
+fn download_from_hub(id: &str) -> Result<PathBuf> {
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+        bail!("HF_HUB_OFFLINE=1");
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()?;
+    let repo = api.model(id.to_string());
+    let config = repo.get("config.json")?;
+    for optional in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
+        let _ = repo.get(optional);
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index)?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            let mut shards: Vec<String> = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                repo.get(&shard)?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors")?;
+        }
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// The tokenizer for a model: `--tokenizer` (a tokenizer.json file or a folder) if given,
+/// else the GGUF file's own or the model folder's `tokenizer.json`.
+pub fn load_tokenizer(
+    model: &Path,
+    tokenizer: Option<&Path>,
+) -> Result<peft::models::TextTokenizer> {
+    let tok = match tokenizer {
+        Some(p) if p.is_file() && p.extension().is_some_and(|e| e == "json") => {
+            let dir = p.parent().unwrap_or(Path::new("."));
+            if p.file_name().is_some_and(|n| n == "tokenizer.json") {
+                peft::models::TextTokenizer::from_folder(dir)?
+            } else {
+                bail!("--tokenizer {}: expected a tokenizer.json file, a folder holding one, or a .gguf file", p.display())
+            }
+        }
+        Some(p) => peft::models::TextTokenizer::for_model(p)?,
+        None => peft::models::TextTokenizer::for_model(model)?,
+    };
+    Ok(tok)
 }
 
 /// Loads a model folder or a GGUF file on the CPU.

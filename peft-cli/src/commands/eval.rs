@@ -1,0 +1,66 @@
+//! `peft eval`: the loss and perplexity of a model (with any adapters, or none) on a data file,
+//! over the same tokens `peft train` learns from (all of `text`, completions only, assistant
+//! turns only).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::train::DataArgs;
+
+/// Arguments of `peft eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The base model: a folder, a .gguf file, or a hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Adapter folders (all active; the first is `default`).
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    /// Data file: .jsonl (text | prompt/completion | messages) or .csv.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Compute dtype of the frozen weights: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data_args: DataArgs,
+}
+
+/// Evaluates and prints.
+pub fn run(args: EvalArgs) -> Result<()> {
+    let model_path = super::resolve_model(&args.model)?;
+    let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
+    let opts = args.data_args.options(None)?;
+    let ds = super::train::load_sequences(&args.data, &tok, &opts)?;
+    let seqs = peft::data::sequences(&ds, opts.packing, opts.max_len);
+    let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
+    let model = super::with_adapters(base, &args.adapter, false)?;
+    let pad_id = tok
+        .pad_token_id
+        .or(tok.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let started = std::time::Instant::now();
+    let (loss, tokens) = peft::trainer::evaluate(&model, &seqs, args.batch_size, pad_id)?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens, "sequences": seqs.len(), "seconds": secs})
+        );
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens in {} sequences ({secs:.1} s)",
+            loss.exp(),
+            seqs.len()
+        );
+    }
+    Ok(())
+}
