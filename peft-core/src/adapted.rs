@@ -328,7 +328,7 @@ impl LinearLike for AdaptedLinear {
         for adapter in &running {
             y = adapter.adapt_output(x, y, training)?;
         }
-        Ok(y)
+        Ok(crate::grad::maybe_detach(y))
     }
     fn in_features(&self) -> usize {
         self.original.in_features()
@@ -367,7 +367,7 @@ impl EmbeddingLike for AdaptedEmbedding {
         for adapter in running {
             y = adapter.adapt_output(ids, y, training)?;
         }
-        Ok(y)
+        Ok(crate::grad::maybe_detach(y))
     }
     fn num_embeddings(&self) -> usize {
         self.original.num_embeddings()

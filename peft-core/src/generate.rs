@@ -205,6 +205,7 @@ pub fn greedy_generate_seq2seq(
     stop_tokens: &[u32],
     on_token: &mut dyn FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
+    let _no_grad = crate::grad::no_grad();
     let info = model.base_model().info();
     let start = info.decoder_start_token_id.ok_or_else(|| {
         PeftError::bad_input(

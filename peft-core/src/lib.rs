@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod grad;
 mod inject;
 pub mod json;
 pub mod layers;
@@ -42,6 +43,7 @@ pub mod vars;
 
 pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};
 pub use error::{PeftError, Result};
+pub use grad::{is_grad_enabled, no_grad, NoGrad};
 pub use layers::{
     DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot,
 };

@@ -113,7 +113,8 @@ pub(crate) fn forward_with_prompt(
                     (None, Some(ids)) => base.embed_tokens(&ids)?,
                     (None, None) => unreachable!("batch_and_len checked the inputs"),
                 };
-                let prompts = prompt.encoder.forward(training)?.narrow(0, 0, nvt)?;
+                let prompts = crate::grad::maybe_detach(prompt.encoder.forward(training)?)
+                    .narrow(0, 0, nvt)?;
                 let (rows, width) = prompts.dims2()?;
                 let prompts = prompts
                     .to_dtype(embeds.dtype())?
@@ -144,7 +145,7 @@ pub(crate) fn forward_with_prompt(
             let cache = match cache {
                 Some(c) if !first_call => c,
                 other => {
-                    let flat = prompt.encoder.forward(training)?;
+                    let flat = crate::grad::maybe_detach(prompt.encoder.forward(training)?);
                     let kv = prefix_key_values(
                         &flat,
                         batch,

@@ -46,7 +46,7 @@ impl LinearLike for LinearCopy {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        Ok(y.to_dtype(x.dtype())?)
+        Ok(crate::grad::maybe_detach(y.to_dtype(x.dtype())?))
     }
     fn in_features(&self) -> usize {
         self.weight.dims()[usize::from(!self.transposed)]
@@ -116,7 +116,10 @@ impl EmbeddingCopy {
 
 impl EmbeddingLike for EmbeddingCopy {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(embedding_lookup(&self.table, ids)?)
+        Ok(crate::grad::maybe_detach(embedding_lookup(
+            &self.table,
+            ids,
+        )?))
     }
     fn num_embeddings(&self) -> usize {
         self.table.dims()[0]

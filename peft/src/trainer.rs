@@ -108,6 +108,7 @@ pub fn evaluate(
 ) -> Result<(f64, usize)> {
     let was_training = model.is_training();
     model.set_training(false);
+    let _no_grad = peft_core::no_grad();
     let device = model.base_model().device().clone();
     let mut total = 0.0f64;
     let mut count = 0usize;
@@ -617,6 +618,10 @@ impl<'a> Trainer<'a> {
         }
         if let Some(bar) = &bar {
             bar.finish_and_clear();
+        }
+        // A checkpoint at the end too, so a later run with more steps can resume from it.
+        if report.steps_run > 0 && !self.cfg.save_every.is_some_and(|n| n > 0 && total % n == 0) {
+            self.save_checkpoint(total)?;
         }
         self.model.save_pretrained(&self.out)?;
         self.plot()?;

@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Stop when the output contains this text (repeatable; the stop text is not printed).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Stop after this token id, besides the end-of-sequence tokens (repeatable).
+    #[arg(long)]
+    pub stop_id: Vec<u32>,
     /// Adapter folders (all active; the first is `default`).
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
@@ -110,11 +113,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
     let seq2seq = base.info().is_encoder_decoder;
     let model = super::with_adapters(base, &args.adapter, false)?;
-    let stop_ids = match (&tokenizer, args.ignore_eos) {
+    let mut stop_ids = match (&tokenizer, args.ignore_eos) {
         (_, true) => Vec::new(),
         (Some(tok), false) => tok.eos_token_ids.clone(),
         (None, false) => eos_tokens(&model_path),
     };
+    stop_ids.extend(&args.stop_id);
     let mut generated = Vec::new();
     let mut printed = 0;
     let mut stdout = std::io::stdout().lock();
