@@ -8,11 +8,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-use peft::models::tokenizer::bytes_to_unicode;
+use peft::models::tokenizer::byte_tokenizer;
 use peft::models::{LlamaConfig, LlamaModel};
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
 
 fn peft(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_peft"))
@@ -37,27 +34,7 @@ fn model_folder(dir: &Path) {
     cfg.initializer_range = 0.2;
     let model = LlamaModel::random(cfg, 3, DType::F32, &Device::Cpu).unwrap();
     peft::checkpoint::save_model_folder(&model, dir).unwrap();
-    let vocab: Vec<(String, u32)> = bytes_to_unicode()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            vec![],
-        )
-        .build()
-        .unwrap();
-    let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tok.with_decoder(Some(ByteLevel::default()));
-    tok.add_special_tokens(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|t| AddedToken::from(t, true)),
-    )
-    .unwrap();
+    let tok = byte_tokenizer(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
     tok.save(dir.join("tokenizer.json"), false).unwrap();
     let tc = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();

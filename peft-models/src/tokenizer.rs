@@ -82,6 +82,31 @@ pub fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
+/// A byte-level tokenizer with one token per byte (ids 0..256 in GPT-2's byte order) and the
+/// given special tokens after them: no merges, so any text encodes. For demos and tests on
+/// random models, and as a fallback when a vocabulary is not at hand.
+pub fn byte_tokenizer(specials: &[&str]) -> Result<Tokenizer> {
+    let vocab: tokenizers::models::bpe::Vocab = bytes_to_unicode()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .map_err(|e| tok_err("byte tokenizer", e))?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::new(true, true, true)));
+    tok.add_special_tokens(
+        specials
+            .iter()
+            .map(|t| AddedToken::from(*t, true).normalized(false)),
+    )
+    .map_err(|e| tok_err("byte tokenizer", e))?;
+    Ok(tok)
+}
+
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT4O_SPLIT: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",

@@ -144,20 +144,18 @@ fn logits_and_greedy_continuations_match_transformers_and_peft() {
             .unwrap()
             .unsqueeze(2)
             .unwrap();
-        // Padded positions are compared too (transformers computes them the same way).
+        // Padded positions are masked out of the comparison (nothing reads them).
         let head = logits.narrow(2, 0, 1024).unwrap();
-        assert_close(
-            &format!("{name} logits[..., :1024]"),
+        let d_head = max_abs_diff(
             &head.broadcast_mul(&valid).unwrap(),
             &case[&format!("{name}.head")].broadcast_mul(&valid).unwrap(),
-            1e-3,
         );
         let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
-        assert_close(
-            &format!("{name} last-position logits"),
-            &last,
-            &case[&format!("{name}.last")],
-            1e-3,
+        let d_last = max_abs_diff(&last, &case[&format!("{name}.last")]);
+        eprintln!("{name}: max |logit diff| {d_head:.2e} (first 1024 of the vocabulary, every real position), {d_last:.2e} (all 49152, last position)");
+        assert!(
+            d_head <= 1e-3 && d_last <= 1e-3,
+            "{name}: logits differ by {d_head} / {d_last}"
         );
         let argmax = logits
             .argmax(D::Minus1)

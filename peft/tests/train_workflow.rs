@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use peft::data::{self, DataOptions, Overflow};
-use peft::models::tokenizer::bytes_to_unicode;
+use peft::models::tokenizer::byte_tokenizer;
 use peft::models::{LlamaConfig, LlamaModel, TextTokenizer};
 use peft::optim::Schedule;
 use peft::trainer::{TrainConfig, Trainer};
 use peft::{get_peft_model, AdapterConfig, PeftError, PeftModel};
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
 
 const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
@@ -23,27 +20,7 @@ const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\
 /// a tokenizer_config.json carrying the special tokens and a chat template.
 fn tokenizer_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let vocab: Vec<(String, u32)> = bytes_to_unicode()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            vec![],
-        )
-        .build()
-        .unwrap();
-    let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tok.with_decoder(Some(ByteLevel::default()));
-    tok.add_special_tokens(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|t| AddedToken::from(t, true)),
-    )
-    .unwrap();
+    let tok = byte_tokenizer(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
     tok.save(dir.path().join("tokenizer.json"), false).unwrap();
     let cfg = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE});
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
