@@ -220,27 +220,35 @@ pub fn check_gradients(grads: &GradStore, vars: &[(String, Var)]) -> Result<Vec<
     Ok(norms)
 }
 
-/// The global L2 norm of the gradients of `vars`.
-pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f32> {
+/// The global L2 norm of a set of gradients (accumulated in f64).
+pub fn global_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f32> {
     let mut total = 0.0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += f64::from(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f32>()?,
-            );
-        }
+    for g in grads {
+        total += f64::from(
+            g.to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        );
     }
     Ok(total.sqrt() as f32)
+}
+
+/// The factor that brings gradients of global norm `norm` down to `max_norm` (torch's
+/// `clip_grad_norm_`), or `None` when no clipping applies (within the bound, or not finite).
+pub fn clip_scale(norm: f32, max_norm: f32) -> Option<f64> {
+    (norm > max_norm && norm.is_finite()).then(|| f64::from(max_norm / (norm + 1e-6)))
+}
+
+/// The global L2 norm of the gradients of `vars`.
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f32> {
+    global_norm(vars.iter().filter_map(|v| grads.get(v.as_tensor())))
 }
 
 /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f32) -> Result<f32> {
     let norm = grad_norm(grads, vars)?;
-    if norm > max_norm && norm.is_finite() {
-        let scale = f64::from(max_norm / (norm + 1e-6));
+    if let Some(scale) = clip_scale(norm, max_norm) {
         for var in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 grads.insert(var.as_tensor(), (g * scale)?);

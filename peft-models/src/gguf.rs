@@ -404,10 +404,7 @@ pub fn load_gguf_llama(path: &Path, dtype: DType, device: &Device) -> Result<Lla
     let cfg = file.llama_config()?;
     let permute = arch == "llama" || arch == "mistral";
     let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let dtype = match dtype {
-        DType::F32 | DType::BF16 | DType::F16 | DType::F64 => dtype,
-        _ => DType::F32,
-    };
+    let dtype = crate::weights::dtype_or_float(dtype);
     let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
         let gname = gguf_name(name).ok_or_else(|| PeftError::MissingTensor {
             path: path.to_path_buf(),

@@ -107,6 +107,57 @@ pub fn byte_tokenizer(specials: &[&str]) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// A JSON object file, or `None` when the file does not exist.
+fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, Value>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+    peft_core::json::parse_object(&text, &path.display().to_string()).map(Some)
+}
+
+/// A token id or a list of them, as config files write `*_token_id`.
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `eos_token_id` of `generation_config.json`, else of `config.json`.
+fn eos_ids_of(
+    gen: &serde_json::Map<String, Value>,
+    config: &serde_json::Map<String, Value>,
+) -> Vec<u32> {
+    let ids = token_ids(gen.get("eos_token_id"));
+    if ids.is_empty() {
+        token_ids(config.get("eos_token_id"))
+    } else {
+        ids
+    }
+}
+
+/// The end-of-sequence ids a model declares without its tokenizer: a folder's
+/// `generation_config.json` / `config.json` `eos_token_id`, or a GGUF file's
+/// `tokenizer.ggml.eos_token_id`.
+pub fn model_eos_token_ids(model: &Path) -> Result<Vec<u32>> {
+    if crate::gguf::is_gguf(model) {
+        let file = GgufFile::open(model)?;
+        return Ok(file
+            .opt_u64("tokenizer.ggml.eos_token_id")?
+            .map(|v| vec![v as u32])
+            .unwrap_or_default());
+    }
+    let gen = read_json_object(&model.join("generation_config.json"))?.unwrap_or_default();
+    let config = read_json_object(&model.join("config.json"))?.unwrap_or_default();
+    Ok(eos_ids_of(&gen, &config))
+}
+
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT4O_SPLIT: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -299,14 +350,7 @@ impl TextTokenizer {
             ));
         }
         let inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&source, e))?;
-        let read = |name: &str| -> Result<Option<serde_json::Map<String, Value>>> {
-            let p = dir.join(name);
-            if !p.is_file() {
-                return Ok(None);
-            }
-            let text = std::fs::read_to_string(&p).map_err(|e| PeftError::io(&p, e))?;
-            peft_core::json::parse_object(&text, &p.display().to_string()).map(Some)
-        };
+        let read = |name: &str| read_json_object(&dir.join(name));
         let tc = read("tokenizer_config.json")?.unwrap_or_default();
         let config = read("config.json")?.unwrap_or_default();
         let gen = read("generation_config.json")?.unwrap_or_default();
@@ -329,21 +373,7 @@ impl TextTokenizer {
         let bos_token = tc.get("bos_token").and_then(token_string);
         let eos_token = tc.get("eos_token").and_then(token_string);
         let pad_token = tc.get("pad_token").and_then(token_string);
-        let ids = |v: Option<&Value>| -> Vec<u32> {
-            match v {
-                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(Value::as_u64)
-                    .map(|x| x as u32)
-                    .collect(),
-                _ => Vec::new(),
-            }
-        };
-        let mut eos_token_ids = ids(gen.get("eos_token_id"));
-        if eos_token_ids.is_empty() {
-            eos_token_ids = ids(config.get("eos_token_id"));
-        }
+        let mut eos_token_ids = eos_ids_of(&gen, &config);
         if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
@@ -352,11 +382,11 @@ impl TextTokenizer {
         let bos_token_id = bos_token
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
-            .or_else(|| ids(config.get("bos_token_id")).first().copied());
+            .or_else(|| token_ids(config.get("bos_token_id")).first().copied());
         let pad_token_id = pad_token
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
-            .or_else(|| ids(config.get("pad_token_id")).first().copied());
+            .or_else(|| token_ids(config.get("pad_token_id")).first().copied());
         Ok(TextTokenizer {
             inner,
             bos_token_id,

@@ -138,7 +138,8 @@ impl ModelWeights {
     }
 }
 
-fn dtype_or_float(dtype: DType) -> DType {
+/// `dtype` if it is a float type, else f32 (frozen weights are always floats).
+pub(crate) fn dtype_or_float(dtype: DType) -> DType {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 | DType::F64 => dtype,
         _ => DType::F32,

@@ -58,6 +58,22 @@ pub struct TrainConfig {
     pub progress: bool,
 }
 
+impl TrainConfig {
+    /// Optimizer steps in one pass over `sequences` training sequences.
+    pub fn steps_per_epoch(&self, sequences: usize) -> usize {
+        sequences
+            .div_ceil(self.batch_size.max(1))
+            .div_ceil(self.grad_accum.max(1))
+    }
+
+    /// Total optimizer steps of a run over `sequences` training sequences: `max_steps`, or
+    /// `epochs` passes.
+    pub fn total_steps(&self, sequences: usize) -> usize {
+        self.max_steps
+            .unwrap_or(self.epochs.max(1) * self.steps_per_epoch(sequences))
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -220,14 +236,12 @@ impl<'a> Trainer<'a> {
 
     /// Optimizer steps in one pass over the data.
     pub fn steps_per_epoch(&self) -> usize {
-        self.micro_batches_per_epoch().div_ceil(self.cfg.grad_accum)
+        self.cfg.steps_per_epoch(self.train.len())
     }
 
     /// Total optimizer steps of the run.
     pub fn total_steps(&self) -> usize {
-        self.cfg
-            .max_steps
-            .unwrap_or(self.cfg.epochs.max(1) * self.steps_per_epoch())
+        self.cfg.total_steps(self.train.len())
     }
 
     /// The micro-batches (as example indices) of optimizer step `step` (0-based).
@@ -304,28 +318,20 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        let mut norm_sq = 0.0f64;
-        for g in grads.iter().flatten() {
-            norm_sq += f64::from(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f32>()?,
-            );
-        }
-        let norm = norm_sq.sqrt() as f32;
+        let norm = peft_core::training::global_norm(grads.iter().flatten())?;
         if !norm.is_finite() {
             return Err(PeftError::InvalidState(format!(
                 "step {}: gradient norm is not finite (loss {loss_sum})",
                 step + 1
             )));
         }
-        if let Some(max) = self.cfg.max_grad_norm {
-            if norm > max {
-                let scale = f64::from(max / (norm + 1e-6));
-                for g in grads.iter_mut().flatten() {
-                    *g = (&*g * scale)?;
-                }
+        if let Some(scale) = self
+            .cfg
+            .max_grad_norm
+            .and_then(|max| peft_core::training::clip_scale(norm, max))
+        {
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * scale)?;
             }
         }
         let lr = lr_at(

@@ -6,7 +6,7 @@
 //! generate greedily from the decoder.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -116,7 +116,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stop_ids = match (&tokenizer, args.ignore_eos) {
         (_, true) => Vec::new(),
         (Some(tok), false) => tok.eos_token_ids.clone(),
-        (None, false) => eos_tokens(&model_path),
+        (None, false) => {
+            peft::models::tokenizer::model_eos_token_ids(&model_path).unwrap_or_default()
+        }
     };
     stop_ids.extend(&args.stop_id);
     let mut generated = Vec::new();
@@ -199,34 +201,3 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 const STOP: &str = "stop string reached";
-
-/// `eos_token_id` from `generation_config.json` or `config.json` (an id or a list).
-pub fn eos_tokens(dir: &Path) -> Vec<u32> {
-    for file in ["generation_config.json", "config.json"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
-            continue;
-        };
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        match value.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => {
-                return n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(a)) => {
-                return a
-                    .iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as u32)
-                    .collect()
-            }
-            _ => {}
-        }
-    }
-    if peft::models::gguf::is_gguf(dir) {
-        if let Ok(tok) = peft::models::TextTokenizer::for_model(dir) {
-            return tok.eos_token_ids;
-        }
-    }
-    Vec::new()
-}

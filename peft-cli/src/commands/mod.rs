@@ -96,19 +96,18 @@ pub fn load_tokenizer(
     model: &Path,
     tokenizer: Option<&Path>,
 ) -> Result<peft::models::TextTokenizer> {
-    let tok = match tokenizer {
-        Some(p) if p.is_file() && p.extension().is_some_and(|e| e == "json") => {
-            let dir = p.parent().unwrap_or(Path::new("."));
-            if p.file_name().is_some_and(|n| n == "tokenizer.json") {
-                peft::models::TextTokenizer::from_folder(dir)?
-            } else {
-                bail!("--tokenizer {}: expected a tokenizer.json file, a folder holding one, or a .gguf file", p.display())
-            }
-        }
-        Some(p) => peft::models::TextTokenizer::for_model(p)?,
-        None => peft::models::TextTokenizer::for_model(model)?,
-    };
-    Ok(tok)
+    use peft::models::TextTokenizer;
+    match tokenizer {
+        Some(p) if p.is_file() && p.file_name().is_some_and(|n| n == "tokenizer.json") => Ok(
+            TextTokenizer::from_folder(p.parent().unwrap_or(Path::new(".")))?,
+        ),
+        Some(p) if p.is_file() && p.extension().is_some_and(|e| e == "json") => bail!(
+            "--tokenizer {}: expected a tokenizer.json file, a folder holding one, or a .gguf file",
+            p.display()
+        ),
+        Some(p) => Ok(TextTokenizer::for_model(p)?),
+        None => Ok(TextTokenizer::for_model(model)?),
+    }
 }
 
 /// Loads a model folder or a GGUF file on the CPU.

@@ -335,12 +335,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         pad_id,
         progress: !args.no_progress,
     };
-    let mut trainer = Trainer::new(&model, cfg.clone(), train.clone(), eval.clone(), &args.out)?;
     if let Some(ratio) = args.warmup_ratio {
-        cfg.warmup_steps = (ratio * trainer.total_steps() as f64).ceil() as usize;
-        trainer = Trainer::new(&model, cfg, train, eval, &args.out)?;
+        cfg.warmup_steps = (ratio * cfg.total_steps(train.len()) as f64).ceil() as usize;
     }
-    let report = trainer.run(args.resume)?;
+    let report = Trainer::new(&model, cfg, train, eval, &args.out)?.run(args.resume)?;
     let secs = report.seconds.max(1e-9);
     println!(
         "trained steps {}..{} in {:.1} s ({:.0} tokens/s); last loss {:.4}{}",
