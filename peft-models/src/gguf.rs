@@ -334,6 +334,17 @@ impl GgufFile {
         LlamaConfig::from_map(self.hf_config()?, &self.path.display().to_string())
     }
 
+    /// Reads GGUF tensor `name` as stored (block-quantized or not), without dequantizing.
+    pub fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| bad(&self.path, "reader poisoned by an earlier panic"))?;
+        self.content
+            .tensor(&mut *reader, name, &Device::Cpu)
+            .map_err(|e| bad(&self.path, format!("tensor {name}: {e}")))
+    }
+
     /// Reads GGUF tensor `name` dequantized to f32 (shape in row-major order, as candle and
     /// PyTorch see it).
     pub fn dequantized(&self, name: &str, device: &Device) -> Result<Tensor> {

@@ -132,6 +132,26 @@ impl ModelWeights {
         })
     }
 
+    /// The stored bytes of tensor `name` with its dtype and shape, unconverted (for
+    /// quantized checkpoints, whose uint8/int8 tensors are not weights in themselves).
+    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, &[u8])> {
+        if !self.routing.contains_key(name) {
+            return Err(PeftError::MissingTensor {
+                path: self.routing.values().next().cloned().unwrap_or_default(),
+                key: name.to_string(),
+                expected: vec![],
+                available: self.routing.len(),
+            });
+        }
+        let view = self.st.get(name)?;
+        Ok((view.dtype(), view.shape().to_vec(), view.data()))
+    }
+
+    /// The file holding tensor `name`, if any.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.routing.get(name).map(PathBuf::as_path)
+    }
+
     /// The dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.dtype

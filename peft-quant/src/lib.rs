@@ -1,5 +1,31 @@
-//! `peft-quant`: quantized frozen base layers for peft-rs. **Not implemented yet.**
+//! `peft-quant`: quantized frozen base layers for peft-rs.
 //!
-//! This crate will provide int8 and NF4 base layers implementing
-//! [`peft_core::LinearLike`], so every method runs on a quantized base without knowing it.
-//! It provides nothing yet.
+//! Large bases are kept quantized while adapters train on top of them (QLoRA): int8 with
+//! per-row scales and LLM.int8's outlier decomposition ([`int8`]), 4-bit NF4/FP4 in blocks of
+//! 64 with double-quantized scales ([`blockwise`]), and GGUF's block formats read straight from
+//! a `.gguf` file ([`ggml`]). Each format implements [`QuantWeight`]; [`QuantLinear`] wraps one
+//! as a [`peft_core::LinearLike`] slot, so every method (LoRA, IA3, prompt methods) runs on a
+//! quantized base without knowing it. The matmul never materialises the f32 weight: it
+//! dequantizes tiles with SIMD and multiplies them with `gemm` ([`kernel`]), and its backward
+//! gives the input gradient only. [`quantize_model`] swaps a loaded model's linear layers
+//! for quantized ones; [`checkpoint`] reads and writes bitsandbytes-format checkpoints (what
+//! transformers saves for a `BitsAndBytesConfig` model). Values match bitsandbytes bit for bit
+//! (fixtures from `tools/reference/make_quant_fixtures.py`).
+
+pub mod backend;
+pub mod blockwise;
+mod bnb_tables;
+pub mod checkpoint;
+pub mod codebook;
+pub mod ggml;
+pub mod int8;
+pub mod kernel;
+pub mod linear;
+pub mod merge;
+pub mod model;
+
+pub use blockwise::{Absmax, Blockwise4bit, FourBit};
+pub use int8::Int8Rowwise;
+pub use kernel::QuantWeight;
+pub use linear::{QuantLinear, QuantScheme};
+pub use model::{quantize_model, quantized_layers, QuantReport};

@@ -1,0 +1,47 @@
+//! Kernel dispatch. Each entry names a device family and the instruction set its kernels use;
+//! the first entry that serves a device wins. The CPU kernels pick AVX2+FMA or the portable
+//! loop at run time; CUDA kernels for the same formats slot in as a new entry (and as the
+//! `cuda_fwd` of the quantized matmul op) without touching the formats or the methods.
+
+use candle_core::Device;
+use peft_core::{PeftError, Result};
+
+/// One kernel family.
+#[derive(Debug)]
+pub struct KernelBackend {
+    /// Name shown in reports (`cpu-avx2`).
+    pub name: &'static str,
+    /// Whether it serves `device` on this machine.
+    pub serves: fn(&Device) -> bool,
+}
+
+/// The dispatch list, most specific first.
+pub static BACKENDS: &[KernelBackend] = &[
+    KernelBackend {
+        name: "cpu-avx2",
+        serves: |d| d.is_cpu() && crate::kernel::has_avx2(),
+    },
+    KernelBackend {
+        name: "cpu-portable",
+        serves: |d| d.is_cpu(),
+    },
+];
+
+/// The backend that runs quantized layers on `device`.
+pub fn select(device: &Device) -> Result<&'static KernelBackend> {
+    BACKENDS.iter().find(|b| (b.serves)(device)).ok_or_else(|| {
+        PeftError::bad_input(
+            "quantized layer device",
+            format!(
+                "a device with quantized kernels ({})",
+                BACKENDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+            ),
+            format!("{device:?} (GPU kernels for int8/NF4 are not built yet; run on the CPU)"),
+        )
+    })
+}
+
+/// Fails with a typed error when no backend serves `device`.
+pub fn check_device(device: &Device) -> Result<()> {
+    select(device).map(|_| ())
+}
