@@ -188,10 +188,16 @@ fn merging_into_nf4_requantizes_and_unmerge_restores() {
     model.merge_adapter().unwrap();
     let merged = model.forward(&inputs(&d)).unwrap();
     let drift = peft_quant::merge::max_abs_diff(&real(&before, &d), &real(&merged, &d)).unwrap();
-    let scale: f32 = before.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-    // The fixture's LoRA deltas are as large as the base weights (init_lora_weights=False), so
-    // re-quantizing moves the logits visibly; it must move them, and not wildly.
-    assert!(drift > 0.0 && drift < 0.25 * scale, "merge drift {drift} (logit scale {scale})");
+    // The fixture's LoRA deltas are larger than the base weights (init_lora_weights=False), so
+    // re-quantizing W + BA moves the logits visibly. Yardstick: what NF4 does to the same merged
+    // weights from f32 (merge on the f32 base, then quantize) against the f32 merged model.
+    let mut dense = with_adapter(f32_model()).merge_and_unload().unwrap();
+    let dense_logits = dense.forward(&inputs(&d), None).unwrap();
+    quantize_model(dense.as_mut(), QuantScheme::NF4, &[]).unwrap();
+    let requant = dense.forward(&inputs(&d), None).unwrap();
+    let yardstick = peft_quant::merge::max_abs_diff(&real(&dense_logits, &d), &real(&requant, &d)).unwrap();
+    eprintln!("merge drift {drift}, NF4 error of the merged f32 model {yardstick}");
+    assert!(drift > 0.0 && drift < 2.0 * yardstick, "merge drift {drift} vs {yardstick}");
     model.unmerge_adapter().unwrap();
     let after = model.forward(&inputs(&d)).unwrap();
     assert_eq!(max_diff(&before, &after), 0.0);
