@@ -4,7 +4,8 @@
 # Reports held-out perplexity of the base and of the adapter, wall time, tokens/s and the
 # adapter's size. Outputs in out/fortunes/ (adapter, checkpoints, metrics.jsonl, loss.png,
 # report.json). Sequences are packed into SEQ-token blocks for training and evaluation alike.
-# Tunables: STEPS (default 80), BATCH (4), SEQ (128), LR (1e-3).
+# Tunables: STEPS (default 80), BATCH (4), SEQ (128), LR (1e-3), QUANT (unset: f32 base;
+# nf4 / int8 / ...: the base kept quantized, i.e. QLoRA; outputs then in out/fortunes-$QUANT/).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -12,7 +13,10 @@ STEPS=${STEPS:-80}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-128}
 LR=${LR:-1e-3}
-out=out/fortunes
+QUANT=${QUANT:-}
+out=out/fortunes${QUANT:+-$QUANT}
+quant_args=()
+if [ -n "$QUANT" ]; then quant_args=(--quant "$QUANT"); fi
 
 gguf=$(scripts/fetch-smollm2.sh | tail -n 1)
 if [ ! -d /usr/share/games/fortunes ]; then
@@ -24,17 +28,17 @@ peft=target/release/peft
 mkdir -p "$out"
 
 echo "== base model on the held-out split"
-$peft eval --model "$gguf" --data data/fortunes/eval.jsonl --seq-len "$SEQ" --packing --json | tee "$out/base_eval.json"
+$peft eval --model "$gguf" "${quant_args[@]}" --data data/fortunes/eval.jsonl --seq-len "$SEQ" --packing --json | tee "$out/base_eval.json"
 
 echo "== LoRA fine-tune ($STEPS steps of $BATCH sequences)"
 start=$(date +%s.%N)
-$peft train --model "$gguf" --data data/fortunes/train.jsonl --out "$out" \
+$peft train --model "$gguf" "${quant_args[@]}" --data data/fortunes/train.jsonl --out "$out" \
     --max-steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --packing --lr "$LR" \
     --warmup-steps 8 --schedule cosine --save-every 40 --log-every 1 --seed 0 --no-progress
 end=$(date +%s.%N)
 
 echo "== adapter on the held-out split"
-$peft eval --model "$gguf" --adapter "$out" --data data/fortunes/eval.jsonl --seq-len "$SEQ" --packing --json | tee "$out/adapter_eval.json"
+$peft eval --model "$gguf" "${quant_args[@]}" --adapter "$out" --data data/fortunes/eval.jsonl --seq-len "$SEQ" --packing --json | tee "$out/adapter_eval.json"
 
 python3 - "$out" "$start" "$end" <<'PY'
 import json, os, sys

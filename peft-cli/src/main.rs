@@ -49,6 +49,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(commands::merge::MergeArgs),
+    /// Write a quantized (int8 / NF4 / FP4) copy of a model in the bitsandbytes checkpoint format.
+    Quantize(commands::quantize::QuantizeArgs),
     /// Fine-tune a small model offline: train, save, reload, merge, and check each step.
     Demo(commands::demo::DemoArgs),
 }
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Demo(args) => commands::demo::run(args),
     };

@@ -26,6 +26,10 @@ pub mod optim;
 pub mod plot;
 pub mod trainer;
 
+/// Quantized frozen bases (int8, NF4/FP4, GGUF blocks): the `peft-quant` crate.
+#[cfg(feature = "quant")]
+pub use peft_quant as quant;
+
 /// IA3 (feature `ia3`).
 #[cfg(feature = "ia3")]
 pub use peft_ia3 as ia3;

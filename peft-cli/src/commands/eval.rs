@@ -27,6 +27,11 @@ pub struct EvalArgs {
     /// Compute dtype of the frozen weights: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Keep the frozen base quantized: int8 (LLM.int8, outlier threshold 6), nf4 (QLoRA:
+    /// blocks of 64, double quantization), nf4-nodq, fp4, fp4-nodq, or gguf (a .gguf file's own
+    /// block formats, not dequantized). Output heads stay dense.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -41,7 +46,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let opts = args.data_args.options(None)?;
     let ds = super::train::load_sequences(&args.data, &tok, &opts)?;
     let seqs = peft::data::sequences(&ds, opts.packing, opts.max_len);
-    let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
+    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
     let model = super::with_adapters(base, &args.adapter, false)?;
     let pad_id = tok
         .pad_token_id

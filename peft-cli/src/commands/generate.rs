@@ -68,6 +68,11 @@ pub struct GenerateArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Keep the frozen base quantized: int8 (LLM.int8, outlier threshold 6), nf4 (QLoRA:
+    /// blocks of 64, double quantization), nf4-nodq, fp4, fp4-nodq, or gguf (a .gguf file's own
+    /// block formats, not dequantized). Output heads stay dense.
+    #[arg(long)]
+    pub quant: Option<String>,
 }
 
 /// Generates and streams the continuation.
@@ -110,7 +115,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     let mut sampler = peft::generate::Sampler::new(sampling)?;
-    let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
+    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
     let seq2seq = base.info().is_encoder_decoder;
     let model = super::with_adapters(base, &args.adapter, false)?;
     let mut stop_ids = match (&tokenizer, args.ignore_eos) {

@@ -32,6 +32,11 @@ pub struct LogitsArgs {
     /// Compute dtype of the frozen weights: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Keep the frozen base quantized: int8 (LLM.int8, outlier threshold 6), nf4 (QLoRA:
+    /// blocks of 64, double quantization), nf4-nodq, fp4, fp4-nodq, or gguf (a .gguf file's own
+    /// block formats, not dequantized). Output heads stay dense.
+    #[arg(long)]
+    pub quant: Option<String>,
 }
 
 fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> {
@@ -88,7 +93,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         }
         None => None,
     };
-    let base = super::load_base(&args.model, dtype)?;
+    let base = super::load_base_quant(&args.model, dtype, args.quant.as_deref())?;
     let optional = |name: &str| -> Result<Option<Tensor>> {
         find(name)
             .map(|t| integer_2d(name, &t, &args.input))

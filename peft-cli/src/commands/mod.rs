@@ -7,6 +7,7 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
+pub mod quantize;
 pub mod methods;
 pub mod train;
 
@@ -110,12 +111,71 @@ pub fn load_tokenizer(
     }
 }
 
-/// Loads a model folder or a GGUF file on the CPU.
+/// Loads a model folder or a GGUF file on the CPU. A bitsandbytes-quantized folder (its
+/// `config.json` has a `quantization_config`) loads with its layers kept quantized.
 pub fn load_base(dir: &Path, dtype: DType) -> Result<Box<dyn AdaptableModel>> {
+    load_base_quant(dir, dtype, None)
+}
+
+/// [`load_base`], then quantize its linear layers with `quant` (int8, nf4, nf4-nodq, fp4, fp4-nodq, gguf); prints
+/// what was quantized and the resident size to stderr.
+pub fn load_base_quant(dir: &Path, dtype: DType, quant: Option<&str>) -> Result<Box<dyn AdaptableModel>> {
+    use peft::quant::{checkpoint, model as qmodel, quantize_model, QuantScheme};
     if !dir.is_dir() && !peft::models::gguf::is_gguf(dir) {
         bail!("{}: neither a model folder nor a GGUF file", dir.display());
     }
-    Ok(peft::models::load_model(dir, dtype, &Device::Cpu)?)
+    if dir.is_dir() && checkpoint::is_quantized_folder(dir) {
+        if let Some(q) = quant {
+            bail!(
+                "--quant {q}: {} is already a quantized checkpoint; drop --quant",
+                dir.display()
+            );
+        }
+        let mut model: Box<dyn AdaptableModel> =
+            Box::new(checkpoint::load_quantized_folder(dir, &Device::Cpu)?);
+        report_quantized(model.as_mut(), "loaded quantized")?;
+        return Ok(model);
+    }
+    let Some(quant) = quant else {
+        return Ok(peft::models::load_model(dir, dtype, &Device::Cpu)?);
+    };
+    if quant == "gguf" {
+        if !peft::models::gguf::is_gguf(dir) {
+            bail!("--quant gguf: {} is not a .gguf file", dir.display());
+        }
+        let mut model: Box<dyn AdaptableModel> =
+            Box::new(qmodel::load_gguf_quantized(dir, &Device::Cpu)?);
+        report_quantized(model.as_mut(), "kept GGUF blocks for")?;
+        return Ok(model);
+    }
+    let scheme = QuantScheme::parse(quant).context("--quant")?;
+    if dtype != DType::F32 {
+        bail!("--quant {quant}: quantized layers compute in f32; drop --dtype or use f32");
+    }
+    let mut model = peft::models::load_model(dir, DType::F32, &Device::Cpu)?;
+    let report = quantize_model(model.as_mut(), scheme, &[])?;
+    eprintln!("{scheme}: {report}");
+    Ok(model)
+}
+
+fn report_quantized(model: &mut dyn AdaptableModel, what: &str) -> Result<()> {
+    let layers = peft::quant::quantized_layers(model)?;
+    let params: usize = layers
+        .iter()
+        .map(|(_, l)| peft::LinearLike::in_features(l) * peft::LinearLike::out_features(l))
+        .sum();
+    let bytes: usize = layers.iter().map(|(_, l)| l.resident_bytes()).sum();
+    let format = layers
+        .first()
+        .map(|(_, l)| l.quant_weight().format_name())
+        .unwrap_or_default();
+    eprintln!(
+        "{what} {} linear layers ({format}): {params} parameters in {:.1} MB ({:.4} bytes/parameter)",
+        layers.len(),
+        bytes as f64 / 1e6,
+        bytes as f64 / params.max(1) as f64
+    );
+    Ok(())
 }
 
 /// Loads `adapters` onto `base` (the first as `default`, then `adapter_1`, ...) and makes them

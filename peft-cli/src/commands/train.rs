@@ -157,6 +157,11 @@ pub struct TrainArgs {
     /// Compute dtype of the frozen weights: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Keep the frozen base quantized: int8 (LLM.int8, outlier threshold 6), nf4 (QLoRA:
+    /// blocks of 64, double quantization), nf4-nodq, fp4, fp4-nodq, or gguf (a .gguf file's own
+    /// block formats, not dequantized). Output heads stay dense.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -278,7 +283,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
     let config = adapter_config(&args)?;
-    let base = super::load_base(&model_path, super::parse_dtype(&args.dtype)?)?;
+    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
     if base.info().is_encoder_decoder || base.info().task_type != TaskType::CausalLm {
         bail!(
             "peft train fine-tunes causal language models; {} is {}",
