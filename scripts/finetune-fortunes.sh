@@ -5,7 +5,8 @@
 # adapter's size. Outputs in out/fortunes/ (adapter, checkpoints, metrics.jsonl, loss.png,
 # report.json). Sequences are packed into SEQ-token blocks for training and evaluation alike.
 # Tunables: STEPS (default 80), BATCH (4), SEQ (128), LR (1e-3), QUANT (unset: f32 base;
-# nf4 / int8 / ...: the base kept quantized, i.e. QLoRA; outputs then in out/fortunes-$QUANT/).
+# nf4 / int8 / ...: the base kept quantized, i.e. QLoRA), TARGETS (unset: the default
+# q_proj,v_proj; e.g. all-linear). Outputs in out/fortunes[-$QUANT][-$TARGETS]/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -14,9 +15,12 @@ BATCH=${BATCH:-4}
 SEQ=${SEQ:-128}
 LR=${LR:-1e-3}
 QUANT=${QUANT:-}
-out=out/fortunes${QUANT:+-$QUANT}
+TARGETS=${TARGETS:-}
+out=out/fortunes${QUANT:+-$QUANT}${TARGETS:+-$TARGETS}
 quant_args=()
 if [ -n "$QUANT" ]; then quant_args=(--quant "$QUANT"); fi
+target_args=()
+if [ -n "$TARGETS" ]; then target_args=(--target-modules "$TARGETS"); fi
 
 gguf=$(scripts/fetch-smollm2.sh | tail -n 1)
 if [ ! -d /usr/share/games/fortunes ]; then
@@ -32,7 +36,7 @@ $peft eval --model "$gguf" "${quant_args[@]}" --data data/fortunes/eval.jsonl --
 
 echo "== LoRA fine-tune ($STEPS steps of $BATCH sequences)"
 start=$(date +%s.%N)
-$peft train --model "$gguf" "${quant_args[@]}" --data data/fortunes/train.jsonl --out "$out" \
+$peft train --model "$gguf" "${quant_args[@]}" "${target_args[@]}" --data data/fortunes/train.jsonl --out "$out" \
     --max-steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --packing --lr "$LR" \
     --warmup-steps 8 --schedule cosine --save-every 40 --log-every 1 --seed 0 --no-progress
 end=$(date +%s.%N)

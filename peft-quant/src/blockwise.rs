@@ -249,11 +249,47 @@ impl Blockwise4bit {
         }
     }
 
+    /// The same tiles with an AVX2 decoder: 16 values per step, each nibble looked up in the
+    /// 16-entry code with two in-register permutes and a blend, then scaled (the same f32
+    /// product as the portable loop, so the values are identical).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dequantize_avx2(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
-        // The same loop, compiled with AVX2 so the scale multiply is vectorised.
-        self.dequantize_generic(rows, cols, out)
+        use std::arch::x86_64::*;
+        let code = self.kind.code();
+        let width = cols.len();
+        let bs = self.blocksize;
+        // SAFETY: AVX2 is enabled for this function; every load reads 8 bytes inside a block
+        // of bs / 2 >= 16 bytes and every store writes 16 floats inside a block of bs >= 32
+        // output values (bs is a power of two >= 32, checked at construction).
+        unsafe {
+            let lo_tbl = _mm256_loadu_ps(code.as_ptr());
+            let hi_tbl = _mm256_loadu_ps(code.as_ptr().add(8));
+            let fifteen = _mm256_set1_epi32(15);
+            let look = |idx: __m256i| {
+                let a = _mm256_permutevar8x32_ps(lo_tbl, idx);
+                let b = _mm256_permutevar8x32_ps(hi_tbl, idx);
+                _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+            };
+            for (ri, r) in rows.enumerate() {
+                let row_out = out.as_mut_ptr().add(ri * width);
+                for (bi, c) in cols.clone().step_by(bs).enumerate() {
+                    let flat = r * self.cols + c;
+                    let scale = _mm256_set1_ps(self.absmax.get(flat / bs));
+                    let src = self.packed.as_ptr().add(flat / 2);
+                    let dst = row_out.add(bi * bs);
+                    for j in 0..bs / 16 {
+                        let w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.add(8 * j).cast()));
+                        let vh = _mm256_mul_ps(look(_mm256_srli_epi32(w, 4)), scale);
+                        let vl = _mm256_mul_ps(look(_mm256_and_si256(w, fifteen)), scale);
+                        let t0 = _mm256_unpacklo_ps(vh, vl);
+                        let t1 = _mm256_unpackhi_ps(vh, vl);
+                        _mm256_storeu_ps(dst.add(16 * j), _mm256_permute2f128_ps(t0, t1, 0x20));
+                        _mm256_storeu_ps(dst.add(16 * j + 8), _mm256_permute2f128_ps(t0, t1, 0x31));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -459,5 +495,32 @@ impl QuantWeight for Blockwise4bit {
             ""
         };
         format!("{} (blocks of {}{dq})", self.kind.name(), self.blocksize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 decoder and the portable loop give identical values.
+    #[test]
+    fn avx2_and_portable_decoders_agree() {
+        if !kernel::has_avx2() {
+            return;
+        }
+        let values: Vec<f32> = (0..48 * 256)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1.0 + (i % 13) as f32))
+            .collect();
+        for (kind, bs, dq) in [(FourBit::Nf4, 64, true), (FourBit::Fp4, 32, false), (FourBit::Nf4, 256, false)] {
+            let q = Blockwise4bit::quantize(&values, 48, 256, kind, bs, dq).unwrap();
+            for (rows, cols) in [(0..48, 0..256), (3..7, bs..256)] {
+                let n = rows.len() * cols.len();
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                q.dequantize_generic(rows.clone(), cols.clone(), &mut a);
+                // SAFETY: AVX2 was detected above.
+                unsafe { q.dequantize_avx2(rows, cols, &mut b) };
+                assert_eq!(a, b, "{kind:?} blocks of {bs}");
+            }
+        }
     }
 }

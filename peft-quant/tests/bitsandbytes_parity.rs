@@ -216,3 +216,44 @@ fn nested_quantizer_thresholds_are_the_measured_ones() {
         "thresholds",
     );
 }
+
+/// Resident size of the frozen weights on SmolLM2's shapes: NF4 with double quantization at
+/// most 0.57 bytes per parameter, int8 at most 1.02.
+#[test]
+fn resident_bytes_per_parameter() {
+    for (rows, cols) in [(576, 576), (1536, 576), (576, 1536), (192, 576)] {
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).unwrap();
+        let per_param = |scheme| {
+            let l = QuantLinear::quantize(&w, None, false, scheme).unwrap();
+            l.resident_bytes() as f64 / (rows * cols) as f64
+        };
+        let nf4 = per_param(QuantScheme::NF4);
+        let int8 = per_param(QuantScheme::INT8);
+        assert!(nf4 <= 0.57, "[{rows}, {cols}] NF4: {nf4} bytes/param");
+        assert!(int8 <= 1.02, "[{rows}, {cols}] int8: {int8} bytes/param");
+    }
+}
+
+/// Tiles (as the kernels ask for them) equal the same region of the whole dequantized matrix.
+#[test]
+fn tiles_equal_the_whole() {
+    let w = Tensor::randn(0f32, 1.0, (37, 256), &Device::Cpu).unwrap();
+    for scheme in [QuantScheme::NF4, QuantScheme::parse("fp4-nodq").unwrap(), QuantScheme::INT8] {
+        let l = QuantLinear::quantize(&w, None, false, scheme).unwrap();
+        let q = l.quant_weight();
+        let full = dequantized(q.as_ref());
+        // Tiles of rows and of whole blocks of columns, as the kernels ask for them.
+        for (r0, r1, c0, c1) in [(0, 37, 0, 256), (5, 9, 64, 192), (36, 37, 128, 256)] {
+            let mut tile = vec![0f32; (r1 - r0) * (c1 - c0)];
+            q.dequantize_into(r0..r1, c0..c1, &mut tile);
+            for r in r0..r1 {
+                assert_eq!(
+                    &tile[(r - r0) * (c1 - c0)..(r - r0 + 1) * (c1 - c0)],
+                    &full[r * 256 + c0..r * 256 + c1],
+                    "{scheme}: row {r}"
+                );
+            }
+        }
+    }
+    assert_eq!(peft_quant::kernel::simd_level(), if peft_quant::kernel::has_avx2() { "avx2+fma" } else { "portable" });
+}

@@ -1,0 +1,157 @@
+//! This project's half of `scripts/bench-vs-pytorch.sh`: the same job as
+//! `tools/bench/pytorch_side.py`, printed as one JSON line.
+//!
+//! The job: a LLaMA-shaped model (hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000, tied
+//! embeddings, random weights from one seed), LoRA r=16 alpha 32 on q,k,v,o, batch 4 x 256
+//! tokens, AdamW, f32. `train` reports the median step time after warm-up, tokens/s and the
+//! process's peak RSS; `infer` the median time of a 1 x 256 forward pass with the adapter
+//! unmerged and merged (and peak RSS).
+//!
+//! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]`
+//! (threads: `RAYON_NUM_THREADS`).
+
+#![allow(clippy::unwrap_used)] // a benchmark fails loudly by design
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use peft::models::{LlamaConfig, LlamaModel};
+use peft::optim::{AdamW, AdamWConfig};
+use peft::{get_peft_model, no_grad, AdapterConfig, ModelInputs, PeftModel};
+
+fn model() -> PeftModel {
+    let mut cfg = LlamaConfig::tiny(32000, 768, 12, 12, 12, 2048);
+    cfg.tie_word_embeddings = true;
+    let base = LlamaModel::random(cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let config = AdapterConfig::from_json_str(
+        r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}"#,
+        "side-by-side",
+    )
+    .unwrap();
+    get_peft_model(Box::new(base), config, 0).unwrap()
+}
+
+fn ids(batch: usize, len: usize, seed: u32) -> Tensor {
+    let v: Vec<u32> = (0..(batch * len) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) % 32000)
+        .collect();
+    Tensor::from_vec(v, (batch, len), &Device::Cpu).unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn train(steps: usize, warmup: usize) -> String {
+    let model = model();
+    model.set_training(true);
+    let (trainable, total) = model.parameter_counts();
+    let vars = model.trainable_named_vars();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    let (batch, len) = (4, 256);
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..warmup + steps {
+        let x = ids(batch, len, step as u32);
+        let start = Instant::now();
+        let logits = model.forward(&ModelInputs::from_ids(x.clone())).unwrap();
+        let loss = peft::loss::causal_lm_loss(&logits, &x).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Option<Tensor>> = vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect();
+        opt.step(&g, 1e-4).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        if step >= warmup {
+            times.push(secs);
+        }
+    }
+    let step_s = median(times);
+    format!(
+        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}}}",
+        rayon_threads(),
+        (batch * len) as f64 / step_s,
+        peak_rss_mb(),
+        losses[0],
+        losses[losses.len() - 1]
+    )
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn infer(runs: usize) -> String {
+    let mut model = model();
+    model.set_training(false);
+    let x = ModelInputs::from_ids(ids(1, 256, 7));
+    let _guard = no_grad();
+    let time = |m: &PeftModel| {
+        m.forward(&x).unwrap();
+        median(
+            (0..runs)
+                .map(|_| {
+                    let s = Instant::now();
+                    m.forward(&x).unwrap();
+                    s.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let unmerged = time(&model);
+    let before = model.forward(&x).unwrap();
+    model.merge_adapter().unwrap();
+    let merged = time(&model);
+    let after = model.forward(&x).unwrap();
+    let diff: f32 = (before - after)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    format!(
+        "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
+        rayon_threads(),
+        peak_rss_mb()
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("train");
+    let line = match mode {
+        "train" => train(arg(&args, "--steps", 5), arg(&args, "--warmup", 2)),
+        "infer" => infer(arg(&args, "--runs", 7)),
+        other => {
+            eprintln!("side_by_side: expected train or infer, found {other}");
+            std::process::exit(2);
+        }
+    };
+    println!("{line}");
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Side-by-side: the same LoRA training and inference job in this project and in PyTorch +
+# transformers + peft, on this machine, one after the other (never concurrently), each side at
+# each thread count in THREADS (default "1 2"), the best of each side compared. Prints both
+# sides' figures and ends with one line:
+#   ratio_tokens_per_s=X ratio_peak_rss=Y ratio_infer_speed=W ratio_unmerged_over_merged=Z
+# (this project over PyTorch for training tokens/s, training peak RSS and merged inference speed;
+# the last is this project's own unmerged time over merged). Run it on a quiet machine: a
+# concurrent build halves every figure. STEPS (5) and WARMUP (2) set the training run length.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+THREADS=${THREADS:-"1 2"}
+STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-2}
+python3 -c "import torch, transformers, peft" 2>/dev/null || pip install -q torch transformers peft
+cargo build --release -q -p peft-benches --bin side_by_side
+rs=target/release/side_by_side
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+for t in $THREADS; do
+    RAYON_NUM_THREADS=$t $rs train --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
+    python3 tools/bench/pytorch_side.py train --threads "$t" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
+    RAYON_NUM_THREADS=$t $rs infer | tee -a "$results"
+    python3 tools/bench/pytorch_side.py infer --threads "$t" | tee -a "$results"
+done
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+def best(side, mode, key, high):
+    c = [r for r in rows if r["side"] == side and r["mode"] == mode]
+    return (max if high else min)(c, key=lambda r: r[key])
+rt, pt = best("peft-rs", "train", "tokens_per_s", True), best("pytorch+peft", "train", "tokens_per_s", True)
+ri, pi = best("peft-rs", "infer", "merged_s", False), best("pytorch+peft", "infer", "merged_s", False)
+print()
+print("| | peft-rs | PyTorch + peft | ratio |")
+print("|---|---|---|---|")
+print(f"| training step (4 x 256 tokens), median | {rt['median_step_s']:.3f} s ({rt['threads']} threads) | {pt['median_step_s']:.3f} s ({pt['threads']} threads) | {pt['median_step_s'] / rt['median_step_s']:.2f}x faster |")
+print(f"| training tokens/s | {rt['tokens_per_s']:.0f} | {pt['tokens_per_s']:.0f} | {rt['tokens_per_s'] / pt['tokens_per_s']:.2f} |")
+print(f"| training peak RSS | {rt['peak_rss_mb']:.0f} MB | {pt['peak_rss_mb']:.0f} MB | {rt['peak_rss_mb'] / pt['peak_rss_mb']:.2f} |")
+print(f"| inference 1 x 256, merged | {ri['merged_s']:.3f} s ({ri['threads']} threads) | {pi['merged_s']:.3f} s ({pi['threads']} threads) | {pi['merged_s'] / ri['merged_s']:.2f}x faster |")
+print(f"| inference 1 x 256, unmerged | {ri['unmerged_s']:.3f} s | {pi['unmerged_s']:.3f} s | |")
+print(f"| trainable / total parameters | {rt['trainable']:,} / {rt['total']:,} | {pt['trainable']:,} / {pt['total']:,} | |")
+print()
+print(f"ratio_tokens_per_s={rt['tokens_per_s'] / pt['tokens_per_s']:.3f} ratio_peak_rss={rt['peak_rss_mb'] / pt['peak_rss_mb']:.3f} "
+      f"ratio_infer_speed={pi['merged_s'] / ri['merged_s']:.3f} ratio_unmerged_over_merged={ri['unmerged_s'] / ri['merged_s']:.3f}")
+PY
