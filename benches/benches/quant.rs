@@ -148,7 +148,12 @@ fn step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, step);
+criterion_group! {
+    name = benches;
+    // No plots: the plotters backend needs system fonts this machine lacks.
+    config = Criterion::default().without_plots();
+    targets = matmul, step
+}
 
 fn main() {
     summary();

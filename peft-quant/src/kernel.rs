@@ -121,12 +121,81 @@ unsafe fn gemm_into(
     }
 }
 
+/// Rows of `x` up to which [`matmul_xwt`] takes dot products instead of calling `gemm`
+/// (decoding: `gemm` would pack each freshly dequantized tile once more for a single row).
+const SMALL_M: usize = 8;
+
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(a, b)
+}
+
+/// A dot product, vectorised with AVX2 where the CPU has it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_generic(a, b)
+}
+
+/// `y = x W^T` for a few rows of `x`: tiles of 32 weight rows decoded into L1 and dotted.
+fn matmul_xwt_small<W: QuantWeight + ?Sized>(w: &W, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (w.rows(), w.cols());
+    const TILE: usize = 32;
+    let tiles: Vec<usize> = (0..n).step_by(TILE).collect();
+    let dst = SharedMut(y.as_mut_ptr());
+    let work = |&r0: &usize| {
+        let r1 = (r0 + TILE).min(n);
+        let mut buf = vec![0f32; (r1 - r0) * k];
+        w.dequantize_into(r0..r1, 0..k, &mut buf);
+        let dst = &dst;
+        for i in 0..m {
+            let xi = &x[i * k..(i + 1) * k];
+            for (j, row) in buf.chunks_exact(k).enumerate() {
+                // SAFETY: this tile writes y[i, r0 + j] for its own rows only.
+                unsafe { *dst.0.add(i * n + r0 + j) = dot(xi, row) };
+            }
+        }
+    };
+    if tiles.len() > 1 && rayon::current_num_threads() > 1 {
+        tiles.par_iter().for_each(work);
+    } else {
+        tiles.iter().for_each(work);
+    }
+}
+
 /// `y = x W^T`: `x` `[m, k]` row-major, result `[m, n]`.
 pub fn matmul_xwt<W: QuantWeight + ?Sized>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), m * k, "matmul_xwt: x is not [m, k]");
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
+        return y;
+    }
+    if m <= SMALL_M {
+        matmul_xwt_small(w, x, m, &mut y);
         return y;
     }
     let tile_rows = (TILE_BYTES / (4 * k)).clamp(8, 256).min(n);
