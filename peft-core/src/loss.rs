@@ -93,7 +93,7 @@ impl CustomOp1 for FusedCrossEntropy {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_rows(storage, layout, self.name())?;
         let n = self.targets.len();
-        let v = if n == 0 { 0 } else { x.len() / n };
+        let v = x.len().checked_div(n).unwrap_or(0);
         let total: f64 = x
             .par_chunks(v.max(1))
             .zip(self.targets.par_iter())
@@ -132,7 +132,7 @@ impl CustomOp1 for FusedCrossEntropyGrad {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_rows(storage, layout, self.name())?;
         let n = self.targets.len();
-        let v = if n == 0 { 0 } else { x.len() / n };
+        let v = x.len().checked_div(n).unwrap_or(0);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(v.max(1))
             .zip(x.par_chunks(v.max(1)))
