@@ -81,8 +81,10 @@ impl LinearAdapter for LoraLinear {
             x.to_dtype(DType::F32)?
         };
         let x = self.dropout.forward(&x, training)?;
-        let h = linear_forward(&x, &self.a, false)?;
-        let delta = (linear_forward(&h, &self.b, false)? * self.scaling)?;
+        // Scale the rank-r intermediate, not the [.., out] delta: one small temporary instead
+        // of a full-width one (and its gradient).
+        let h = (linear_forward(&x, &self.a, false)? * self.scaling)?;
+        let delta = linear_forward(&h, &self.b, false)?;
         let delta = if y.dtype() == DType::F32 {
             delta
         } else {
