@@ -10,6 +10,7 @@
 //! ([`bert::BertModel`]).
 
 pub mod bert;
+pub mod fused;
 pub mod gguf;
 pub mod gpt2;
 pub mod init;

@@ -7,6 +7,9 @@ use peft_core::{PeftError, Result};
 
 /// HF `LlamaRMSNorm`: normalise in f32, cast back, then scale by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = crate::fused::rms_norm(x, weight, eps)? {
+        return Ok(y);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -212,7 +215,7 @@ pub fn attention(
         Some(m) => scores.broadcast_add(&m.additive)?,
         None => scores,
     };
-    let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let mut probs = crate::fused::softmax_last_dim(&scores)?;
     if let Some(valid) = mask.and_then(|m| m.row_valid.as_ref()) {
         probs = probs.broadcast_mul(valid)?;
     }
