@@ -6,7 +6,7 @@
 # report.json). Sequences are packed into SEQ-token blocks for training and evaluation alike.
 # Tunables: STEPS (default 80), BATCH (4), SEQ (128), LR (1e-3), QUANT (unset: f32 base;
 # nf4 / int8 / ...: the base kept quantized, i.e. QLoRA), TARGETS (unset: the default
-# q_proj,v_proj; e.g. all-linear). Outputs in out/fortunes[-$QUANT][-$TARGETS]/.
+# q_proj,v_proj; e.g. all-linear), REUSE_BASE_EVAL=1 (keep an earlier base_eval.json). Outputs in out/fortunes[-$QUANT][-$TARGETS]/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -32,7 +32,11 @@ peft=target/release/peft
 mkdir -p "$out"
 
 echo "== base model on the held-out split"
+if [ -n "${REUSE_BASE_EVAL:-}" ] && [ -f "$out/base_eval.json" ]; then
+    cat "$out/base_eval.json"  # REUSE_BASE_EVAL=1: the base was measured before, same split
+else
 $peft eval --model "$gguf" "${quant_args[@]}" --data data/fortunes/eval.jsonl --seq-len "$SEQ" --packing --json | tee "$out/base_eval.json"
+fi
 
 echo "== LoRA fine-tune ($STEPS steps of $BATCH sequences)"
 start=$(date +%s.%N)

@@ -81,6 +81,7 @@ fn pin_thread_count() {
 
 fn main() -> ExitCode {
     pin_thread_count();
+    peft::alloc::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod adapted;
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

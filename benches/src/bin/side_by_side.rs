@@ -143,6 +143,7 @@ fn infer(runs: usize) -> String {
 }
 
 fn main() {
+    peft::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("train");
     let line = match mode {
