@@ -190,6 +190,118 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// Batched matmul `a @ b` over the leading dimensions of contiguous f32 tensors
+/// (`[.., m, k] x [.., k, n]`), the batches spread over threads and each product run on one
+/// thread: attention's per-head products are too small to split (candle runs the batches one
+/// after another, each split across all threads). Backward through the same op with the
+/// operands read transposed (no copies). Other devices and dtypes use candle's matmul.
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { ta: false, tb: false })?)
+}
+
+/// Batched `a @ b^T` for `a` `[.., m, k]` and `b` `[.., n, k]` (attention scores `q k^T`)
+/// without copying the transpose; see [`batched_matmul`].
+pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+        return Ok(a.matmul(&b.t()?)?);
+    }
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { ta: false, tb: true })?)
+}
+
+/// `op(a) @ op(b)` per batch, where `op` transposes the last two dimensions when asked.
+struct Bmm {
+    ta: bool,
+    tb: bool,
+}
+
+impl Bmm {
+    /// (batches, m, k, n) of `op(a) @ op(b)`.
+    fn dims(&self, la: &Layout, lb: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (ad, bd) = (la.shape().dims(), lb.shape().dims());
+        let r = ad.len();
+        let batches: usize = ad[..r - 2].iter().product();
+        let (m, k) = if self.ta { (ad[r - 1], ad[r - 2]) } else { (ad[r - 2], ad[r - 1]) };
+        let (k2, n) = if self.tb { (bd[r - 1], bd[r - 2]) } else { (bd[r - 2], bd[r - 1]) };
+        if k != k2 || bd.len() != r || bd[..r - 2].iter().product::<usize>() != batches {
+            candle_core::bail!("fused-bmm: shapes {ad:?} and {bd:?} do not multiply");
+        }
+        Ok((batches, m, k, n))
+    }
+}
+
+impl CustomOp2 for Bmm {
+    fn name(&self) -> &'static str {
+        "fused-bmm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (rows(s1, l1, self.name())?, rows(s2, l2, self.name())?);
+        let (batches, m, k, n) = self.dims(l1, l2)?;
+        let mut out = vec![0f32; batches * m * n];
+        // Strides of op(a) [m, k] and op(b) [k, n] inside one batch.
+        let (a_rs, a_cs) = if self.ta { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if self.tb { (1, k) } else { (n, 1) };
+        if m * n > 0 {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
+                let (pa, pb) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                // SAFETY: the slices hold exactly one batch of each operand and of the result,
+                // and the strides describe those extents.
+                unsafe {
+                    gemm::gemm(
+                        m, n, k,
+                        o.as_mut_ptr(), 1, n as isize, false,
+                        pa.as_ptr(), a_cs as isize, a_rs as isize,
+                        pb.as_ptr(), b_cs as isize, b_rs as isize,
+                        0.0, 1.0, false, false, false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        }
+        let mut shape = l1.shape().dims().to_vec();
+        let r = shape.len();
+        shape[r - 2] = m;
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _c: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T g; transpose back when the
+        // operand itself was read transposed.
+        let da = if self.ta {
+            b.apply_op2_no_bwd(&g, &Bmm { ta: self.tb, tb: true })?
+        } else {
+            g.apply_op2_no_bwd(b, &Bmm { ta: false, tb: !self.tb })?
+        };
+        let db = if self.tb {
+            g.apply_op2_no_bwd(a, &Bmm { ta: true, tb: self.ta })?
+        } else {
+            a.apply_op2_no_bwd(&g, &Bmm { ta: !self.ta, tb: false })?
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +335,35 @@ mod tests {
         for v in [&x, &w] {
             let d = max_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
             assert!(d < 1e-4, "rms norm gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batched_matmul_equals_matmul_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
+        let fused = batched_matmul(a.as_tensor(), b.as_tensor())?;
+        let plain = a.as_tensor().matmul(b.as_tensor())?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gp = (plain * &probe)?.sum_all()?.backward()?;
+        for v in [&a, &b] {
+            let d = max_diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+            assert!(d < 1e-5, "bmm gradient differs by {d}");
+        }
+        // a @ k^T read transposed, gradients included.
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 7), &dev)?)?;
+        let fused = batched_matmul_nt(a.as_tensor(), k.as_tensor())?;
+        let plain = a.as_tensor().matmul(&k.as_tensor().t()?)?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gp = (plain * &probe)?.sum_all()?.backward()?;
+        for v in [&a, &k] {
+            let d = max_diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+            assert!(d < 1e-5, "bmm_nt gradient differs by {d}");
         }
         Ok(())
     }

@@ -210,7 +210,7 @@ pub fn attention(
     mask: Option<&AttentionMask>,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = (crate::fused::batched_matmul_nt(q, k)? * scale)?.to_dtype(DType::F32)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.additive)?,
         None => scores,
@@ -219,5 +219,5 @@ pub fn attention(
     if let Some(valid) = mask.and_then(|m| m.row_valid.as_ref()) {
         probs = probs.broadcast_mul(valid)?;
     }
-    Ok(probs.to_dtype(dtype)?.matmul(&v.contiguous()?)?)
+    crate::fused::batched_matmul(&probs.to_dtype(dtype)?, &v.contiguous()?)
 }
