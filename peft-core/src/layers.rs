@@ -138,9 +138,125 @@ impl DenseLinear {
     }
 }
 
+/// `x W^T` (or `x W` for a weight stored `[in, out]`) against a frozen f32 weight on the CPU,
+/// with a backward that returns the input gradient only. candle's matmul backward also computes
+/// the gradient of the weight (a full `[out, in]` product and tensor per layer per step) even
+/// when the weight is a plain, untracked tensor; for frozen base layers that is a third of the
+/// backward's arithmetic and a weight-sized allocation kept to the end of the step, for nothing.
+/// Returns `None` where it does not apply (other devices or dtypes, a tracked weight).
+pub fn frozen_linear_forward(x: &Tensor, weight: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || weight.is_variable()
+        || weight.track_op()
+        || weight.rank() != 2
+    {
+        return Ok(None);
+    }
+    let weight = weight.contiguous()?;
+    let op = FrozenMatmul {
+        weight,
+        transposed,
+        input_grad: false,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// `y = x op(W)` where `op(W)` is `W^T` for `[out, in]` weights; `input_grad` computes
+/// `g op(W)^T` instead (the backward).
+struct FrozenMatmul {
+    weight: Tensor,
+    transposed: bool,
+    input_grad: bool,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::{CpuStorage, Storage};
+        let CpuStorage::F32(xs) = storage else {
+            candle_core::bail!("frozen-linear: expected f32 input");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear: expected a contiguous input");
+        };
+        let x = &xs[a..b];
+        let (w_guard, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(ws)) = &*w_guard else {
+            candle_core::bail!("frozen-linear: expected an f32 CPU weight");
+        };
+        let Some((wa, wb)) = w_layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear: expected a contiguous weight");
+        };
+        let w = &ws[wa..wb];
+        let (d0, d1) = self.weight.dims2()?;
+        // Stored [out, in] (d0 = out) unless transposed ([in, out]).
+        let (out_f, in_f) = if self.transposed { (d1, d0) } else { (d0, d1) };
+        let (k, n) = if self.input_grad { (out_f, in_f) } else { (in_f, out_f) };
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen-linear: input's last dimension should be {k}, found {dims:?}");
+        }
+        let m = x.len() / k.max(1);
+        // op(W) as a [k, n] matrix read in place: element (kk, j).
+        // forward, [out, in] storage: op(W)[kk, j] = W[j, kk] -> rs 1, cs d1.
+        // forward, [in, out] storage: op(W)[kk, j] = W[kk, j] -> rs d1, cs 1.
+        // input grad flips both.
+        let plain = self.transposed != self.input_grad;
+        let (rs, cs) = if plain { (d1 as isize, 1) } else { (1, d1 as isize) };
+        let mut y = vec![0f32; m * n];
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        if m > 0 && n > 0 {
+            // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
+            // [k, n] view of the d0 x d1 weight within its extent.
+            unsafe {
+                gemm::gemm(
+                    m, n, k,
+                    y.as_mut_ptr(), 1, n as isize, false,
+                    x.as_ptr(), 1, k as isize,
+                    w.as_ptr(), cs, rs,
+                    0.0, 1.0, false, false, false,
+                    parallelism,
+                );
+            }
+        }
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("non-empty dims") = n;
+        Ok((CpuStorage::F32(y), candle_core::Shape::from(out)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if self.input_grad {
+            return Ok(None);
+        }
+        let op = FrozenMatmul {
+            weight: self.weight.clone(),
+            transposed: self.transposed,
+            input_grad: true,
+        };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
 impl LinearLike for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = linear_forward(x, &self.weight, self.transposed)?;
+        let y = match frozen_linear_forward(x, &self.weight, self.transposed)? {
+            Some(y) => y,
+            None => linear_forward(x, &self.weight, self.transposed)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -239,5 +355,38 @@ impl EmbeddingLike for DenseEmbedding {
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod frozen_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The frozen-weight op equals the matmul, in both weight layouts, with the same input
+    /// gradient; a tracked weight is left to candle (its gradient is needed).
+    #[test]
+    fn frozen_linear_equals_matmul_and_gives_input_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 12), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, 7), &dev)?;
+        for transposed in [false, true] {
+            let shape = if transposed { (12, 7) } else { (7, 12) };
+            let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            let fast = frozen_linear_forward(x.as_tensor(), &w, transposed)?.expect("applies");
+            let slow = linear_forward(x.as_tensor(), &w, transposed)?;
+            assert!(max_diff(&fast, &slow) < 1e-5);
+            let gf = (fast * &probe)?.sum_all()?.backward()?;
+            let gs = (slow * &probe)?.sum_all()?.backward()?;
+            let d = max_diff(gf.get(x.as_tensor()).expect("grad"), gs.get(x.as_tensor()).expect("grad"));
+            assert!(d < 1e-5, "input gradient differs by {d} (transposed {transposed})");
+        }
+        let tracked = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 12), &dev)?)?;
+        assert!(frozen_linear_forward(x.as_tensor(), tracked.as_tensor(), false)?.is_none());
+        Ok(())
     }
 }

@@ -409,6 +409,31 @@ impl TextTokenizer {
         }
     }
 
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (bos/eos/pad tokens, chat
+    /// template) into `dir`, so a folder made from a GGUF file (`peft quantize`) carries the
+    /// tokenizer the GGUF embedded.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|e| tok_err(&path.display().to_string(), e))?;
+        let mut tc = serde_json::Map::new();
+        if let Some(t) = &self.bos_token {
+            tc.insert("bos_token".into(), Value::String(t.clone()));
+        }
+        if let Some(t) = &self.eos_token {
+            tc.insert("eos_token".into(), Value::String(t.clone()));
+        }
+        if let Some(t) = self.pad_token_id.and_then(|id| self.inner.id_to_token(id)) {
+            tc.insert("pad_token".into(), Value::String(t));
+        }
+        if let Some(t) = &self.chat_template {
+            tc.insert("chat_template".into(), Value::String(t.clone()));
+        }
+        let text = peft_core::json::to_python_json(&Value::Object(tc));
+        peft_core::checkpoint::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner

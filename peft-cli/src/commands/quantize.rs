@@ -30,6 +30,10 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     peft::quant::checkpoint::save_quantized_folder(model.as_mut(), &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     super::merge::copy_side_files(&model_path, &args.out)?;
+    if peft::models::gguf::is_gguf(&model_path) {
+        // The GGUF embeds its tokenizer; the folder gets it as tokenizer.json.
+        peft::models::TextTokenizer::for_model(&model_path)?.save_folder(&args.out)?;
+    }
     let size = std::fs::metadata(args.out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
