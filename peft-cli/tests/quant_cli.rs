@@ -4,47 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-use candle_core::{DType, Device};
-use peft::models::tokenizer::byte_tokenizer;
-use peft::models::{LlamaConfig, LlamaModel};
-
-fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(args)
-        .output()
-        .expect("run peft")
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn fails(o: &Output) -> String {
-    assert!(!o.status.success(), "expected a failure");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn model_folder(dir: &Path, hidden: usize) {
-    let mut cfg = LlamaConfig::tiny(260, hidden, 2, 4, 2, 2 * hidden);
-    cfg.initializer_range = 0.2;
-    let model = LlamaModel::random(cfg, 3, DType::F32, &Device::Cpu).unwrap();
-    peft::checkpoint::save_model_folder(&model, dir).unwrap();
-    let tok = byte_tokenizer(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
-    let tc = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-}
+use common::{fails, model_folder, ok, peft};
 
 fn data(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("data.jsonl");
@@ -65,7 +29,7 @@ fn loss(json: &str) -> f64 {
 fn quantize_then_qlora_train_eval_generate_merge() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    model_folder(&model, 64);
+    model_folder(&model, 64, 128);
     let d = data(tmp.path());
     let q = tmp.path().join("nf4");
     let (m, d, qs) = (
@@ -118,7 +82,7 @@ fn quantize_then_qlora_train_eval_generate_merge() {
 fn unsupported_shapes_and_schemes_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    model_folder(&model, 32);
+    model_folder(&model, 32, 64);
     let d = data(tmp.path());
     let (m, d) = (model.to_str().unwrap(), d.to_str().unwrap());
     let err = fails(&peft(&["eval", "--model", m, "--quant", "nf4", "--data", d]));

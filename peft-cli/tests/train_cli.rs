@@ -4,47 +4,17 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-use candle_core::{DType, Device};
-use peft::models::tokenizer::byte_tokenizer;
-use peft::models::{LlamaConfig, LlamaModel};
+use std::process::Command;
 
-fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(args)
-        .output()
-        .expect("run peft")
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn model_folder(dir: &Path) {
-    let mut cfg = LlamaConfig::tiny(260, 32, 2, 4, 2, 48);
-    cfg.initializer_range = 0.2;
-    let model = LlamaModel::random(cfg, 3, DType::F32, &Device::Cpu).unwrap();
-    peft::checkpoint::save_model_folder(&model, dir).unwrap();
-    let tok = byte_tokenizer(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
-    let tc = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-}
+use common::{model_folder, ok, peft};
 
 #[test]
 fn train_resume_eval_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    model_folder(&model);
+    model_folder(&model, 32, 48);
     let data = tmp.path().join("data.jsonl");
     let lines: String = (0..24)
         .map(|i| {

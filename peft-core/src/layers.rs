@@ -88,6 +88,22 @@ pub fn linear_forward(
     y.reshape(out_dims)
 }
 
+/// The f32 values of a contiguous CPU tensor as a custom op sees them (`op` names the op in
+/// errors).
+pub fn cpu_f32_slice<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 values");
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
 /// A plain dense linear layer holding frozen tensors.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
@@ -182,13 +198,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::{CpuStorage, Storage};
-        let CpuStorage::F32(xs) = storage else {
-            candle_core::bail!("frozen-linear: expected f32 input");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-linear: expected a contiguous input");
-        };
-        let x = &xs[a..b];
+        let x = cpu_f32_slice(storage, layout, "frozen-linear")?;
         let (w_guard, w_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(CpuStorage::F32(ws)) = &*w_guard else {
             candle_core::bail!("frozen-linear: expected an f32 CPU weight");

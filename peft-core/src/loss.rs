@@ -75,23 +75,13 @@ struct FusedCrossEntropy {
     count: usize,
 }
 
-fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op}: expected f32 logits");
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: logits must be contiguous"),
-    }
-}
-
 impl CustomOp1 for FusedCrossEntropy {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_rows(storage, layout, self.name())?;
+        let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
         let n = self.targets.len();
         let v = x.len().checked_div(n).unwrap_or(0);
         let total: f64 = x
@@ -130,7 +120,7 @@ impl CustomOp1 for FusedCrossEntropyGrad {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_rows(storage, layout, self.name())?;
+        let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
         let n = self.targets.len();
         let v = x.len().checked_div(n).unwrap_or(0);
         let mut out = vec![0f32; x.len()];

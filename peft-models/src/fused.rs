@@ -8,16 +8,6 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use peft_core::Result;
 use rayon::prelude::*;
 
-fn rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op}: expected f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous tensor"),
-    }
-}
-
 fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
 }
@@ -38,7 +28,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = rows(s, l, self.name())?;
+        let x = peft_core::layers::cpu_f32_slice(s, l, self.name())?;
         let d = last_dim(l);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
@@ -81,7 +71,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, g) = (rows(s1, l1, self.name())?, rows(s2, l2, self.name())?);
+        let (y, g) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
         let d = last_dim(l1);
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(d)
@@ -127,7 +117,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (rows(s1, l1, self.name())?, rows(s2, l2, self.name())?);
+        let (x, w) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
         let d = last_dim(l1);
         if w.len() != d {
             candle_core::bail!("{}: weight of {} for rows of {d}", self.name(), w.len());
@@ -248,7 +238,7 @@ impl CustomOp2 for Bmm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (rows(s1, l1, self.name())?, rows(s2, l2, self.name())?);
+        let (a, b) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
         let (batches, m, k, n) = self.dims(l1, l2)?;
         let mut out = vec![0f32; batches * m * n];
         // Strides of op(a) [m, k] and op(b) [k, n] inside one batch.
