@@ -30,16 +30,7 @@ fn f32_model() -> Box<dyn AdaptableModel> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    peft_quant::merge::max_abs_diff(a, b).unwrap()
 }
 
 fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {

@@ -44,16 +44,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
         .position(|a| a == name)
@@ -90,7 +80,7 @@ fn train(steps: usize, warmup: usize) -> String {
         "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}}}",
         rayon_threads(),
         (batch * len) as f64 / step_s,
-        peak_rss_mb(),
+        peft::alloc::peak_rss_mb().unwrap_or(0.0),
         losses[0],
         losses[losses.len() - 1]
     )
@@ -125,20 +115,11 @@ fn infer(runs: usize) -> String {
     model.merge_adapter().unwrap();
     let merged = time(&model);
     let after = model.forward(&x).unwrap();
-    let diff: f32 = (before - after)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = peft::quant::merge::max_abs_diff(&before, &after).unwrap();
     format!(
         "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
         rayon_threads(),
-        peak_rss_mb()
+        peft::alloc::peak_rss_mb().unwrap_or(0.0)
     )
 }
 

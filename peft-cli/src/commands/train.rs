@@ -358,7 +358,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .unwrap_or_default()
     );
     println!("adapter written to {}", args.out.display());
-    if let Some(mb) = super::peak_rss_mb() {
+    if let Some(mb) = peft::alloc::peak_rss_mb() {
         println!("peak resident memory {mb:.0} MB");
     }
     Ok(())
