@@ -11,6 +11,7 @@
 
 pub mod bert;
 pub mod fused;
+pub mod fused_attn;
 pub mod gguf;
 pub mod gpt2;
 pub mod init;

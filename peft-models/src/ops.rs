@@ -96,6 +96,27 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
+/// A linear layer's output `x [B, T, heads * D]` as rotated heads `[B, heads, T, D]` (one
+/// fused op on the CPU in f32).
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::fused_attn::rope_heads(x, heads, cos, sin)? {
+        return Ok(y);
+    }
+    let (b, t, hd) = x.dims3()?;
+    let x = x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?;
+    apply_rotary(&x, cos, sin)
+}
+
+/// `act(gate) * up`, the gated MLP (one fused op for SiLU on the CPU in f32).
+pub fn gated(act: &str, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if matches!(act, "silu" | "swish") {
+        if let Some(y) = crate::fused_attn::swiglu(gate, up)? {
+            return Ok(y);
+        }
+    }
+    Ok((activation(act, gate)? * up)?)
+}
+
 /// An attention mask ready to add to scores.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
@@ -201,7 +222,10 @@ pub fn cache_kv(
     Ok((k, v))
 }
 
-/// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, H, S, D]`, softmax in f32.
+/// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, KV, S, D]` (`H` a
+/// multiple of `KV`: grouped-query heads), softmax in f32. On the CPU in f32 one fused op
+/// (see [`crate::fused_attn`]) whose result is a `[B, H, T, D]` view of a `[B, T, H, D]`
+/// buffer.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -209,6 +233,16 @@ pub fn attention(
     scale: f64,
     mask: Option<&AttentionMask>,
 ) -> Result<Tensor> {
+    if let Some(out) = crate::fused_attn::attention(q, k, v, scale, mask)? {
+        return Ok(out);
+    }
+    let (h, kv) = (q.dim(1)?, k.dim(1)?);
+    let (k, v) = if kv != 0 && h != kv && h % kv == 0 {
+        (repeat_kv(k, h / kv)?, repeat_kv(v, h / kv)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let (k, v) = (&k, &v);
     let dtype = q.dtype();
     let scores = (crate::fused::batched_matmul_nt(q, k)? * scale)?.to_dtype(DType::F32)?;
     let scores = match mask {

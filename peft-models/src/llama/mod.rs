@@ -241,32 +241,23 @@ impl LlamaModel {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = layer.attn[0]
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = layer.attn[1]
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        let q = ops::rope_heads(&layer.attn[0].forward(x)?, nh, cos, sin)?;
+        let k = ops::rope_heads(&layer.attn[1].forward(x)?, nkv, cos, sin)?;
         let v = layer.attn[2]
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
-        let q = ops::apply_rotary(&q, cos, sin)?;
-        let k = ops::apply_rotary(&k, cos, sin)?;
         let (k, v) = ops::cache_kv(k, v, layer_idx, cache)?;
-        let k = ops::repeat_kv(&k, nh / nkv)?;
-        let v = ops::repeat_kv(&v, nh / nkv)?;
+        // Grouped key/value heads are mapped onto query heads inside the attention.
         let out = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.attn[3].forward(&out)
     }
 
     fn mlp(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-        let gate = ops::activation(&self.cfg.hidden_act, &layer.mlp[0].forward(x)?)?;
+        let gate = layer.mlp[0].forward(x)?;
         let up = layer.mlp[1].forward(x)?;
-        layer.mlp[2].forward(&(gate * up)?)
+        layer.mlp[2].forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
     }
 
     /// Runs the decoder stack and returns the final hidden states `[B, T, hidden]`.

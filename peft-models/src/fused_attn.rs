@@ -1,0 +1,603 @@
+//! Fused CPU attention, rotary embedding and SwiGLU, each one op with its own backward.
+//!
+//! - [`attention`]: `softmax(q k^T * scale + mask) v` per head in one pass. It reads `q`, `k`,
+//!   `v` in place through their strides (the `[B, T, H, D] -> [B, H, T, D]` transposes are never
+//!   copied), maps query heads onto grouped key/value heads itself (no `repeat_kv` copies),
+//!   and writes its output already in `[B, T, H, D]` order, so the output projection reads it
+//!   without a copy. It keeps only each row's log-sum-exp for the backward, which recomputes the
+//!   probabilities one head at a time: the op chain it replaces kept four `[B, H, T, S]`
+//!   tensors per layer alive until the backward (scores, scaled, masked, probabilities).
+//! - [`rope_heads`]: the rotation of a linear layer's `[B, T, H * D]` output into `[B, H, T, D]`
+//!   heads in one pass (the chain: a transpose copy, two narrows, a negation, a concatenation,
+//!   two broadcast products and a sum, each a tensor kept for the backward).
+//! - [`swiglu`]: `silu(gate) * up` in one pass, keeping only its two inputs.
+//!
+//! Other devices and dtypes, and masks that carry gradients, use the op chains in `ops`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use peft_core::Result;
+use rayon::prelude::*;
+
+use crate::ops::AttentionMask;
+
+/// A raw pointer shared by threads that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every user writes a region no other thread touches (documented at each use).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A view of a locked tensor's CPU storage.
+fn locked_view<'a>(g: &'a (candle_core::StorageRef<'_>, &Layout), what: &str) -> candle_core::Result<View4<'a>> {
+    match &*g.0 {
+        Storage::Cpu(c) => View4::new(c, g.1, what),
+        _ => candle_core::bail!("fused-attention: {what} should be on the CPU"),
+    }
+}
+
+/// A 4-D f32 operand read in place: its whole storage, start offset and element strides.
+#[derive(Clone, Copy)]
+struct View4<'a> {
+    data: &'a [f32],
+    start: usize,
+    st: [usize; 4],
+    dims: [usize; 4],
+}
+
+impl<'a> View4<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fused-attention: {what} should be f32");
+        };
+        let (d, s) = (layout.shape().dims(), layout.stride());
+        if d.len() != 4 {
+            candle_core::bail!("fused-attention: {what} should be 4-D, found {d:?}");
+        }
+        let view = View4 {
+            data,
+            start: layout.start_offset(),
+            st: [s[0], s[1], s[2], s[3]],
+            dims: [d[0], d[1], d[2], d[3]],
+        };
+        // The furthest element must lie inside the storage.
+        let last: usize = view.start + (0..4).map(|i| (d[i].max(1) - 1) * view.st[i]).sum::<usize>();
+        if d.iter().all(|&x| x > 0) && last >= data.len() {
+            candle_core::bail!("fused-attention: {what} strides run past its storage");
+        }
+        Ok(view)
+    }
+
+    /// Pointer to element `[i0, i1, 0, 0]`.
+    fn at(&self, i0: usize, i1: usize) -> *const f32 {
+        let off = self.start + i0 * self.st[0] + i1 * self.st[1];
+        // SAFETY: in bounds for valid indices (checked against the storage in `new`).
+        unsafe { self.data.as_ptr().add(off) }
+    }
+
+    fn get(&self, i: [usize; 4]) -> f32 {
+        self.data[self.start + i[0] * self.st[0] + i[1] * self.st[1] + i[2] * self.st[2] + i[3] * self.st[3]]
+    }
+}
+
+/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` on one thread; every matrix given by a pointer
+/// and (row, column) strides.
+///
+/// # Safety
+/// The pointers and strides must address valid `m x k`, `k x n` and `m x n` regions, and no
+/// other thread may write `dst`'s region meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm1(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (l_rs, l_cs): (usize, usize),
+    rhs: *const f32,
+    (r_rs, r_cs): (usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+        m, n, k,
+        dst, 1, dst_rs as isize, accumulate,
+        lhs, l_cs as isize, l_rs as isize,
+        rhs, r_cs as isize, r_rs as isize,
+        1.0, alpha, false, false, false,
+        gemm::Parallelism::None,
+        );
+    }
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, KV, S, D]` (`H` a multiple
+/// of `KV`: grouped-query heads), softmax in f32, rows that may attend to nothing zeroed as
+/// torch's SDPA does. Returns `[B, H, T, D]` (on the CPU a transposed view of a `[B, T, H, D]`
+/// buffer, so `.transpose(1, 2)` then a reshape costs nothing).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&AttentionMask>) -> Result<Option<Tensor>> {
+    let mask_ok = mask.is_none_or(|m| {
+        cpu_f32(&m.additive)
+            && !m.additive.track_op()
+            && m.row_valid.as_ref().is_none_or(|r| cpu_f32(r) && !r.track_op())
+    });
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && mask_ok) || q.rank() != 4 {
+        return Ok(None);
+    }
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, kv, s, kd) = k.dims4()?;
+    if kb != b || kd != d || kv == 0 || h % kv != 0 || v.dims() != [b, kv, s, d] {
+        return Ok(None);
+    }
+    let additive = match mask {
+        Some(m) => match m.additive.broadcast_as((b, h, t, s)) {
+            Ok(a) => Some(a),
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    let row_valid = match mask.and_then(|m| m.row_valid.as_ref()) {
+        Some(r) => match r.broadcast_as((b, h, t, 1)) {
+            Ok(r) => Some(r),
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    let op = FusedAttention {
+        scale: scale as f32,
+        additive,
+        row_valid,
+        lse: Mutex::new(None),
+    };
+    Ok(Some(q.apply_op3(k, v, op)?.transpose(1, 2)?))
+}
+
+struct FusedAttention {
+    scale: f32,
+    /// The additive mask broadcast to `[B, H, T, S]` (stride 0 where it broadcasts).
+    additive: Option<Tensor>,
+    /// `[B, H, T, 1]`: 0 for rows that attend to nothing.
+    row_valid: Option<Tensor>,
+    /// Each row's log-sum-exp `[B, H, T]` from the forward, for the backward.
+    lse: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+/// The mask and row-validity values as plain views (held storage guards).
+struct MaskViews<'a> {
+    additive: Option<View4<'a>>,
+    valid: Option<View4<'a>>,
+}
+
+impl FusedAttention {
+    fn with_masks<R>(&self, f: impl FnOnce(&MaskViews<'_>) -> candle_core::Result<R>) -> candle_core::Result<R> {
+        let ga = self.additive.as_ref().map(|a| a.storage_and_layout());
+        let gv = self.row_valid.as_ref().map(|r| r.storage_and_layout());
+        let views = MaskViews {
+            additive: ga.as_ref().map(|g| locked_view(g, "the mask")).transpose()?,
+            valid: gv.as_ref().map(|g| locked_view(g, "the row mask")).transpose()?,
+        };
+        f(&views)
+    }
+
+    /// Fills `p [T, S]` with row `(bi, hi)`'s scaled, masked scores `q k^T * scale + mask`.
+    fn scores(&self, q: &View4<'_>, k: &View4<'_>, masks: &MaskViews<'_>, bi: usize, hi: usize, p: &mut [f32]) {
+        let [_, h, t, d] = q.dims;
+        let [_, kv, s, _] = k.dims;
+        let kh = hi / (h / kv);
+        // SAFETY: q's [T, D] block of head hi, k's [S, D] block of head kh and p's [T, S].
+        unsafe {
+            gemm1(t, s, d, p.as_mut_ptr(), s, false, q.at(bi, hi), (q.st[2], q.st[3]), k.at(bi, kh), (k.st[3], k.st[2]), 1.0);
+        }
+        for (ti, row) in p.chunks_mut(s.max(1)).enumerate() {
+            match &masks.additive {
+                Some(m) => {
+                    for (si, x) in row.iter_mut().enumerate() {
+                        *x = *x * self.scale + m.get([bi, hi, ti, si]);
+                    }
+                }
+                None => row.iter_mut().for_each(|x| *x *= self.scale),
+            }
+        }
+    }
+
+    fn row_is_valid(masks: &MaskViews<'_>, bi: usize, hi: usize, ti: usize) -> bool {
+        masks.valid.as_ref().is_none_or(|v| v.get([bi, hi, ti, 0]) != 0.0)
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (View4::new(s1, l1, "q")?, View4::new(s2, l2, "k")?, View4::new(s3, l3, "v")?);
+        let [b, h, t, d] = q.dims;
+        let s = k.dims[2];
+        let kv = k.dims[1];
+        let mut out = vec![0f32; b * t * h * d];
+        let mut lse = vec![0f32; b * h * t];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        self.with_masks(|masks| {
+            lse.par_chunks_mut(t.max(1)).enumerate().for_each(|(bh, lse_rows)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kh = hi / (h / kv);
+                let mut p = vec![0f32; t * s];
+                self.scores(&q, &k, masks, bi, hi, &mut p);
+                for (ti, (row, l)) in p.chunks_mut(s.max(1)).zip(lse_rows.iter_mut()).enumerate() {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    *l = max + sum.ln();
+                    let inv = if Self::row_is_valid(masks, bi, hi, ti) { 1.0 / sum } else { 0.0 };
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                // SAFETY: head hi of batch bi writes out[bi, :, hi, :] only (rows of stride
+                // H * D), disjoint from every other (bi, hi); v's [S, D] block of head kh.
+                unsafe {
+                    let dst = out_ptr.get().add(bi * t * h * d + hi * d);
+                    gemm1(t, d, s, dst, h * d, false, p.as_ptr(), (s, 1), v.at(bi, kh), (v.st[2], v.st[3]), 1.0);
+                }
+            });
+            Ok(())
+        })?;
+        *self.lse.lock().map_err(|_| candle_core::Error::Msg("fused-attention: poisoned lock".into()))? = Some(Arc::new(lse));
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
+    }
+
+    fn bwd(
+        &self,
+        q_t: &Tensor,
+        k_t: &Tensor,
+        v_t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused-attention: poisoned lock".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("fused-attention: backward before forward".into()))?;
+        let grad = grad.contiguous()?;
+        let (gq, gk, gv, gg) = (q_t.storage_and_layout(), k_t.storage_and_layout(), v_t.storage_and_layout(), grad.storage_and_layout());
+        let (q, k, v, go) = (
+            locked_view(&gq, "q")?,
+            locked_view(&gk, "k")?,
+            locked_view(&gv, "v")?,
+            locked_view(&gg, "the output gradient")?,
+        );
+        let [b, h, t, d] = q.dims;
+        let [_, kv, s, _] = k.dims;
+        let rep = h / kv;
+        let mut dq = vec![0f32; b * h * t * d];
+        let mut dk = vec![0f32; b * kv * s * d];
+        let mut dv = vec![0f32; b * kv * s * d];
+        self.with_masks(|masks| {
+            dq.par_chunks_mut((rep * t * d).max(1))
+                .zip(dk.par_chunks_mut((s * d).max(1)).zip(dv.par_chunks_mut((s * d).max(1))))
+                .enumerate()
+                .for_each(|(bk, (dq_g, (dk_g, dv_g)))| {
+                    let (bi, kh) = (bk / kv, bk % kv);
+                    let mut p = vec![0f32; t * s];
+                    let mut dp = vec![0f32; t * s];
+                    for r in 0..rep {
+                        let hi = kh * rep + r;
+                        self.scores(&q, &k, masks, bi, hi, &mut p);
+                        let lse_rows = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                        for (ti, row) in p.chunks_mut(s.max(1)).enumerate() {
+                            if Self::row_is_valid(masks, bi, hi, ti) {
+                                let l = lse_rows[ti];
+                                row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                            } else {
+                                row.fill(0.0);
+                            }
+                        }
+                        // go[bi, :, hi, :] is [T, D] with row stride H * D.
+                        let go_h = go.at(bi, 0).wrapping_add(hi * d);
+                        // SAFETY: each call reads blocks of q/k/v/go/p/dp within their extents
+                        // and writes this task's own dq/dk/dv chunks or local buffers.
+                        unsafe {
+                            // dV += P^T dO
+                            gemm1(s, d, t, dv_g.as_mut_ptr(), d, true, p.as_ptr(), (1, s), go_h, (h * d, 1), 1.0);
+                            // dP = dO V^T
+                            gemm1(t, s, d, dp.as_mut_ptr(), s, false, go_h, (h * d, 1), v.at(bi, kh), (v.st[3], v.st[2]), 1.0);
+                        }
+                        for (pr, dr) in p.chunks(s.max(1)).zip(dp.chunks_mut(s.max(1))) {
+                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                            for (x, &pi) in dr.iter_mut().zip(pr) {
+                                *x = pi * (*x - dot) * self.scale;
+                            }
+                        }
+                        // SAFETY: as above; dq_g holds this group's heads [rep, T, D].
+                        unsafe {
+                            // dQ = dS K
+                            gemm1(t, d, s, dq_g.as_mut_ptr().add(r * t * d), d, false, dp.as_ptr(), (s, 1), k.at(bi, kh), (k.st[2], k.st[3]), 1.0);
+                            // dK += dS^T Q
+                            gemm1(s, d, t, dk_g.as_mut_ptr(), d, true, dp.as_ptr(), (1, s), q.at(bi, hi), (q.st[2], q.st[3]), 1.0);
+                        }
+                    }
+                });
+            Ok(())
+        })?;
+        let dev = q_t.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, h, t, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, kv, s, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, kv, s, d), dev)?),
+        ))
+    }
+}
+
+/// Rotary embedding of a linear layer's output `x [B, T, H * D]` into heads `[B, H, T, D]`:
+/// `x * cos + rotate_half(x) * sin`, with `cos`, `sin` `[B, 1, T, D]` (or broadcastable to it).
+/// `None` where the fused op does not apply.
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && cpu_f32(cos) && cpu_f32(sin)) || x.rank() != 3 || heads == 0 {
+        return Ok(None);
+    }
+    let (b, t, hd) = x.dims3()?;
+    let d = hd / heads;
+    if d * heads != hd || d % 2 != 0 || cos.track_op() || sin.track_op() {
+        return Ok(None);
+    }
+    let (Ok(c), Ok(s)) = (cos.broadcast_as((b, 1, t, d)), sin.broadcast_as((b, 1, t, d))) else {
+        return Ok(None);
+    };
+    let op = Rope {
+        heads,
+        cos: Arc::new(c.contiguous()?.flatten_all()?.to_vec1()?),
+        sin: Arc::new(s.contiguous()?.flatten_all()?.to_vec1()?),
+        backward: false,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// Forward: `[B, T, H * D] -> [B, H, T, D]` rotated; backward (`backward: true`): the
+/// transposed map `[B, H, T, D] -> [B, T, H * D]`.
+struct Rope {
+    heads: usize,
+    /// `[B, T, D]`
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    backward: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = peft_core::layers::cpu_f32_slice(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        let h = self.heads;
+        let (b, t, d) = if self.backward {
+            (dims[0], dims[2], dims[3])
+        } else {
+            (dims[0], dims[1], dims[2] / h)
+        };
+        let half = d / 2;
+        if self.cos.len() != b * t * d {
+            candle_core::bail!("fused-rope: tables of {} values for {b} x {t} x {d}", self.cos.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        if !self.backward {
+            // Output chunk (bi, hi) is [T, D]; its input rows are x[bi, ti, hi * D ..].
+            out.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(bh, o)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for ti in 0..t {
+                    let xr = &x[(bi * t + ti) * h * d + hi * d..][..d];
+                    let (c, s) = (&self.cos[(bi * t + ti) * d..][..d], &self.sin[(bi * t + ti) * d..][..d]);
+                    let or = &mut o[ti * d..(ti + 1) * d];
+                    for i in 0..half {
+                        or[i] = xr[i] * c[i] + (-xr[i + half]) * s[i];
+                        or[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+                    }
+                }
+            });
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))));
+        }
+        // Gradient row (bi, ti) is [H * D]; its inputs are g[bi, hi, ti, ..] for each head.
+        out.par_chunks_mut((h * d).max(1)).enumerate().for_each(|(bt, o)| {
+            let (bi, ti) = (bt / t, bt % t);
+            let (c, s) = (&self.cos[bt * d..][..d], &self.sin[bt * d..][..d]);
+            for hi in 0..h {
+                let g = &x[((bi * h + hi) * t + ti) * d..][..d];
+                let or = &mut o[hi * d..(hi + 1) * d];
+                for i in 0..half {
+                    or[i] = g[i] * c[i] + g[i + half] * s[i + half];
+                    or[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = Rope {
+            heads: self.heads,
+            cos: Arc::clone(&self.cos),
+            sin: Arc::clone(&self.sin),
+            backward: true,
+        };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// `silu(gate) * up` (LLaMA's gated MLP) in one op; `None` where it does not apply.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if !(cpu_f32(gate) && cpu_f32(up)) || gate.dims() != up.dims() {
+        return Ok(None);
+    }
+    Ok(Some(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?))
+}
+
+struct SwiGlu;
+
+/// candle's `silu`: `x / (1 + exp(-x))`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
+            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+                *oi = silu(gi) * ui;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, go) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?, grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(go.par_chunks(4096)))
+            .for_each(|((dg, du), ((g, u), go))| {
+                for i in 0..g.len() {
+                    let s = 1.0 / (1.0 + (-g[i]).exp());
+                    du[i] = go[i] * g[i] * s;
+                    dg[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(du, up.shape(), up.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    fn grads_agree(fused: &Tensor, chain: &Tensor, vars: &[&Var], tol: f32) {
+        let probe = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
+        let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (chain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("chain grad"));
+            let d = max_diff(a, b);
+            assert!(d < tol, "gradient {i} differs by {d}");
+        }
+    }
+
+    /// The op chain the fused attention replaces (with repeat_kv for grouped heads).
+    fn chain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&AttentionMask>) -> Tensor {
+        let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
+        let (k, v) = (crate::ops::repeat_kv(k, rep).unwrap(), crate::ops::repeat_kv(v, rep).unwrap());
+        let scores = (q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m.additive).unwrap(),
+            None => scores,
+        };
+        let mut p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        if let Some(valid) = mask.and_then(|m| m.row_valid.as_ref()) {
+            p = p.broadcast_mul(valid).unwrap();
+        }
+        p.matmul(&v.contiguous().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fused_attention_equals_the_chain_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, t, d) = (2, 6, 2, 7, 8);
+        // q read through a transpose, as the model hands it over.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, kv, d), &dev)?)?;
+        let qh = q.as_tensor().transpose(1, 2)?;
+        let vh = v.as_tensor().transpose(1, 2)?;
+        // Left padding on the second row: its first two queries attend to nothing.
+        let pad = Tensor::new(&[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]], &dev)?;
+        let with_pad = crate::ops::causal_mask(Some(&pad), b, t, 0, None, &dev)?;
+        let window = crate::ops::causal_mask(None, b, t, 0, Some(3), &dev)?;
+        // A per-head additive bias (T5's position bias) broadcast over the batch.
+        let bias = AttentionMask {
+            additive: Tensor::randn(0f32, 1.0, (1, h, t, t), &dev)?,
+            row_valid: None,
+        };
+        for mask in [None, with_pad.as_ref(), window.as_ref(), Some(&bias)] {
+            let fused = attention(&qh, k.as_tensor(), &vh, 0.3, mask)?.expect("fused path");
+            let chain = chain_attention(&qh, k.as_tensor(), &vh, 0.3, mask);
+            assert!(max_diff(&fused, &chain) < 1e-5, "outputs differ by {}", max_diff(&fused, &chain));
+            grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
+        }
+        // Decoding: one query over five cached positions, no mask.
+        let q1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev)?)?;
+        let k5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
+        let v5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
+        let fused = attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None)?.expect("fused path");
+        let chain = chain_attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None);
+        assert!(max_diff(&fused, &chain) < 1e-5);
+        grads_agree(&fused, &chain, &[&q1, &k5, &v5], 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rope_and_swiglu_equal_the_chains_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h * d), &dev)?)?;
+        let rot = crate::ops::Rotary::new(vec![1.0, 0.3, 0.05, 0.01], 1.3, &dev)?;
+        let pos = Tensor::new(&[[0u32, 1, 2, 3, 4], [7, 8, 9, 10, 11]], &dev)?;
+        let (cos, sin) = rot.cos_sin(&pos, DType::F32)?;
+        let fused = rope_heads(x.as_tensor(), h, &cos, &sin)?.expect("fused path");
+        let heads = x.as_tensor().reshape((b, t, h, d))?.transpose(1, 2)?;
+        let chain = crate::ops::apply_rotary(&heads, &cos, &sin)?;
+        assert!(max_diff(&fused, &chain) == 0.0, "rope differs by {}", max_diff(&fused, &chain));
+        grads_agree(&fused, &chain, &[&x], 1e-5);
+
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 7, 33), &dev)?)?;
+        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7, 33), &dev)?)?;
+        let fused = swiglu(gate.as_tensor(), up.as_tensor())?.expect("fused path");
+        let chain = (gate.as_tensor().silu()? * up.as_tensor())?;
+        assert!(max_diff(&fused, &chain) < 1e-6);
+        grads_agree(&fused, &chain, &[&gate, &up], 1e-5);
+        Ok(())
+    }
+}
