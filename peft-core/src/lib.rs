@@ -38,6 +38,7 @@ pub mod prompt;
 pub mod prompt_config;
 pub mod registry;
 pub mod saved_modules;
+pub mod vmath;
 pub mod targets;
 pub mod training;
 pub mod vars;

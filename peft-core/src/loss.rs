@@ -62,10 +62,12 @@ fn cross_entropy_chain(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usi
     Ok((loss, count))
 }
 
-/// Row maximum and `sum(exp(x - max))` of one row of logits.
-fn row_max_sum(row: &[f32]) -> (f32, f32) {
+/// Row maximum and `sum(exp(x - max))` of one row of logits (`scratch` takes the exps).
+fn row_max_sum(row: &[f32], scratch: &mut Vec<f32>) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>();
+    scratch.clear();
+    scratch.extend_from_slice(row);
+    let sum = crate::vmath::exp_shifted_sum(scratch, max);
     (max, sum)
 }
 
@@ -88,8 +90,8 @@ impl CustomOp1 for FusedCrossEntropy {
             .par_chunks(v.max(1))
             .zip(self.targets.par_iter())
             .filter(|(_, &t)| t != IGNORE_INDEX)
-            .map(|(row, &t)| {
-                let (max, sum) = row_max_sum(row);
+            .map_init(Vec::new, |scratch, (row, &t)| {
+                let (max, sum) = row_max_sum(row, scratch);
                 f64::from(max + sum.ln() - row[t as usize])
             })
             .sum();
@@ -131,11 +133,11 @@ impl CustomOp1 for FusedCrossEntropyGrad {
                 if t == IGNORE_INDEX {
                     return;
                 }
-                let (max, sum) = row_max_sum(row);
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                g.copy_from_slice(row);
+                let sum = crate::vmath::exp_shifted_sum(g, max);
                 let k = self.scale / sum;
-                for (o, &xi) in g.iter_mut().zip(row) {
-                    *o = (xi - max).exp() * k;
-                }
+                g.iter_mut().for_each(|o| *o *= k);
                 g[t as usize] -= self.scale;
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))

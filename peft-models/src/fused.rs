@@ -38,11 +38,8 @@ impl CustomOp1 for Softmax {
                 // of NaN only where every entry is -inf (callers zero such rows anyway).
                 return;
             }
-            let mut sum = 0f32;
-            for (oi, &v) in o.iter_mut().zip(r) {
-                *oi = (v - max).exp();
-                sum += *oi;
-            }
+            o.copy_from_slice(r);
+            let sum = peft_core::vmath::exp_shifted_sum(o, max);
             let inv = 1.0 / sum;
             for oi in o.iter_mut() {
                 *oi *= inv;

@@ -252,11 +252,7 @@ impl CustomOp3 for FusedAttention {
                 self.scores(&q, &k, masks, bi, hi, &mut p);
                 for (ti, (row, l)) in p.chunks_mut(s.max(1)).zip(lse_rows.iter_mut()).enumerate() {
                     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
+                    let sum = peft_core::vmath::exp_shifted_sum(row, max);
                     *l = max + sum.ln();
                     let inv = if Self::row_is_valid(masks, bi, hi, ti) { 1.0 / sum } else { 0.0 };
                     row.iter_mut().for_each(|x| *x *= inv);
@@ -316,8 +312,7 @@ impl CustomOp3 for FusedAttention {
                         let lse_rows = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
                         for (ti, row) in p.chunks_mut(s.max(1)).enumerate() {
                             if Self::row_is_valid(masks, bi, hi, ti) {
-                                let l = lse_rows[ti];
-                                row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                                peft_core::vmath::exp_shifted_sum(row, lse_rows[ti]);
                             } else {
                                 row.fill(0.0);
                             }
@@ -464,11 +459,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 
 struct SwiGlu;
 
-/// candle's `silu`: `x / (1 + exp(-x))`.
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -478,8 +468,9 @@ impl CustomOp2 for SwiGlu {
         let (g, u) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
-            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
-                *oi = silu(gi) * ui;
+            peft_core::vmath::silu_into(g, o, None);
+            for (oi, &ui) in o.iter_mut().zip(u) {
+                *oi *= ui;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -493,10 +484,12 @@ impl CustomOp2 for SwiGlu {
             .zip(du.par_chunks_mut(4096))
             .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(go.par_chunks(4096)))
             .for_each(|((dg, du), ((g, u), go))| {
+                // du = go * silu(g); dg = go * u * s * (1 + g (1 - s)), s = sigmoid(g).
+                peft_core::vmath::silu_into(g, du, Some(&mut *dg));
                 for i in 0..g.len() {
-                    let s = 1.0 / (1.0 + (-g[i]).exp());
-                    du[i] = go[i] * g[i] * s;
+                    let s = dg[i];
                     dg[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] *= go[i];
                 }
             });
         Ok((
