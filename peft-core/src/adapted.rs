@@ -317,6 +317,13 @@ impl SlotKind for EmbeddingKind {
 impl LinearLike for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (base, running) = self.plan();
+        if let [only] = running.as_slice() {
+            if only.adapt_input(x)?.is_none() {
+                if let Some(y) = only.fused_forward(base, x, self.state.training())? {
+                    return Ok(crate::grad::maybe_detach(y));
+                }
+            }
+        }
         let mut input = x.clone();
         for adapter in &running {
             if let Some(changed) = adapter.adapt_input(&input)? {

@@ -104,6 +104,58 @@ pub fn cpu_f32_slice<'a>(
     }
 }
 
+/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` in f32 with the `gemm` crate; `dst` has row
+/// stride `dst_rs` (columns contiguous), `lhs` and `rhs` are given by (row, column) strides.
+/// `parallel` spreads one product over rayon's threads (else it runs on the calling thread).
+///
+/// # Safety
+/// The pointers and strides must address valid `m x k`, `k x n` and `m x n` regions, and no
+/// other thread may write `dst`'s region meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (l_rs, l_cs): (usize, usize),
+    rhs: *const f32,
+    (r_rs, r_cs): (usize, usize),
+    alpha: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst, 1, dst_rs as isize, accumulate,
+            lhs, l_cs as isize, l_rs as isize,
+            rhs, r_cs as isize, r_rs as isize,
+            1.0, alpha, false, false, false,
+            parallelism,
+        );
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor outside a custom op (its storage stays locked
+/// while `f` runs).
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*guard else {
+        candle_core::bail!("{what}: expected a CPU tensor");
+    };
+    f(cpu_f32_slice(cpu, layout, what)?)
+}
+
 /// A plain dense linear layer holding frozen tensors.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
@@ -221,27 +273,12 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         // forward, [in, out] storage: op(W)[kk, j] = W[kk, j] -> rs d1, cs 1.
         // input grad flips both.
         let plain = self.transposed != self.input_grad;
-        let (rs, cs) = if plain { (d1 as isize, 1) } else { (1, d1 as isize) };
+        let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
         let mut y = vec![0f32; m * n];
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        if m > 0 && n > 0 {
-            // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
-            // [k, n] view of the d0 x d1 weight within its extent.
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    y.as_mut_ptr(), 1, n as isize, false,
-                    x.as_ptr(), 1, k as isize,
-                    w.as_ptr(), cs, rs,
-                    0.0, 1.0, false, false, false,
-                    parallelism,
-                );
-            }
+        // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
+        // [k, n] view of the d0 x d1 weight within its extent.
+        unsafe {
+            gemm_f32((m, n, k), y.as_mut_ptr(), n, false, x.as_ptr(), (k, 1), w.as_ptr(), (rs, cs), 1.0, true);
         }
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
@@ -258,6 +295,156 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             input_grad: true,
         };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// `x W^T (+ bias) + scale * (x A^T) B^T` in one op on the CPU in f32: a frozen dense layer
+/// plus a low-rank update (LoRA) with `A` `[r, in]` and `B` `[out, r]`, for a dense layer whose
+/// weight is `[out, in]` (or `[in, out]` when `transposed`). The update is accumulated into the
+/// base product's buffer, and the backward writes the input gradient of both paths into one
+/// buffer (and skips it when the input needs none); the op chain kept four more tensors per
+/// layer and added them up in separate passes. Gradients reach `A` and `B` (and `x`); the
+/// frozen weight and bias get none. `None` where it does not apply (other devices or dtypes,
+/// a tracked weight or bias, shapes that do not fit).
+pub fn lowrank_linear_forward(
+    x: &Tensor,
+    layer: &DenseLinear,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let weight = &layer.weight;
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(a) && cpu_f32(b))
+        || weight.track_op()
+        || layer.bias.as_ref().is_some_and(|b| !cpu_f32(b) || b.track_op())
+        || a.rank() != 2
+        || b.rank() != 2
+    {
+        return Ok(None);
+    }
+    let (out_f, in_f) = (layer.out_features(), layer.in_features());
+    let (r, a_in) = a.dims2()?;
+    if a_in != in_f || b.dims() != [out_f, r] || x.dims().last() != Some(&in_f) {
+        return Ok(None);
+    }
+    let op = LowRankLinear {
+        weight: weight.contiguous()?,
+        bias: layer.bias.as_ref().map(Tensor::contiguous).transpose()?,
+        transposed: layer.transposed,
+        scale: scale as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
+}
+
+struct LowRankLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    transposed: bool,
+    scale: f32,
+}
+
+impl LowRankLinear {
+    /// (out, in) and the (row, column) strides of `W^T` viewed as `[in, out]`.
+    fn base_view(&self) -> candle_core::Result<(usize, usize, (usize, usize))> {
+        let (d0, d1) = self.weight.dims2()?;
+        Ok(if self.transposed { (d1, d0, (d1, 1)) } else { (d0, d1, (1, d1)) })
+    }
+}
+
+impl candle_core::CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "lowrank-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, a, b) = (cpu_f32_slice(s1, l1, self.name())?, cpu_f32_slice(s2, l2, self.name())?, cpu_f32_slice(s3, l3, self.name())?);
+        let (out_f, in_f, wt) = self.base_view()?;
+        let r = a.len() / in_f.max(1);
+        let m = x.len() / in_f.max(1);
+        let mut y = vec![0f32; m * out_f];
+        let mut h = vec![0f32; m * r];
+        with_f32(&self.weight, self.name(), |w| {
+            let has_bias = match &self.bias {
+                Some(bias) => with_f32(bias, self.name(), |bv| {
+                    y.chunks_mut(out_f.max(1)).for_each(|row| row.copy_from_slice(bv));
+                    Ok(true)
+                })?,
+                None => false,
+            };
+            // SAFETY: x [m, in], A [r, in], B [out, r], W as [in, out] through `wt`; y [m, out]
+            // and h [m, r] are this call's buffers.
+            unsafe {
+                gemm_f32((m, out_f, in_f), y.as_mut_ptr(), out_f, has_bias, x.as_ptr(), (in_f, 1), w.as_ptr(), wt, 1.0, true);
+                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
+                gemm_f32((m, out_f, r), y.as_mut_ptr(), out_f, true, h.as_ptr(), (r, 1), b.as_ptr(), (1, r), 1.0, true);
+            }
+            Ok(())
+        })?;
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("non-empty dims") = out_f;
+        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x_t: &Tensor,
+        a_t: &Tensor,
+        b_t: &Tensor,
+        _y: &Tensor,
+        g_t: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g_t = g_t.contiguous()?;
+        let (out_f, in_f, wt) = self.base_view()?;
+        let r = a_t.dim(0)?;
+        let m = x_t.elem_count() / in_f.max(1);
+        let want_dx = x_t.track_op();
+        let mut gb = vec![0f32; m * r];
+        let mut h = vec![0f32; m * r];
+        let mut dx = vec![0f32; if want_dx { m * in_f } else { 0 }];
+        let mut da = vec![0f32; r * in_f];
+        let mut db = vec![0f32; out_f * r];
+        with_f32(&g_t, self.name(), |g| {
+            with_f32(x_t, self.name(), |x| {
+                with_f32(a_t, self.name(), |a| {
+                    with_f32(b_t, self.name(), |b| {
+                        with_f32(&self.weight, self.name(), |w| {
+                            // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r], W through
+                            // `wt` (transposed back for the input gradient); every destination
+                            // is one of this call's buffers with the stated shape.
+                            unsafe {
+                                // gb = g B
+                                gemm_f32((m, r, out_f), gb.as_mut_ptr(), r, false, g.as_ptr(), (out_f, 1), b.as_ptr(), (r, 1), 1.0, true);
+                                if want_dx {
+                                    // dx = g W + scale * gb A
+                                    gemm_f32((m, in_f, out_f), dx.as_mut_ptr(), in_f, false, g.as_ptr(), (out_f, 1), w.as_ptr(), (wt.1, wt.0), 1.0, true);
+                                    gemm_f32((m, in_f, r), dx.as_mut_ptr(), in_f, true, gb.as_ptr(), (r, 1), a.as_ptr(), (in_f, 1), self.scale, true);
+                                }
+                                // h = scale * x A^T; dB = g^T h; dA = scale * gb^T x
+                                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
+                                gemm_f32((out_f, r, m), db.as_mut_ptr(), r, false, g.as_ptr(), (1, out_f), h.as_ptr(), (r, 1), 1.0, true);
+                                gemm_f32((r, in_f, m), da.as_mut_ptr(), in_f, false, gb.as_ptr(), (1, r), x.as_ptr(), (in_f, 1), self.scale, true);
+                            }
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x_t.device();
+        Ok((
+            if want_dx { Some(Tensor::from_vec(dx, x_t.shape(), dev)?) } else { None },
+            Some(Tensor::from_vec(da, a_t.shape(), dev)?),
+            Some(Tensor::from_vec(db, b_t.shape(), dev)?),
+        ))
     }
 }
 
@@ -397,6 +584,41 @@ mod frozen_tests {
         }
         let tracked = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 12), &dev)?)?;
         assert!(frozen_linear_forward(x.as_tensor(), tracked.as_tensor(), false)?.is_none());
+        Ok(())
+    }
+
+    /// The fused dense + low-rank op equals base-then-LoRA in both weight layouts, with and
+    /// without bias, with the same gradients for the input, A and B; an untracked input gets
+    /// no input gradient computed.
+    #[test]
+    fn lowrank_linear_equals_the_op_chain_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (inp, out, r, scale) = (12, 7, 3, 2.5);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, inp), &dev)?)?;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, inp), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, r), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, out), &dev)?;
+        for (transposed, bias) in [(false, false), (false, true), (true, true)] {
+            let shape = if transposed { (inp, out) } else { (out, inp) };
+            let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            let bias = if bias { Some(Tensor::randn(0f32, 1.0, out, &dev)?) } else { None };
+            let layer = DenseLinear::build(w, bias, transposed)?;
+            let fused = lowrank_linear_forward(x.as_tensor(), &layer, a.as_tensor(), b.as_tensor(), scale)?.expect("applies");
+            let h = (linear_forward(x.as_tensor(), a.as_tensor(), false)? * scale)?;
+            let chain = (layer.forward(x.as_tensor())? + linear_forward(&h, b.as_tensor(), false)?)?;
+            assert!(max_diff(&fused, &chain) < 1e-5, "outputs differ by {}", max_diff(&fused, &chain));
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gc = (chain * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &a, &b] {
+                let d = max_diff(gf.get(v.as_tensor()).expect("grad"), gc.get(v.as_tensor()).expect("grad"));
+                assert!(d < 1e-4, "gradient differs by {d} (transposed {transposed})");
+            }
+        }
+        let frozen_x = x.as_tensor().detach();
+        let layer = DenseLinear::new(Tensor::randn(0f32, 1.0, (out, inp), &dev)?, None)?;
+        let y = lowrank_linear_forward(&frozen_x, &layer, a.as_tensor(), b.as_tensor(), scale)?.expect("applies");
+        let g = y.sum_all()?.backward()?;
+        assert!(g.get(&frozen_x).is_none() && g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
         Ok(())
     }
 }

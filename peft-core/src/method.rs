@@ -28,6 +28,13 @@ pub trait LinearAdapter: Send + Sync + Debug {
     }
     /// Returns the adapted output given the layer's original input `x` and the output so far.
     fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
+    /// The base layer's output and this adapter's in one fused computation, when this adapter
+    /// is the only one running on the layer and can do better than base-then-adapt (LoRA on a
+    /// dense f32 CPU layer); `None` to take the general path. Must equal
+    /// `adapt_output(x, base.forward(x), training)`.
+    fn fused_forward(&self, _base: &dyn LinearLike, _x: &Tensor, _training: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Folds the adapter into an f32 weight laid out `[out, in]` and its bias.
     fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
     /// A layer that replaces the base layer outright while this adapter is active (a

@@ -98,6 +98,11 @@ impl Dropout {
         }
     }
 
+    /// Whether [`Dropout::forward`] returns its input unchanged (not training, or `p` is 0).
+    pub fn is_identity(&self, training: bool) -> bool {
+        !training || self.p <= 0.0
+    }
+
     /// In training, zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`; otherwise returns `x`.
     pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {

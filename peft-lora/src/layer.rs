@@ -4,7 +4,7 @@
 //! initialisations. Nothing here materialises `B @ A` except merging.
 
 use candle_core::{DType, Tensor};
-use peft_core::layers::{embedding_lookup, linear_forward};
+use peft_core::layers::{embedding_lookup, linear_forward, lowrank_linear_forward, DenseLinear, LinearLike};
 use peft_core::nn::Dropout;
 use peft_core::{EmbeddingAdapter, Init, LinearAdapter, ParamBuilder, Result};
 
@@ -91,6 +91,16 @@ impl LinearAdapter for LoraLinear {
             delta.to_dtype(y.dtype())?
         };
         Ok((y + delta)?)
+    }
+
+    fn fused_forward(&self, base: &dyn LinearLike, x: &Tensor, training: bool) -> Result<Option<Tensor>> {
+        let Some(dense) = base.as_any().downcast_ref::<DenseLinear>() else {
+            return Ok(None);
+        };
+        if !self.dropout.is_identity(training) {
+            return Ok(None);
+        }
+        lowrank_linear_forward(x, dense, &self.a, &self.b, self.scaling)
     }
 
     fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {

@@ -104,24 +104,27 @@ fn infer(runs: usize) -> String {
     model.set_training(false);
     let x = ModelInputs::from_ids(ids(1, 256, 7));
     let _guard = no_grad();
-    let time = |m: &PeftModel| {
+    let once = |m: &PeftModel| {
+        let s = Instant::now();
         m.forward(&x).unwrap();
-        median(
-            (0..runs)
-                .map(|_| {
-                    let s = Instant::now();
-                    m.forward(&x).unwrap();
-                    s.elapsed().as_secs_f64()
-                })
-                .collect(),
-        )
+        s.elapsed().as_secs_f64()
     };
-    let unmerged = time(&model);
+    once(&model);
     let before = model.forward(&x).unwrap();
     model.merge_adapter().unwrap();
-    let merged = time(&model);
+    once(&model);
     let after = model.forward(&x).unwrap();
     let diff = peft::quant::merge::max_abs_diff(&before, &after).unwrap();
+    model.unmerge_adapter().unwrap();
+    // Unmerged and merged runs alternate, so that a machine's drift hits both alike.
+    let (mut unmerged, mut merged) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        unmerged.push(once(&model));
+        model.merge_adapter().unwrap();
+        merged.push(once(&model));
+        model.unmerge_adapter().unwrap();
+    }
+    let (unmerged, merged) = (median(unmerged), median(merged));
     format!(
         "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
         rayon_threads(),
