@@ -89,12 +89,11 @@ impl<'a> View4<'a> {
     }
 }
 
-/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` on one thread; every matrix given by a pointer
-/// and (row, column) strides.
+/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` on the calling thread (the per-head products
+/// are spread over threads by the callers).
 ///
 /// # Safety
-/// The pointers and strides must address valid `m x k`, `k x n` and `m x n` regions, and no
-/// other thread may write `dst`'s region meanwhile.
+/// As [`peft_core::layers::gemm_f32`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm1(
     m: usize,
@@ -104,25 +103,13 @@ unsafe fn gemm1(
     dst_rs: usize,
     accumulate: bool,
     lhs: *const f32,
-    (l_rs, l_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: *const f32,
-    (r_rs, r_cs): (usize, usize),
+    rhs_strides: (usize, usize),
     alpha: f32,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
     // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-        m, n, k,
-        dst, 1, dst_rs as isize, accumulate,
-        lhs, l_cs as isize, l_rs as isize,
-        rhs, r_cs as isize, r_rs as isize,
-        1.0, alpha, false, false, false,
-        gemm::Parallelism::None,
-        );
-    }
+    unsafe { peft_core::layers::gemm_f32((m, n, k), dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, alpha, false) }
 }
 
 fn cpu_f32(t: &Tensor) -> bool {
