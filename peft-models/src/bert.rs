@@ -434,6 +434,7 @@ impl BertModel {
         let mask = AttentionMask {
             additive,
             row_valid: None,
+            causal_past: None,
         };
         let (nh, hd) = (
             self.cfg.num_attention_heads,

@@ -150,6 +150,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&A
     };
     let op = FusedAttention {
         scale: scale as f32,
+        causal_past: mask.and_then(|m| m.causal_past),
         additive,
         row_valid,
         lse: Mutex::new(None),
@@ -157,8 +158,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&A
     Ok(Some(q.apply_op3(k, v, op)?.transpose(1, 2)?))
 }
 
+/// Query rows per block under a causal mask.
+const CAUSAL_BLOCK: usize = 64;
+
 struct FusedAttention {
     scale: f32,
+    /// `Some(past)` when the mask hides every key after `past + t` from query row `t`.
+    causal_past: Option<usize>,
     /// The additive mask broadcast to `[B, H, T, S]` (stride 0 where it broadcasts).
     additive: Option<Tensor>,
     /// `[B, H, T, 1]`: 0 for rows that attend to nothing.
@@ -184,25 +190,44 @@ impl FusedAttention {
         f(&views)
     }
 
-    /// Fills `p [T, S]` with row `(bi, hi)`'s scaled, masked scores `q k^T * scale + mask`.
-    fn scores(&self, q: &View4<'_>, k: &View4<'_>, masks: &MaskViews<'_>, bi: usize, hi: usize, p: &mut [f32]) {
-        let [_, h, t, d] = q.dims;
-        let [_, kv, s, _] = k.dims;
+    /// Fills `p [t1 - t0, se]` with query rows `t0..t1` of head `(bi, hi)` against keys
+    /// `0..se`: the scaled, masked scores `q k^T * scale + mask`.
+    #[allow(clippy::too_many_arguments)]
+    fn scores(&self, (q, k): (&View4<'_>, &View4<'_>), masks: &MaskViews<'_>, bi: usize, hi: usize, (t0, t1): (usize, usize), se: usize, p: &mut [f32]) {
+        let [_, h, _, d] = q.dims;
+        let kv = k.dims[1];
         let kh = hi / (h / kv);
-        // SAFETY: q's [T, D] block of head hi, k's [S, D] block of head kh and p's [T, S].
+        let tb = t1 - t0;
+        // SAFETY: rows t0..t1 of q's [T, D] block of head hi, rows 0..se of k's [S, D] block of
+        // head kh, and p's [tb, se].
         unsafe {
-            gemm1(t, s, d, p.as_mut_ptr(), s, false, q.at(bi, hi), (q.st[2], q.st[3]), k.at(bi, kh), (k.st[3], k.st[2]), 1.0);
+            let q_rows = q.at(bi, hi).add(t0 * q.st[2]);
+            gemm1(tb, se, d, p.as_mut_ptr(), se, false, q_rows, (q.st[2], q.st[3]), k.at(bi, kh), (k.st[3], k.st[2]), 1.0);
         }
-        for (ti, row) in p.chunks_mut(s.max(1)).enumerate() {
+        for (i, row) in p[..tb * se].chunks_mut(se.max(1)).enumerate() {
             match &masks.additive {
                 Some(m) => {
                     for (si, x) in row.iter_mut().enumerate() {
-                        *x = *x * self.scale + m.get([bi, hi, ti, si]);
+                        *x = *x * self.scale + m.get([bi, hi, t0 + i, si]);
                     }
                 }
                 None => row.iter_mut().for_each(|x| *x *= self.scale),
             }
         }
+    }
+
+    /// Query-row blocks `(t0, t1)` and the keys each needs (`0..se`): with a causal mask,
+    /// row `t` sees at most keys `0..past + t + 1`, so the masked upper triangle is skipped.
+    fn row_blocks(&self, t: usize, s: usize) -> Vec<(usize, usize, usize)> {
+        let block = if self.causal_past.is_some() { CAUSAL_BLOCK } else { t.max(1) };
+        (0..t)
+            .step_by(block)
+            .map(|t0| {
+                let t1 = (t0 + block).min(t);
+                let se = self.causal_past.map_or(s, |past| (past + t1).min(s));
+                (t0, t1, se)
+            })
+            .collect()
     }
 
     fn row_is_valid(masks: &MaskViews<'_>, bi: usize, hi: usize, ti: usize) -> bool {
@@ -235,20 +260,25 @@ impl CustomOp3 for FusedAttention {
             lse.par_chunks_mut(t.max(1)).enumerate().for_each(|(bh, lse_rows)| {
                 let (bi, hi) = (bh / h, bh % h);
                 let kh = hi / (h / kv);
-                let mut p = vec![0f32; t * s];
-                self.scores(&q, &k, masks, bi, hi, &mut p);
-                for (ti, (row, l)) in p.chunks_mut(s.max(1)).zip(lse_rows.iter_mut()).enumerate() {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let sum = peft_core::vmath::exp_shifted_sum(row, max);
-                    *l = max + sum.ln();
-                    let inv = if Self::row_is_valid(masks, bi, hi, ti) { 1.0 / sum } else { 0.0 };
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-                // SAFETY: head hi of batch bi writes out[bi, :, hi, :] only (rows of stride
-                // H * D), disjoint from every other (bi, hi); v's [S, D] block of head kh.
-                unsafe {
-                    let dst = out_ptr.get().add(bi * t * h * d + hi * d);
-                    gemm1(t, d, s, dst, h * d, false, p.as_ptr(), (s, 1), v.at(bi, kh), (v.st[2], v.st[3]), 1.0);
+                let blocks = self.row_blocks(t, s);
+                let mut p = vec![0f32; blocks.first().map_or(0, |&(t0, t1, _)| t1 - t0) * s];
+                for &(t0, t1, se) in &blocks {
+                    self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
+                    let rows = p[..(t1 - t0) * se].chunks_mut(se.max(1));
+                    for (i, (row, l)) in rows.zip(lse_rows[t0..t1].iter_mut()).enumerate() {
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let sum = peft_core::vmath::exp_shifted_sum(row, max);
+                        *l = max + sum.ln();
+                        let inv = if Self::row_is_valid(masks, bi, hi, t0 + i) { 1.0 / sum } else { 0.0 };
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                    // SAFETY: head hi of batch bi writes out[bi, t0..t1, hi, :] only (rows of
+                    // stride H * D), disjoint from every other (bi, hi); rows 0..se of v's
+                    // [S, D] block of head kh.
+                    unsafe {
+                        let dst = out_ptr.get().add((bi * t + t0) * h * d + hi * d);
+                        gemm1(t1 - t0, d, se, dst, h * d, false, p.as_ptr(), (se, 1), v.at(bi, kh), (v.st[2], v.st[3]), 1.0);
+                    }
                 }
             });
             Ok(())
@@ -291,41 +321,48 @@ impl CustomOp3 for FusedAttention {
                 .enumerate()
                 .for_each(|(bk, (dq_g, (dk_g, dv_g)))| {
                     let (bi, kh) = (bk / kv, bk % kv);
-                    let mut p = vec![0f32; t * s];
-                    let mut dp = vec![0f32; t * s];
+                    let blocks = self.row_blocks(t, s);
+                    let rows_max = blocks.first().map_or(0, |&(t0, t1, _)| t1 - t0);
+                    let mut p = vec![0f32; rows_max * s];
+                    let mut dp = vec![0f32; rows_max * s];
                     for r in 0..rep {
                         let hi = kh * rep + r;
-                        self.scores(&q, &k, masks, bi, hi, &mut p);
                         let lse_rows = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
-                        for (ti, row) in p.chunks_mut(s.max(1)).enumerate() {
-                            if Self::row_is_valid(masks, bi, hi, ti) {
-                                peft_core::vmath::exp_shifted_sum(row, lse_rows[ti]);
-                            } else {
-                                row.fill(0.0);
+                        for &(t0, t1, se) in &blocks {
+                            let tb = t1 - t0;
+                            self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
+                            for (i, row) in p[..tb * se].chunks_mut(se.max(1)).enumerate() {
+                                if Self::row_is_valid(masks, bi, hi, t0 + i) {
+                                    peft_core::vmath::exp_shifted_sum(row, lse_rows[t0 + i]);
+                                } else {
+                                    row.fill(0.0);
+                                }
                             }
-                        }
-                        // go[bi, :, hi, :] is [T, D] with row stride H * D.
-                        let go_h = go.at(bi, 0).wrapping_add(hi * d);
-                        // SAFETY: each call reads blocks of q/k/v/go/p/dp within their extents
-                        // and writes this task's own dq/dk/dv chunks or local buffers.
-                        unsafe {
-                            // dV += P^T dO
-                            gemm1(s, d, t, dv_g.as_mut_ptr(), d, true, p.as_ptr(), (1, s), go_h, (h * d, 1), 1.0);
-                            // dP = dO V^T
-                            gemm1(t, s, d, dp.as_mut_ptr(), s, false, go_h, (h * d, 1), v.at(bi, kh), (v.st[3], v.st[2]), 1.0);
-                        }
-                        for (pr, dr) in p.chunks(s.max(1)).zip(dp.chunks_mut(s.max(1))) {
-                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                            for (x, &pi) in dr.iter_mut().zip(pr) {
-                                *x = pi * (*x - dot) * self.scale;
+                            // go[bi, t0.., hi, :] is [tb, D] with row stride H * D.
+                            let go_h = go.at(bi, 0).wrapping_add(t0 * h * d + hi * d);
+                            let q_rows = q.at(bi, hi).wrapping_add(t0 * q.st[2]);
+                            // SAFETY: each call reads blocks of q/k/v/go/p/dp within their
+                            // extents and writes this task's own dq/dk/dv chunks (rows 0..se of
+                            // dk/dv, rows t0..t1 of head r in dq) or local buffers.
+                            unsafe {
+                                // dV += P^T dO
+                                gemm1(se, d, tb, dv_g.as_mut_ptr(), d, true, p.as_ptr(), (1, se), go_h, (h * d, 1), 1.0);
+                                // dP = dO V^T
+                                gemm1(tb, se, d, dp.as_mut_ptr(), se, false, go_h, (h * d, 1), v.at(bi, kh), (v.st[3], v.st[2]), 1.0);
                             }
-                        }
-                        // SAFETY: as above; dq_g holds this group's heads [rep, T, D].
-                        unsafe {
-                            // dQ = dS K
-                            gemm1(t, d, s, dq_g.as_mut_ptr().add(r * t * d), d, false, dp.as_ptr(), (s, 1), k.at(bi, kh), (k.st[2], k.st[3]), 1.0);
-                            // dK += dS^T Q
-                            gemm1(s, d, t, dk_g.as_mut_ptr(), d, true, dp.as_ptr(), (1, s), q.at(bi, hi), (q.st[2], q.st[3]), 1.0);
+                            for (pr, dr) in p[..tb * se].chunks(se.max(1)).zip(dp[..tb * se].chunks_mut(se.max(1))) {
+                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                for (x, &pi) in dr.iter_mut().zip(pr) {
+                                    *x = pi * (*x - dot) * self.scale;
+                                }
+                            }
+                            // SAFETY: as above.
+                            unsafe {
+                                // dQ = dS K
+                                gemm1(tb, d, se, dq_g.as_mut_ptr().add(r * t * d + t0 * d), d, false, dp.as_ptr(), (se, 1), k.at(bi, kh), (k.st[2], k.st[3]), 1.0);
+                                // dK += dS^T Q
+                                gemm1(se, d, tb, dk_g.as_mut_ptr(), d, true, dp.as_ptr(), (1, se), q_rows, (q.st[2], q.st[3]), 1.0);
+                            }
                         }
                     }
                 });
@@ -540,11 +577,28 @@ mod tests {
         let bias = AttentionMask {
             additive: Tensor::randn(0f32, 1.0, (1, h, t, t), &dev)?,
             row_valid: None,
+            causal_past: None,
         };
         for mask in [None, with_pad.as_ref(), window.as_ref(), Some(&bias)] {
             let fused = attention(&qh, k.as_tensor(), &vh, 0.3, mask)?.expect("fused path");
             let chain = chain_attention(&qh, k.as_tensor(), &vh, 0.3, mask);
             assert!(max_diff(&fused, &chain) < 1e-5, "outputs differ by {}", max_diff(&fused, &chain));
+            grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
+        }
+        // Causal masks over several row blocks, fresh and after cached positions.
+        for (t, past) in [(150, 0), (70, 30)] {
+            let s = past + t;
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, t, d), &dev)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, s, d), &dev)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, s, d), &dev)?)?;
+            let mut pad = vec![1f32; s];
+            pad[..3].fill(0.0);
+            let pad = Tensor::from_vec(pad, (1, s), &dev)?;
+            let mask = crate::ops::causal_mask(Some(&pad), 1, t, past, None, &dev)?;
+            assert_eq!(mask.as_ref().and_then(|m| m.causal_past), Some(past));
+            let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, mask.as_ref())?.expect("fused path");
+            let chain = chain_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, mask.as_ref());
+            assert!(max_diff(&fused, &chain) < 1e-5, "causal blocks: outputs differ by {}", max_diff(&fused, &chain));
             grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
         }
         // Decoding: one query over five cached positions, no mask.

@@ -125,6 +125,9 @@ pub struct AttentionMask {
     /// `[B, 1, T, 1]` f32: 0 for query rows that may attend to nothing (left padding), whose
     /// output is then zero, as torch's SDPA (transformers' default attention) returns.
     pub row_valid: Option<Tensor>,
+    /// `Some(past)` when `additive` hides every key after `past + t` from query row `t`
+    /// (a causal mask after `past` cached positions), so attention may skip those keys.
+    pub causal_past: Option<usize>,
 }
 
 const MASKED: f32 = -1.0e30;
@@ -186,6 +189,7 @@ pub fn causal_mask(
     Ok(Some(AttentionMask {
         additive,
         row_valid,
+        causal_past: Some(past),
     }))
 }
 

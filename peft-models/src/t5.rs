@@ -434,6 +434,7 @@ impl T5Model {
         let mask = AttentionMask {
             additive: bias.clone(),
             row_valid: valid.cloned(),
+            causal_past: None,
         };
         let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?
             .transpose(1, 2)?
