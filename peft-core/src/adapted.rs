@@ -317,17 +317,17 @@ impl SlotKind for EmbeddingKind {
 impl LinearLike for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (base, running) = self.plan();
-        if let [only] = running.as_slice() {
-            if only.adapt_input(x)?.is_none() {
-                if let Some(y) = only.fused_forward(base, x, self.state.training())? {
-                    return Ok(crate::grad::maybe_detach(y));
-                }
-            }
-        }
         let mut input = x.clone();
+        let mut input_changed = false;
         for adapter in &running {
             if let Some(changed) = adapter.adapt_input(&input)? {
                 input = changed;
+                input_changed = true;
+            }
+        }
+        if let ([only], false) = (running.as_slice(), input_changed) {
+            if let Some(y) = only.fused_forward(base, x, self.state.training())? {
+                return Ok(crate::grad::maybe_detach(y));
             }
         }
         let mut y = base.forward(&input)?;

@@ -146,14 +146,22 @@ pub unsafe fn gemm_f32(
     }
 }
 
-/// The f32 values of a contiguous CPU tensor outside a custom op (its storage stays locked
-/// while `f` runs).
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*guard else {
-        candle_core::bail!("{what}: expected a CPU tensor");
-    };
-    f(cpu_f32_slice(cpu, layout, what)?)
+/// The f32 values of contiguous CPU tensors outside a custom op (a custom op's backward, or a
+/// tensor an op holds), their storages locked while `f` runs; `what` names the caller in errors.
+pub fn with_f32s<const N: usize, R>(
+    tensors: [&Tensor; N],
+    what: &str,
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slice, (guard, layout)) in slices.iter_mut().zip(&guards) {
+        let candle_core::Storage::Cpu(cpu) = &**guard else {
+            candle_core::bail!("{what}: expected a CPU tensor");
+        };
+        *slice = cpu_f32_slice(cpu, layout, what)?;
+    }
+    f(slices)
 }
 
 /// A plain dense linear layer holding frozen tensors.
@@ -249,16 +257,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::{CpuStorage, Storage};
-        let x = cpu_f32_slice(storage, layout, "frozen-linear")?;
-        let (w_guard, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(ws)) = &*w_guard else {
-            candle_core::bail!("frozen-linear: expected an f32 CPU weight");
-        };
-        let Some((wa, wb)) = w_layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-linear: expected a contiguous weight");
-        };
-        let w = &ws[wa..wb];
+        let x = cpu_f32_slice(storage, layout, self.name())?;
         let (d0, d1) = self.weight.dims2()?;
         // Stored [out, in] (d0 = out) unless transposed ([in, out]).
         let (out_f, in_f) = if self.transposed { (d1, d0) } else { (d0, d1) };
@@ -275,14 +274,17 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let plain = self.transposed != self.input_grad;
         let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
         let mut y = vec![0f32; m * n];
-        // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
-        // [k, n] view of the d0 x d1 weight within its extent.
-        unsafe {
-            gemm_f32((m, n, k), y.as_mut_ptr(), n, false, x.as_ptr(), (k, 1), w.as_ptr(), (rs, cs), 1.0, true);
-        }
+        with_f32s([&self.weight], self.name(), |[w]| {
+            // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
+            // [k, n] view of the d0 x d1 weight within its extent.
+            unsafe {
+                gemm_f32((m, n, k), y.as_mut_ptr(), n, false, x.as_ptr(), (k, 1), w.as_ptr(), (rs, cs), 1.0, true);
+            }
+            Ok(())
+        })?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
-        Ok((CpuStorage::F32(y), candle_core::Shape::from(out)))
+        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(out)))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -372,14 +374,14 @@ impl candle_core::CustomOp3 for LowRankLinear {
         let m = x.len() / in_f.max(1);
         let mut y = vec![0f32; m * out_f];
         let mut h = vec![0f32; m * r];
-        with_f32(&self.weight, self.name(), |w| {
-            let has_bias = match &self.bias {
-                Some(bias) => with_f32(bias, self.name(), |bv| {
-                    y.chunks_mut(out_f.max(1)).for_each(|row| row.copy_from_slice(bv));
-                    Ok(true)
-                })?,
-                None => false,
-            };
+        let has_bias = match &self.bias {
+            Some(bias) => with_f32s([bias], self.name(), |[bv]| {
+                y.chunks_mut(out_f.max(1)).for_each(|row| row.copy_from_slice(bv));
+                Ok(true)
+            })?,
+            None => false,
+        };
+        with_f32s([&self.weight], self.name(), |[w]| {
             // SAFETY: x [m, in], A [r, in], B [out, r], W as [in, out] through `wt`; y [m, out]
             // and h [m, r] are this call's buffers.
             unsafe {
@@ -412,32 +414,24 @@ impl candle_core::CustomOp3 for LowRankLinear {
         let mut dx = vec![0f32; if want_dx { m * in_f } else { 0 }];
         let mut da = vec![0f32; r * in_f];
         let mut db = vec![0f32; out_f * r];
-        with_f32(&g_t, self.name(), |g| {
-            with_f32(x_t, self.name(), |x| {
-                with_f32(a_t, self.name(), |a| {
-                    with_f32(b_t, self.name(), |b| {
-                        with_f32(&self.weight, self.name(), |w| {
-                            // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r], W through
-                            // `wt` (transposed back for the input gradient); every destination
-                            // is one of this call's buffers with the stated shape.
-                            unsafe {
-                                // gb = g B
-                                gemm_f32((m, r, out_f), gb.as_mut_ptr(), r, false, g.as_ptr(), (out_f, 1), b.as_ptr(), (r, 1), 1.0, true);
-                                if want_dx {
-                                    // dx = g W + scale * gb A
-                                    gemm_f32((m, in_f, out_f), dx.as_mut_ptr(), in_f, false, g.as_ptr(), (out_f, 1), w.as_ptr(), (wt.1, wt.0), 1.0, true);
-                                    gemm_f32((m, in_f, r), dx.as_mut_ptr(), in_f, true, gb.as_ptr(), (r, 1), a.as_ptr(), (in_f, 1), self.scale, true);
-                                }
-                                // h = scale * x A^T; dB = g^T h; dA = scale * gb^T x
-                                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
-                                gemm_f32((out_f, r, m), db.as_mut_ptr(), r, false, g.as_ptr(), (1, out_f), h.as_ptr(), (r, 1), 1.0, true);
-                                gemm_f32((r, in_f, m), da.as_mut_ptr(), in_f, false, gb.as_ptr(), (1, r), x.as_ptr(), (in_f, 1), self.scale, true);
-                            }
-                            Ok(())
-                        })
-                    })
-                })
-            })
+        with_f32s([&g_t, x_t, a_t, b_t, &self.weight], self.name(), |[g, x, a, b, w]| {
+            // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r], W through `wt` (transposed
+            // back for the input gradient); every destination is one of this call's buffers
+            // with the stated shape.
+            unsafe {
+                // gb = g B
+                gemm_f32((m, r, out_f), gb.as_mut_ptr(), r, false, g.as_ptr(), (out_f, 1), b.as_ptr(), (r, 1), 1.0, true);
+                if want_dx {
+                    // dx = g W + scale * gb A
+                    gemm_f32((m, in_f, out_f), dx.as_mut_ptr(), in_f, false, g.as_ptr(), (out_f, 1), w.as_ptr(), (wt.1, wt.0), 1.0, true);
+                    gemm_f32((m, in_f, r), dx.as_mut_ptr(), in_f, true, gb.as_ptr(), (r, 1), a.as_ptr(), (in_f, 1), self.scale, true);
+                }
+                // h = scale * x A^T; dB = g^T h; dA = scale * gb^T x
+                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
+                gemm_f32((out_f, r, m), db.as_mut_ptr(), r, false, g.as_ptr(), (1, out_f), h.as_ptr(), (r, 1), 1.0, true);
+                gemm_f32((r, in_f, m), da.as_mut_ptr(), in_f, false, gb.as_ptr(), (1, r), x.as_ptr(), (in_f, 1), self.scale, true);
+            }
+            Ok(())
         })?;
         let dev = x_t.device();
         Ok((

@@ -62,15 +62,6 @@ fn cross_entropy_chain(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usi
     Ok((loss, count))
 }
 
-/// Row maximum and `sum(exp(x - max))` of one row of logits (`scratch` takes the exps).
-fn row_max_sum(row: &[f32], scratch: &mut Vec<f32>) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    scratch.clear();
-    scratch.extend_from_slice(row);
-    let sum = crate::vmath::exp_shifted_sum(scratch, max);
-    (max, sum)
-}
-
 /// Fused cross-entropy over contiguous f32 `[N, V]` logits (see [`cross_entropy`]).
 struct FusedCrossEntropy {
     targets: std::sync::Arc<Vec<i64>>,
@@ -90,8 +81,10 @@ impl CustomOp1 for FusedCrossEntropy {
             .par_chunks(v.max(1))
             .zip(self.targets.par_iter())
             .filter(|(_, &t)| t != IGNORE_INDEX)
-            .map_init(Vec::new, |scratch, (row, &t)| {
-                let (max, sum) = row_max_sum(row, scratch);
+            .map_init(Vec::new, |scratch: &mut Vec<f32>, (row, &t)| {
+                scratch.clear();
+                scratch.extend_from_slice(row);
+                let (max, sum) = crate::vmath::exp_minus_max(scratch);
                 f64::from(max + sum.ln() - row[t as usize])
             })
             .sum();
@@ -133,9 +126,8 @@ impl CustomOp1 for FusedCrossEntropyGrad {
                 if t == IGNORE_INDEX {
                     return;
                 }
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 g.copy_from_slice(row);
-                let sum = crate::vmath::exp_shifted_sum(g, max);
+                let (_, sum) = crate::vmath::exp_minus_max(g);
                 let k = self.scale / sum;
                 g.iter_mut().for_each(|o| *o *= k);
                 g[t as usize] -= self.scale;

@@ -61,6 +61,13 @@ pub fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
+/// Replaces each `x` by `e^(x - max)`, the unnormalised softmax of the slice in place, and
+/// returns `(max, sum of the results)` (a slice of only -inf gives NaNs; callers check `max`).
+pub fn exp_minus_max(xs: &mut [f32]) -> (f32, f32) {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    (max, exp_shifted_sum(xs, max))
+}
+
 /// Writes `silu(x)` (candle's `x / (1 + e^-x)`) of each `x` to `out`, and `sigmoid(x)` to
 /// `sig` when given (both the length of `xs`).
 pub fn silu_into(xs: &[f32], out: &mut [f32], sig: Option<&mut [f32]>) {

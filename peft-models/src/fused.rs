@@ -32,14 +32,14 @@ impl CustomOp1 for Softmax {
         let d = last_dim(l);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
-            let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            o.copy_from_slice(r);
+            let (max, sum) = peft_core::vmath::exp_minus_max(o);
             if max == f32::NEG_INFINITY {
                 // A fully masked row: candle's chain gives NaN here too; keep zeros instead
                 // of NaN only where every entry is -inf (callers zero such rows anyway).
+                o.fill(0.0);
                 return;
             }
-            o.copy_from_slice(r);
-            let sum = peft_core::vmath::exp_shifted_sum(o, max);
             let inv = 1.0 / sum;
             for oi in o.iter_mut() {
                 *oi *= inv;
@@ -247,14 +247,7 @@ impl CustomOp2 for Bmm {
                 // SAFETY: the slices hold exactly one batch of each operand and of the result,
                 // and the strides describe those extents.
                 unsafe {
-                    gemm::gemm(
-                        m, n, k,
-                        o.as_mut_ptr(), 1, n as isize, false,
-                        pa.as_ptr(), a_cs as isize, a_rs as isize,
-                        pb.as_ptr(), b_cs as isize, b_rs as isize,
-                        0.0, 1.0, false, false, false,
-                        gemm::Parallelism::None,
-                    );
+                    peft_core::layers::gemm_f32((m, n, k), o.as_mut_ptr(), n, false, pa.as_ptr(), (a_rs, a_cs), pb.as_ptr(), (b_rs, b_cs), 1.0, false);
                 }
             });
         }

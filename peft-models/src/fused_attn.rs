@@ -266,8 +266,7 @@ impl CustomOp3 for FusedAttention {
                     self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
                     let rows = p[..(t1 - t0) * se].chunks_mut(se.max(1));
                     for (i, (row, l)) in rows.zip(lse_rows[t0..t1].iter_mut()).enumerate() {
-                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let sum = peft_core::vmath::exp_shifted_sum(row, max);
+                        let (max, sum) = peft_core::vmath::exp_minus_max(row);
                         *l = max + sum.ln();
                         let inv = if Self::row_is_valid(masks, bi, hi, t0 + i) { 1.0 / sum } else { 0.0 };
                         row.iter_mut().for_each(|x| *x *= inv);
@@ -501,21 +500,25 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, go) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?, grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-        let mut dg = vec![0f32; g.len()];
-        let mut du = vec![0f32; g.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(go.par_chunks(4096)))
-            .for_each(|((dg, du), ((g, u), go))| {
-                // du = go * silu(g); dg = go * u * s * (1 + g (1 - s)), s = sigmoid(g).
-                peft_core::vmath::silu_into(g, du, Some(&mut *dg));
-                for i in 0..g.len() {
-                    let s = dg[i];
-                    dg[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] *= go[i];
-                }
-            });
+        let grad = grad.contiguous()?;
+        let n = gate.elem_count();
+        let mut dg = vec![0f32; n];
+        let mut du = vec![0f32; n];
+        peft_core::layers::with_f32s([gate, up, &grad], self.name(), |[g, u, go]| {
+            dg.par_chunks_mut(4096)
+                .zip(du.par_chunks_mut(4096))
+                .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(go.par_chunks(4096)))
+                .for_each(|((dg, du), ((g, u), go))| {
+                    // du = go * silu(g); dg = go * u * s * (1 + g (1 - s)), s = sigmoid(g).
+                    peft_core::vmath::silu_into(g, du, Some(&mut *dg));
+                    for i in 0..g.len() {
+                        let s = dg[i];
+                        dg[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        du[i] *= go[i];
+                    }
+                });
+            Ok(())
+        })?;
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(du, up.shape(), up.device())?),
