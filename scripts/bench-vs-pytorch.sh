@@ -7,6 +7,10 @@
 # (this project over PyTorch for training tokens/s, training peak RSS and merged inference speed;
 # the last is this project's own unmerged time over merged). Run it on a quiet machine: a
 # concurrent build halves every figure. STEPS (5) and WARMUP (2) set the training run length.
+# BF16=1 adds the bf16 comparison (before the ratio line): this project's f32 and bf16-weights
+# training over BF16_STEPS (20) steps on the same batches (loss curves compared step for step),
+# and PyTorch + peft under bf16 autocast for BF16_TORCH_STEPS (1) step, at the last thread count
+# (PyTorch's bf16 matmuls run at ~17 GFLOP/s on a CPU without AVX512-BF16: minutes a step).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,11 +28,19 @@ for t in $THREADS; do
     RAYON_NUM_THREADS=$t $rs infer | tee -a "$results"
     python3 tools/bench/pytorch_side.py infer --threads "$t" | tee -a "$results"
 done
+if [ "${BF16:-0}" = 1 ]; then
+    t=${THREADS##* }
+    for flag in "" --bf16-weights; do
+        RAYON_NUM_THREADS=$t $rs train --steps "${BF16_STEPS:-20}" --warmup 0 $flag | sed 's/"mode": "train"/"mode": "curve"/' | tee -a "$results"
+    done
+    python3 tools/bench/pytorch_side.py train --threads "$t" --steps "${BF16_TORCH_STEPS:-1}" --warmup 0 --bf16-autocast \
+        | sed 's/"mode": "train"/"mode": "curve"/' | tee -a "$results"
+fi
 python3 - "$results" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 def best(side, mode, key, high):
-    c = [r for r in rows if r["side"] == side and r["mode"] == mode]
+    c = [r for r in rows if r["side"] == side and r["mode"] == mode and r.get("dtype", "f32") == "f32"]
     return (max if high else min)(c, key=lambda r: r[key])
 rt, pt = best("peft-rs", "train", "tokens_per_s", True), best("pytorch+peft", "train", "tokens_per_s", True)
 ri, pi = best("peft-rs", "infer", "merged_s", False), best("pytorch+peft", "infer", "merged_s", False)
@@ -41,6 +53,24 @@ print(f"| training peak RSS | {rt['peak_rss_mb']:.0f} MB | {pt['peak_rss_mb']:.0
 print(f"| inference 1 x 256, merged | {ri['merged_s']:.3f} s ({ri['threads']} threads) | {pi['merged_s']:.3f} s ({pi['threads']} threads) | {pi['merged_s'] / ri['merged_s']:.2f}x faster |")
 print(f"| inference 1 x 256, unmerged | {ri['unmerged_s']:.3f} s | {pi['unmerged_s']:.3f} s | |")
 print(f"| trainable / total parameters | {rt['trainable']:,} / {rt['total']:,} | {pt['trainable']:,} / {pt['total']:,} | |")
+curves = {(r["side"], r["dtype"]): r for r in rows if r["mode"] == "curve"}
+if curves:
+    f, h = curves[("peft-rs", "f32")], curves[("peft-rs", "bf16-weights")]
+    ac = curves.get(("pytorch+peft", "bf16-autocast"))
+    rel = [abs(a - b) / a for a, b in zip(f["losses"], h["losses"])]
+    print()
+    print(f"bf16 ({len(rel)} steps from the same seed and batches, {f['threads']} threads; medians over all steps):")
+    print("| | step | tokens/s | peak RSS | loss after the last step |")
+    print("|---|---|---|---|---|")
+    print(f"| peft-rs f32 | {f['median_step_s']:.3f} s | {f['tokens_per_s']:.0f} | {f['peak_rss_mb']:.0f} MB | {f['last_loss']:.4f} |")
+    print(f"| peft-rs bf16-weights | {h['median_step_s']:.3f} s | {h['tokens_per_s']:.0f} | {h['peak_rss_mb']:.0f} MB | {h['last_loss']:.4f} |")
+    if ac:
+        print(f"| PyTorch + peft, bf16 autocast ({len(ac['losses'])} step) | {ac['median_step_s']:.3f} s | {ac['tokens_per_s']:.1f} | {ac['peak_rss_mb']:.0f} MB | {ac['last_loss']:.4f} |")
+    line = (f"bf16_max_loss_rel_diff={max(rel):.5f} bf16_weights_speed_over_f32={f['median_step_s'] / h['median_step_s']:.3f} "
+            f"bf16_weights_rss_over_f32={h['peak_rss_mb'] / f['peak_rss_mb']:.3f}")
+    if ac:
+        line += f" bf16_weights_speed_over_torch_autocast={ac['median_step_s'] / h['median_step_s']:.2f}"
+    print(line)
 print()
 print(f"ratio_tokens_per_s={rt['tokens_per_s'] / pt['tokens_per_s']:.3f} ratio_peak_rss={rt['peak_rss_mb'] / pt['peak_rss_mb']:.3f} "
       f"ratio_infer_speed={pi['merged_s'] / ri['merged_s']:.3f} ratio_unmerged_over_merged={ri['unmerged_s'] / ri['merged_s']:.3f}")

@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks: a LoRA linear layer's forward and backward against its bare
-//! base layer, merging, and saving/loading a ~1M-parameter adapter.
+//! base layer, a frozen layer with f32 against bf16-kept weights, merging, and saving/loading a
+//! ~1M-parameter adapter.
 //!
 //! `cargo bench -p peft-benches --bench lora` (run on a quiet machine).
 
@@ -86,6 +87,33 @@ fn linear(c: &mut Criterion) {
     group.finish();
 }
 
+/// A frozen base layer with f32 weights against the same weights kept in bf16 (widened to f32
+/// a block at a time, `--dtype bf16-weights`), forward and input gradient, at the side-by-side
+/// job's inference (256 rows) and training (1024 rows) shapes.
+fn bf16_weights(c: &mut Criterion) {
+    let mut group = c.benchmark_group("frozen_linear_768x2048");
+    let w32 = randn(&[2048, 768], 1);
+    let layers = [
+        ("f32", DenseLinear::new(w32.clone(), None).unwrap()),
+        ("bf16_weights", DenseLinear::new(w32.to_dtype(DType::BF16).unwrap(), None).unwrap()),
+    ];
+    for rows in [256usize, 1024] {
+        let x = candle_core::Var::from_tensor(&randn(&[rows, 768], 3)).unwrap();
+        for (name, layer) in &layers {
+            group.bench_with_input(BenchmarkId::new(format!("{name}_forward"), rows), &rows, |b, _| {
+                b.iter(|| layer.forward(x.as_tensor()).unwrap())
+            });
+            group.bench_with_input(BenchmarkId::new(format!("{name}_forward_backward"), rows), &rows, |b, _| {
+                b.iter(|| {
+                    let g = layer.forward(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(g.get(x.as_tensor()).is_some());
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// A LLaMA-shaped model with a ~1M-parameter LoRA adapter (r=16 on q,k,v,o of 8 layers of 768).
 fn model_with_adapter() -> PeftModel {
     let cfg = LlamaConfig::tiny(1000, 768, 8, 12, 12, 2048);
@@ -130,6 +158,6 @@ criterion_group! {
     name = benches;
     // No plots: the plotters backend needs system fonts this machine lacks.
     config = Criterion::default().without_plots();
-    targets = linear, checkpoint
+    targets = linear, bf16_weights, checkpoint
 }
 criterion_main!(benches);

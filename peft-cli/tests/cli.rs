@@ -95,6 +95,48 @@ fn logits_match_the_reference_unmerged_and_merged() {
     }
 }
 
+/// `--dtype bf16-weights`: f32 logits within bf16 rounding of the reference; `merge` refuses
+/// it (a merged folder has one dtype) and an unknown `--dtype` names the accepted values.
+#[test]
+fn bf16_weights_dtype_runs_and_bad_dtypes_are_refused() {
+    let case = fixtures().join("cases/llama_tiny__lora_patterns.safetensors");
+    let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &[
+            ("input_ids".to_string(), data["input_ids"].clone()),
+            ("attention_mask".to_string(), data["attention_mask"].clone()),
+        ]
+        .into_iter()
+        .collect(),
+        &input,
+    )
+    .unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
+    let out = dir.path().join("out.safetensors");
+    let (m, a, i, o) = (model.to_str().unwrap(), adapter.to_str().unwrap(), input.to_str().unwrap(), out.to_str().unwrap());
+    let run = peft(&["logits", "--model", m, "--adapter", a, "--input", i, "--out", o, "--dtype", "bf16-weights"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let want = &data["logits_adapted"];
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = max_diff(&got["logits"], want);
+    assert_eq!(got["logits"].dtype(), DType::F32);
+    assert!(d > 0.0 && d < 0.02 * scale, "bf16-weights logits differ by {d} (scale {scale})");
+
+    let merged = dir.path().join("merged");
+    let o = peft(&["merge", "--model", m, "--adapter", a, "--out", merged.to_str().unwrap(), "--dtype", "bf16-weights"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("one dtype"), "{}", stderr(&o));
+    assert!(!merged.exists(), "nothing is written on a refused merge");
+    let never = dir.path().join("never.safetensors");
+    let o = peft(&["logits", "--model", m, "--input", i, "--out", never.to_str().unwrap(), "--dtype", "f8"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bf16-weights") && stderr(&o).contains("f8"), "{}", stderr(&o));
+}
+
 #[test]
 fn merge_writes_a_loadable_model_folder() {
     let dir = tempfile::tempdir().unwrap();

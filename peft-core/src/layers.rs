@@ -164,6 +164,89 @@ pub fn with_f32s<const N: usize, R>(
     f(slices)
 }
 
+/// Whether `weight` is a frozen matrix the CPU ops here read: f32, or bf16 (widened to f32 as
+/// they go; see [`frozen_product`]).
+fn frozen_matrix_dtype(weight: &Tensor) -> bool {
+    weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16)
+}
+
+/// Stored bf16 rows widened at a time: about 4 MB of f32, so that a block stays in cache
+/// between its conversion and its use, and a vocabulary-sized head never exists in f32.
+const WIDEN_BLOCK_ELEMS: usize = 1 << 20;
+
+/// `dst[m, N] (+)= x[m, K] op(W)` for a frozen matrix `W` stored `d0 x d1` (row-major), where
+/// `op(W)` is `W` (`K = d0`, `N = d1`) when `plain`, else `W^T` (`K = d1`, `N = d0`); `dst` is
+/// `[m, N]` row-major and `accumulate` adds to what it holds. An f32 `W` is one product read in
+/// place. A bf16 `W` (frozen weights kept in half the memory while the arithmetic stays f32)
+/// is widened a block of stored rows at a time into one reused buffer; each block is a slice of
+/// `K` (its partial products summed into `dst`) or of `N` (its columns of `dst`).
+pub fn frozen_product(
+    weight: &Tensor,
+    plain: bool,
+    x: &[f32],
+    m: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    what: &str,
+) -> candle_core::Result<()> {
+    frozen_product_in_blocks(weight, plain, x, m, dst, accumulate, what, WIDEN_BLOCK_ELEMS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn frozen_product_in_blocks(
+    weight: &Tensor,
+    plain: bool,
+    x: &[f32],
+    m: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    what: &str,
+    block_elems: usize,
+) -> candle_core::Result<()> {
+    let (d0, d1) = weight.dims2()?;
+    let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
+    if x.len() != m * k || dst.len() != m * n {
+        candle_core::bail!("{what}: expected a [{m}, {k}] input and a [{m}, {n}] output for a {d0}x{d1} weight");
+    }
+    // One block of rows [r0, r0 + rows) of W, as f32, into dst.
+    let block = |r0: usize, rows: usize, w: &[f32], dst: &mut [f32]| {
+        // SAFETY: w holds rows x d1 values; x is [m, k] and dst [m, n] (checked above); the
+        // offsets r0 + rows <= d0 stay within x's K (plain) or dst's N (not plain).
+        unsafe {
+            if plain {
+                gemm_f32((m, n, rows), dst.as_mut_ptr(), n, accumulate || r0 > 0, x.as_ptr().add(r0), (k, 1), w.as_ptr(), (d1, 1), 1.0, true);
+            } else {
+                gemm_f32((m, rows, k), dst.as_mut_ptr().add(r0), n, accumulate, x.as_ptr(), (k, 1), w.as_ptr(), (1, d1), 1.0, true);
+            }
+        }
+    };
+    if weight.dtype() == DType::F32 {
+        return with_f32s([weight], what, |[w]| {
+            block(0, d0, w, dst);
+            Ok(())
+        });
+    }
+    let (guard, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*guard else {
+        candle_core::bail!("{what}: expected an f32 or bf16 CPU weight, found {:?}", weight.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: expected a contiguous weight");
+    };
+    let data = &data[start..end];
+    let rows_per_block = (block_elems / d1.max(1)).clamp(1, d0.max(1));
+    let mut buf = vec![0f32; rows_per_block * d1];
+    let mut r0 = 0;
+    while r0 < d0 {
+        let rows = rows_per_block.min(d0 - r0);
+        let w = &mut buf[..rows * d1];
+        crate::vmath::widen_bf16(&data[r0 * d1..(r0 + rows) * d1], w);
+        block(r0, rows, w, dst);
+        r0 += rows;
+    }
+    Ok(())
+}
+
 /// A plain dense linear layer holding frozen tensors.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
@@ -223,7 +306,7 @@ impl DenseLinear {
 pub fn frozen_linear_forward(x: &Tensor, weight: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
     if !x.device().is_cpu()
         || x.dtype() != DType::F32
-        || weight.dtype() != DType::F32
+        || !frozen_matrix_dtype(weight)
         || weight.is_variable()
         || weight.track_op()
         || weight.rank() != 2
@@ -267,21 +350,11 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-linear: input's last dimension should be {k}, found {dims:?}");
         }
         let m = x.len() / k.max(1);
-        // op(W) as a [k, n] matrix read in place: element (kk, j).
-        // forward, [out, in] storage: op(W)[kk, j] = W[j, kk] -> rs 1, cs d1.
-        // forward, [in, out] storage: op(W)[kk, j] = W[kk, j] -> rs d1, cs 1.
-        // input grad flips both.
+        // op(W) is W^T for the forward of [out, in] storage and W for [in, out]; the input
+        // gradient flips it.
         let plain = self.transposed != self.input_grad;
-        let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
         let mut y = vec![0f32; m * n];
-        with_f32s([&self.weight], self.name(), |[w]| {
-            // SAFETY: x is [m, k] row-major, y is [m, n] row-major, and (rs, cs) address the
-            // [k, n] view of the d0 x d1 weight within its extent.
-            unsafe {
-                gemm_f32((m, n, k), y.as_mut_ptr(), n, false, x.as_ptr(), (k, 1), w.as_ptr(), (rs, cs), 1.0, true);
-            }
-            Ok(())
-        })?;
+        frozen_product(&self.weight, plain, x, m, &mut y, false, self.name())?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
         Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(out)))
@@ -317,7 +390,7 @@ pub fn lowrank_linear_forward(
 ) -> Result<Option<Tensor>> {
     let weight = &layer.weight;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(a) && cpu_f32(b))
+    if !(cpu_f32(x) && frozen_matrix_dtype(weight) && cpu_f32(a) && cpu_f32(b))
         || weight.track_op()
         || layer.bias.as_ref().is_some_and(|b| !cpu_f32(b) || b.track_op())
         || a.rank() != 2
@@ -347,10 +420,10 @@ struct LowRankLinear {
 }
 
 impl LowRankLinear {
-    /// (out, in) and the (row, column) strides of `W^T` viewed as `[in, out]`.
-    fn base_view(&self) -> candle_core::Result<(usize, usize, (usize, usize))> {
+    /// (out, in) of the base layer.
+    fn base_dims(&self) -> candle_core::Result<(usize, usize)> {
         let (d0, d1) = self.weight.dims2()?;
-        Ok(if self.transposed { (d1, d0, (d1, 1)) } else { (d0, d1, (1, d1)) })
+        Ok(if self.transposed { (d1, d0) } else { (d0, d1) })
     }
 }
 
@@ -369,7 +442,7 @@ impl candle_core::CustomOp3 for LowRankLinear {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (x, a, b) = (cpu_f32_slice(s1, l1, self.name())?, cpu_f32_slice(s2, l2, self.name())?, cpu_f32_slice(s3, l3, self.name())?);
-        let (out_f, in_f, wt) = self.base_view()?;
+        let (out_f, in_f) = self.base_dims()?;
         let r = a.len() / in_f.max(1);
         let m = x.len() / in_f.max(1);
         let mut y = vec![0f32; m * out_f];
@@ -381,16 +454,14 @@ impl candle_core::CustomOp3 for LowRankLinear {
             })?,
             None => false,
         };
-        with_f32s([&self.weight], self.name(), |[w]| {
-            // SAFETY: x [m, in], A [r, in], B [out, r], W as [in, out] through `wt`; y [m, out]
-            // and h [m, r] are this call's buffers.
-            unsafe {
-                gemm_f32((m, out_f, in_f), y.as_mut_ptr(), out_f, has_bias, x.as_ptr(), (in_f, 1), w.as_ptr(), wt, 1.0, true);
-                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
-                gemm_f32((m, out_f, r), y.as_mut_ptr(), out_f, true, h.as_ptr(), (r, 1), b.as_ptr(), (1, r), 1.0, true);
-            }
-            Ok(())
-        })?;
+        // y (+)= x W^T (x W for [in, out] storage)
+        frozen_product(&self.weight, self.transposed, x, m, &mut y, has_bias, self.name())?;
+        // SAFETY: x [m, in], A [r, in], B [out, r]; y [m, out] and h [m, r] are this call's
+        // buffers.
+        unsafe {
+            gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
+            gemm_f32((m, out_f, r), y.as_mut_ptr(), out_f, true, h.as_ptr(), (r, 1), b.as_ptr(), (1, r), 1.0, true);
+        }
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("non-empty dims") = out_f;
         Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(dims)))
@@ -405,7 +476,7 @@ impl candle_core::CustomOp3 for LowRankLinear {
         g_t: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g_t = g_t.contiguous()?;
-        let (out_f, in_f, wt) = self.base_view()?;
+        let (out_f, in_f) = self.base_dims()?;
         let r = a_t.dim(0)?;
         let m = x_t.elem_count() / in_f.max(1);
         let want_dx = x_t.track_op();
@@ -414,16 +485,17 @@ impl candle_core::CustomOp3 for LowRankLinear {
         let mut dx = vec![0f32; if want_dx { m * in_f } else { 0 }];
         let mut da = vec![0f32; r * in_f];
         let mut db = vec![0f32; out_f * r];
-        with_f32s([&g_t, x_t, a_t, b_t, &self.weight], self.name(), |[g, x, a, b, w]| {
-            // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r], W through `wt` (transposed
-            // back for the input gradient); every destination is one of this call's buffers
-            // with the stated shape.
+        with_f32s([&g_t, x_t, a_t, b_t], self.name(), |[g, x, a, b]| {
+            if want_dx {
+                // dx = g W (g W^T for [in, out] storage), then + scale * gb A below
+                frozen_product(&self.weight, !self.transposed, g, m, &mut dx, false, self.name())?;
+            }
+            // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r]; every destination is one
+            // of this call's buffers with the stated shape.
             unsafe {
                 // gb = g B
                 gemm_f32((m, r, out_f), gb.as_mut_ptr(), r, false, g.as_ptr(), (out_f, 1), b.as_ptr(), (r, 1), 1.0, true);
                 if want_dx {
-                    // dx = g W + scale * gb A
-                    gemm_f32((m, in_f, out_f), dx.as_mut_ptr(), in_f, false, g.as_ptr(), (out_f, 1), w.as_ptr(), (wt.1, wt.0), 1.0, true);
                     gemm_f32((m, in_f, r), dx.as_mut_ptr(), in_f, true, gb.as_ptr(), (r, 1), a.as_ptr(), (in_f, 1), self.scale, true);
                 }
                 // h = scale * x A^T; dB = g^T h; dA = scale * gb^T x
@@ -446,6 +518,11 @@ impl LinearLike for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match frozen_linear_forward(x, &self.weight, self.transposed)? {
             Some(y) => y,
+            // A weight stored in another dtype than the activations (bf16 matrices under f32
+            // compute) takes part in the activations' dtype.
+            None if self.weight.dtype() != x.dtype() => {
+                linear_forward(x, &self.weight.to_dtype(x.dtype())?, self.transposed)?
+            }
             None => linear_forward(x, &self.weight, self.transposed)?,
         };
         Ok(match &self.bias {
@@ -578,6 +655,51 @@ mod frozen_tests {
         }
         let tracked = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 12), &dev)?)?;
         assert!(frozen_linear_forward(x.as_tensor(), tracked.as_tensor(), false)?.is_none());
+        Ok(())
+    }
+
+    /// A bf16 weight under f32 activations: the ops compute in f32 on the widened weight, the
+    /// same numbers as an f32 weight holding the bf16 values, whatever the block size (blocks
+    /// that split K, that split N, ragged last blocks), with and without accumulation.
+    #[test]
+    fn bf16_weights_compute_as_their_f32_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, d0, d1) = (6, 13, 9);
+        let w16 = Tensor::randn(0f32, 1.0, (d0, d1), &dev)?.to_dtype(DType::BF16)?;
+        let w32 = w16.to_dtype(DType::F32)?;
+        for plain in [false, true] {
+            let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+            for accumulate in [false, true] {
+                let mut want = start.clone();
+                frozen_product_in_blocks(&w32, plain, &x, m, &mut want, accumulate, "test", 1 << 20)?;
+                for block in [1, d1, 2 * d1 + 3, 5 * d1, 1 << 20] {
+                    let mut got = start.clone();
+                    frozen_product_in_blocks(&w16, plain, &x, m, &mut got, accumulate, "test", block)?;
+                    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(d < 1e-5, "plain {plain} accumulate {accumulate} block {block}: {d}");
+                }
+            }
+        }
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, d1), &dev)?)?;
+        let (a, b) = (Tensor::randn(0f32, 1.0, (2, d1), &dev)?, Tensor::randn(0f32, 1.0, (d0, 2), &dev)?);
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, d0), &dev)?;
+        let (l16, l32) = (DenseLinear::new(w16, None)?, DenseLinear::new(w32, None)?);
+        let pairs = [
+            (l16.forward(x.as_tensor())?, l32.forward(x.as_tensor())?),
+            (
+                lowrank_linear_forward(x.as_tensor(), &l16, &a, &b, 0.5)?.expect("applies"),
+                lowrank_linear_forward(x.as_tensor(), &l32, &a, &b, 0.5)?.expect("applies"),
+            ),
+        ];
+        for (y16, y32) in pairs {
+            assert_eq!(y16.dtype(), DType::F32);
+            assert!(max_diff(&y16, &y32) < 1e-5);
+            let g16 = (y16 * &probe)?.sum_all()?.backward()?;
+            let g32 = (y32 * &probe)?.sum_all()?.backward()?;
+            assert!(max_diff(g16.get(x.as_tensor()).expect("grad"), g32.get(x.as_tensor()).expect("grad")) < 1e-5);
+        }
         Ok(())
     }
 

@@ -68,6 +68,23 @@ pub fn exp_minus_max(xs: &mut [f32]) -> (f32, f32) {
     (max, exp_shifted_sum(xs, max))
 }
 
+/// `out[i] = xs[i]` widened from bf16 to f32 (exact: a bf16 is the top half of an f32).
+/// Splits long slices over rayon's threads.
+pub fn widen_bf16(xs: &[half::bf16], out: &mut [f32]) {
+    fn widen(xs: &[half::bf16], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(xs) {
+            *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+        }
+    }
+    const CHUNK: usize = 1 << 16;
+    if xs.len() <= CHUNK {
+        widen(xs, out);
+    } else {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, x)| widen(x, o));
+    }
+}
+
 /// Writes `silu(x)` (candle's `x / (1 + e^-x)`) of each `x` to `out`, and `sigmoid(x)` to
 /// `sig` when given (both the length of `xs`).
 pub fn silu_into(xs: &[f32], out: &mut [f32], sig: Option<&mut [f32]>) {

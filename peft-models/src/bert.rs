@@ -316,10 +316,11 @@ impl BertModel {
     pub fn from_folder(
         dir: &Path,
         head: Option<(TaskType, usize)>,
-        dtype: DType,
+        dtype: impl Into<crate::Precision>,
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
+        let dtype = dtype.into();
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
@@ -358,9 +359,10 @@ impl BertModel {
     }
 
     /// A model with random weights, reproducible from `seed`.
-    pub fn random(cfg: BertConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
-        Self::build(cfg, &mut src, dtype, device)
+    pub fn random(cfg: BertConfig, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        let precision = dtype.into();
+        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        Self::build(cfg, &mut src, precision.compute, device)
     }
 
     /// The resolved config.

@@ -210,7 +210,7 @@ impl Gpt2Model {
     }
 
     /// Loads a Hugging Face folder. Checkpoints with or without the `transformer.` prefix load.
-    pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
@@ -231,9 +231,10 @@ impl Gpt2Model {
     }
 
     /// A model with random weights, reproducible from `seed`.
-    pub fn random(cfg: Gpt2Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
-        Self::build(cfg, &mut src, dtype, device)
+    pub fn random(cfg: Gpt2Config, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        let precision = dtype.into();
+        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        Self::build(cfg, &mut src, precision.compute, device)
     }
 
     fn norm(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {

@@ -12,9 +12,10 @@ use rand::{Rng, SeedableRng};
 pub fn random_source(
     seed: u64,
     std: f32,
-    dtype: DType,
+    dtype: impl Into<crate::Precision>,
     device: &Device,
 ) -> impl FnMut(&str, &[usize]) -> Result<Tensor> {
+    let precision = dtype.into();
     let mut rng = StdRng::seed_from_u64(seed);
     let device = device.clone();
     move |name: &str, shape: &[usize]| {
@@ -32,7 +33,7 @@ pub fn random_source(
                 })
                 .collect()
         };
-        Ok(Tensor::from_vec(data, shape, &device)?.to_dtype(dtype)?)
+        Ok(Tensor::from_vec(data, shape, &device)?.to_dtype(precision.dtype_for(shape.len()))?)
     }
 }
 

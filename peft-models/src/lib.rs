@@ -33,6 +33,65 @@ pub use llama::{LlamaConfig, LlamaModel};
 pub use t5::{T5Config, T5Model};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 
+/// The dtypes a model is built in: `compute` for its activations and its 1-D weights (norm
+/// scales, biases), `matrices` for its 2-D weights (linear layers and embedding tables).
+/// A plain f32/bf16/f16 model has both equal (`Precision::from(dtype)`);
+/// [`Precision::bf16_matrices`] keeps the frozen matrices in bf16, half the memory, while every
+/// product and activation stays f32 (the dense ops widen the weights a block at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Activations, norm scales and biases.
+    pub compute: DType,
+    /// Linear weights and embedding tables.
+    pub matrices: DType,
+}
+
+impl Precision {
+    /// bf16 matrices, f32 compute.
+    pub fn bf16_matrices() -> Self {
+        Precision {
+            compute: DType::F32,
+            matrices: DType::BF16,
+        }
+    }
+
+    /// The dtype a tensor of `rank` dimensions is kept in.
+    pub fn dtype_for(&self, rank: usize) -> DType {
+        if rank == 2 {
+            self.matrices
+        } else {
+            self.compute
+        }
+    }
+
+    /// Parses `--dtype` values: `f32`, `bf16`, `f16` (one dtype for everything) or
+    /// `bf16-weights` (bf16 matrices, f32 compute).
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" | "float32" => DType::F32.into(),
+            "bf16" | "bfloat16" => DType::BF16.into(),
+            "f16" | "float16" => DType::F16.into(),
+            "bf16-weights" => Self::bf16_matrices(),
+            other => {
+                return Err(PeftError::bad_input(
+                    "--dtype",
+                    "f32, bf16, f16 or bf16-weights",
+                    format!("`{other}`"),
+                ))
+            }
+        })
+    }
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Precision {
+            compute: dtype,
+            matrices: dtype,
+        }
+    }
+}
+
 /// Reads `model_type` from a model folder's `config.json`.
 pub fn model_type_of(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
@@ -138,7 +197,12 @@ pub fn shape_only_model(config_path: &Path) -> Result<Box<dyn AdaptableModel>> {
 
 /// Loads any supported Hugging Face model folder (dispatching on `model_type`) or a GGUF file
 /// of the LLaMA family (weights dequantized to `dtype`).
-pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn AdaptableModel>> {
+pub fn load_model(
+    dir: &Path,
+    dtype: impl Into<Precision>,
+    device: &Device,
+) -> Result<Box<dyn AdaptableModel>> {
+    let dtype = dtype.into();
     if gguf::is_gguf(dir) {
         return Ok(Box::new(gguf::load_gguf_llama(dir, dtype, device)?));
     }

@@ -350,7 +350,7 @@ impl T5Model {
     }
 
     /// Loads a Hugging Face folder.
-    pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
@@ -364,14 +364,15 @@ impl T5Model {
 
     /// A model with random weights (normal with the config's `initializer_range`, 0.05 when
     /// absent), reproducible from `seed`.
-    pub fn random(cfg: T5Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn random(cfg: T5Config, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        let precision = dtype.into();
         let std = cfg
             .raw
             .get("initializer_range")
             .and_then(Value::as_f64)
             .unwrap_or(0.05) as f32;
-        let mut src = crate::init::random_source(seed, std, dtype, device);
-        Self::build(cfg, &mut src, dtype, device)
+        let mut src = crate::init::random_source(seed, std, precision, device);
+        Self::build(cfg, &mut src, precision.compute, device)
     }
 
     /// A model with shape-only placeholder weights: for counting and listing modules.

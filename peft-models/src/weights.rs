@@ -16,6 +16,8 @@ pub struct ModelWeights {
     /// Which file holds each tensor.
     routing: BTreeMap<String, PathBuf>,
     dtype: DType,
+    /// Dtype of 2-D tensors (the matrices), `dtype` unless set apart.
+    matrices: DType,
     device: Device,
 }
 
@@ -29,8 +31,10 @@ impl std::fmt::Debug for ModelWeights {
 }
 
 impl ModelWeights {
-    /// Opens the safetensors files of `dir`; tensors are converted to `dtype` on load.
-    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Opens the safetensors files of `dir`; tensors are converted to `dtype` on load (2-D
+    /// ones to `matrices` where a [`crate::Precision`] sets them apart).
+    pub fn open(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        let precision = dtype.into();
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
@@ -95,7 +99,8 @@ impl ModelWeights {
         Ok(ModelWeights {
             st,
             routing,
-            dtype: dtype_or_float(dtype),
+            dtype: dtype_or_float(precision.compute),
+            matrices: dtype_or_float(precision.matrices),
             device: device.clone(),
         })
     }
@@ -125,11 +130,8 @@ impl ModelWeights {
             });
         }
         let t = self.st.load(name, &self.device)?;
-        Ok(if t.dtype() == self.dtype {
-            t
-        } else {
-            t.to_dtype(self.dtype)?
-        })
+        let dtype = if shape.len() == 2 { self.matrices } else { self.dtype };
+        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
     }
 
     /// The stored bytes of tensor `name` with its dtype and shape, unconverted (for
@@ -152,7 +154,7 @@ impl ModelWeights {
         self.routing.get(name).map(PathBuf::as_path)
     }
 
-    /// The dtype tensors are converted to.
+    /// The dtype tensors are converted to (the compute dtype; see `open`).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -6,7 +6,8 @@ benches/src/bin/side_by_side.rs, printed as one JSON line.
 
 The job: LlamaForCausalLM (hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000, tied
 embeddings, random weights, seed 0), LoRA r=16 alpha 32 on q,k,v,o (init_lora_weights=False),
-batch 4 x 256 tokens, AdamW (lr 1e-4), f32, eager attention. train: median step time after
+batch 4 x 256 tokens, AdamW (lr 1e-4), f32 (or, with --bf16-autocast, under bf16 autocast), eager
+attention. train: median step time after
 warm-up, tokens/s, peak RSS of the process; infer: median 1 x 256 forward, adapter unmerged and
 merged (torch.no_grad, eval mode).
 """
@@ -45,7 +46,7 @@ def median(v):
     return v[len(v) // 2]
 
 
-def train(steps, warmup):
+def train(steps, warmup, bf16=False):
     m = model()
     m.train()
     trainable, total = m.get_nb_trainable_parameters()
@@ -54,7 +55,8 @@ def train(steps, warmup):
     for step in range(warmup + steps):
         x = ids(4, 256, step)
         start = time.perf_counter()
-        out = m(input_ids=x, labels=x)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(input_ids=x, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,9 +65,10 @@ def train(steps, warmup):
         if step >= warmup:
             times.append(secs)
     s = median(times)
-    return {"side": "pytorch+peft", "mode": "train", "threads": torch.get_num_threads(), "median_step_s": round(s, 4),
+    return {"side": "pytorch+peft", "mode": "train", "dtype": "bf16-autocast" if bf16 else "f32",
+            "threads": torch.get_num_threads(), "median_step_s": round(s, 4),
             "tokens_per_s": round(4 * 256 / s, 1), "peak_rss_mb": round(peak_rss_mb()), "trainable": trainable,
-            "total": total, "first_loss": losses[0], "last_loss": losses[-1]}
+            "total": total, "first_loss": losses[0], "last_loss": losses[-1], "losses": [round(v, 5) for v in losses]}
 
 
 def infer(runs):
@@ -97,10 +100,12 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--bf16-autocast", action="store_true",
+                    help="train under torch.autocast(cpu, bfloat16): bf16 matmuls, f32 weights")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.steps, a.warmup) if a.mode == "train" else infer(a.runs)))
+    print(json.dumps(train(a.steps, a.warmup, a.bf16_autocast) if a.mode == "train" else infer(a.runs)))
 
 
 if __name__ == "__main__":

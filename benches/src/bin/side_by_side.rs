@@ -7,22 +7,23 @@
 //! process's peak RSS; `infer` the median time of a 1 x 256 forward pass with the adapter
 //! unmerged and merged (and peak RSS).
 //!
-//! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]`
-//! (threads: `RAYON_NUM_THREADS`).
+//! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]
+//! [--bf16-weights]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen matrices
+//! in bf16 and computes in f32 (`--dtype bf16-weights` of the CLI).
 
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly by design
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use peft::models::{LlamaConfig, LlamaModel};
+use peft::models::{LlamaConfig, LlamaModel, Precision};
 use peft::optim::{AdamW, AdamWConfig};
 use peft::{get_peft_model, no_grad, AdapterConfig, ModelInputs, PeftModel};
 
-fn model() -> PeftModel {
+fn model(precision: Precision) -> PeftModel {
     let mut cfg = LlamaConfig::tiny(32000, 768, 12, 12, 12, 2048);
     cfg.tie_word_embeddings = true;
-    let base = LlamaModel::random(cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let base = LlamaModel::random(cfg, 0, precision, &Device::Cpu).unwrap();
     let config = AdapterConfig::from_json_str(
         r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}"#,
@@ -52,8 +53,8 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn train(steps: usize, warmup: usize) -> String {
-    let model = model();
+fn train(steps: usize, warmup: usize, precision: Precision) -> String {
+    let model = model(precision);
     model.set_training(true);
     let (trainable, total) = model.parameter_counts();
     let vars = model.trainable_named_vars();
@@ -83,13 +84,23 @@ fn train(steps: usize, warmup: usize) -> String {
     }
     let step_s = median(times);
     format!(
-        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}}}",
+        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"dtype\": \"{}\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}, \"losses\": [{}]}}",
+        precision_name(precision),
         rayon_threads(),
         (batch * len) as f64 / step_s,
         peft::alloc::peak_rss_mb().unwrap_or(0.0),
         losses[0],
-        losses[losses.len() - 1]
+        losses[losses.len() - 1],
+        losses.iter().map(|l| format!("{l:.5}")).collect::<Vec<_>>().join(", ")
     )
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    if p == Precision::bf16_matrices() {
+        "bf16-weights"
+    } else {
+        "f32"
+    }
 }
 
 fn rayon_threads() -> usize {
@@ -99,8 +110,8 @@ fn rayon_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn infer(runs: usize) -> String {
-    let mut model = model();
+fn infer(runs: usize, precision: Precision) -> String {
+    let mut model = model(precision);
     model.set_training(false);
     let x = ModelInputs::from_ids(ids(1, 256, 7));
     let _guard = no_grad();
@@ -126,7 +137,8 @@ fn infer(runs: usize) -> String {
     }
     let (unmerged, merged) = (median(unmerged), median(merged));
     format!(
-        "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
+        "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"dtype\": \"{}\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
+        precision_name(precision),
         rayon_threads(),
         peft::alloc::peak_rss_mb().unwrap_or(0.0)
     )
@@ -136,9 +148,10 @@ fn main() {
     peft::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("train");
+    let precision = if args.iter().any(|a| a == "--bf16-weights") { Precision::bf16_matrices() } else { DType::F32.into() };
     let line = match mode {
-        "train" => train(arg(&args, "--steps", 5), arg(&args, "--warmup", 2)),
-        "infer" => infer(arg(&args, "--runs", 7)),
+        "train" => train(arg(&args, "--steps", 5), arg(&args, "--warmup", 2), precision),
+        "infer" => infer(arg(&args, "--runs", 7), precision),
         other => {
             eprintln!("side_by_side: expected train or infer, found {other}");
             std::process::exit(2);

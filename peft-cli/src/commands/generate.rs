@@ -65,7 +65,8 @@ pub struct GenerateArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Compute dtype: f32, bf16 or f16.
+    /// Compute dtype: f32, bf16 or f16 (the whole model), or bf16-weights (frozen matrices in
+    /// bf16, half their memory; f32 compute).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Keep the frozen base quantized: int8 (LLM.int8, outlier threshold 6), nf4 (QLoRA:

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 /// Files copied from the base folder when present.
@@ -58,6 +58,9 @@ pub fn copy_side_files(model: &std::path::Path, out: &std::path::Path) -> Result
 /// Merges and writes the folder.
 pub fn run(args: MergeArgs) -> Result<()> {
     let dtype = super::parse_dtype(&args.dtype)?;
+    if dtype.compute != dtype.matrices {
+        bail!("--dtype {}: a merged model is written in one dtype; use f32, bf16 or f16", args.dtype);
+    }
     let mut base = super::load_base_quant(&args.model, dtype, args.quant.as_deref())?;
     let quantized = !peft::quant::quantized_layers(base.as_mut())?.is_empty();
     let model = super::with_adapters(base, std::slice::from_ref(&args.adapter), false)?;

@@ -15,16 +15,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use peft::models::Precision;
 use peft::{AdaptableModel, PeftModel};
 
-/// Parses `--dtype`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => bail!("--dtype: expected f32, bf16 or f16, found `{other}`"),
-    })
+/// Parses `--dtype`: f32, bf16, f16 (the whole model in that dtype) or bf16-weights (frozen
+/// matrices kept in bf16, half their memory, with f32 compute).
+pub fn parse_dtype(s: &str) -> Result<Precision> {
+    Ok(Precision::parse(s)?)
 }
 
 /// Resolves `--model`: a local folder or GGUF file as is; otherwise a Hugging Face Hub id
@@ -113,13 +110,13 @@ pub fn load_tokenizer(
 
 /// Loads a model folder or a GGUF file on the CPU. A bitsandbytes-quantized folder (its
 /// `config.json` has a `quantization_config`) loads with its layers kept quantized.
-pub fn load_base(dir: &Path, dtype: DType) -> Result<Box<dyn AdaptableModel>> {
-    load_base_quant(dir, dtype, None)
+pub fn load_base(dir: &Path, dtype: impl Into<Precision>) -> Result<Box<dyn AdaptableModel>> {
+    load_base_quant(dir, dtype.into(), None)
 }
 
 /// [`load_base`], then quantize its linear layers with `quant` (int8, nf4, nf4-nodq, fp4, fp4-nodq, gguf); prints
 /// what was quantized and the resident size to stderr.
-pub fn load_base_quant(dir: &Path, dtype: DType, quant: Option<&str>) -> Result<Box<dyn AdaptableModel>> {
+pub fn load_base_quant(dir: &Path, dtype: Precision, quant: Option<&str>) -> Result<Box<dyn AdaptableModel>> {
     use peft::quant::{checkpoint, model as qmodel, quantize_model, QuantScheme};
     if !dir.is_dir() && !peft::models::gguf::is_gguf(dir) {
         bail!("{}: neither a model folder nor a GGUF file", dir.display());
@@ -149,7 +146,7 @@ pub fn load_base_quant(dir: &Path, dtype: DType, quant: Option<&str>) -> Result<
         return Ok(model);
     }
     let scheme = QuantScheme::parse(quant).context("--quant")?;
-    if dtype != DType::F32 {
+    if dtype != DType::F32.into() {
         bail!("--quant {quant}: quantized layers compute in f32; drop --dtype or use f32");
     }
     let mut model = peft::models::load_model(dir, DType::F32, &Device::Cpu)?;

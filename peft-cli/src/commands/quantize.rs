@@ -26,7 +26,7 @@ pub struct QuantizeArgs {
 pub fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
     let model_path = super::resolve_model(&args.model.display().to_string())?;
-    let mut model = super::load_base_quant(&model_path, DType::F32, Some(&args.to))?;
+    let mut model = super::load_base_quant(&model_path, DType::F32.into(), Some(&args.to))?;
     peft::quant::checkpoint::save_quantized_folder(model.as_mut(), &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     super::merge::copy_side_files(&model_path, &args.out)?;

@@ -20,6 +20,7 @@ pub use config::{LlamaConfig, RopeScaling};
 
 use crate::ops::{self, AttentionMask, Rotary};
 use crate::weights::ModelWeights;
+use crate::Precision;
 
 /// Supplies a frozen tensor by Hugging Face name and shape (loading or random init).
 pub type TensorSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
@@ -186,7 +187,7 @@ impl LlamaModel {
     }
 
     /// Loads a Hugging Face model folder (`config.json` + safetensors) in `dtype`.
-    pub fn from_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_folder(dir: &Path, dtype: impl Into<Precision>, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
@@ -204,9 +205,10 @@ impl LlamaModel {
 
     /// A model with random weights (normal with std `initializer_range`, norms at one),
     /// reproducible from `seed`; used for tests, demos and benchmarks.
-    pub fn random(cfg: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
-        Self::build(cfg, &mut src, dtype, device)
+    pub fn random(cfg: LlamaConfig, seed: u64, dtype: impl Into<Precision>, device: &Device) -> Result<Self> {
+        let precision = dtype.into();
+        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        Self::build(cfg, &mut src, precision.compute, device)
     }
 
     /// The resolved config.
