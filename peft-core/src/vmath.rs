@@ -17,7 +17,7 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5, // Cephes lists 5.0000001e-1, which rounds to 0.5 in f32
 ];
 const MAX_X: f32 = 88.376_26;
 const MIN_X: f32 = -87.336_55;

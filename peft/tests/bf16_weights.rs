@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, load_case, max_abs_diff};
 use peft::models::Precision;
-use peft::{checkpoint, AdaptableModel, ModelInputs, PeftModel};
+use peft::{checkpoint, AdaptableModel, PeftModel};
 
 /// A copy of model folder `src` whose 2-D tensors are rounded to bf16 and stored as f32.
 fn rounded_copy(src: &Path, dst: &Path) {
@@ -37,15 +36,6 @@ fn rounded_copy(src: &Path, dst: &Path) {
         } else {
             std::fs::copy(&path, dst.join(name)).unwrap();
         }
-    }
-}
-
-fn inputs(data: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs {
-        input_ids: Some(data["input_ids"].clone()),
-        attention_mask: Some(data["attention_mask"].clone()),
-        decoder_input_ids: data.get("decoder_input_ids").cloned(),
-        ..Default::default()
     }
 }
 
@@ -87,7 +77,7 @@ fn bf16_matrices_compute_as_their_f32_values_in_every_family() {
         let adapter = fixtures().join("adapters").join(case);
         let mixed = PeftModel::from_pretrained(mixed, &adapter, true).unwrap();
         let reference = PeftModel::from_pretrained(reference, &adapter, true).unwrap();
-        let x = inputs(&load_case(case));
+        let x = common::case_inputs(&load_case(case));
         let (a, b) = (mixed.forward(&x).unwrap(), reference.forward(&x).unwrap());
         assert_eq!(a.dtype(), DType::F32, "{model_name}");
         let d = max_abs_diff(&a, &b);

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use common::{assert_close, fixtures, load_case};
-use peft::{checkpoint, AdapterConfig, ModelInputs, PeftModel};
+use peft::{checkpoint, AdapterConfig, PeftModel};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
@@ -45,15 +45,6 @@ fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn inputs(data: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs {
-        input_ids: Some(data["input_ids"].clone()),
-        attention_mask: Some(data["attention_mask"].clone()),
-        decoder_input_ids: data.get("decoder_input_ids").cloned(),
-        ..Default::default()
-    }
 }
 
 /// The loss the generator used for each task.
@@ -99,7 +90,7 @@ fn every_model_and_method_matches_peft() {
     for (m, method, task) in runnable() {
         let name = format!("{m}__{method}");
         let data = load_case(&name);
-        let x = inputs(&data);
+        let x = common::case_inputs(&data);
         let mut model =
             PeftModel::from_pretrained(base(&m), &fixtures().join("adapters").join(&name), false)
                 .unwrap();
@@ -199,7 +190,7 @@ fn training_mode_outputs_loss_and_gradients_match_peft() {
             report.unexpected_keys
         );
         model.set_training(true);
-        let logits = model.forward(&inputs(&data)).unwrap();
+        let logits = model.forward(&common::case_inputs(&data)).unwrap();
         assert_close(
             &format!("{name} train logits"),
             &logits,

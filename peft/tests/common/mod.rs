@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests: fixture paths and tensor comparison.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::path::PathBuf;
 
@@ -16,6 +17,17 @@ pub fn fixtures() -> PathBuf {
 pub fn load_case(name: &str) -> std::collections::HashMap<String, Tensor> {
     let path = fixtures().join("cases").join(format!("{name}.safetensors"));
     candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture case")
+}
+
+/// The model inputs a fixture case holds: `input_ids`, `attention_mask` and, for T5,
+/// `decoder_input_ids`.
+pub fn case_inputs(data: &std::collections::HashMap<String, Tensor>) -> peft::ModelInputs {
+    peft::ModelInputs {
+        input_ids: Some(data["input_ids"].clone()),
+        attention_mask: Some(data["attention_mask"].clone()),
+        decoder_input_ids: data.get("decoder_input_ids").cloned(),
+        ..Default::default()
+    }
 }
 
 /// Largest absolute difference between two tensors of the same shape.
