@@ -69,7 +69,8 @@ pub fn exp_minus_max(xs: &mut [f32]) -> (f32, f32) {
 }
 
 /// `out[i] = xs[i]` widened from bf16 to f32 (exact: a bf16 is the top half of an f32).
-/// Splits long slices over rayon's threads.
+/// Splits long slices over rayon's threads. Not `half`'s `convert_to_f32_slice`: for bf16 that
+/// is an indexed scalar loop with a NaN branch; this shift is branch-free and vectorises.
 pub fn widen_bf16(xs: &[half::bf16], out: &mut [f32]) {
     fn widen(xs: &[half::bf16], out: &mut [f32]) {
         for (o, v) in out.iter_mut().zip(xs) {

@@ -410,14 +410,12 @@ pub fn reverse_permute(w: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// Loads a LLaMA-family model from a GGUF file, dequantizing its weights to `dtype`.
 pub fn load_gguf_llama(path: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<LlamaModel> {
-    let precision = dtype.into();
+    let precision = crate::weights::float_precision(dtype.into());
     let file = GgufFile::open(path)?;
     let arch = file.architecture()?;
     let cfg = file.llama_config()?;
     let permute = arch == "llama" || arch == "mistral";
     let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let dtype = crate::weights::dtype_or_float(precision.compute);
-    let matrices = crate::weights::dtype_or_float(precision.matrices);
     let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
         let gname = gguf_name(name).ok_or_else(|| PeftError::MissingTensor {
             path: path.to_path_buf(),
@@ -447,10 +445,10 @@ pub fn load_gguf_llama(path: &Path, dtype: impl Into<crate::Precision>, device: 
         } else if permute && gname.contains(".attn_k.") {
             t = reverse_permute(&t, kv_heads)?;
         }
-        let want = if shape.len() == 2 { matrices } else { dtype };
+        let want = precision.dtype_for(shape.len());
         Ok(if t.dtype() == want { t } else { t.to_dtype(want)? })
     };
-    let mut model = LlamaModel::build(cfg, &mut src, dtype, device)?;
+    let mut model = LlamaModel::build(cfg, &mut src, precision.compute, device)?;
     model.set_name_or_path(path.display().to_string());
     Ok(model)
 }

