@@ -295,6 +295,11 @@ impl DenseLinear {
     pub fn into_slot(self) -> LinearSlot {
         Arc::new(self)
     }
+
+    /// The stored weight, the bias and whether the weight is stored `[in, out]`.
+    pub(crate) fn parts(&self) -> (&Tensor, Option<&Tensor>, bool) {
+        (&self.weight, self.bias.as_ref(), self.transposed)
+    }
 }
 
 /// `x W^T` (or `x W` for a weight stored `[in, out]`) against a frozen f32 weight on the CPU,

@@ -296,6 +296,19 @@ pub trait AdaptableModel: Send + Sync {
     /// the cached positions come first and the new keys/values are appended to it.
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor>;
 
+    /// transformers' causal-LM loss (`labels` `[B, T]` shifted left inside, `-100` ignored, the
+    /// mean over counted tokens) of what [`AdaptableModel::forward`] returns. Models whose
+    /// output head is a plain linear layer apply it through
+    /// [`crate::loss::head_causal_lm_loss`], which never holds the `[B, T, V]` logits.
+    fn causal_lm_loss(
+        &self,
+        inputs: &ModelInputs,
+        cache: Option<&mut KvCache>,
+        labels: &Tensor,
+    ) -> Result<Tensor> {
+        crate::loss::causal_lm_loss(&self.forward(inputs, cache)?, labels)
+    }
+
     /// A cache suited to this model.
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.info().num_layers)

@@ -452,9 +452,36 @@ impl PeftModel {
     pub fn forward(&self, inputs: &ModelInputs) -> Result<Tensor> {
         match self.active_prompt() {
             Some(p) => {
-                forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training())
+                forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training(), None)
             }
             None => self.base.forward(inputs, None),
+        }
+    }
+
+    /// transformers' causal-LM loss of [`PeftModel::forward`] against `labels` `[B, T]` (the
+    /// inputs' length; `-100` ignored; shifted inside), as peft's `forward(..., labels=)`
+    /// computes it: positions a prompt adds in front are ignored. The same value and gradients
+    /// as [`crate::loss::causal_lm_loss`] of the logits, without holding the `[B, T, V]` logits
+    /// where the model's head allows it ([`crate::loss::head_causal_lm_loss`]).
+    pub fn causal_lm_loss(&self, inputs: &ModelInputs, labels: &Tensor) -> Result<Tensor> {
+        let virtual_tokens = self.virtual_tokens_in_output();
+        let labels = if virtual_tokens > 0 {
+            let (b, _) = labels.dims2()?;
+            let ignore = Tensor::full(crate::loss::IGNORE_INDEX, (b, virtual_tokens), labels.device())?;
+            Tensor::cat(&[&ignore, &labels.to_dtype(DType::I64)?], 1)?
+        } else {
+            labels.clone()
+        };
+        match self.active_prompt() {
+            Some(p) => forward_with_prompt(
+                self.base.as_ref(),
+                p,
+                inputs,
+                None,
+                self.state.training(),
+                Some(&labels),
+            ),
+            None => self.base.causal_lm_loss(inputs, None, &labels),
         }
     }
 
@@ -467,6 +494,7 @@ impl PeftModel {
                 inputs,
                 Some(cache),
                 self.state.training(),
+                None,
             ),
             None => self.base.forward(inputs, Some(cache)),
         }

@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::error::{PeftError, Result};
-use crate::loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
+use crate::loss::{cross_entropy, IGNORE_INDEX};
 use crate::model::ModelInputs;
 use crate::peft_model::PeftModel;
 
@@ -180,17 +180,7 @@ pub struct StepStats {
 pub fn causal_lm_batch_loss(model: &PeftModel, batch: &CausalLmBatch) -> Result<Tensor> {
     let inputs =
         ModelInputs::from_ids(batch.input_ids.clone()).with_mask(batch.attention_mask.clone());
-    let logits = model.forward(&inputs)?;
-    // Prompt tuning and p-tuning add virtual positions to the logits; peft prepends -100 labels.
-    let virtual_tokens = model.virtual_tokens_in_output();
-    let labels = if virtual_tokens > 0 {
-        let (b, _) = batch.labels.dims2()?;
-        let ignore = Tensor::full(IGNORE_INDEX, (b, virtual_tokens), batch.labels.device())?;
-        Tensor::cat(&[&ignore, &batch.labels.to_dtype(DType::I64)?], 1)?
-    } else {
-        batch.labels.clone()
-    };
-    causal_lm_loss(&logits, &labels)
+    model.causal_lm_loss(&inputs, &batch.labels)
 }
 
 /// Checks that every trainable variable received a finite gradient and returns each one's L2

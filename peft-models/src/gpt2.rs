@@ -246,6 +246,69 @@ impl Gpt2Model {
             .as_ref()
             .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
     }
+
+    /// Runs the blocks and the final layer norm: the hidden states `[B, T, n_embd]`.
+    fn hidden_states(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        inputs.check_supported("gpt2", false, false)?;
+        let (b, t) = inputs.batch_and_len()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let tokens = match (&inputs.inputs_embeds, &inputs.input_ids) {
+            (Some(e), _) => e.to_dtype(self.dtype)?,
+            (None, Some(ids)) => self.embed_tokens(ids)?,
+            (None, None) => unreachable!("batch_and_len checked the inputs"),
+        };
+        let positions = match &inputs.position_ids {
+            Some(p) => p.clone(),
+            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?
+                .unsqueeze(0)?
+                .expand((b, t))?,
+        };
+        if past + t > self.cfg.n_positions {
+            return Err(PeftError::bad_input(
+                "gpt2 input",
+                format!("at most n_positions = {} positions", self.cfg.n_positions),
+                format!("{} (cached {past} + new {t})", past + t),
+            ));
+        }
+        let mut h = (tokens
+            + self
+                .wpe
+                .forward(&positions.to_dtype(DType::U32)?)?
+                .to_dtype(self.dtype)?)?;
+        let mask = ops::causal_mask(
+            inputs.attention_mask.as_ref(),
+            b,
+            t,
+            past,
+            None,
+            &self.device,
+        )?;
+        let (nh, d) = (self.cfg.n_head, self.cfg.n_embd);
+        let hd = d / nh;
+        let scale = if self.cfg.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let a = self.norm(&h, &block.ln_1)?;
+            let qkv = block.c_attn.forward(&a)?;
+            let heads =
+                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
+            let q = heads(qkv.narrow(2, 0, d)?)?;
+            let k = heads(qkv.narrow(2, d, d)?)?;
+            let v = heads(qkv.narrow(2, 2 * d, d)?)?;
+            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
+            let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?
+                .transpose(1, 2)?
+                .reshape((b, t, d))?;
+            h = (h + block.attn_proj.forward(&attn)?)?;
+            let m = self.norm(&h, &block.ln_2)?;
+            let m = ops::activation(&self.cfg.activation, &block.c_fc.forward(&m)?)?;
+            h = (h + block.mlp_proj.forward(&m)?)?;
+        }
+        self.norm(&h, &self.ln_f)
+    }
 }
 
 impl AdaptableModel for Gpt2Model {
@@ -325,67 +388,18 @@ impl AdaptableModel for Gpt2Model {
             .to_dtype(self.dtype)?)
     }
 
-    fn forward(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        inputs.check_supported("gpt2", false, false)?;
-        let (b, t) = inputs.batch_and_len()?;
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let tokens = match (&inputs.inputs_embeds, &inputs.input_ids) {
-            (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => self.embed_tokens(ids)?,
-            (None, None) => unreachable!("batch_and_len checked the inputs"),
-        };
-        let positions = match &inputs.position_ids {
-            Some(p) => p.clone(),
-            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?
-                .unsqueeze(0)?
-                .expand((b, t))?,
-        };
-        if past + t > self.cfg.n_positions {
-            return Err(PeftError::bad_input(
-                "gpt2 input",
-                format!("at most n_positions = {} positions", self.cfg.n_positions),
-                format!("{} (cached {past} + new {t})", past + t),
-            ));
-        }
-        let mut h = (tokens
-            + self
-                .wpe
-                .forward(&positions.to_dtype(DType::U32)?)?
-                .to_dtype(self.dtype)?)?;
-        let mask = ops::causal_mask(
-            inputs.attention_mask.as_ref(),
-            b,
-            t,
-            past,
-            None,
-            &self.device,
-        )?;
-        let (nh, d) = (self.cfg.n_head, self.cfg.n_embd);
-        let hd = d / nh;
-        let scale = if self.cfg.scale_attn_weights {
-            1.0 / (hd as f64).sqrt()
-        } else {
-            1.0
-        };
-        for (i, block) in self.blocks.iter().enumerate() {
-            let a = self.norm(&h, &block.ln_1)?;
-            let qkv = block.c_attn.forward(&a)?;
-            let heads =
-                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
-            let q = heads(qkv.narrow(2, 0, d)?)?;
-            let k = heads(qkv.narrow(2, d, d)?)?;
-            let v = heads(qkv.narrow(2, 2 * d, d)?)?;
-            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
-            let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?
-                .transpose(1, 2)?
-                .reshape((b, t, d))?;
-            h = (h + block.attn_proj.forward(&attn)?)?;
-            let m = self.norm(&h, &block.ln_2)?;
-            let m = ops::activation(&self.cfg.activation, &block.c_fc.forward(&m)?)?;
-            h = (h + block.mlp_proj.forward(&m)?)?;
-        }
-        let h = self.norm(&h, &self.ln_f)?;
-        self.lm_head.forward(&h)
+    fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.lm_head.forward(&self.hidden_states(inputs, cache)?)
+    }
+
+    fn causal_lm_loss(
+        &self,
+        inputs: &ModelInputs,
+        cache: Option<&mut KvCache>,
+        labels: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(inputs, cache)?;
+        peft_core::loss::head_causal_lm_loss(&h, self.lm_head.as_ref(), labels)
     }
 
     fn num_parameters(&self) -> usize {

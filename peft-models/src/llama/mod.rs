@@ -442,6 +442,17 @@ impl AdaptableModel for LlamaModel {
         self.lm_head.forward(&h)
     }
 
+    fn causal_lm_loss(
+        &self,
+        inputs: &ModelInputs,
+        cache: Option<&mut KvCache>,
+        labels: &Tensor,
+    ) -> Result<Tensor> {
+        inputs.check_supported(&self.cfg.model_type, false, false)?;
+        let h = self.hidden_states(inputs, cache)?;
+        peft_core::loss::head_causal_lm_loss(&h, self.lm_head.as_ref(), labels)
+    }
+
     fn num_parameters(&self) -> usize {
         let c = &self.cfg;
         let mut n = c.vocab_size * c.hidden_size + c.hidden_size;
