@@ -176,7 +176,12 @@ pub fn generate_with(
     let mut next_input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let mut out = Vec::with_capacity(max_new_tokens);
     for _ in 0..max_new_tokens {
-        let logits = model.forward_with_cache(&ModelInputs::from_ids(next_input), &mut cache)?;
+        // Only the last position's logits: the prefill skips the head on the prompt's others.
+        let inputs = ModelInputs {
+            logits_to_keep: 1,
+            ..ModelInputs::from_ids(next_input)
+        };
+        let logits = model.forward_with_cache(&inputs, &mut cache)?;
         let t = logits.dim(1)?;
         let last = logits
             .narrow(1, t - 1, 1)?
@@ -223,6 +228,7 @@ pub fn greedy_generate_seq2seq(
             input_ids: Some(input_ids.clone()),
             attention_mask: attention_mask.cloned(),
             decoder_input_ids: Some(Tensor::new(&[[next]], &device)?),
+            logits_to_keep: 1,
             ..Default::default()
         };
         let logits = model.forward_with_cache(&inputs, &mut cache)?;

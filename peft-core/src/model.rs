@@ -99,6 +99,18 @@ pub struct ModelInputs {
     pub decoder_inputs_embeds: Option<Tensor>,
     /// Decoder attention mask `[B, past + T_dec]`.
     pub decoder_attention_mask: Option<Tensor>,
+    /// Logits only for the last `logits_to_keep` positions (transformers' `logits_to_keep`;
+    /// 0, the default, keeps all): generation needs the last one, and a vocabulary-sized head
+    /// applied to every prompt position is a fifth of a small model's prefill. Honoured by the
+    /// language-model heads (LLaMA family, GPT-2, T5's decoder); classification heads ignore it.
+    pub logits_to_keep: usize,
+}
+
+/// The last `keep` positions of `[B, T, ..]` hidden states (all of them when `keep` is 0 or at
+/// least `T`): what [`ModelInputs::logits_to_keep`] asks of a head.
+pub fn keep_last_positions(hidden: &Tensor, keep: usize) -> Result<Tensor> {
+    let t = hidden.dim(1)?;
+    Ok(if keep == 0 || keep >= t { hidden.clone() } else { hidden.narrow(1, t - keep, keep)? })
 }
 
 impl ModelInputs {

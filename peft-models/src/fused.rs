@@ -137,42 +137,50 @@ impl CustomOp2 for RmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
-        let (xv, wv) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
-        let gv = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xv.len()];
-        let dw_parts: Vec<Vec<f32>> = dx
-            .par_chunks_mut(d)
-            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-            .fold(
-                || vec![0f32; d],
-                |mut dw, (o, (r, gr))| {
-                    let inv = self.inv_rms(r);
-                    // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
-                    let mean: f32 = r
-                        .iter()
-                        .zip(gr)
-                        .zip(&wv)
-                        .map(|((xi, gi), wi)| gi * wi * xi * inv)
-                        .sum::<f32>()
-                        / d as f32;
-                    for (j, oi) in o.iter_mut().enumerate() {
-                        let n = r[j] * inv;
-                        *oi = inv * (gr[j] * wv[j] - n * mean);
-                        dw[j] += gr[j] * n;
+        // A frozen norm weight (the usual case under PEFT) gets no gradient.
+        let want_dw = w.track_op();
+        let g = g.contiguous()?;
+        let (dx, dw) = peft_core::layers::with_f32s([x, w, &g], "rms-norm backward", |[xv, wv, gv]| {
+            let mut dx = vec![0f32; xv.len()];
+            let dw_parts: Vec<Vec<f32>> = dx
+                .par_chunks_mut(d)
+                .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+                .fold(
+                    || if want_dw { vec![0f32; d] } else { Vec::new() },
+                    |mut dw, (o, (r, gr))| {
+                        let inv = self.inv_rms(r);
+                        // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
+                        let mean: f32 = r
+                            .iter()
+                            .zip(gr)
+                            .zip(wv)
+                            .map(|((xi, gi), wi)| gi * wi * xi * inv)
+                            .sum::<f32>()
+                            / d as f32;
+                        for (j, oi) in o.iter_mut().enumerate() {
+                            *oi = inv * (gr[j] * wv[j] - r[j] * inv * mean);
+                        }
+                        for (j, dwj) in dw.iter_mut().enumerate() {
+                            *dwj += gr[j] * r[j] * inv;
+                        }
+                        dw
+                    },
+                )
+                .collect();
+            let dw = want_dw.then(|| {
+                let mut dw = vec![0f32; d];
+                for part in dw_parts {
+                    for (a, b) in dw.iter_mut().zip(part) {
+                        *a += b;
                     }
-                    dw
-                },
-            )
-            .collect();
-        let mut dw = vec![0f32; d];
-        for part in dw_parts {
-            for (a, b) in dw.iter_mut().zip(part) {
-                *a += b;
-            }
-        }
+                }
+                dw
+            });
+            Ok((dx, dw))
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?,
         ))
     }
 }
@@ -316,6 +324,12 @@ mod tests {
             let d = max_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
             assert!(d < 1e-4, "rms norm gradient differs by {d}");
         }
+        // A frozen weight: the same input gradient, none for the weight.
+        let frozen = w.as_tensor().detach();
+        let fused = rms_norm(x.as_tensor(), &frozen, 1e-6)?.unwrap();
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()) < 1e-4);
+        assert!(gf.get(&frozen).is_none(), "a frozen norm weight got a gradient");
         Ok(())
     }
 

@@ -389,7 +389,8 @@ impl AdaptableModel for Gpt2Model {
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.lm_head.forward(&self.hidden_states(inputs, cache)?)
+        let h = self.hidden_states(inputs, cache)?;
+        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn causal_lm_loss(

@@ -726,7 +726,7 @@ impl AdaptableModel for T5Model {
         if self.cfg.scale_decoder_outputs {
             h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
         }
-        self.lm_head.forward(&h)
+        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn num_parameters(&self) -> usize {

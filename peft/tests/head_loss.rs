@@ -4,7 +4,8 @@
 //! LLaMA with an untied and a tied head, Qwen2, GPT-2, bf16-kept weights, left padding, LoRA on
 //! `lm_head` itself (which takes the logits path), modules_to_save on the head, prompt tuning
 //! (labels gain ignored virtual positions) and prefix tuning (a cache from the first step). The
-//! reference-checked losses and gradients (parity tests) go through the same path.
+//! reference-checked losses and gradients (parity tests) go through the same path. And
+//! `ModelInputs::logits_to_keep` (generation's prefill) gives the last positions of the logits.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -113,4 +114,42 @@ fn bad_labels_name_what_was_expected() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("0..128") && err.contains("128"), "{err}");
+}
+
+/// `logits_to_keep = k` returns the last `k` positions of the full logits (0 or more than the
+/// length: all), for decoder-only models with and without a prompt and for T5's decoder.
+#[test]
+fn logits_to_keep_is_the_last_positions() {
+    let qv = lora(r#""q_proj", "v_proj""#, "");
+    let prompt = r#"{"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3}"#;
+    let cases = [
+        ("llama", model("llama_tiny", DType::F32.into(), &qv)),
+        ("llama, prompt tuning", model("llama_tiny", DType::F32.into(), prompt)),
+        ("gpt2", model("gpt2_tiny", DType::F32.into(), &lora(r#""c_attn""#, ""))),
+    ];
+    let b = batch();
+    for (what, m) in &cases {
+        let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
+        let full = m.forward(&inputs).unwrap();
+        let t = full.dim(1).unwrap();
+        for keep in [0, 1, 4, t + 5] {
+            let part = m.forward(&ModelInputs { logits_to_keep: keep, ..inputs.clone() }).unwrap();
+            let n = if keep == 0 || keep > t { t } else { keep };
+            assert_eq!(part.dims(), [2, n, 128], "{what} keep {keep}");
+            let d = max_abs_diff(&part, &full.narrow(1, t - n, n).unwrap());
+            assert!(d < 1e-5, "{what} keep {keep}: differs by {d}");
+        }
+    }
+    let t5 = peft::models::load_model(&fixtures().join("models").join("t5_tiny"), DType::F32, &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let inputs = ModelInputs {
+        input_ids: Some(Tensor::new(&[[5u32, 6, 7, 8]], &dev).unwrap()),
+        decoder_input_ids: Some(Tensor::new(&[[0u32, 9, 10]], &dev).unwrap()),
+        ..Default::default()
+    };
+    let full = t5.forward(&inputs, None).unwrap();
+    let last = t5.forward(&ModelInputs { logits_to_keep: 1, ..inputs.clone() }, None).unwrap();
+    let v = full.dim(2).unwrap();
+    assert_eq!(last.dims(), [1, 1, v]);
+    assert!(max_abs_diff(&last, &full.narrow(1, 2, 1).unwrap()) < 1e-5, "t5");
 }

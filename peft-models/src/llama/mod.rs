@@ -439,7 +439,7 @@ impl AdaptableModel for LlamaModel {
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         inputs.check_supported(&self.cfg.model_type, false, false)?;
         let h = self.hidden_states(inputs, cache)?;
-        self.lm_head.forward(&h)
+        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn causal_lm_loss(
