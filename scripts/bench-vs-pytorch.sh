@@ -7,6 +7,9 @@
 # (this project over PyTorch for training tokens/s, training peak RSS and merged inference speed;
 # the last is this project's own unmerged time over merged). Run it on a quiet machine: a
 # concurrent build halves every figure. STEPS (5) and WARMUP (2) set the training run length.
+# ROUNDS (1) repeats the whole alternation (this project, PyTorch, this project, ...) that many
+# times; each figure is then the median over rounds at a thread count (peak RSS: the largest),
+# which is what to quote on a VM whose speed drifts 10-20% between minutes.
 # BF16=1 adds the bf16 comparison (before the ratio line): this project's f32 and bf16-weights
 # training over BF16_STEPS (20) steps on the same batches (loss curves compared step for step),
 # and PyTorch + peft under bf16 autocast for BF16_TORCH_STEPS (1) step, at the last thread count
@@ -22,11 +25,13 @@ cargo build --release -q -p peft-benches --bin side_by_side
 rs=target/release/side_by_side
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
-for t in $THREADS; do
-    RAYON_NUM_THREADS=$t $rs train --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
-    python3 tools/bench/pytorch_side.py train --threads "$t" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
-    RAYON_NUM_THREADS=$t $rs infer | tee -a "$results"
-    python3 tools/bench/pytorch_side.py infer --threads "$t" | tee -a "$results"
+for round in $(seq "${ROUNDS:-1}"); do
+    for t in $THREADS; do
+        RAYON_NUM_THREADS=$t $rs train --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
+        python3 tools/bench/pytorch_side.py train --threads "$t" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$results"
+        RAYON_NUM_THREADS=$t $rs infer | tee -a "$results"
+        python3 tools/bench/pytorch_side.py infer --threads "$t" | tee -a "$results"
+    done
 done
 if [ "${BF16:-0}" = 1 ]; then
     t=${THREADS##* }
@@ -39,12 +44,33 @@ fi
 python3 - "$results" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 def best(side, mode, key, high):
+    # Median over rounds at each thread count (peak RSS: the largest), then the best count.
     c = [r for r in rows if r["side"] == side and r["mode"] == mode and r.get("dtype", "f32") == "f32"]
-    return (max if high else min)(c, key=lambda r: r[key])
+    per_threads = []
+    for t in sorted({r["threads"] for r in c}):
+        runs = [r for r in c if r["threads"] == t]
+        m = dict(runs[0])
+        for k, v in runs[0].items():
+            if isinstance(v, float) and k != "merge_max_diff":
+                m[k] = max(r[k] for r in runs) if k == "peak_rss_mb" else median([r[k] for r in runs])
+        m["rounds"] = len(runs)
+        per_threads.append(m)
+    return (max if high else min)(per_threads, key=lambda r: r[key])
 rt, pt = best("peft-rs", "train", "tokens_per_s", True), best("pytorch+peft", "train", "tokens_per_s", True)
 ri, pi = best("peft-rs", "infer", "merged_s", False), best("pytorch+peft", "infer", "merged_s", False)
 print()
+if rt["rounds"] > 1:
+    for side, mode, key in [("peft-rs", "train", "median_step_s"), ("pytorch+peft", "train", "median_step_s"),
+                            ("peft-rs", "infer", "merged_s"), ("pytorch+peft", "infer", "merged_s"),
+                            ("peft-rs", "infer", "unmerged_s")]:
+        t = (rt if side == "peft-rs" else pt)["threads"] if mode == "train" else (ri if side == "peft-rs" else pi)["threads"]
+        runs = [r[key] for r in rows if r["side"] == side and r["mode"] == mode and r["threads"] == t and r.get("dtype", "f32") == "f32"]
+        print(f"{side} {mode} {key} per round ({t} threads): " + " ".join(f"{v:.3f}" for v in runs))
+    print(f"(medians over {rt['rounds']} rounds below)")
 print("| | peft-rs | PyTorch + peft | ratio |")
 print("|---|---|---|---|")
 print(f"| training step (4 x 256 tokens), median | {rt['median_step_s']:.3f} s ({rt['threads']} threads) | {pt['median_step_s']:.3f} s ({pt['threads']} threads) | {pt['median_step_s'] / rt['median_step_s']:.2f}x faster |")
