@@ -141,6 +141,17 @@ impl CustomOp1 for FusedCrossEntropyGrad {
 /// one; positions labelled `-100` are ignored; the mean is over counted tokens.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
+    check_labels(labels, b, t)?;
+    if t < 2 {
+        return Ok(Tensor::zeros((), DType::F32, logits.device())?);
+    }
+    // Row (b, i) of the logits predicts labels[b, i + 1]; the last position of each row
+    // predicts nothing. Shifting the labels (not the logits) avoids copying [B, T-1, V].
+    Ok(cross_entropy(&logits.reshape((b * t, v))?, &shift_labels(labels)?)?.0)
+}
+
+/// Causal-LM labels must be `[B, T]`, as the logits (or hidden states) are.
+fn check_labels(labels: &Tensor, b: usize, t: usize) -> Result<()> {
     if labels.dims() != [b, t] {
         return Err(PeftError::bad_input(
             "causal_lm_loss labels",
@@ -148,12 +159,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             format!("{:?}", labels.dims()),
         ));
     }
-    if t < 2 {
-        return Ok(Tensor::zeros((), DType::F32, logits.device())?);
-    }
-    // Row (b, i) of the logits predicts labels[b, i + 1]; the last position of each row
-    // predicts nothing. Shifting the labels (not the logits) avoids copying [B, T-1, V].
-    Ok(cross_entropy(&logits.reshape((b * t, v))?, &shift_labels(labels)?)?.0)
+    Ok(())
 }
 
 /// `labels [B, T]` shifted left by one as `[B * T]` I64 targets, the last position of each row
@@ -189,13 +195,7 @@ fn head_causal_lm_loss_in_chunks(
     chunk_elems: usize,
 ) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
-    if labels.dims() != [b, t] {
-        return Err(PeftError::bad_input(
-            "causal_lm_loss labels",
-            format!("shape [{b}, {t}]"),
-            format!("{:?}", labels.dims()),
-        ));
-    }
+    check_labels(labels, b, t)?;
     let fused = head.as_any().downcast_ref::<DenseLinear>().filter(|d| {
         let (w, bias, _) = d.parts();
         let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
