@@ -142,16 +142,12 @@ impl CustomOp1 for FusedCrossEntropyGrad {
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     check_labels(labels, b, t)?;
-    if t < 2 {
-        return Ok(Tensor::zeros((), DType::F32, logits.device())?);
-    }
-    // Row (b, i) of the logits predicts labels[b, i + 1]; the last position of each row
-    // predicts nothing. Shifting the labels (not the logits) avoids copying [B, T-1, V].
-    Ok(cross_entropy(&logits.reshape((b * t, v))?, &shift_labels(labels)?)?.0)
+    // Shifting the labels (not the logits) avoids copying [B, T-1, V].
+    Ok(cross_entropy(&logits.reshape((b * t, v))?, &causal_lm_targets(labels)?)?.0)
 }
 
 /// Causal-LM labels must be `[B, T]`, as the logits (or hidden states) are.
-fn check_labels(labels: &Tensor, b: usize, t: usize) -> Result<()> {
+pub(crate) fn check_labels(labels: &Tensor, b: usize, t: usize) -> Result<()> {
     if labels.dims() != [b, t] {
         return Err(PeftError::bad_input(
             "causal_lm_loss labels",
@@ -162,40 +158,51 @@ fn check_labels(labels: &Tensor, b: usize, t: usize) -> Result<()> {
     Ok(())
 }
 
-/// `labels [B, T]` shifted left by one as `[B * T]` I64 targets, the last position of each row
-/// ignored: row `(b, i)` of the logits predicts `labels[b, i + 1]`.
-fn shift_labels(labels: &Tensor) -> Result<Tensor> {
+/// The targets of causal-LM logits `[B, T, V]` (as `[B * T, V]` rows): `labels [B, T]` shifted
+/// left by one, I64, the last position of each row ignored (row `(b, i)` predicts
+/// `labels[b, i + 1]`).
+pub fn causal_lm_targets(labels: &Tensor) -> Result<Tensor> {
     let (b, t) = labels.dims2()?;
+    if t < 2 {
+        return Ok(Tensor::full(IGNORE_INDEX, b * t, labels.device())?);
+    }
     let labels = labels.to_dtype(DType::I64)?;
     let ignore = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
     Ok(Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignore], 1)?.reshape(b * t)?)
 }
 
 /// [`causal_lm_loss`] of `head(hidden)` for final hidden states `hidden [B, T, H]` and an
-/// output head (`lm_head`), without the `[B, T, V]` logits where it can: for a frozen dense
-/// head on the CPU in f32 (weights f32 or bf16, bias or none), one op takes the predicted rows
-/// a chunk at a time (about 32 MB of logits), and while training also writes the gradient of
-/// `hidden` then, so that no chunk is computed twice; what it keeps for the backward is that
-/// `[B, T, H]` gradient. The same arithmetic as logits then loss (the same products and
-/// log-sum-exp), in the same order of operations within a row. Rows whose label is ignored
-/// (padding, each sequence's last position, prompts) are never multiplied by the head. Any
-/// other head (an adapted `lm_head`, a trainable one, another device or dtype) goes through
-/// `head.forward` and [`causal_lm_loss`].
+/// output head (`lm_head`): [`head_cross_entropy`] against the shifted labels.
 pub fn head_causal_lm_loss(hidden: &Tensor, head: &dyn LinearLike, labels: &Tensor) -> Result<Tensor> {
-    head_causal_lm_loss_in_chunks(hidden, head, labels, HEAD_CHUNK_ELEMS)
+    let (b, t, _) = hidden.dims3()?;
+    check_labels(labels, b, t)?;
+    head_cross_entropy(hidden, head, &causal_lm_targets(labels)?)
 }
 
-/// Logits computed at a time by [`head_causal_lm_loss`] (8M f32, 32 MB).
+/// Mean token cross-entropy of `head(hidden)` against `targets [N]` (I64, `-100` ignored), for
+/// hidden states `[.., H]` of `N` rows, without the `[N, V]` logits where it can: for a frozen
+/// dense head on the CPU in f32 (weights f32 or bf16, bias or none), one op takes the counted
+/// rows a chunk at a time (about 32 MB of logits), and while training also writes the gradient
+/// of `hidden` then, so that no chunk is computed twice; what it keeps for the backward is that
+/// `[.., H]` gradient. The same products and log-sum-exp as logits then [`cross_entropy`]. Rows
+/// whose target is ignored (padding, each sequence's last position, prompts) are never
+/// multiplied by the head. Any other head (an adapted `lm_head`, a trainable one, another
+/// device or dtype) goes through `head.forward` and [`cross_entropy`].
+pub fn head_cross_entropy(hidden: &Tensor, head: &dyn LinearLike, targets: &Tensor) -> Result<Tensor> {
+    head_cross_entropy_in_chunks(hidden, head, targets, HEAD_CHUNK_ELEMS)
+}
+
+/// Logits computed at a time by [`head_cross_entropy`] (8M f32, 32 MB).
 const HEAD_CHUNK_ELEMS: usize = 1 << 23;
 
-fn head_causal_lm_loss_in_chunks(
+fn head_cross_entropy_in_chunks(
     hidden: &Tensor,
     head: &dyn LinearLike,
-    labels: &Tensor,
+    targets: &Tensor,
     chunk_elems: usize,
 ) -> Result<Tensor> {
-    let (b, t, h) = hidden.dims3()?;
-    check_labels(labels, b, t)?;
+    let h = hidden.dim(candle_core::D::Minus1)?;
+    let n = hidden.elem_count() / h.max(1);
     let fused = head.as_any().downcast_ref::<DenseLinear>().filter(|d| {
         let (w, bias, _) = d.parts();
         let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
@@ -207,17 +214,23 @@ fn head_causal_lm_loss_in_chunks(
             && head.in_features() == h
     });
     let Some(dense) = fused else {
-        return causal_lm_loss(&head.forward(hidden)?, labels);
+        let logits = head.forward(hidden)?;
+        let v = logits.dim(candle_core::D::Minus1)?;
+        return Ok(cross_entropy(&logits.reshape((n, v))?, targets)?.0);
     };
-    if t < 2 {
-        return Ok(Tensor::zeros((), DType::F32, hidden.device())?);
-    }
     let v = head.out_features();
-    let targets: Vec<i64> = shift_labels(labels)?.to_vec1()?;
+    if targets.dims() != [n] {
+        return Err(PeftError::bad_input(
+            "cross_entropy targets",
+            format!("shape [{n}]"),
+            format!("{:?}", targets.dims()),
+        ));
+    }
+    let targets: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
     if let Some(bad) = targets.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
         return Err(PeftError::bad_input(
-            "causal_lm_loss labels",
-            format!("token ids in 0..{v} or {IGNORE_INDEX}"),
+            "cross_entropy targets",
+            format!("class ids in 0..{v} or {IGNORE_INDEX}"),
             bad.to_string(),
         ));
     }
@@ -232,7 +245,7 @@ fn head_causal_lm_loss_in_chunks(
         weight: weight.contiguous()?,
         bias: bias.cloned(),
         transposed,
-        rows: std::sync::Arc::new(rows),
+        rows,
         chunk_rows: (chunk_elems / v.max(1)).max(1),
         with_grad: crate::grad::is_grad_enabled() && hidden.track_op(),
         grad: std::sync::Mutex::new(None),
@@ -240,14 +253,14 @@ fn head_causal_lm_loss_in_chunks(
     Ok(hidden.contiguous()?.apply_op1(op)?)
 }
 
-/// The fused head + cross-entropy of [`head_causal_lm_loss`]: the input is `hidden`, the loss
+/// The fused head + cross-entropy of [`head_cross_entropy`]: the input is `hidden`, the loss
 /// the mean over `rows` (`(row of hidden, target)`) of `logsumexp(z) - z[target]` with
 /// `z = hidden[row] op(W) + bias`.
 struct HeadCrossEntropy {
     weight: Tensor,
     bias: Option<Tensor>,
     transposed: bool,
-    rows: std::sync::Arc<Vec<(usize, usize)>>,
+    rows: Vec<(usize, usize)>,
     chunk_rows: usize,
     with_grad: bool,
     /// The gradient of the loss with respect to `hidden`, written by the forward when
@@ -397,7 +410,7 @@ mod fused_tests {
             let g_chain = (&chain * 3.0)?.backward()?;
             let g_chain = g_chain.get(hidden.as_tensor()).expect("grad");
             for chunk in [1, 3 * v, 1 << 23] {
-                let fused = head_causal_lm_loss_in_chunks(hidden.as_tensor(), head, &labels, chunk)?;
+                let fused = head_cross_entropy_in_chunks(hidden.as_tensor(), head, &causal_lm_targets(&labels)?, chunk)?;
                 let (a, c) = (fused.to_scalar::<f32>()?, chain.to_scalar::<f32>()?);
                 assert!((a - c).abs() < 1e-5, "{what} chunk {chunk}: {a} vs {c}");
                 let g = (fused * 3.0)?.backward()?;
@@ -406,7 +419,7 @@ mod fused_tests {
             }
             let lazy = {
                 let _g = crate::grad::no_grad();
-                head_causal_lm_loss_in_chunks(hidden.as_tensor(), head, &labels, 3 * v)?
+                head_cross_entropy_in_chunks(hidden.as_tensor(), head, &causal_lm_targets(&labels)?, 3 * v)?
             };
             assert!((lazy.to_scalar::<f32>()? - chain.to_scalar::<f32>()?).abs() < 1e-5, "{what} no_grad");
             let g = (lazy * 3.0)?.backward()?;

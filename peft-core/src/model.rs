@@ -308,17 +308,21 @@ pub trait AdaptableModel: Send + Sync {
     /// the cached positions come first and the new keys/values are appended to it.
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor>;
 
-    /// transformers' causal-LM loss (`labels` `[B, T]` shifted left inside, `-100` ignored, the
-    /// mean over counted tokens) of what [`AdaptableModel::forward`] returns. Models whose
-    /// output head is a plain linear layer apply it through
-    /// [`crate::loss::head_causal_lm_loss`], which never holds the `[B, T, V]` logits.
-    fn causal_lm_loss(
+    /// Mean token cross-entropy of the logits [`AdaptableModel::forward`] returns (every
+    /// position; `logits_to_keep` is not consulted), their `[B, T, V]` rows against `targets`
+    /// `[B * T]` (I64, `-100` ignored; already aligned, e.g. shifted for a causal LM). Models
+    /// whose output head is a linear layer apply it through
+    /// [`crate::loss::head_cross_entropy`], which never holds the logits.
+    fn token_loss(
         &self,
         inputs: &ModelInputs,
         cache: Option<&mut KvCache>,
-        labels: &Tensor,
+        targets: &Tensor,
     ) -> Result<Tensor> {
-        crate::loss::causal_lm_loss(&self.forward(inputs, cache)?, labels)
+        let logits = self.forward(inputs, cache)?;
+        let v = logits.dim(candle_core::D::Minus1)?;
+        let rows = logits.elem_count() / v.max(1);
+        Ok(crate::loss::cross_entropy(&logits.reshape((rows, v))?, targets)?.0)
     }
 
     /// A cache suited to this model.

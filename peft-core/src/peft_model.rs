@@ -459,19 +459,41 @@ impl PeftModel {
     }
 
     /// transformers' causal-LM loss of [`PeftModel::forward`] against `labels` `[B, T]` (the
-    /// inputs' length; `-100` ignored; shifted inside), as peft's `forward(..., labels=)`
+    /// inputs' shape; `-100` ignored; shifted inside), as peft's `forward(..., labels=)`
     /// computes it: positions a prompt adds in front are ignored. The same value and gradients
     /// as [`crate::loss::causal_lm_loss`] of the logits, without holding the `[B, T, V]` logits
-    /// where the model's head allows it ([`crate::loss::head_causal_lm_loss`]).
+    /// where the model's head allows it ([`crate::loss::head_cross_entropy`]).
     pub fn causal_lm_loss(&self, inputs: &ModelInputs, labels: &Tensor) -> Result<Tensor> {
+        let (b, t) = inputs.batch_and_len()?;
+        crate::loss::check_labels(labels, b, t)?;
         let virtual_tokens = self.virtual_tokens_in_output();
         let labels = if virtual_tokens > 0 {
-            let (b, _) = labels.dims2()?;
             let ignore = Tensor::full(crate::loss::IGNORE_INDEX, (b, virtual_tokens), labels.device())?;
             Tensor::cat(&[&ignore, &labels.to_dtype(DType::I64)?], 1)?
         } else {
             labels.clone()
         };
+        self.token_loss(inputs, &crate::loss::causal_lm_targets(&labels)?)
+    }
+
+    /// The sequence-to-sequence loss of [`PeftModel::forward`]: the decoder's logits
+    /// `[B, T_dec, V]` against `labels` `[B, T_dec]` (`-100` ignored; the decoder inputs are
+    /// the caller's, usually `labels` shifted right), without holding the logits where the
+    /// model's head allows it.
+    pub fn seq2seq_loss(&self, inputs: &ModelInputs, labels: &Tensor) -> Result<Tensor> {
+        let decoder = inputs.decoder_input_ids.as_ref().or(inputs.decoder_inputs_embeds.as_ref());
+        let Some(decoder) = decoder else {
+            return Err(PeftError::bad_input("seq2seq_loss inputs", "decoder_input_ids or decoder_inputs_embeds", "neither"));
+        };
+        let (b, t) = (decoder.dim(0)?, decoder.dim(1)?);
+        crate::loss::check_labels(labels, b, t)?;
+        self.token_loss(inputs, &labels.to_dtype(DType::I64)?.reshape(b * t)?)
+    }
+
+    /// Mean token cross-entropy of [`PeftModel::forward`]'s logits (`[B, T, V]` rows) against
+    /// `targets [B * T]` (I64, `-100` ignored), with the active prompt applied: the common
+    /// ground of [`PeftModel::causal_lm_loss`] and [`PeftModel::seq2seq_loss`].
+    pub fn token_loss(&self, inputs: &ModelInputs, targets: &Tensor) -> Result<Tensor> {
         match self.active_prompt() {
             Some(p) => forward_with_prompt(
                 self.base.as_ref(),
@@ -479,9 +501,9 @@ impl PeftModel {
                 inputs,
                 None,
                 self.state.training(),
-                Some(&labels),
+                Some(targets),
             ),
-            None => self.base.causal_lm_loss(inputs, None, &labels),
+            None => self.base.token_loss(inputs, None, targets),
         }
     }
 

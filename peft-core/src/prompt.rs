@@ -78,15 +78,15 @@ fn with_leading_ones(mask: &Tensor, n: usize) -> Result<Tensor> {
 /// Runs `base` on `inputs` with the prompt of `prompt` applied. For an encoder-decoder, as in
 /// peft's `PeftModelForSeq2SeqLM`: prompt tuning and p-tuning prepend the first
 /// `num_virtual_tokens` rows to the encoder input (its mask gains ones); prefix tuning fills the
-/// decoder's self-attention cache (the decoder mask gains ones). With `labels`, returns the
-/// base model's causal-LM loss against them instead of its logits.
+/// decoder's self-attention cache (the decoder mask gains ones). With `targets`, returns the
+/// base model's token loss against them ([`AdaptableModel::token_loss`]) instead of its logits.
 pub(crate) fn forward_with_prompt(
     base: &dyn AdaptableModel,
     prompt: &PromptState,
     inputs: &ModelInputs,
     cache: Option<&mut KvCache>,
     training: bool,
-    labels: Option<&Tensor>,
+    targets: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (batch, _) = inputs.batch_and_len()?;
     let nvt = prompt.num_virtual_tokens;
@@ -124,7 +124,7 @@ pub(crate) fn forward_with_prompt(
                     .broadcast_as((batch, rows, width))?;
                 inputs.inputs_embeds = Some(Tensor::cat(&[&prompts.contiguous()?, &embeds], 1)?);
             }
-            run_base(base, &inputs, cache, labels)
+            run_base(base, &inputs, cache, targets)
         }
         PromptKind::Prefix {
             num_layers,
@@ -169,20 +169,20 @@ pub(crate) fn forward_with_prompt(
                     }
                 }
             };
-            run_base(base, &inputs, Some(cache), labels)
+            run_base(base, &inputs, Some(cache), targets)
         }
     }
 }
 
-/// The base model's logits, or its causal-LM loss against `labels`.
+/// The base model's logits, or its token loss against `targets`.
 fn run_base(
     base: &dyn AdaptableModel,
     inputs: &ModelInputs,
     cache: Option<&mut KvCache>,
-    labels: Option<&Tensor>,
+    targets: Option<&Tensor>,
 ) -> Result<Tensor> {
-    match labels {
-        Some(labels) => base.causal_lm_loss(inputs, cache, labels),
+    match targets {
+        Some(targets) => base.token_loss(inputs, cache, targets),
         None => base.forward(inputs, cache),
     }
 }

@@ -116,13 +116,7 @@ impl Batch {
                     decoder_input_ids: Some(shift_right(&b.labels, start, 0)?),
                     ..Default::default()
                 };
-                let logits = model.forward(&inputs)?;
-                let (n, t, v) = logits.dims3()?;
-                Ok(cross_entropy(
-                    &logits.reshape((n * t, v))?,
-                    &b.labels.to_dtype(DType::I64)?.reshape(n * t)?,
-                )?
-                .0)
+                model.seq2seq_loss(&inputs, &b.labels)
             }
             Batch::Classification(b) => {
                 let inputs =

@@ -498,6 +498,112 @@ impl T5Model {
         }
         self.norm(&h, &self.encoder_norm)
     }
+
+    /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
+    /// `[B, T_dec, d_model]`, scaled as the head expects.
+    fn decoder_hidden(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        inputs.check_supported(&self.cfg.model_type, true, false)?;
+        // Encoder (once per cache).
+        let (encoded, enc_mask) = match cache.as_ref().and_then(|c| c.encoder_state()) {
+            Some((h, m)) => (h.clone(), m.clone()),
+            None => {
+                let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
+                    (Some(e), _) => e.to_dtype(self.dtype)?,
+                    (None, Some(ids)) => {
+                        crate::check_token_ids(ids, self.cfg.vocab_size)?;
+                        self.encoder_embed
+                            .forward(&ids.to_dtype(DType::U32)?)?
+                            .to_dtype(self.dtype)?
+                    }
+                    (None, None) => {
+                        return Err(PeftError::bad_input(
+                            "t5 inputs",
+                            "input_ids or inputs_embeds",
+                            "neither",
+                        ))
+                    }
+                };
+                let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.set_encoder_state(h.clone(), inputs.attention_mask.clone());
+                }
+                (h, inputs.attention_mask.clone())
+            }
+        };
+        // Decoder.
+        let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
+            (Some(e), _) => e.to_dtype(self.dtype)?,
+            (None, Some(ids)) => {
+                crate::check_token_ids(ids, self.cfg.vocab_size)?;
+                self.decoder_embed
+                    .forward(&ids.to_dtype(DType::U32)?)?
+                    .to_dtype(self.dtype)?
+            }
+            (None, None) => return Err(PeftError::bad_input(
+                "t5 inputs",
+                "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
+                "neither",
+            )),
+        };
+        let (b, t, _) = dec.dims3()?;
+        let s_enc = encoded.dim(1)?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let table = self.decoder[0]
+            .self_attn
+            .relative_bias
+            .as_ref()
+            .ok_or_else(|| {
+                PeftError::InvalidState("decoder block 0 lacks its relative bias".into())
+            })?;
+        let causal = ops::causal_mask(
+            inputs.decoder_attention_mask.as_ref(),
+            b,
+            t,
+            past,
+            None,
+            &self.device,
+        )?;
+        let position = self.position_bias(table, t, past + t, past, false)?;
+        let (self_bias, self_valid) = match &causal {
+            Some(m) => (position.broadcast_add(&m.additive)?, m.row_valid.clone()),
+            None => (position, None),
+        };
+        let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
+        let mut h = dec;
+        for (i, block) in self.decoder.iter().enumerate() {
+            let x = self.norm(&h, &block.self_norm)?;
+            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
+            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
+            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
+            h = (h + self.attend(&block.self_attn, &x, k, v, &self_bias, self_valid.as_ref())?)?;
+            if let Some((cross, norm)) = &block.cross_attn {
+                let x = self.norm(&h, norm)?;
+                let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
+                    Some((k, v)) => (k.clone(), v.clone()),
+                    None => {
+                        let k = self
+                            .heads(cross.proj[1].forward(&encoded)?, b, s_enc)?
+                            .contiguous()?;
+                        let v = self
+                            .heads(cross.proj[2].forward(&encoded)?, b, s_enc)?
+                            .contiguous()?;
+                        if let Some(c) = cache.as_deref_mut() {
+                            c.set_cross(i, (k.clone(), v.clone()));
+                        }
+                        (k, v)
+                    }
+                };
+                h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
+            }
+            let x = self.norm(&h, &block.ff_norm)?;
+            h = (&h + self.ff(&block.ff, &x)?)?;
+        }
+        let mut h = self.norm(&h, &self.decoder_norm)?;
+        if self.cfg.scale_decoder_outputs {
+            h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
+        }
+        Ok(h)
+    }
 }
 
 impl AdaptableModel for T5Model {
@@ -625,108 +731,19 @@ impl AdaptableModel for T5Model {
             .to_dtype(self.dtype)?)
     }
 
-    fn forward(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        inputs.check_supported(&self.cfg.model_type, true, false)?;
-        // Encoder (once per cache).
-        let (encoded, enc_mask) = match cache.as_ref().and_then(|c| c.encoder_state()) {
-            Some((h, m)) => (h.clone(), m.clone()),
-            None => {
-                let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
-                    (Some(e), _) => e.to_dtype(self.dtype)?,
-                    (None, Some(ids)) => {
-                        crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                        self.encoder_embed
-                            .forward(&ids.to_dtype(DType::U32)?)?
-                            .to_dtype(self.dtype)?
-                    }
-                    (None, None) => {
-                        return Err(PeftError::bad_input(
-                            "t5 inputs",
-                            "input_ids or inputs_embeds",
-                            "neither",
-                        ))
-                    }
-                };
-                let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
-                if let Some(c) = cache.as_deref_mut() {
-                    c.set_encoder_state(h.clone(), inputs.attention_mask.clone());
-                }
-                (h, inputs.attention_mask.clone())
-            }
-        };
-        // Decoder.
-        let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
-            (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => {
-                crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                self.decoder_embed
-                    .forward(&ids.to_dtype(DType::U32)?)?
-                    .to_dtype(self.dtype)?
-            }
-            (None, None) => return Err(PeftError::bad_input(
-                "t5 inputs",
-                "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
-                "neither",
-            )),
-        };
-        let (b, t, _) = dec.dims3()?;
-        let s_enc = encoded.dim(1)?;
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let table = self.decoder[0]
-            .self_attn
-            .relative_bias
-            .as_ref()
-            .ok_or_else(|| {
-                PeftError::InvalidState("decoder block 0 lacks its relative bias".into())
-            })?;
-        let causal = ops::causal_mask(
-            inputs.decoder_attention_mask.as_ref(),
-            b,
-            t,
-            past,
-            None,
-            &self.device,
-        )?;
-        let position = self.position_bias(table, t, past + t, past, false)?;
-        let (self_bias, self_valid) = match &causal {
-            Some(m) => (position.broadcast_add(&m.additive)?, m.row_valid.clone()),
-            None => (position, None),
-        };
-        let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
-        let mut h = dec;
-        for (i, block) in self.decoder.iter().enumerate() {
-            let x = self.norm(&h, &block.self_norm)?;
-            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
-            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
-            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
-            h = (h + self.attend(&block.self_attn, &x, k, v, &self_bias, self_valid.as_ref())?)?;
-            if let Some((cross, norm)) = &block.cross_attn {
-                let x = self.norm(&h, norm)?;
-                let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
-                    Some((k, v)) => (k.clone(), v.clone()),
-                    None => {
-                        let k = self
-                            .heads(cross.proj[1].forward(&encoded)?, b, s_enc)?
-                            .contiguous()?;
-                        let v = self
-                            .heads(cross.proj[2].forward(&encoded)?, b, s_enc)?
-                            .contiguous()?;
-                        if let Some(c) = cache.as_deref_mut() {
-                            c.set_cross(i, (k.clone(), v.clone()));
-                        }
-                        (k, v)
-                    }
-                };
-                h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
-            }
-            let x = self.norm(&h, &block.ff_norm)?;
-            h = (&h + self.ff(&block.ff, &x)?)?;
-        }
-        let mut h = self.norm(&h, &self.decoder_norm)?;
-        if self.cfg.scale_decoder_outputs {
-            h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
-        }
+    fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.decoder_hidden(inputs, cache)?;
         self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+    }
+
+    fn token_loss(
+        &self,
+        inputs: &ModelInputs,
+        cache: Option<&mut KvCache>,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.decoder_hidden(inputs, cache)?;
+        peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
     }
 
     fn num_parameters(&self) -> usize {

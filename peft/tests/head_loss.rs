@@ -4,7 +4,8 @@
 //! LLaMA with an untied and a tied head, Qwen2, GPT-2, bf16-kept weights, left padding, LoRA on
 //! `lm_head` itself (which takes the logits path), modules_to_save on the head, prompt tuning
 //! (labels gain ignored virtual positions) and prefix tuning (a cache from the first step). The
-//! reference-checked losses and gradients (parity tests) go through the same path. And
+//! reference-checked losses and gradients (parity tests) go through the same path. The same
+//! for `PeftModel::seq2seq_loss` on T5 and mT5 (LoRA, prompt tuning, prefix tuning). And
 //! `ModelInputs::logits_to_keep` (generation's prefill) gives the last positions of the logits.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -152,4 +153,49 @@ fn logits_to_keep_is_the_last_positions() {
     let v = full.dim(2).unwrap();
     assert_eq!(last.dims(), [1, 1, v]);
     assert!(max_abs_diff(&last, &full.narrow(1, 2, 1).unwrap()) < 1e-5, "t5");
+}
+
+/// `PeftModel::seq2seq_loss` (T5's decoder head applied in chunks) equals the decoder logits
+/// followed by `cross_entropy`, in value and gradients, for T5 and mT5 with LoRA, prompt tuning
+/// and prefix tuning, labels with ignored positions.
+#[test]
+fn seq2seq_head_loss_equals_logits_then_loss() {
+    let dev = Device::Cpu;
+    let labels = Tensor::new(&[[7i64, 8, 9, -100], [10, 11, -100, -100]], &dev).unwrap();
+    let lora_s2s = r#"{"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": 4, "lora_alpha": 11, "lora_dropout": 0.0,
+        "target_modules": ["q", "v"], "init_lora_weights": false}"#;
+    let cases = [
+        ("t5 lora", "t5_tiny", lora_s2s),
+        ("mt5 lora", "mt5_tiny", lora_s2s),
+        ("t5 prompt tuning", "t5_tiny", r#"{"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 3}"#),
+        ("t5 prefix tuning", "t5_tiny", r#"{"peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 3}"#),
+    ];
+    for (what, name, config) in cases {
+        let m = model(name, DType::F32.into(), config);
+        m.set_training(true);
+        let start = m.base_model().info().decoder_start_token_id.unwrap();
+        let inputs = ModelInputs {
+            input_ids: Some(Tensor::new(&[[5u32, 6, 7, 8, 1], [9, 10, 1, 0, 0]], &dev).unwrap()),
+            attention_mask: Some(Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev).unwrap()),
+            decoder_input_ids: Some(peft::training::shift_right(&labels, start, 0).unwrap()),
+            ..Default::default()
+        };
+        let fused = m.seq2seq_loss(&inputs, &labels).unwrap();
+        let logits = m.forward(&inputs).unwrap();
+        let v = logits.dim(2).unwrap();
+        let chain = peft::loss::cross_entropy(&logits.reshape((8, v)).unwrap(), &labels.reshape(8).unwrap()).unwrap().0;
+        let (f, c) = (fused.to_scalar::<f32>().unwrap(), chain.to_scalar::<f32>().unwrap());
+        assert!((f - c).abs() < 1e-5 * c.abs().max(1.0), "{what}: loss {f} vs {c}");
+        let gf = fused.backward().unwrap();
+        let gc = chain.backward().unwrap();
+        for (name, var) in m.trainable_named_vars() {
+            let a = gf.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: {name} got no gradient"));
+            let r = gc.get(var.as_tensor()).unwrap();
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max_abs_diff(a, r);
+            assert!(d <= 1e-5 * scale.max(1.0), "{what}: {name} gradients differ by {d} (largest {scale})");
+        }
+        let err = m.seq2seq_loss(&inputs, &labels.narrow(1, 0, 3).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("[2, 4]") && err.contains("[2, 3]"), "{what}: {err}");
+    }
 }

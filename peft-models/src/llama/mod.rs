@@ -442,15 +442,15 @@ impl AdaptableModel for LlamaModel {
         self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
-    fn causal_lm_loss(
+    fn token_loss(
         &self,
         inputs: &ModelInputs,
         cache: Option<&mut KvCache>,
-        labels: &Tensor,
+        targets: &Tensor,
     ) -> Result<Tensor> {
         inputs.check_supported(&self.cfg.model_type, false, false)?;
         let h = self.hidden_states(inputs, cache)?;
-        peft_core::loss::head_causal_lm_loss(&h, self.lm_head.as_ref(), labels)
+        peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
     }
 
     fn num_parameters(&self) -> usize {
