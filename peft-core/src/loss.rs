@@ -19,6 +19,23 @@ pub const IGNORE_INDEX: i64 = -100;
 /// allocations of a training step.) Other devices use the differentiable op chain.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
     let (n, v) = logits.dims2()?;
+    check_target_shape(targets, n)?;
+    let logits = logits.to_dtype(DType::F32)?;
+    let targets = targets.to_dtype(DType::I64)?;
+    if !logits.device().is_cpu() {
+        return cross_entropy_chain(&logits, &targets);
+    }
+    let t = target_ids(&targets, v)?;
+    let count = t.iter().filter(|&&x| x != IGNORE_INDEX).count();
+    let op = FusedCrossEntropy {
+        targets: std::sync::Arc::new(t),
+        count,
+    };
+    Ok((logits.contiguous()?.apply_op1(op)?, count))
+}
+
+/// Cross-entropy targets must be one per row: `[n]`.
+fn check_target_shape(targets: &Tensor, n: usize) -> Result<()> {
     if targets.dims() != [n] {
         return Err(PeftError::bad_input(
             "cross_entropy targets",
@@ -26,12 +43,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize
             format!("{:?}", targets.dims()),
         ));
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    let targets = targets.to_dtype(DType::I64)?;
-    if !logits.device().is_cpu() {
-        return cross_entropy_chain(&logits, &targets);
-    }
-    let t: Vec<i64> = targets.to_vec1()?;
+    Ok(())
+}
+
+/// The targets as I64 class ids, each in `0..v` or [`IGNORE_INDEX`].
+fn target_ids(targets: &Tensor, v: usize) -> Result<Vec<i64>> {
+    let t: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
     if let Some(bad) = t.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
         return Err(PeftError::bad_input(
             "cross_entropy targets",
@@ -39,12 +56,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize
             bad.to_string(),
         ));
     }
-    let count = t.iter().filter(|&&x| x != IGNORE_INDEX).count();
-    let op = FusedCrossEntropy {
-        targets: std::sync::Arc::new(t),
-        count,
-    };
-    Ok((logits.contiguous()?.apply_op1(op)?, count))
+    Ok(t)
 }
 
 /// The op-chain version (log_softmax, gather, masked mean), used off the CPU.
@@ -219,21 +231,8 @@ fn head_cross_entropy_in_chunks(
         return Ok(cross_entropy(&logits.reshape((n, v))?, targets)?.0);
     };
     let v = head.out_features();
-    if targets.dims() != [n] {
-        return Err(PeftError::bad_input(
-            "cross_entropy targets",
-            format!("shape [{n}]"),
-            format!("{:?}", targets.dims()),
-        ));
-    }
-    let targets: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
-    if let Some(bad) = targets.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
-        return Err(PeftError::bad_input(
-            "cross_entropy targets",
-            format!("class ids in 0..{v} or {IGNORE_INDEX}"),
-            bad.to_string(),
-        ));
-    }
+    check_target_shape(targets, n)?;
+    let targets = target_ids(targets, v)?;
     let rows: Vec<(usize, usize)> = targets
         .iter()
         .enumerate()

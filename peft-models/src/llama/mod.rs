@@ -268,6 +268,7 @@ impl LlamaModel {
         inputs: &ModelInputs,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        inputs.check_supported(&self.cfg.model_type, false, false)?;
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let mut h = match (&inputs.inputs_embeds, &inputs.input_ids) {
@@ -437,7 +438,6 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        inputs.check_supported(&self.cfg.model_type, false, false)?;
         let h = self.hidden_states(inputs, cache)?;
         self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
@@ -448,7 +448,6 @@ impl AdaptableModel for LlamaModel {
         cache: Option<&mut KvCache>,
         targets: &Tensor,
     ) -> Result<Tensor> {
-        inputs.check_supported(&self.cfg.model_type, false, false)?;
         let h = self.hidden_states(inputs, cache)?;
         peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
     }
