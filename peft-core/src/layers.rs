@@ -104,7 +104,8 @@ pub fn cpu_f32_slice<'a>(
     }
 }
 
-/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` in f32 with the `gemm` crate; `dst` has row
+/// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` in f32 ([`crate::sgemm`] where the CPU has AVX2
+/// and FMA, else the `gemm` crate); `dst` has row
 /// stride `dst_rs` (columns contiguous), `lhs` and `rhs` are given by (row, column) strides.
 /// `parallel` spreads one product over rayon's threads (else it runs on the calling thread).
 ///
@@ -128,6 +129,14 @@ pub unsafe fn gemm_f32(
         return;
     }
     let threads = rayon::current_num_threads();
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::available() {
+        let a = crate::sgemm::Operand { ptr: lhs, rs: l_rs, cs: l_cs };
+        let b = crate::sgemm::Rhs::F32(crate::sgemm::Operand { ptr: rhs, rs: r_rs, cs: r_cs });
+        // SAFETY: the caller's contract; the CPU check above.
+        unsafe { crate::sgemm::sgemm((m, n, k), dst, dst_rs, accumulate, a, b, alpha, if parallel { threads } else { 1 }) };
+        return;
+    }
     let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -189,7 +198,48 @@ pub fn frozen_product(
     accumulate: bool,
     what: &str,
 ) -> candle_core::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if weight.dtype() == DType::BF16 && crate::sgemm::available() {
+        return frozen_product_bf16(weight, plain, x, m, dst, accumulate, what);
+    }
     frozen_product_in_blocks(weight, plain, x, m, dst, accumulate, what, WIDEN_BLOCK_ELEMS)
+}
+
+/// [`frozen_product`] for a bf16 `W` on a CPU that runs [`crate::sgemm`]: the product widens
+/// each panel of `W` as it packs it, so no f32 copy of `W` (or of a block of it) is made.
+#[cfg(target_arch = "x86_64")]
+fn frozen_product_bf16(
+    weight: &Tensor,
+    plain: bool,
+    x: &[f32],
+    m: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    what: &str,
+) -> candle_core::Result<()> {
+    use crate::sgemm::{Operand, Rhs};
+    let (d0, d1) = weight.dims2()?;
+    let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
+    if x.len() != m * k || dst.len() != m * n {
+        candle_core::bail!("{what}: expected a [{m}, {k}] input and a [{m}, {n}] output for a {d0}x{d1} weight");
+    }
+    let (guard, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*guard else {
+        candle_core::bail!("{what}: expected a bf16 CPU weight, found {:?}", weight.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: expected a contiguous weight");
+    };
+    let data = &data[start..end];
+    // W^T of a row-major [d0, d1] W reads column j of op(W) as row j of W.
+    let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
+    let b = Rhs::Bf16 { ptr: data.as_ptr(), rs, cs };
+    // SAFETY: x is [m, k] and dst [m, n] (checked above); W is d0 x d1 contiguous; the CPU
+    // check is the caller's.
+    unsafe {
+        crate::sgemm::sgemm((m, n, k), dst.as_mut_ptr(), n, accumulate, Operand { ptr: x.as_ptr(), rs: k, cs: 1 }, b, 1.0, rayon::current_num_threads());
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -665,7 +715,8 @@ mod frozen_tests {
 
     /// A bf16 weight under f32 activations: the ops compute in f32 on the widened weight, the
     /// same numbers as an f32 weight holding the bf16 values, whatever the block size (blocks
-    /// that split K, that split N, ragged last blocks), with and without accumulation.
+    /// that split K, that split N, ragged last blocks, or none: `sgemm` widening as it packs),
+/// with and without accumulation.
     #[test]
     fn bf16_weights_compute_as_their_f32_values() -> Result<()> {
         let dev = Device::Cpu;
@@ -685,6 +736,11 @@ mod frozen_tests {
                     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     assert!(d < 1e-5, "plain {plain} accumulate {accumulate} block {block}: {d}");
                 }
+                // The path frozen_product takes (on AVX2 CPUs, widening while packing).
+                let mut got = start.clone();
+                frozen_product(&w16, plain, &x, m, &mut got, accumulate, "test")?;
+                let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-5, "plain {plain} accumulate {accumulate} frozen_product: {d}");
             }
         }
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, d1), &dev)?)?;

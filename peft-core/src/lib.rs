@@ -38,6 +38,8 @@ pub mod prompt;
 pub mod prompt_config;
 pub mod registry;
 pub mod saved_modules;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm;
 pub mod vmath;
 pub mod targets;
 pub mod training;
