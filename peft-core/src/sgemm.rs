@@ -466,6 +466,12 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs: usize, add: bool) {
     // SAFETY: a holds kc x MR and b kc x NR values (b 32-byte aligned); c a 6 x 16 tile.
     unsafe {
+        // The tile's rows are read (or written) after the loop: ask for them now, so that
+        // their misses overlap the arithmetic.
+        for r in 0..MR {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * rs) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * rs + NR - 1) as *const i8);
+        }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut a = a;
         let mut b = b;
