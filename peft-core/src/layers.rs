@@ -187,8 +187,9 @@ const WIDEN_BLOCK_ELEMS: usize = 1 << 20;
 /// `op(W)` is `W` (`K = d0`, `N = d1`) when `plain`, else `W^T` (`K = d1`, `N = d0`); `dst` is
 /// `[m, N]` row-major and `accumulate` adds to what it holds. An f32 `W` is one product read in
 /// place. A bf16 `W` (frozen weights kept in half the memory while the arithmetic stays f32)
-/// is widened a block of stored rows at a time into one reused buffer; each block is a slice of
-/// `K` (its partial products summed into `dst`) or of `N` (its columns of `dst`).
+/// is widened by [`crate::sgemm`] as it packs each panel (no f32 copy of `W` at all), or, on a
+/// CPU without AVX2, a block of stored rows at a time into one reused buffer; each block is a
+/// slice of `K` (its partial products summed into `dst`) or of `N` (its columns of `dst`).
 pub fn frozen_product(
     weight: &Tensor,
     plain: bool,
@@ -198,50 +199,12 @@ pub fn frozen_product(
     accumulate: bool,
     what: &str,
 ) -> candle_core::Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    if weight.dtype() == DType::BF16 && crate::sgemm::available() {
-        return frozen_product_bf16(weight, plain, x, m, dst, accumulate, what);
-    }
-    frozen_product_in_blocks(weight, plain, x, m, dst, accumulate, what, WIDEN_BLOCK_ELEMS)
+    frozen_product_in_blocks(weight, plain, x, m, dst, accumulate, what, None)
 }
 
-/// [`frozen_product`] for a bf16 `W` on a CPU that runs [`crate::sgemm`]: the product widens
-/// each panel of `W` as it packs it, so no f32 copy of `W` (or of a block of it) is made.
-#[cfg(target_arch = "x86_64")]
-fn frozen_product_bf16(
-    weight: &Tensor,
-    plain: bool,
-    x: &[f32],
-    m: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    what: &str,
-) -> candle_core::Result<()> {
-    use crate::sgemm::{Operand, Rhs};
-    let (d0, d1) = weight.dims2()?;
-    let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
-    if x.len() != m * k || dst.len() != m * n {
-        candle_core::bail!("{what}: expected a [{m}, {k}] input and a [{m}, {n}] output for a {d0}x{d1} weight");
-    }
-    let (guard, layout) = weight.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*guard else {
-        candle_core::bail!("{what}: expected a bf16 CPU weight, found {:?}", weight.dtype());
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what}: expected a contiguous weight");
-    };
-    let data = &data[start..end];
-    // W^T of a row-major [d0, d1] W reads column j of op(W) as row j of W.
-    let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
-    let b = Rhs::Bf16 { ptr: data.as_ptr(), rs, cs };
-    // SAFETY: x is [m, k] and dst [m, n] (checked above); W is d0 x d1 contiguous; the CPU
-    // check is the caller's.
-    unsafe {
-        crate::sgemm::sgemm((m, n, k), dst.as_mut_ptr(), n, accumulate, Operand { ptr: x.as_ptr(), rs: k, cs: 1 }, b, 1.0, rayon::current_num_threads());
-    }
-    Ok(())
-}
-
+/// [`frozen_product`]; `block_elems` `Some(n)` widens a bf16 `W` about `n` values at a time
+/// (the fallback, forced by tests), `None` lets [`crate::sgemm`] widen it while packing where the
+/// CPU allows, else blocks of [`WIDEN_BLOCK_ELEMS`].
 #[allow(clippy::too_many_arguments)]
 fn frozen_product_in_blocks(
     weight: &Tensor,
@@ -251,7 +214,7 @@ fn frozen_product_in_blocks(
     dst: &mut [f32],
     accumulate: bool,
     what: &str,
-    block_elems: usize,
+    block_elems: Option<usize>,
 ) -> candle_core::Result<()> {
     let (d0, d1) = weight.dims2()?;
     let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
@@ -284,6 +247,20 @@ fn frozen_product_in_blocks(
         candle_core::bail!("{what}: expected a contiguous weight");
     };
     let data = &data[start..end];
+    #[cfg(target_arch = "x86_64")]
+    if block_elems.is_none() && crate::sgemm::available() {
+        use crate::sgemm::{Operand, Rhs};
+        // op(W) = W^T of a row-major [d0, d1] W reads its column j as W's row j.
+        let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
+        let b = Rhs::Bf16 { ptr: data.as_ptr(), rs, cs };
+        // SAFETY: x is [m, k] and dst [m, n] (checked above); W is d0 x d1 contiguous; the CPU
+        // checked.
+        unsafe {
+            crate::sgemm::sgemm((m, n, k), dst.as_mut_ptr(), n, accumulate, Operand { ptr: x.as_ptr(), rs: k, cs: 1 }, b, 1.0, rayon::current_num_threads());
+        }
+        return Ok(());
+    }
+    let block_elems = block_elems.unwrap_or(WIDEN_BLOCK_ELEMS);
     let rows_per_block = (block_elems / d1.max(1)).clamp(1, d0.max(1));
     let mut buf = vec![0f32; rows_per_block * d1];
     let mut r0 = 0;
@@ -729,10 +706,10 @@ mod frozen_tests {
             let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
             for accumulate in [false, true] {
                 let mut want = start.clone();
-                frozen_product_in_blocks(&w32, plain, &x, m, &mut want, accumulate, "test", 1 << 20)?;
+                frozen_product_in_blocks(&w32, plain, &x, m, &mut want, accumulate, "test", Some(1 << 20))?;
                 for block in [1, d1, 2 * d1 + 3, 5 * d1, 1 << 20] {
                     let mut got = start.clone();
-                    frozen_product_in_blocks(&w16, plain, &x, m, &mut got, accumulate, "test", block)?;
+                    frozen_product_in_blocks(&w16, plain, &x, m, &mut got, accumulate, "test", Some(block))?;
                     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     assert!(d < 1e-5, "plain {plain} accumulate {accumulate} block {block}: {d}");
                 }

@@ -136,31 +136,24 @@ pub unsafe fn sgemm(
     } else {
         m < n
     };
-    if by_columns {
-        let per = n.div_ceil(threads).div_ceil(NR) * NR;
-        (0..threads).into_par_iter().for_each(|t| {
-            let j0 = t * per;
-            let j1 = ((t + 1) * per).min(n);
-            if j0 >= j1 {
-                return;
+    // Each thread takes a run of whole tiles: columns `[s0, s1)` of dst, or rows.
+    let (total, unit) = if by_columns { (n, NR) } else { (m, MR) };
+    let per = total.div_ceil(threads).div_ceil(unit) * unit;
+    (0..threads).into_par_iter().for_each(|t| {
+        let (s0, s1) = (t * per, ((t + 1) * per).min(total));
+        if s0 >= s1 {
+            return;
+        }
+        let dst = &dst;
+        // SAFETY: disjoint column (or row) ranges of dst; operands inside the caller's regions.
+        unsafe {
+            if by_columns {
+                sgemm_serial((m, s1 - s0, k), dst.0.add(s0), dst_rs, accumulate, a, b.offset(0, s0), alpha);
+            } else {
+                sgemm_serial((s1 - s0, n, k), dst.0.add(s0 * dst_rs), dst_rs, accumulate, a.offset(s0, 0), b, alpha);
             }
-            let dst = &dst;
-            // SAFETY: disjoint column ranges of dst; operands inside the caller's regions.
-            unsafe { sgemm_serial((m, j1 - j0, k), dst.0.add(j0), dst_rs, accumulate, a, b.offset(0, j0), alpha) };
-        });
-    } else {
-        let per = m.div_ceil(threads).div_ceil(MR) * MR;
-        (0..threads).into_par_iter().for_each(|t| {
-            let i0 = t * per;
-            let i1 = ((t + 1) * per).min(m);
-            if i0 >= i1 {
-                return;
-            }
-            let dst = &dst;
-            // SAFETY: disjoint row ranges of dst; operands inside the caller's regions.
-            unsafe { sgemm_serial((i1 - i0, n, k), dst.0.add(i0 * dst_rs), dst_rs, accumulate, a.offset(i0, 0), b, alpha) };
-        });
-    }
+        }
+    });
 }
 
 /// A 32-byte aligned scratch buffer per thread, reused across calls.
@@ -321,34 +314,8 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Rhs, p0: usize, j0: usize, out: *mut f
         // SAFETY: the caller's block; out has room for kc x round_up(nc, NR) values.
         unsafe {
             match b.offset(p0, j0 + jr) {
-                Rhs::F32(Operand { ptr, rs, cs }) => {
-                    if nr == NR && cs == 1 {
-                        for p in 0..kc {
-                            std::ptr::copy_nonoverlapping(ptr.add(p * rs), o.add(p * NR), NR);
-                        }
-                    } else if nr == NR && rs == 1 {
-                        pack_b_columns(kc, ptr, cs, o);
-                    } else {
-                        for p in 0..kc {
-                            for j in 0..NR {
-                                *o.add(p * NR + j) = if j < nr { *ptr.add(p * rs + j * cs) } else { 0.0 };
-                            }
-                        }
-                    }
-                }
-                Rhs::Bf16 { ptr, rs, cs } => {
-                    if nr == NR && cs == 1 {
-                        pack_b_rows_bf16(kc, ptr, rs, o);
-                    } else if nr == NR && rs == 1 {
-                        pack_b_columns_bf16(kc, ptr, cs, o);
-                    } else {
-                        for p in 0..kc {
-                            for j in 0..NR {
-                                *o.add(p * NR + j) = if j < nr { (*ptr.add(p * rs + j * cs)).to_f32() } else { 0.0 };
-                            }
-                        }
-                    }
-                }
+                Rhs::F32(Operand { ptr, rs, cs }) => pack_b_panel(kc, nr, ptr, rs, cs, o),
+                Rhs::Bf16 { ptr, rs, cs } => pack_b_panel(kc, nr, ptr, rs, cs, o),
             }
             o = o.add(NR * kc);
         }
@@ -356,75 +323,76 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Rhs, p0: usize, j0: usize, out: *mut f
     }
 }
 
-/// One `NR`-column panel of `kc` rows from a matrix whose columns are contiguous (column `j`
-/// at `base + j * cs`).
+/// A right-hand matrix element type: f32, or bf16 (the top half of an f32).
+trait Elem: Copy {
+    /// Eight contiguous values at `p` as f32.
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// The value as f32.
+    fn value(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller's 8 values.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for half::bf16 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const half::bf16) -> __m256 {
+        // SAFETY: the caller's 8 values.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// One `NR`-column panel of `kc` rows (`nr` of its columns real, the rest zero) from the matrix
+/// at `base` with strides `rs`, `cs`: rows copied 8 values at a time when the columns are
+/// contiguous, 8 x 8 blocks transposed in registers when the rows are (a transposed row-major
+/// weight), one value at a time otherwise.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b_columns(kc: usize, base: *const f32, cs: usize, o: *mut f32) {
-    let full = kc / 8 * 8;
-    // SAFETY: the caller's panel: NR columns of kc values; o has kc x NR room.
+unsafe fn pack_b_panel<T: Elem>(kc: usize, nr: usize, base: *const T, rs: usize, cs: usize, o: *mut f32) {
+    // SAFETY: the caller's panel: nr columns of kc values; o has kc x NR room.
     unsafe {
-        let mut p = 0;
-        while p < full {
-            for half in 0..NR / 8 {
-                let col = |r: usize| _mm256_loadu_ps(base.add((half * 8 + r) * cs + p));
-                let t = transpose8([col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
-                for (q, v) in t.into_iter().enumerate() {
-                    _mm256_storeu_ps(o.add((p + q) * NR + half * 8), v);
+        if nr == NR && cs == 1 {
+            for p in 0..kc {
+                let row = base.add(p * rs);
+                _mm256_storeu_ps(o.add(p * NR), T::load8(row));
+                _mm256_storeu_ps(o.add(p * NR + 8), T::load8(row.add(8)));
+            }
+        } else if nr == NR && rs == 1 {
+            let full = kc / 8 * 8;
+            let mut p = 0;
+            while p < full {
+                for half in 0..NR / 8 {
+                    let col = |r: usize| T::load8(base.add((half * 8 + r) * cs + p));
+                    let t = transpose8([col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
+                    for (q, v) in t.into_iter().enumerate() {
+                        _mm256_storeu_ps(o.add((p + q) * NR + half * 8), v);
+                    }
+                }
+                p += 8;
+            }
+            for p in full..kc {
+                for j in 0..NR {
+                    *o.add(p * NR + j) = (*base.add(j * cs + p)).value();
                 }
             }
-            p += 8;
-        }
-        for p in full..kc {
-            for j in 0..NR {
-                *o.add(p * NR + j) = *base.add(j * cs + p);
-            }
-        }
-    }
-}
-
-/// Eight bf16 values at `p` widened to f32 (bf16 is the top half of an f32).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn widen8(p: *const half::bf16) -> __m256 {
-    // SAFETY: the caller's 8 values.
-    unsafe {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    }
-}
-
-/// As the f32 row copy, from bf16 rows (row `p` at `base + p * rs`, `NR` contiguous values).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b_rows_bf16(kc: usize, base: *const half::bf16, rs: usize, o: *mut f32) {
-    // SAFETY: the caller's panel; o has kc x NR room.
-    unsafe {
-        for p in 0..kc {
-            let row = base.add(p * rs);
-            _mm256_storeu_ps(o.add(p * NR), widen8(row));
-            _mm256_storeu_ps(o.add(p * NR + 8), widen8(row.add(8)));
-        }
-    }
-}
-
-/// As [`pack_b_columns`], from bf16 columns.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b_columns_bf16(kc: usize, base: *const half::bf16, cs: usize, o: *mut f32) {
-    let full = kc / 8 * 8;
-    // SAFETY: the caller's panel: NR columns of kc values; o has kc x NR room.
-    unsafe {
-        let mut p = 0;
-        while p < full {
-            for half in 0..NR / 8 {
-                let col = |r: usize| widen8(base.add((half * 8 + r) * cs + p));
-                let t = transpose8([col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
-                for (q, v) in t.into_iter().enumerate() {
-                    _mm256_storeu_ps(o.add((p + q) * NR + half * 8), v);
+        } else {
+            for p in 0..kc {
+                for j in 0..NR {
+                    *o.add(p * NR + j) = if j < nr { (*base.add(p * rs + j * cs)).value() } else { 0.0 };
                 }
-            }
-            p += 8;
-        }
-        for p in full..kc {
-            for j in 0..NR {
-                *o.add(p * NR + j) = (*base.add(j * cs + p)).to_f32();
             }
         }
     }
