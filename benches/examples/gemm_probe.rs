@@ -6,11 +6,20 @@
 //! The two alternate `ROUNDS` (5) times per shape and the medians are printed: this VM's speed
 //! drifts 10-30% between seconds.
 #![allow(clippy::unwrap_used)]
+#[cfg(target_arch = "x86_64")]
 use std::time::Instant;
 
+#[cfg(target_arch = "x86_64")]
 use half::bf16;
+#[cfg(target_arch = "x86_64")]
 use peft::sgemm::{sgemm, Operand, Rhs};
 
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    eprintln!("gemm_probe: sgemm exists on x86-64 only");
+}
+
+#[cfg(target_arch = "x86_64")]
 fn secs(mut f: impl FnMut()) -> f64 {
     f();
     let s = Instant::now();
@@ -19,11 +28,13 @@ fn secs(mut f: impl FnMut()) -> f64 {
     s.elapsed().as_secs_f64() / 2.0
 }
 
+#[cfg(target_arch = "x86_64")]
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
+#[cfg(target_arch = "x86_64")]
 fn main() {
     assert!(peft::sgemm::available(), "sgemm needs AVX2 and FMA (and PEFT_GEMM_CRATE unset)");
     let threads = rayon::current_num_threads();
