@@ -105,8 +105,8 @@ pub fn cpu_f32_slice<'a>(
 }
 
 /// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` in f32 ([`crate::sgemm`] where the CPU has AVX2
-/// and FMA, else the `gemm` crate); `dst` has row
-/// stride `dst_rs` (columns contiguous), `lhs` and `rhs` are given by (row, column) strides.
+/// and FMA, else the `gemm` crate); `dst` has row stride `dst_rs` (columns contiguous), `lhs`
+/// and `rhs` are given by (row, column) strides.
 /// `parallel` spreads one product over rayon's threads (else it runs on the calling thread).
 ///
 /// # Safety
@@ -693,7 +693,7 @@ mod frozen_tests {
     /// A bf16 weight under f32 activations: the ops compute in f32 on the widened weight, the
     /// same numbers as an f32 weight holding the bf16 values, whatever the block size (blocks
     /// that split K, that split N, ragged last blocks, or none: `sgemm` widening as it packs),
-/// with and without accumulation.
+    /// with and without accumulation.
     #[test]
     fn bf16_weights_compute_as_their_f32_values() -> Result<()> {
         let dev = Device::Cpu;

@@ -499,6 +499,12 @@ impl T5Model {
         self.norm(&h, &self.encoder_norm)
     }
 
+    /// `ids` (checked against the vocabulary) looked up in `table`, in the model's dtype.
+    fn lookup(&self, table: &EmbeddingSlot, ids: &Tensor) -> Result<Tensor> {
+        crate::check_token_ids(ids, self.cfg.vocab_size)?;
+        Ok(table.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+    }
+
     /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
     /// `[B, T_dec, d_model]`, scaled as the head expects.
     fn decoder_hidden(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -509,12 +515,7 @@ impl T5Model {
             None => {
                 let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
                     (Some(e), _) => e.to_dtype(self.dtype)?,
-                    (None, Some(ids)) => {
-                        crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                        self.encoder_embed
-                            .forward(&ids.to_dtype(DType::U32)?)?
-                            .to_dtype(self.dtype)?
-                    }
+                    (None, Some(ids)) => self.lookup(&self.encoder_embed, ids)?,
                     (None, None) => {
                         return Err(PeftError::bad_input(
                             "t5 inputs",
@@ -533,12 +534,7 @@ impl T5Model {
         // Decoder.
         let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
             (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => {
-                crate::check_token_ids(ids, self.cfg.vocab_size)?;
-                self.decoder_embed
-                    .forward(&ids.to_dtype(DType::U32)?)?
-                    .to_dtype(self.dtype)?
-            }
+            (None, Some(ids)) => self.lookup(&self.decoder_embed, ids)?,
             (None, None) => return Err(PeftError::bad_input(
                 "t5 inputs",
                 "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
@@ -724,11 +720,7 @@ impl AdaptableModel for T5Model {
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self
-            .shared
-            .forward(&input_ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?)
+        self.lookup(&self.shared, input_ids)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
