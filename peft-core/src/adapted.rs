@@ -272,9 +272,12 @@ impl SlotKind for LinearKind {
             weight = weight.t()?.contiguous()?;
         }
         let bias_dtype = original.bias().map_or(dtype, |b| b.dtype());
+        // A merged weight is frozen, as peft merges under `torch.no_grad`: detached, it no
+        // longer holds the adapters' graph, and it takes the frozen layers' product (a tracked
+        // weight would fall back to candle's matmul and pass gradients to the folded adapters).
         original.with_weights(
-            weight.to_dtype(dtype)?,
-            bias.map(|b| b.to_dtype(bias_dtype)).transpose()?,
+            weight.to_dtype(dtype)?.detach(),
+            bias.map(|b| b.to_dtype(bias_dtype).map(|b| b.detach())).transpose()?,
         )
     }
 }
@@ -310,7 +313,8 @@ impl SlotKind for EmbeddingKind {
         for adapter in adapters {
             weight = adapter.merge(&weight)?;
         }
-        original.with_weight(weight.to_dtype(dtype)?)
+        // Frozen like a merged linear weight (see `LinearKind::fold`).
+        original.with_weight(weight.to_dtype(dtype)?.detach())
     }
 }
 

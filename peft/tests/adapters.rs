@@ -102,6 +102,43 @@ fn dropout_applies_in_training_only() {
     assert!(max_abs_diff(&train1, &train2) > 1e-4);
 }
 
+/// Merged weights are frozen, as peft merges under `torch.no_grad`: a merged adapter gets no
+/// gradient (peft runs only the base layer of a merged LoRA layer), and neither the merged
+/// layers nor `merge_and_unload`'s model keep the adapters' graph.
+#[test]
+fn merged_weights_are_frozen() {
+    let ids = Tensor::new(&[[1u32, 9, 33, 71, 5, 2]], &Device::Cpu).unwrap();
+    let x = ModelInputs::from_ids(ids.clone());
+    let mut model = peft::get_peft_model(
+        base(),
+        cfg(r#"["q_proj", "v_proj", "embed_tokens"]"#, 4, 8.0, 0.0),
+        3,
+    )
+    .unwrap();
+    model.set_training(true);
+    let vars = model.trainable_named_vars();
+    assert!(vars.len() >= 6, "q, v and the embedding each have A and B: {}", vars.len());
+    let grads = model.causal_lm_loss(&x, &ids).unwrap().backward().unwrap();
+    for (name, v) in &vars {
+        assert!(grads.get(v.as_tensor()).is_some(), "unmerged: {name} gets a gradient");
+    }
+    let unmerged = model.forward(&x).unwrap();
+
+    model.merge_adapter().unwrap();
+    assert_close("merged", &model.forward(&x).unwrap(), &unmerged, 1e-4);
+    let grads = model.causal_lm_loss(&x, &ids).unwrap().backward().unwrap();
+    for (name, v) in &vars {
+        assert!(grads.get(v.as_tensor()).is_none(), "merged: {name} gets no gradient");
+    }
+    model.unmerge_adapter().unwrap();
+    assert_eq!(max_abs_diff(&model.forward(&x).unwrap(), &unmerged), 0.0);
+
+    let plain = model.merge_and_unload().unwrap();
+    for (name, t) in plain.named_tensors().unwrap() {
+        assert!(!t.track_op(), "merge_and_unload: {name} keeps a graph");
+    }
+}
+
 #[test]
 fn bf16_base_runs_close_to_f32() {
     let dir = fixtures().join("adapters/llama_tiny__lora_qv");
