@@ -5,7 +5,8 @@
 # sides' figures and ends with one line:
 #   ratio_tokens_per_s=X ratio_peak_rss=Y ratio_infer_speed=W ratio_unmerged_over_merged=Z
 # (this project over PyTorch for training tokens/s, training peak RSS and merged inference speed;
-# the last is this project's own unmerged time over merged). Run it on a quiet machine: a
+# the last is this project's own unmerged time over merged, the median of alternating pairs'
+# ratios, so that the VM's drift between pairs cancels). Run it on a quiet machine: a
 # concurrent build halves every figure. STEPS (5) and WARMUP (2) set the training run length.
 # ROUNDS (1) repeats the whole alternation (this project, PyTorch, this project, ...) that many
 # times; each figure is then the median over rounds at a thread count (peak RSS: the largest),
@@ -71,13 +72,15 @@ if rt["rounds"] > 1:
         runs = [r[key] for r in rows if r["side"] == side and r["mode"] == mode and r["threads"] == t and r.get("dtype", "f32") == "f32"]
         print(f"{side} {mode} {key} per round ({t} threads): " + " ".join(f"{v:.3f}" for v in runs))
     print(f"(medians over {rt['rounds']} rounds below)")
+# Unmerged over merged: the median of alternating pairs' ratios (older result files: of medians).
+unmerged_over_merged = ri.get("unmerged_over_merged_paired", ri["unmerged_s"] / ri["merged_s"])
 print("| | peft-rs | PyTorch + peft | ratio |")
 print("|---|---|---|---|")
 print(f"| training step (4 x 256 tokens), median | {rt['median_step_s']:.3f} s ({rt['threads']} threads) | {pt['median_step_s']:.3f} s ({pt['threads']} threads) | {pt['median_step_s'] / rt['median_step_s']:.2f}x faster |")
 print(f"| training tokens/s | {rt['tokens_per_s']:.0f} | {pt['tokens_per_s']:.0f} | {rt['tokens_per_s'] / pt['tokens_per_s']:.2f} |")
 print(f"| training peak RSS | {rt['peak_rss_mb']:.0f} MB | {pt['peak_rss_mb']:.0f} MB | {rt['peak_rss_mb'] / pt['peak_rss_mb']:.2f} |")
 print(f"| inference 1 x 256, merged | {ri['merged_s']:.3f} s ({ri['threads']} threads) | {pi['merged_s']:.3f} s ({pi['threads']} threads) | {pi['merged_s'] / ri['merged_s']:.2f}x faster |")
-print(f"| inference 1 x 256, unmerged | {ri['unmerged_s']:.3f} s | {pi['unmerged_s']:.3f} s | |")
+print(f"| inference 1 x 256, unmerged | {ri['unmerged_s']:.3f} s ({unmerged_over_merged:.3f}x merged, paired) | {pi['unmerged_s']:.3f} s | |")
 print(f"| trainable / total parameters | {rt['trainable']:,} / {rt['total']:,} | {pt['trainable']:,} / {pt['total']:,} | |")
 curves = {(r["side"], r["dtype"]): r for r in rows if r["mode"] == "curve"}
 if curves:
@@ -99,5 +102,5 @@ if curves:
     print(line)
 print()
 print(f"ratio_tokens_per_s={rt['tokens_per_s'] / pt['tokens_per_s']:.3f} ratio_peak_rss={rt['peak_rss_mb'] / pt['peak_rss_mb']:.3f} "
-      f"ratio_infer_speed={pi['merged_s'] / ri['merged_s']:.3f} ratio_unmerged_over_merged={ri['unmerged_s'] / ri['merged_s']:.3f}")
+      f"ratio_infer_speed={pi['merged_s'] / ri['merged_s']:.3f} ratio_unmerged_over_merged={unmerged_over_merged:.3f}")
 PY

@@ -5,7 +5,8 @@
 //! embeddings, random weights from one seed), LoRA r=16 alpha 32 on q,k,v,o, batch 4 x 256
 //! tokens, AdamW, f32. `train` reports the median step time after warm-up, tokens/s and the
 //! process's peak RSS; `infer` the median time of a 1 x 256 forward pass with the adapter
-//! unmerged and merged (and peak RSS).
+//! unmerged and merged, alternating (`--runs` pairs, 15), the median of the pairs' unmerged /
+//! merged ratios, and peak RSS.
 //!
 //! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]
 //! [--bf16-weights]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen matrices
@@ -135,9 +136,11 @@ fn infer(runs: usize, precision: Precision) -> String {
         merged.push(once(&model));
         model.unmerge_adapter().unwrap();
     }
+    // Each pair's ratio, then their median: the VM's drift between pairs cancels.
+    let paired = median(unmerged.iter().zip(&merged).map(|(u, m)| u / m).collect());
     let (unmerged, merged) = (median(unmerged), median(merged));
     format!(
-        "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"dtype\": \"{}\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
+        "{{\"side\": \"peft-rs\", \"mode\": \"infer\", \"dtype\": \"{}\", \"threads\": {}, \"unmerged_s\": {unmerged:.4}, \"merged_s\": {merged:.4}, \"unmerged_over_merged_paired\": {paired:.4}, \"merge_max_diff\": {diff:.2e}, \"peak_rss_mb\": {:.0}}}",
         precision_name(precision),
         rayon_threads(),
         peft::alloc::peak_rss_mb().unwrap_or(0.0)
@@ -151,7 +154,7 @@ fn main() {
     let precision = if args.iter().any(|a| a == "--bf16-weights") { Precision::bf16_matrices() } else { DType::F32.into() };
     let line = match mode {
         "train" => train(arg(&args, "--steps", 5), arg(&args, "--warmup", 2), precision),
-        "infer" => infer(arg(&args, "--runs", 7), precision),
+        "infer" => infer(arg(&args, "--runs", 15), precision),
         other => {
             eprintln!("side_by_side: expected train or infer, found {other}");
             std::process::exit(2);
