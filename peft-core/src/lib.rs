@@ -32,6 +32,7 @@ pub mod layers;
 pub mod loss;
 pub mod method;
 pub mod model;
+pub mod module_tree;
 pub mod nn;
 pub mod peft_model;
 pub mod prompt;
@@ -56,6 +57,10 @@ pub use method::{
     StoredPrompt,
 };
 pub use model::{AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind};
+pub use module_tree::{
+    BaseLayerFactory, EmbeddingId, LinearId, LinearRole, LinearSpec, ModelBuilder, ModuleTree,
+    NormIds, ParamId, Scope, StoredTensor, WeightSource,
+};
 pub use peft_model::{
     get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER,
 };

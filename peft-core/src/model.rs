@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::config::TaskType;
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingSlot, LinearSlot};
+use crate::module_tree::ModuleTree;
 
 /// What kind of module a path names (peft matches targets against every module name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,20 +287,33 @@ pub trait AdaptableModel: Send + Sync {
     /// Static facts about the model.
     fn info(&self) -> &ModelInfo;
 
+    /// The modules the model declared (through [`crate::module_tree::ModelBuilder`]); the
+    /// listing, the slot visitors, the named tensors and the parameter count derive from it.
+    fn module_tree(&self) -> &ModuleTree;
+
+    /// The declared modules, mutable (methods swap slots through the visitors).
+    fn module_tree_mut(&mut self) -> &mut ModuleTree;
+
     /// Every named module in `named_modules()` order (the root excluded).
-    fn modules(&self) -> Vec<ModuleEntry>;
+    fn modules(&self) -> Vec<ModuleEntry> {
+        self.module_tree().modules()
+    }
 
     /// Calls `f` with each linear slot and its path.
     fn visit_linears(
         &mut self,
         f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.module_tree_mut().visit_linears(f)
+    }
 
     /// Calls `f` with each embedding slot and its path.
     fn visit_embeddings(
         &mut self,
         f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.module_tree_mut().visit_embeddings(f)
+    }
 
     /// Looks up token embeddings (the model's input embedding, adapters included).
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor>;
@@ -331,10 +345,14 @@ pub trait AdaptableModel: Send + Sync {
     }
 
     /// Number of parameters, each distinct tensor counted once (tied weights once).
-    fn num_parameters(&self) -> usize;
+    fn num_parameters(&self) -> usize {
+        self.module_tree().num_parameters()
+    }
 
     /// The model's tensors under their Hugging Face names, tied weights once (for saving).
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.module_tree().named_tensors()
+    }
 
     /// The `config.json` describing this model.
     fn config_json(&self) -> Value;

@@ -9,10 +9,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::{parse_object, ConfigFields};
-use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
-    TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
+    ModelInputs, ModuleTree, NormIds, PeftError, Result, StoredTensor, TaskType, WeightSource,
 };
 use serde_json::{Map, Value};
 
@@ -149,129 +148,103 @@ impl BertConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Layer {
     /// query, key, value, attention.output.dense, intermediate.dense, output.dense
-    linears: [LinearSlot; 6],
-    attention_norm: Norm,
-    output_norm: Norm,
+    linears: [LinearId; 6],
+    attention_norm: NormIds,
+    output_norm: NormIds,
 }
-
-const LAYER_LINEARS: [&str; 6] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
 
 /// A BERT encoder with one of transformers' heads.
 #[derive(Debug, Clone)]
 pub struct BertModel {
     cfg: BertConfig,
     info: ModelInfo,
-    word: EmbeddingSlot,
-    position: EmbeddingSlot,
-    token_type: EmbeddingSlot,
-    embeddings_norm: Norm,
+    tree: ModuleTree,
+    word: EmbeddingId,
+    position: EmbeddingId,
+    token_type: EmbeddingId,
+    embeddings_norm: NormIds,
     layers: Vec<Layer>,
-    pooler: Option<LinearSlot>,
-    classifier: Option<LinearSlot>,
+    pooler: Option<LinearId>,
+    classifier: Option<LinearId>,
     device: Device,
     dtype: DType,
 }
 
-type Source<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
-
-fn linear(src: &mut Source<'_>, name: &str, out: usize, inp: usize) -> Result<LinearSlot> {
-    let w = src(&format!("{name}.weight"), &[out, inp])?;
-    let b = src(&format!("{name}.bias"), &[out])?;
-    Ok(DenseLinear::new(w, Some(b))?.into_slot())
-}
-
-fn norm(src: &mut Source<'_>, name: &str, dim: usize) -> Result<Norm> {
-    Ok(Norm {
-        weight: src(&format!("{name}.weight"), &[dim])?,
-        bias: src(&format!("{name}.bias"), &[dim])?,
-    })
-}
-
 impl BertModel {
-    /// Builds the model, taking each tensor from `src` by its HF name (with the `bert.` prefix
-    /// for heads).
+    /// Builds the model, declaring each module through `b` (tensors under their HF names,
+    /// with the `bert.` prefix for heads).
     pub fn build(
         cfg: BertConfig,
-        src: &mut Source<'_>,
+        mut b: ModelBuilder<'_>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let p = cfg.prefix();
         let h = cfg.hidden_size;
-        let emb = |src: &mut Source<'_>,
-                   name: &str,
-                   rows: usize,
-                   pad: Option<usize>|
-         -> Result<EmbeddingSlot> {
-            Ok(DenseEmbedding::new(
-                src(&format!("{p}embeddings.{name}.weight"), &[rows, h])?,
-                pad,
-            )?
-            .into_slot())
+        let mut root = b.root();
+        let mut bert = match cfg.prefix() {
+            "" => root.pp(""),
+            _ => root.container("bert", "BertModel"),
         };
-        let word = emb(
-            src,
-            "word_embeddings",
-            cfg.vocab_size,
-            cfg.pad_token_id.map(|x| x as usize),
-        )?;
-        let position = emb(
-            src,
-            "position_embeddings",
-            cfg.max_position_embeddings,
-            None,
-        )?;
-        let token_type = emb(src, "token_type_embeddings", cfg.type_vocab_size, None)?;
-        let embeddings_norm = norm(src, &format!("{p}embeddings.LayerNorm"), h)?;
+        let mut e = bert.container("embeddings", "BertEmbeddings");
+        let pad = cfg.pad_token_id.map(|x| x as usize);
+        let word = e.embedding("word_embeddings", cfg.vocab_size, h, pad)?;
+        let position = e.embedding("position_embeddings", cfg.max_position_embeddings, h, None)?;
+        let token_type = e.embedding("token_type_embeddings", cfg.type_vocab_size, h, None)?;
+        let embeddings_norm = e.norm("LayerNorm", "LayerNorm", h, true)?;
+        e.module("dropout", "Dropout");
+        let mut enc = bert.container("encoder", "BertEncoder");
+        let mut stack = enc.container("layer", "ModuleList");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let l = format!("{p}encoder.layer.{i}");
-            let i_size = cfg.intermediate_size;
+            let mut l = stack.container(i, "BertLayer");
+            let mut attn = l.container("attention", "BertAttention");
+            let mut sa = attn.container("self", "BertSelfAttention");
+            let query = sa.linear("query", h, h, true)?;
+            let key = sa.linear("key", h, h, true)?;
+            let value = sa.linear("value", h, h, true)?;
+            sa.module("dropout", "Dropout");
+            let mut ao = attn.container("output", "BertSelfOutput");
+            let attn_out = ao.linear("dense", h, h, true)?;
+            let attention_norm = ao.norm("LayerNorm", "LayerNorm", h, true)?;
+            ao.module("dropout", "Dropout");
+            let mut im = l.container("intermediate", "BertIntermediate");
+            let inter = im.linear("dense", h, cfg.intermediate_size, true)?;
+            im.module("intermediate_act_fn", "GELUActivation");
+            let mut out = l.container("output", "BertOutput");
+            let out_dense = out.linear("dense", cfg.intermediate_size, h, true)?;
+            let output_norm = out.norm("LayerNorm", "LayerNorm", h, true)?;
+            out.module("dropout", "Dropout");
             layers.push(Layer {
-                linears: [
-                    linear(src, &format!("{l}.attention.self.query"), h, h)?,
-                    linear(src, &format!("{l}.attention.self.key"), h, h)?,
-                    linear(src, &format!("{l}.attention.self.value"), h, h)?,
-                    linear(src, &format!("{l}.attention.output.dense"), h, h)?,
-                    linear(src, &format!("{l}.intermediate.dense"), i_size, h)?,
-                    linear(src, &format!("{l}.output.dense"), h, i_size)?,
-                ],
-                attention_norm: norm(src, &format!("{l}.attention.output.LayerNorm"), h)?,
-                output_norm: norm(src, &format!("{l}.output.LayerNorm"), h)?,
+                linears: [query, key, value, attn_out, inter, out_dense],
+                attention_norm,
+                output_norm,
             });
         }
         let pooler = if cfg.task_type == TaskType::TokenCls {
             None
         } else {
-            Some(linear(src, &format!("{p}pooler.dense"), h, h)?)
+            let mut pl = bert.container("pooler", "BertPooler");
+            let dense = pl.linear("dense", h, h, true)?;
+            pl.module("activation", "Tanh");
+            Some(dense)
         };
         let classifier = match cfg.task_type {
             TaskType::SeqCls | TaskType::TokenCls => {
-                Some(linear(src, "classifier", cfg.num_labels, h)?)
+                root.module("dropout", "Dropout");
+                Some(root.head("classifier", h, cfg.num_labels, true, None)?)
             }
             _ => None,
         };
+        let tree = b.finish()?;
         let architecture = match cfg.task_type {
             TaskType::SeqCls => "BertForSequenceClassification",
             TaskType::TokenCls => "BertForTokenClassification",
             _ => "BertModel",
         };
+        let p = cfg.prefix();
         let info = ModelInfo {
             model_type: "bert".into(),
             architecture: architecture.into(),
@@ -297,6 +270,7 @@ impl BertModel {
         Ok(BertModel {
             cfg,
             info,
+            tree,
             word,
             position,
             token_type,
@@ -320,40 +294,29 @@ impl BertModel {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        let dtype = dtype.into();
+        Self::from_folder_with(dir, head, dtype.into(), device, seed, Vec::new())
+    }
+
+    /// [`BertModel::from_folder`], asking `factories` for the base linear layers first.
+    pub fn from_folder_with(
+        dir: &Path,
+        head: Option<(TaskType, usize)>,
+        dtype: crate::Precision,
+        device: &Device,
+        seed: u64,
+        factories: Vec<Box<dyn BaseLayerFactory>>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = BertConfig::from_map(parse_object(&text, &source)?, &source, head)?;
         let weights = ModelWeights::open(dir, dtype, device)?;
-        let mut fresh =
-            crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
-        let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let alternatives = [
-                name.to_string(),
-                name.strip_prefix("bert.")
-                    .map(str::to_string)
-                    .unwrap_or_default(),
-                format!("bert.{name}"),
-            ];
-            if let Some(found) = alternatives
-                .iter()
-                .find(|n| !n.is_empty() && weights.contains(n))
-            {
-                return weights.get(found, shape);
-            }
-            let head = name.starts_with("classifier.") || name.contains("pooler.dense.");
-            if head {
-                tracing::warn!(
-                    "{}: `{name}` is not in the checkpoint; initialising it",
-                    dir.display()
-                );
-                return fresh(name, shape);
-            }
-            weights.get(name, shape)
-        };
-        let mut model = Self::build(cfg, &mut src, weights.dtype(), device)?;
+        let compute = weights.dtype();
+        let fresh = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
+        let mut src = BertWeights { dir, weights, fresh };
+        let b = ModelBuilder::with_factories(&mut src, factories);
+        let mut model = Self::build(cfg, b, compute, device)?;
         model.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
@@ -362,7 +325,7 @@ impl BertModel {
     pub fn random(cfg: BertConfig, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
         let precision = dtype.into();
         let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
-        Self::build(cfg, &mut src, precision.compute, device)
+        Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
     /// The resolved config.
@@ -370,8 +333,9 @@ impl BertModel {
         &self.cfg
     }
 
-    fn layer_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor> {
-        ops::layer_norm(x, &n.weight, Some(&n.bias), self.cfg.layer_norm_eps)
+    fn layer_norm(&self, x: &Tensor, n: NormIds) -> Result<Tensor> {
+        let t = &self.tree;
+        ops::layer_norm(x, t.param(n.weight), t.opt_param(n.bias), self.cfg.layer_norm_eps)
     }
 
     /// The pooler's output `[B, hidden]`: `tanh(W h_first + b)`, what the sequence classifier
@@ -379,10 +343,9 @@ impl BertModel {
     pub fn pooled_output(&self, inputs: &ModelInputs) -> Result<Tensor> {
         let pooler = self
             .pooler
-            .as_ref()
             .ok_or_else(|| PeftError::InvalidState("this BERT head has no pooler".into()))?;
         let h = self.last_hidden_state(inputs, None)?;
-        Ok(pooler.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?)
+        Ok(self.tree.linear(pooler).forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?)
     }
 
     /// The encoder's last hidden state `[B, T, hidden]` (prefix positions excluded).
@@ -416,9 +379,11 @@ impl BertModel {
             Some(tt) => tt.to_dtype(DType::U32)?,
             None => Tensor::zeros((b, t), DType::U32, &self.device)?,
         };
-        let h = ((words + self.position.forward(&positions)?.to_dtype(self.dtype)?)?
-            + self.token_type.forward(&types)?.to_dtype(self.dtype)?)?;
-        let mut h = self.layer_norm(&h, &self.embeddings_norm)?;
+        let tree = &self.tree;
+        let position = tree.embedding(self.position).forward(&positions)?;
+        let token_type = tree.embedding(self.token_type).forward(&types)?;
+        let h = ((words + position.to_dtype(self.dtype)?)? + token_type.to_dtype(self.dtype)?)?;
+        let mut h = self.layer_norm(&h, self.embeddings_norm)?;
         let s = past + t;
         let additive = match &inputs.attention_mask {
             Some(m) => {
@@ -445,7 +410,7 @@ impl BertModel {
         let heads =
             |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
         for (i, layer) in self.layers.iter().enumerate() {
-            let [q, k, v, o, inter, out] = &layer.linears;
+            let [q, k, v, o, inter, out] = layer.linears.map(|id| tree.linear(id));
             let (kk, vv) = ops::cache_kv(
                 heads(k.forward(&h)?)?,
                 heads(v.forward(&h)?)?,
@@ -462,11 +427,60 @@ impl BertModel {
             let attn = attn
                 .transpose(1, 2)?
                 .reshape((b, t, self.cfg.hidden_size))?;
-            let a = self.layer_norm(&(o.forward(&attn)? + &h)?, &layer.attention_norm)?;
+            let a = self.layer_norm(&(o.forward(&attn)? + &h)?, layer.attention_norm)?;
             let m = ops::activation(&self.cfg.hidden_act, &inter.forward(&a)?)?;
-            h = self.layer_norm(&(out.forward(&m)? + a)?, &layer.output_norm)?;
+            h = self.layer_norm(&(out.forward(&m)? + a)?, layer.output_norm)?;
         }
         Ok(h)
+    }
+}
+
+/// A BERT folder as a [`WeightSource`]: encoder tensors with or without the `bert.` prefix
+/// (heads are saved with it, bare encoders without); a head or pooler the checkpoint lacks is
+/// initialised as transformers does.
+struct BertWeights<'a, F> {
+    dir: &'a Path,
+    weights: ModelWeights,
+    fresh: F,
+}
+
+impl<F> BertWeights<'_, F> {
+    /// The name under which the checkpoint holds `name`, if it does.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let alternatives = [
+            Some(name.to_string()),
+            name.strip_prefix("bert.").map(str::to_string),
+            Some(format!("bert.{name}")),
+        ];
+        alternatives.into_iter().flatten().find(|n| self.weights.contains(n))
+    }
+}
+
+impl<F: FnMut(&str, &[usize]) -> Result<Tensor>> WeightSource for BertWeights<'_, F> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(found) = self.resolve(name) {
+            return self.weights.get(&found, shape);
+        }
+        if name.starts_with("classifier.") || name.contains("pooler.dense.") {
+            tracing::warn!("{}: `{name}` is not in the checkpoint; initialising it", self.dir.display());
+            return (self.fresh)(name, shape);
+        }
+        self.weights.get(name, shape)
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        match self.resolve(name) {
+            Some(found) => self.weights.stored(&found),
+            None => Ok(None),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    fn origin(&self) -> String {
+        self.dir.display().to_string()
     }
 }
 
@@ -475,207 +489,37 @@ impl AdaptableModel for BertModel {
         &self.info
     }
 
-    fn modules(&self) -> Vec<ModuleEntry> {
-        let p = self.cfg.prefix();
-        let other = |s: String, c: &'static str| ModuleEntry::new(s, ModuleKind::Other(c));
-        let mut out = Vec::new();
-        if !p.is_empty() {
-            out.push(other("bert".into(), "BertModel"));
-        }
-        out.push(other(format!("{p}embeddings"), "BertEmbeddings"));
-        for n in [
-            "word_embeddings",
-            "position_embeddings",
-            "token_type_embeddings",
-        ] {
-            out.push(ModuleEntry::new(
-                format!("{p}embeddings.{n}"),
-                ModuleKind::Embedding,
-            ));
-        }
-        out.push(other(format!("{p}embeddings.LayerNorm"), "LayerNorm"));
-        out.push(other(format!("{p}embeddings.dropout"), "Dropout"));
-        out.push(other(format!("{p}encoder"), "BertEncoder"));
-        out.push(other(format!("{p}encoder.layer"), "ModuleList"));
-        for i in 0..self.layers.len() {
-            let l = format!("{p}encoder.layer.{i}");
-            out.push(other(l.clone(), "BertLayer"));
-            out.push(other(format!("{l}.attention"), "BertAttention"));
-            out.push(other(format!("{l}.attention.self"), "BertSelfAttention"));
-            for n in ["query", "key", "value"] {
-                out.push(ModuleEntry::new(
-                    format!("{l}.attention.self.{n}"),
-                    ModuleKind::Linear,
-                ));
-            }
-            out.push(other(format!("{l}.attention.self.dropout"), "Dropout"));
-            out.push(other(format!("{l}.attention.output"), "BertSelfOutput"));
-            out.push(ModuleEntry::new(
-                format!("{l}.attention.output.dense"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(
-                format!("{l}.attention.output.LayerNorm"),
-                "LayerNorm",
-            ));
-            out.push(other(format!("{l}.attention.output.dropout"), "Dropout"));
-            out.push(other(format!("{l}.intermediate"), "BertIntermediate"));
-            out.push(ModuleEntry::new(
-                format!("{l}.intermediate.dense"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(
-                format!("{l}.intermediate.intermediate_act_fn"),
-                "GELUActivation",
-            ));
-            out.push(other(format!("{l}.output"), "BertOutput"));
-            out.push(ModuleEntry::new(
-                format!("{l}.output.dense"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(format!("{l}.output.LayerNorm"), "LayerNorm"));
-            out.push(other(format!("{l}.output.dropout"), "Dropout"));
-        }
-        if self.pooler.is_some() {
-            out.push(other(format!("{p}pooler"), "BertPooler"));
-            out.push(ModuleEntry::new(
-                format!("{p}pooler.dense"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(format!("{p}pooler.activation"), "Tanh"));
-        }
-        if self.classifier.is_some() {
-            out.push(other("dropout".into(), "Dropout"));
-            out.push(ModuleEntry::new("classifier", ModuleKind::Linear));
-        }
-        out
+    fn module_tree(&self) -> &ModuleTree {
+        &self.tree
     }
 
-    fn visit_linears(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
-    ) -> Result<()> {
-        let p = self.cfg.prefix();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (slot, n) in layer.linears.iter_mut().zip(LAYER_LINEARS) {
-                f(&format!("{p}encoder.layer.{i}.{n}"), slot)?;
-            }
-        }
-        if let Some(pooler) = &mut self.pooler {
-            f(&format!("{p}pooler.dense"), pooler)?;
-        }
-        if let Some(classifier) = &mut self.classifier {
-            f("classifier", classifier)?;
-        }
-        Ok(())
-    }
-
-    fn visit_embeddings(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
-    ) -> Result<()> {
-        let p = self.cfg.prefix();
-        f(&format!("{p}embeddings.word_embeddings"), &mut self.word)?;
-        f(
-            &format!("{p}embeddings.position_embeddings"),
-            &mut self.position,
-        )?;
-        f(
-            &format!("{p}embeddings.token_type_embeddings"),
-            &mut self.token_type,
-        )
+    fn module_tree_mut(&mut self) -> &mut ModuleTree {
+        &mut self.tree
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
         Ok(self
-            .word
+            .tree
+            .embedding(self.word)
             .forward(&input_ids.to_dtype(DType::U32)?)?
             .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.last_hidden_state(inputs, cache)?;
-        match (self.cfg.task_type, &self.classifier) {
+        let t = &self.tree;
+        match (self.cfg.task_type, self.classifier) {
             (TaskType::SeqCls, Some(classifier)) => {
                 let pooler = self
                     .pooler
-                    .as_ref()
                     .ok_or_else(|| PeftError::InvalidState("no pooler".into()))?;
                 let first = h.narrow(1, 0, 1)?.squeeze(1)?;
-                classifier.forward(&pooler.forward(&first)?.tanh()?)
+                t.linear(classifier).forward(&t.linear(pooler).forward(&first)?.tanh()?)
             }
-            (TaskType::TokenCls, Some(classifier)) => classifier.forward(&h),
+            (TaskType::TokenCls, Some(classifier)) => t.linear(classifier).forward(&h),
             _ => Ok(h),
         }
-    }
-
-    fn num_parameters(&self) -> usize {
-        let c = &self.cfg;
-        let mut n = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * c.hidden_size
-            + 2 * c.hidden_size;
-        for layer in &self.layers {
-            n += layer.linears.iter().map(|l| l.num_params()).sum::<usize>() + 4 * c.hidden_size;
-        }
-        n += self.pooler.as_ref().map_or(0, |l| l.num_params());
-        n + self.classifier.as_ref().map_or(0, |l| l.num_params())
-    }
-
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let p = self.cfg.prefix();
-        let mut out = vec![
-            (
-                format!("{p}embeddings.word_embeddings.weight"),
-                self.word.weight()?,
-            ),
-            (
-                format!("{p}embeddings.position_embeddings.weight"),
-                self.position.weight()?,
-            ),
-            (
-                format!("{p}embeddings.token_type_embeddings.weight"),
-                self.token_type.weight()?,
-            ),
-            (
-                format!("{p}embeddings.LayerNorm.weight"),
-                self.embeddings_norm.weight.clone(),
-            ),
-            (
-                format!("{p}embeddings.LayerNorm.bias"),
-                self.embeddings_norm.bias.clone(),
-            ),
-        ];
-        let mut push = |name: String, slot: &LinearSlot| -> Result<()> {
-            out.push((format!("{name}.weight"), slot.weight()?));
-            if let Some(b) = slot.bias() {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-            Ok(())
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (slot, n) in layer.linears.iter().zip(LAYER_LINEARS) {
-                push(format!("{p}encoder.layer.{i}.{n}"), slot)?;
-            }
-        }
-        if let Some(pooler) = &self.pooler {
-            push(format!("{p}pooler.dense"), pooler)?;
-        }
-        if let Some(classifier) = &self.classifier {
-            push("classifier".into(), classifier)?;
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (n, norm) in [
-                ("attention.output.LayerNorm", &layer.attention_norm),
-                ("output.LayerNorm", &layer.output_norm),
-            ] {
-                out.push((
-                    format!("{p}encoder.layer.{i}.{n}.weight"),
-                    norm.weight.clone(),
-                ));
-                out.push((format!("{p}encoder.layer.{i}.{n}.bias"), norm.bias.clone()));
-            }
-        }
-        Ok(out)
     }
 
     fn config_json(&self) -> Value {

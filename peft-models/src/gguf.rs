@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{Device, Tensor};
-use peft_core::{PeftError, Result};
+use peft_core::{BaseLayerFactory, ModelBuilder, PeftError, Result, StoredTensor, WeightSource};
 use serde_json::{Map, Value};
 
 use crate::llama::{LlamaConfig, LlamaModel};
@@ -408,47 +408,128 @@ pub fn reverse_permute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
-/// Loads a LLaMA-family model from a GGUF file, dequantizing its weights to `dtype`.
-pub fn load_gguf_llama(path: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<LlamaModel> {
-    let precision = crate::weights::float_precision(dtype.into());
-    let file = GgufFile::open(path)?;
-    let arch = file.architecture()?;
-    let cfg = file.llama_config()?;
-    let permute = arch == "llama" || arch == "mistral";
-    let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
+/// A GGUF file as a [`WeightSource`]: tensors under their Hugging Face names, dequantized to
+/// the build's precision with llama.cpp's q/k row permutation undone; the stored blocks are
+/// there for factories that keep them ([`StoredTensor::Ggml`]).
+pub struct GgufSource {
+    file: GgufFile,
+    precision: crate::Precision,
+    device: Device,
+    /// Head counts of q and k when the architecture's q/k rows are permuted (llama, mistral).
+    permute: Option<(usize, usize)>,
+}
+
+impl std::fmt::Debug for GgufSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSource").field("path", &self.file.path()).finish()
+    }
+}
+
+impl GgufSource {
+    /// Opens `path`; returns the source and the LLaMA-family config its metadata describes.
+    pub fn open(
+        path: &Path,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig)> {
+        let precision = crate::weights::float_precision(dtype.into());
+        let file = GgufFile::open(path)?;
+        let arch = file.architecture()?;
+        let cfg = file.llama_config()?;
+        let permute = (arch == "llama" || arch == "mistral")
+            .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
+        Ok((GgufSource { file, precision, device: device.clone(), permute }, cfg))
+    }
+
+    /// The GGUF name of `name`, checked to exist.
+    fn gguf_tensor(&self, name: &str, shape: &[usize]) -> Result<String> {
+        let path = self.file.path();
+        let available = self.file.content.tensor_infos.len();
         let gname = gguf_name(name).ok_or_else(|| PeftError::MissingTensor {
             path: path.to_path_buf(),
             key: name.to_string(),
             expected: shape.to_vec(),
-            available: file.content.tensor_infos.len(),
+            available,
         })?;
-        if !file.has_tensor(&gname) {
+        if !self.file.has_tensor(&gname) {
             return Err(PeftError::MissingTensor {
                 path: path.to_path_buf(),
                 key: format!("{gname} (for {name})"),
                 expected: shape.to_vec(),
-                available: file.content.tensor_infos.len(),
+                available,
             });
         }
-        let mut t = file.dequantized(&gname, device)?;
+        Ok(gname)
+    }
+
+    /// The head count whose permutation llama.cpp applied to `gname`'s rows, if any.
+    fn unpermute_heads(&self, gname: &str) -> Option<usize> {
+        let (heads, kv_heads) = self.permute?;
+        if gname.contains(".attn_q.") {
+            Some(heads)
+        } else if gname.contains(".attn_k.") {
+            Some(kv_heads)
+        } else {
+            None
+        }
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let gname = self.gguf_tensor(name, shape)?;
+        let mut t = self.file.dequantized(&gname, &self.device)?;
         if t.dims() != shape {
             return Err(PeftError::ShapeMismatch {
-                path: path.to_path_buf(),
+                path: self.file.path().to_path_buf(),
                 key: gname,
                 expected: shape.to_vec(),
                 found: t.dims().to_vec(),
             });
         }
-        if permute && gname.contains(".attn_q.") {
+        if let Some(heads) = self.unpermute_heads(&gname) {
             t = reverse_permute(&t, heads)?;
-        } else if permute && gname.contains(".attn_k.") {
-            t = reverse_permute(&t, kv_heads)?;
         }
-        let want = precision.dtype_for(shape.len());
+        let want = self.precision.dtype_for(shape.len());
         Ok(if t.dtype() == want { t } else { t.to_dtype(want)? })
-    };
-    let mut model = LlamaModel::build(cfg, &mut src, precision.compute, device)?;
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        let Some(gname) = gguf_name(name).filter(|g| self.file.has_tensor(g)) else {
+            return Ok(None);
+        };
+        Ok(Some(StoredTensor::Ggml {
+            tensor: std::sync::Arc::new(self.file.qtensor(&gname)?),
+            unpermute_heads: self.unpermute_heads(&gname),
+        }))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.file.has_tensor(&g))
+    }
+
+    fn origin(&self) -> String {
+        self.file.path().display().to_string()
+    }
+}
+
+/// Loads a LLaMA-family model from a GGUF file, dequantizing its weights to `dtype`.
+pub fn load_gguf_llama(path: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<LlamaModel> {
+    load_gguf_llama_with(path, dtype.into(), device, Vec::new())
+}
+
+/// [`load_gguf_llama`], asking `factories` for the base linear layers first (a factory that
+/// keeps the GGUF blocks finds them through [`WeightSource::stored`]).
+pub fn load_gguf_llama_with(
+    path: &Path,
+    dtype: crate::Precision,
+    device: &Device,
+    factories: Vec<Box<dyn BaseLayerFactory>>,
+) -> Result<LlamaModel> {
+    let (mut src, cfg) = GgufSource::open(path, dtype, device)?;
+    let compute = src.precision.compute;
+    let b = ModelBuilder::with_factories(&mut src, factories);
+    let mut model = LlamaModel::build(cfg, b, compute, device)?;
     model.set_name_or_path(path.display().to_string());
     Ok(model)
 }

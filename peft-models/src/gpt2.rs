@@ -3,14 +3,12 @@
 //! `fan_in_fan_out` and merges transposed. The fused `c_attn` projects q, k and v at once.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::{parse_object, ConfigFields};
-use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
-    TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
+    ModelInputs, ModuleTree, NormIds, PeftError, Result, TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -96,20 +94,14 @@ impl Gpt2Config {
     }
 }
 
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Block {
-    ln_1: LayerNorm,
-    c_attn: LinearSlot,
-    attn_proj: LinearSlot,
-    ln_2: LayerNorm,
-    c_fc: LinearSlot,
-    mlp_proj: LinearSlot,
+    ln_1: NormIds,
+    c_attn: LinearId,
+    attn_proj: LinearId,
+    ln_2: NormIds,
+    c_fc: LinearId,
+    mlp_proj: LinearId,
 }
 
 /// GPT-2 with a language-modelling head.
@@ -117,66 +109,53 @@ struct Block {
 pub struct Gpt2Model {
     cfg: Gpt2Config,
     info: ModelInfo,
-    wte: EmbeddingSlot,
-    wpe: EmbeddingSlot,
+    tree: ModuleTree,
+    wte: EmbeddingId,
+    wpe: EmbeddingId,
     blocks: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: LinearSlot,
-    tied_head: Option<LinearSlot>,
+    ln_f: NormIds,
+    lm_head: LinearId,
     device: Device,
     dtype: DType,
 }
 
-type Source<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
-
-fn conv1d(src: &mut Source<'_>, name: &str, inp: usize, out: usize) -> Result<LinearSlot> {
-    let w = src(&format!("{name}.weight"), &[inp, out])?;
-    let b = src(&format!("{name}.bias"), &[out])?;
-    Ok(DenseLinear::new_transposed(w, Some(b))?.into_slot())
-}
-
-fn layer_norm(src: &mut Source<'_>, name: &str, dim: usize) -> Result<LayerNorm> {
-    Ok(LayerNorm {
-        weight: src(&format!("{name}.weight"), &[dim])?,
-        bias: src(&format!("{name}.bias"), &[dim])?,
-    })
-}
-
 impl Gpt2Model {
-    /// Builds the model, taking each tensor from `src` by its HF name.
+    /// Builds the model, declaring each module through `b` (which supplies the tensors and
+    /// the base linear layers).
     pub fn build(
         cfg: Gpt2Config,
-        src: &mut Source<'_>,
+        mut b: ModelBuilder<'_>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.n_embd;
-        let wte_w = src("transformer.wte.weight", &[cfg.vocab_size, d])?;
-        let wte = DenseEmbedding::new(wte_w.clone(), None)?.into_slot();
-        let wpe = DenseEmbedding::new(src("transformer.wpe.weight", &[cfg.n_positions, d])?, None)?
-            .into_slot();
+        let mut root = b.root();
+        let mut t = root.container("transformer", "GPT2Model");
+        let wte = t.embedding("wte", cfg.vocab_size, d, None)?;
+        let wpe = t.embedding("wpe", cfg.n_positions, d, None)?;
+        t.module("drop", "Dropout");
+        let mut h = t.container("h", "ModuleList");
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let p = format!("transformer.h.{i}");
-            blocks.push(Block {
-                ln_1: layer_norm(src, &format!("{p}.ln_1"), d)?,
-                c_attn: conv1d(src, &format!("{p}.attn.c_attn"), d, 3 * d)?,
-                attn_proj: conv1d(src, &format!("{p}.attn.c_proj"), d, d)?,
-                ln_2: layer_norm(src, &format!("{p}.ln_2"), d)?,
-                c_fc: conv1d(src, &format!("{p}.mlp.c_fc"), d, cfg.n_inner)?,
-                mlp_proj: conv1d(src, &format!("{p}.mlp.c_proj"), cfg.n_inner, d)?,
-            });
+            let mut l = h.container(i, "GPT2Block");
+            let ln_1 = l.norm("ln_1", "LayerNorm", d, true)?;
+            let mut a = l.container("attn", "GPT2Attention");
+            let c_attn = a.conv1d("c_attn", d, 3 * d)?;
+            let attn_proj = a.conv1d("c_proj", d, d)?;
+            a.module("attn_dropout", "Dropout");
+            a.module("resid_dropout", "Dropout");
+            let ln_2 = l.norm("ln_2", "LayerNorm", d, true)?;
+            let mut m = l.container("mlp", "GPT2MLP");
+            let c_fc = m.conv1d("c_fc", d, cfg.n_inner)?;
+            let mlp_proj = m.conv1d("c_proj", cfg.n_inner, d)?;
+            m.module("act", "NewGELUActivation");
+            m.module("dropout", "Dropout");
+            blocks.push(Block { ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj });
         }
-        let ln_f = layer_norm(src, "transformer.ln_f", d)?;
-        let (lm_head, tied_head) = if cfg.tie_word_embeddings {
-            let head = DenseLinear::new(wte_w, None)?.into_slot();
-            (Arc::clone(&head), Some(head))
-        } else {
-            (
-                DenseLinear::new(src("lm_head.weight", &[cfg.vocab_size, d])?, None)?.into_slot(),
-                None,
-            )
-        };
+        let ln_f = t.norm("ln_f", "LayerNorm", d, true)?;
+        let tie = cfg.tie_word_embeddings.then_some(wte);
+        let lm_head = root.head("lm_head", d, cfg.vocab_size, false, tie)?;
+        let tree = b.finish()?;
         let info = ModelInfo {
             model_type: "gpt2".into(),
             architecture: "GPT2LMHeadModel".into(),
@@ -198,12 +177,12 @@ impl Gpt2Model {
         Ok(Gpt2Model {
             cfg,
             info,
+            tree,
             wte,
             wpe,
             blocks,
             ln_f,
             lm_head,
-            tied_head,
             device: device.clone(),
             dtype,
         })
@@ -211,21 +190,25 @@ impl Gpt2Model {
 
     /// Loads a Hugging Face folder. Checkpoints with or without the `transformer.` prefix load.
     pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        Self::from_folder_with(dir, dtype.into(), device, Vec::new())
+    }
+
+    /// [`Gpt2Model::from_folder`], asking `factories` for the base linear layers first.
+    pub fn from_folder_with(
+        dir: &Path,
+        dtype: crate::Precision,
+        device: &Device,
+        factories: Vec<Box<dyn BaseLayerFactory>>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = Gpt2Config::from_map(parse_object(&text, &source)?, &source)?;
-        let weights = ModelWeights::open(dir, dtype, device)?;
-        let mut src = |name: &str, shape: &[usize]| {
-            let bare = name.strip_prefix("transformer.").unwrap_or(name);
-            if !weights.contains(name) && weights.contains(bare) {
-                weights.get(bare, shape)
-            } else {
-                weights.get(name, shape)
-            }
-        };
-        let mut model = Self::build(cfg, &mut src, weights.dtype(), device)?;
+        let mut weights = ModelWeights::open(dir, dtype, device)?.with_optional_prefix("transformer.");
+        let dtype = weights.dtype();
+        let b = ModelBuilder::with_factories(&mut weights, factories);
+        let mut model = Self::build(cfg, b, dtype, device)?;
         model.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
@@ -234,17 +217,16 @@ impl Gpt2Model {
     pub fn random(cfg: Gpt2Config, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
         let precision = dtype.into();
         let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
-        Self::build(cfg, &mut src, precision.compute, device)
+        Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
-    fn norm(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
-        ops::layer_norm(x, &ln.weight, Some(&ln.bias), self.cfg.layer_norm_epsilon)
+    fn norm(&self, x: &Tensor, ln: NormIds) -> Result<Tensor> {
+        let t = &self.tree;
+        ops::layer_norm(x, t.param(ln.weight), t.opt_param(ln.bias), self.cfg.layer_norm_epsilon)
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tied_head
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        self.tree.is_tied(self.lm_head)
     }
 
     /// Runs the blocks and the final layer norm: the hidden states `[B, T, n_embd]`.
@@ -272,7 +254,8 @@ impl Gpt2Model {
         }
         let mut h = (tokens
             + self
-                .wpe
+                .tree
+                .embedding(self.wpe)
                 .forward(&positions.to_dtype(DType::U32)?)?
                 .to_dtype(self.dtype)?)?;
         let mask = ops::causal_mask(
@@ -291,8 +274,9 @@ impl Gpt2Model {
             1.0
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let a = self.norm(&h, &block.ln_1)?;
-            let qkv = block.c_attn.forward(&a)?;
+            let tree = &self.tree;
+            let a = self.norm(&h, block.ln_1)?;
+            let qkv = tree.linear(block.c_attn).forward(&a)?;
             let heads =
                 |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
             let q = heads(qkv.narrow(2, 0, d)?)?;
@@ -302,12 +286,12 @@ impl Gpt2Model {
             let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?
                 .transpose(1, 2)?
                 .reshape((b, t, d))?;
-            h = (h + block.attn_proj.forward(&attn)?)?;
-            let m = self.norm(&h, &block.ln_2)?;
-            let m = ops::activation(&self.cfg.activation, &block.c_fc.forward(&m)?)?;
-            h = (h + block.mlp_proj.forward(&m)?)?;
+            h = (h + tree.linear(block.attn_proj).forward(&attn)?)?;
+            let m = self.norm(&h, block.ln_2)?;
+            let m = ops::activation(&self.cfg.activation, &tree.linear(block.c_fc).forward(&m)?)?;
+            h = (h + tree.linear(block.mlp_proj).forward(&m)?)?;
         }
-        self.norm(&h, &self.ln_f)
+        self.norm(&h, self.ln_f)
     }
 }
 
@@ -316,81 +300,26 @@ impl AdaptableModel for Gpt2Model {
         &self.info
     }
 
-    fn modules(&self) -> Vec<ModuleEntry> {
-        let other = |p: String, c: &'static str| ModuleEntry::new(p, ModuleKind::Other(c));
-        let mut out = vec![
-            other("transformer".into(), "GPT2Model"),
-            ModuleEntry::new("transformer.wte", ModuleKind::Embedding),
-            ModuleEntry::new("transformer.wpe", ModuleKind::Embedding),
-            other("transformer.drop".into(), "Dropout"),
-            other("transformer.h".into(), "ModuleList"),
-        ];
-        for i in 0..self.blocks.len() {
-            let p = format!("transformer.h.{i}");
-            out.push(other(p.clone(), "GPT2Block"));
-            out.push(other(format!("{p}.ln_1"), "LayerNorm"));
-            out.push(other(format!("{p}.attn"), "GPT2Attention"));
-            out.push(ModuleEntry::new(
-                format!("{p}.attn.c_attn"),
-                ModuleKind::Linear,
-            ));
-            out.push(ModuleEntry::new(
-                format!("{p}.attn.c_proj"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(format!("{p}.attn.attn_dropout"), "Dropout"));
-            out.push(other(format!("{p}.attn.resid_dropout"), "Dropout"));
-            out.push(other(format!("{p}.ln_2"), "LayerNorm"));
-            out.push(other(format!("{p}.mlp"), "GPT2MLP"));
-            out.push(ModuleEntry::new(
-                format!("{p}.mlp.c_fc"),
-                ModuleKind::Linear,
-            ));
-            out.push(ModuleEntry::new(
-                format!("{p}.mlp.c_proj"),
-                ModuleKind::Linear,
-            ));
-            out.push(other(format!("{p}.mlp.act"), "NewGELUActivation"));
-            out.push(other(format!("{p}.mlp.dropout"), "Dropout"));
-        }
-        out.push(other("transformer.ln_f".into(), "LayerNorm"));
-        out.push(ModuleEntry::new("lm_head", ModuleKind::Linear));
-        out
+    fn module_tree(&self) -> &ModuleTree {
+        &self.tree
     }
 
-    fn visit_linears(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
-    ) -> Result<()> {
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("transformer.h.{i}");
-            f(&format!("{p}.attn.c_attn"), &mut b.c_attn)?;
-            f(&format!("{p}.attn.c_proj"), &mut b.attn_proj)?;
-            f(&format!("{p}.mlp.c_fc"), &mut b.c_fc)?;
-            f(&format!("{p}.mlp.c_proj"), &mut b.mlp_proj)?;
-        }
-        f("lm_head", &mut self.lm_head)
-    }
-
-    fn visit_embeddings(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
-    ) -> Result<()> {
-        f("transformer.wte", &mut self.wte)?;
-        f("transformer.wpe", &mut self.wpe)
+    fn module_tree_mut(&mut self) -> &mut ModuleTree {
+        &mut self.tree
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
         Ok(self
-            .wte
+            .tree
+            .embedding(self.wte)
             .forward(&input_ids.to_dtype(DType::U32)?)?
             .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn token_loss(
@@ -400,55 +329,7 @@ impl AdaptableModel for Gpt2Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
-    }
-
-    fn num_parameters(&self) -> usize {
-        let d = self.cfg.n_embd;
-        let mut n = self.wte.num_embeddings() * d + self.wpe.num_embeddings() * d + 2 * d;
-        for b in &self.blocks {
-            n += 4 * d
-                + [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj]
-                    .iter()
-                    .map(|l| l.num_params())
-                    .sum::<usize>();
-        }
-        if !self.head_is_tied() {
-            n += self.lm_head.num_params();
-        }
-        n
-    }
-
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![
-            ("transformer.wte.weight".to_string(), self.wte.weight()?),
-            ("transformer.wpe.weight".to_string(), self.wpe.weight()?),
-        ];
-        let ln = |name: String, l: &LayerNorm, out: &mut Vec<(String, Tensor)>| {
-            out.push((format!("{name}.weight"), l.weight.clone()));
-            out.push((format!("{name}.bias"), l.bias.clone()));
-        };
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            ln(format!("{p}.ln_1"), &b.ln_1, &mut out);
-            ln(format!("{p}.ln_2"), &b.ln_2, &mut out);
-            for (name, slot) in [
-                ("attn.c_attn", &b.c_attn),
-                ("attn.c_proj", &b.attn_proj),
-                ("mlp.c_fc", &b.c_fc),
-                ("mlp.c_proj", &b.mlp_proj),
-            ] {
-                out.push((format!("{p}.{name}.weight"), slot.weight()?));
-                if let Some(bias) = slot.bias() {
-                    out.push((format!("{p}.{name}.bias"), bias.clone()));
-                }
-            }
-        }
-        ln("transformer.ln_f".into(), &self.ln_f, &mut out);
-        if !self.head_is_tied() {
-            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
-        }
-        Ok(out)
+        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
     }
 
     fn config_json(&self) -> Value {

@@ -24,7 +24,7 @@ pub mod weights;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::{AdaptableModel, PeftError, Result};
+use peft_core::{AdaptableModel, BaseLayerFactory, ModelBuilder, PeftError, Result};
 use serde_json::Value;
 
 pub use bert::{BertConfig, BertModel};
@@ -162,25 +162,25 @@ pub fn shape_only_model(config_path: &Path) -> Result<Box<dyn AdaptableModel>> {
     Ok(match model_type.as_str() {
         t if llama::config::LLAMA_FAMILY.contains(&t) => Box::new(LlamaModel::build(
             LlamaConfig::from_map(map, &source)?,
-            &mut src,
+            ModelBuilder::new(&mut src),
             DType::F32,
             &device,
         )?),
         "gpt2" => Box::new(Gpt2Model::build(
             Gpt2Config::from_map(map, &source)?,
-            &mut src,
+            ModelBuilder::new(&mut src),
             DType::F32,
             &device,
         )?),
         "t5" | "mt5" => Box::new(T5Model::build(
             T5Config::from_map(map, &source)?,
-            &mut src,
+            ModelBuilder::new(&mut src),
             DType::F32,
             &device,
         )?),
         "bert" => Box::new(BertModel::build(
             BertConfig::from_map(map, &source, None)?,
-            &mut src,
+            ModelBuilder::new(&mut src),
             DType::F32,
             &device,
         )?),
@@ -202,24 +202,33 @@ pub fn load_model(
     dtype: impl Into<Precision>,
     device: &Device,
 ) -> Result<Box<dyn AdaptableModel>> {
-    let dtype = dtype.into();
+    load_model_with(dir, dtype.into(), device, Vec::new())
+}
+
+/// [`load_model`], asking `factories` for each base linear layer before building it dense
+/// (quantized bases: `peft-quant`'s factories). Every architecture declares its layers through
+/// the same builder, so every factory works with every model.
+pub fn load_model_with(
+    dir: &Path,
+    dtype: Precision,
+    device: &Device,
+    factories: Vec<Box<dyn BaseLayerFactory>>,
+) -> Result<Box<dyn AdaptableModel>> {
     if gguf::is_gguf(dir) {
-        return Ok(Box::new(gguf::load_gguf_llama(dir, dtype, device)?));
+        return Ok(Box::new(gguf::load_gguf_llama_with(dir, dtype, device, factories)?));
     }
     let model_type = model_type_of(dir)?;
     if llama::config::LLAMA_FAMILY.contains(&model_type.as_str()) {
-        return Ok(Box::new(LlamaModel::from_folder(dir, dtype, device)?));
+        return Ok(Box::new(LlamaModel::from_folder_with(dir, dtype, device, factories)?));
     }
     if model_type == "gpt2" {
-        return Ok(Box::new(Gpt2Model::from_folder(dir, dtype, device)?));
+        return Ok(Box::new(Gpt2Model::from_folder_with(dir, dtype, device, factories)?));
     }
     if model_type == "t5" || model_type == "mt5" {
-        return Ok(Box::new(T5Model::from_folder(dir, dtype, device)?));
+        return Ok(Box::new(T5Model::from_folder_with(dir, dtype, device, factories)?));
     }
     if model_type == "bert" {
-        return Ok(Box::new(BertModel::from_folder(
-            dir, None, dtype, device, 0,
-        )?));
+        return Ok(Box::new(BertModel::from_folder_with(dir, None, dtype, device, 0, factories)?));
     }
     Err(PeftError::config_value(
         &dir.join("config.json").display().to_string(),

@@ -8,14 +8,12 @@
 //! `scale_decoder_outputs` key (written by transformers 5) decides the scaling when present.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::{parse_object, ConfigFields};
-use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
-    TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, LinearRole, LinearSpec,
+    ModelBuilder, ModelInfo, ModelInputs, ModuleTree, ParamId, PeftError, Result, Scope, TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -147,27 +145,27 @@ impl T5Config {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Attention {
     /// q, k, v, o
-    proj: [LinearSlot; 4],
-    relative_bias: Option<Tensor>,
+    proj: [LinearId; 4],
+    relative_bias: Option<ParamId>,
 }
 
 #[derive(Debug, Clone)]
 struct FeedForward {
     /// `wi` or (`wi_0`, `wi_1`), then `wo`.
-    wi: Vec<LinearSlot>,
-    wo: LinearSlot,
+    wi: Vec<LinearId>,
+    wo: LinearId,
 }
 
 #[derive(Debug, Clone)]
 struct Block {
     self_attn: Attention,
-    self_norm: Tensor,
-    cross_attn: Option<(Attention, Tensor)>,
+    self_norm: ParamId,
+    cross_attn: Option<(Attention, ParamId)>,
     ff: FeedForward,
-    ff_norm: Tensor,
+    ff_norm: ParamId,
 }
 
 /// A T5-family encoder-decoder with a language-modelling head.
@@ -175,23 +173,17 @@ struct Block {
 pub struct T5Model {
     cfg: T5Config,
     info: ModelInfo,
-    shared: EmbeddingSlot,
-    encoder_embed: EmbeddingSlot,
-    decoder_embed: EmbeddingSlot,
+    tree: ModuleTree,
+    shared: EmbeddingId,
+    encoder_embed: EmbeddingId,
+    decoder_embed: EmbeddingId,
     encoder: Vec<Block>,
-    encoder_norm: Tensor,
+    encoder_norm: ParamId,
     decoder: Vec<Block>,
-    decoder_norm: Tensor,
-    lm_head: LinearSlot,
-    tied_head: Option<LinearSlot>,
+    decoder_norm: ParamId,
+    lm_head: LinearId,
     device: Device,
     dtype: DType,
-}
-
-type Source<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
-
-fn linear(src: &mut Source<'_>, name: &str, out: usize, inp: usize) -> Result<LinearSlot> {
-    Ok(DenseLinear::new(src(&format!("{name}.weight"), &[out, inp])?, None)?.into_slot())
 }
 
 /// T5's relative position bucket (`_relative_position_bucket`).
@@ -226,89 +218,120 @@ fn relative_bucket(
 }
 
 impl T5Model {
-    fn attention(
-        src: &mut Source<'_>,
+    /// Declares one attention sub-layer (`T5LayerSelfAttention` / `T5LayerCrossAttention`
+    /// at `<block>.layer.<j>`): the attention, its norm and dropout.
+    fn attention_layer(
         cfg: &T5Config,
-        name: &str,
+        block: &mut Scope<'_, '_>,
+        j: usize,
+        cross: bool,
         relative: bool,
-    ) -> Result<Attention> {
+    ) -> Result<(Attention, ParamId)> {
         let (d, inner) = (cfg.d_model, cfg.inner());
-        Ok(Attention {
-            proj: [
-                linear(src, &format!("{name}.q"), inner, d)?,
-                linear(src, &format!("{name}.k"), inner, d)?,
-                linear(src, &format!("{name}.v"), inner, d)?,
-                linear(src, &format!("{name}.o"), d, inner)?,
-            ],
-            relative_bias: if relative {
-                Some(src(
-                    &format!("{name}.relative_attention_bias.weight"),
-                    &[cfg.relative_attention_num_buckets, cfg.num_heads],
-                )?)
+        let (name, class) = if cross {
+            ("EncDecAttention", "T5LayerCrossAttention")
+        } else {
+            ("SelfAttention", "T5LayerSelfAttention")
+        };
+        let mut layer = block.container(j, class);
+        let mut a = layer.container(name, "T5Attention");
+        let proj = [
+            a.linear("q", d, inner, false)?,
+            a.linear("k", d, inner, false)?,
+            a.linear("v", d, inner, false)?,
+            a.linear("o", inner, d, false)?,
+        ];
+        let relative_bias = if relative {
+            let shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
+            Some(a.container("relative_attention_bias", "Embedding").param("weight", &shape)?)
+        } else {
+            None
+        };
+        let norm = layer.norm("layer_norm", "T5LayerNorm", d, false)?.weight;
+        layer.module("dropout", "Dropout");
+        Ok((Attention { proj, relative_bias }, norm))
+    }
+
+    /// Declares the feed-forward sub-layer (`T5LayerFF` at `<block>.layer.<j>`). `wo` stays
+    /// in full precision on quantized bases (transformers' `_keep_in_fp32_modules`).
+    fn ff_layer(
+        cfg: &T5Config,
+        block: &mut Scope<'_, '_>,
+        j: usize,
+    ) -> Result<(FeedForward, ParamId)> {
+        let (d, d_ff) = (cfg.d_model, cfg.d_ff);
+        let mut layer = block.container(j, "T5LayerFF");
+        let class = if cfg.is_gated_act { "T5DenseGatedActDense" } else { "T5DenseActDense" };
+        let mut dense = layer.container("DenseReluDense", class);
+        let wi = if cfg.is_gated_act {
+            vec![dense.linear("wi_0", d, d_ff, false)?, dense.linear("wi_1", d, d_ff, false)?]
+        } else {
+            vec![dense.linear("wi", d, d_ff, false)?]
+        };
+        let wo = dense.declare_linear(LinearSpec {
+            path: dense.path("wo"),
+            in_features: d_ff,
+            out_features: d,
+            bias: false,
+            transposed: false,
+            role: LinearRole::Hidden,
+            keep_full_precision: true,
+        })?;
+        dense.module("dropout", "Dropout");
+        dense.module("act", "Activation");
+        let norm = layer.norm("layer_norm", "T5LayerNorm", d, false)?.weight;
+        layer.module("dropout", "Dropout");
+        Ok((FeedForward { wi, wo }, norm))
+    }
+
+    /// Declares one stack (`encoder` or `decoder`): its blocks, final norm and dropout.
+    fn stack(
+        cfg: &T5Config,
+        root: &mut Scope<'_, '_>,
+        name: &str,
+        shared: EmbeddingId,
+        layers: usize,
+        decoder: bool,
+    ) -> Result<(EmbeddingId, Vec<Block>, ParamId)> {
+        let mut stack = root.container(name, "T5Stack");
+        let embed = stack.tied_embedding("embed_tokens", shared)?;
+        let mut list = stack.container("block", "ModuleList");
+        let mut blocks = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut block = list.container(i, "T5Block");
+            let mut sub = block.container("layer", "ModuleList");
+            let (self_attn, self_norm) = Self::attention_layer(cfg, &mut sub, 0, false, i == 0)?;
+            let cross_attn = if decoder {
+                Some(Self::attention_layer(cfg, &mut sub, 1, true, false)?)
             } else {
                 None
-            },
-        })
+            };
+            let (ff, ff_norm) = Self::ff_layer(cfg, &mut sub, if decoder { 2 } else { 1 })?;
+            blocks.push(Block { self_attn, self_norm, cross_attn, ff, ff_norm });
+        }
+        let norm = stack.norm("final_layer_norm", "T5LayerNorm", cfg.d_model, false)?.weight;
+        stack.module("dropout", "Dropout");
+        Ok((embed, blocks, norm))
     }
 
-    fn feed_forward(src: &mut Source<'_>, cfg: &T5Config, name: &str) -> Result<FeedForward> {
-        let wi = if cfg.is_gated_act {
-            vec![
-                linear(src, &format!("{name}.wi_0"), cfg.d_ff, cfg.d_model)?,
-                linear(src, &format!("{name}.wi_1"), cfg.d_ff, cfg.d_model)?,
-            ]
-        } else {
-            vec![linear(src, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?]
-        };
-        Ok(FeedForward {
-            wi,
-            wo: linear(src, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)?,
-        })
-    }
-
-    /// Builds the model, taking each tensor from `src` by its HF name.
+    /// Builds the model, declaring each module through `b` (which supplies the tensors and
+    /// the base linear layers).
     pub fn build(
         cfg: T5Config,
-        src: &mut Source<'_>,
+        mut b: ModelBuilder<'_>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.d_model;
-        let shared_w = src("shared.weight", &[cfg.vocab_size, d])?;
-        let shared = DenseEmbedding::new(shared_w.clone(), None)?.into_slot();
-        let mut encoder = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("encoder.block.{i}.layer");
-            encoder.push(Block {
-                self_attn: Self::attention(src, &cfg, &format!("{p}.0.SelfAttention"), i == 0)?,
-                self_norm: src(&format!("{p}.0.layer_norm.weight"), &[d])?,
-                cross_attn: None,
-                ff: Self::feed_forward(src, &cfg, &format!("{p}.1.DenseReluDense"))?,
-                ff_norm: src(&format!("{p}.1.layer_norm.weight"), &[d])?,
-            });
-        }
-        let encoder_norm = src("encoder.final_layer_norm.weight", &[d])?;
-        let mut decoder = Vec::with_capacity(cfg.num_decoder_layers);
-        for i in 0..cfg.num_decoder_layers {
-            let p = format!("decoder.block.{i}.layer");
-            decoder.push(Block {
-                self_attn: Self::attention(src, &cfg, &format!("{p}.0.SelfAttention"), i == 0)?,
-                self_norm: src(&format!("{p}.0.layer_norm.weight"), &[d])?,
-                cross_attn: Some((
-                    Self::attention(src, &cfg, &format!("{p}.1.EncDecAttention"), false)?,
-                    src(&format!("{p}.1.layer_norm.weight"), &[d])?,
-                )),
-                ff: Self::feed_forward(src, &cfg, &format!("{p}.2.DenseReluDense"))?,
-                ff_norm: src(&format!("{p}.2.layer_norm.weight"), &[d])?,
-            });
-        }
-        let decoder_norm = src("decoder.final_layer_norm.weight", &[d])?;
-        let (lm_head, tied_head) = if cfg.tie_word_embeddings {
-            let head = DenseLinear::new(shared_w.clone(), None)?.into_slot();
-            (Arc::clone(&head), Some(head))
-        } else {
-            (linear(src, "lm_head", cfg.vocab_size, d)?, None)
-        };
+        let mut root = b.root();
+        let shared = root.embedding("shared", cfg.vocab_size, d, None)?;
+        let (encoder_embed, encoder, encoder_norm) =
+            Self::stack(&cfg, &mut root, "encoder", shared, cfg.num_layers, false)?;
+        let (decoder_embed, decoder, decoder_norm) =
+            Self::stack(&cfg, &mut root, "decoder", shared, cfg.num_decoder_layers, true)?;
+        let tie = cfg.tie_word_embeddings.then_some(shared);
+        let lm_head = root.head("lm_head", d, cfg.vocab_size, false, tie)?;
+        let tree = b.finish()?;
         let info = ModelInfo {
             model_type: cfg.model_type.clone(),
             architecture: if cfg.model_type == "mt5" {
@@ -333,17 +356,17 @@ impl T5Model {
             name_or_path: None,
         };
         Ok(T5Model {
-            encoder_embed: DenseEmbedding::new(shared_w.clone(), None)?.into_slot(),
-            decoder_embed: DenseEmbedding::new(shared_w, None)?.into_slot(),
             cfg,
             info,
+            tree,
             shared,
+            encoder_embed,
+            decoder_embed,
             encoder,
             encoder_norm,
             decoder,
             decoder_norm,
             lm_head,
-            tied_head,
             device: device.clone(),
             dtype,
         })
@@ -351,13 +374,25 @@ impl T5Model {
 
     /// Loads a Hugging Face folder.
     pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+        Self::from_folder_with(dir, dtype.into(), device, Vec::new())
+    }
+
+    /// [`T5Model::from_folder`], asking `factories` for the base linear layers first.
+    pub fn from_folder_with(
+        dir: &Path,
+        dtype: crate::Precision,
+        device: &Device,
+        factories: Vec<Box<dyn BaseLayerFactory>>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = T5Config::from_map(parse_object(&text, &source)?, &source)?;
-        let weights = ModelWeights::open(dir, dtype, device)?;
-        let mut model = Self::build(cfg, &mut |n, s| weights.get(n, s), weights.dtype(), device)?;
+        let mut weights = ModelWeights::open(dir, dtype, device)?;
+        let dtype = weights.dtype();
+        let b = ModelBuilder::with_factories(&mut weights, factories);
+        let mut model = Self::build(cfg, b, dtype, device)?;
         model.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
@@ -372,13 +407,13 @@ impl T5Model {
             .and_then(Value::as_f64)
             .unwrap_or(0.05) as f32;
         let mut src = crate::init::random_source(seed, std, precision, device);
-        Self::build(cfg, &mut src, precision.compute, device)
+        Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
     /// A model with shape-only placeholder weights: for counting and listing modules.
     pub fn shape_only(cfg: T5Config, device: &Device) -> Result<Self> {
         let mut src = crate::init::shape_only_source(device);
-        Self::build(cfg, &mut src, DType::F32, device)
+        Self::build(cfg, ModelBuilder::new(&mut src), DType::F32, device)
     }
 
     /// The resolved config.
@@ -431,7 +466,7 @@ impl T5Model {
         valid: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = q_in.dims3()?;
-        let q = self.heads(attn.proj[0].forward(q_in)?, b, t)?;
+        let q = self.heads(self.tree.linear(attn.proj[0]).forward(q_in)?, b, t)?;
         let mask = AttentionMask {
             additive: bias.clone(),
             row_valid: valid.cloned(),
@@ -440,20 +475,29 @@ impl T5Model {
         let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?
             .transpose(1, 2)?
             .reshape((b, t, self.cfg.inner()))?;
-        attn.proj[3].forward(&out)
+        self.tree.linear(attn.proj[3]).forward(&out)
     }
 
     fn ff(&self, ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
-        let h = ops::activation(&self.cfg.dense_act_fn, &ff.wi[0].forward(x)?)?;
+        let t = &self.tree;
+        let h = ops::activation(&self.cfg.dense_act_fn, &t.linear(ff.wi[0]).forward(x)?)?;
         let h = match ff.wi.get(1) {
-            Some(gate) => (h * gate.forward(x)?)?,
+            Some(&gate) => (h * t.linear(gate).forward(x)?)?,
             None => h,
         };
-        ff.wo.forward(&h)
+        t.linear(ff.wo).forward(&h)
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        ops::rms_norm(x, w, self.cfg.layer_norm_epsilon)
+    fn norm(&self, x: &Tensor, w: ParamId) -> Result<Tensor> {
+        ops::rms_norm(x, self.tree.param(w), self.cfg.layer_norm_epsilon)
+    }
+
+    /// The relative position table of block 0 of `blocks` (`stack` names it in errors).
+    fn relative_table(&self, blocks: &[Block], stack: &str) -> Result<&Tensor> {
+        let id = blocks.first().and_then(|b| b.self_attn.relative_bias).ok_or_else(|| {
+            PeftError::InvalidState(format!("{stack} block 0 lacks its relative bias"))
+        })?;
+        Ok(self.tree.param(id))
     }
 
     /// Additive padding mask `[B, 1, 1, S]` (0 keep, large negative drop), or zeros.
@@ -477,32 +521,26 @@ impl T5Model {
     /// Runs the encoder on `embeds` and returns its output.
     pub fn encode(&self, embeds: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
-        let table = self.encoder[0]
-            .self_attn
-            .relative_bias
-            .as_ref()
-            .ok_or_else(|| {
-                PeftError::InvalidState("encoder block 0 lacks its relative bias".into())
-            })?;
+        let table = self.relative_table(&self.encoder, "encoder")?;
         let bias = self
             .position_bias(table, t, t, 0, true)?
             .broadcast_add(&self.padding_additive(mask, b, t)?)?;
         let mut h = embeds.clone();
         for block in &self.encoder {
-            let x = self.norm(&h, &block.self_norm)?;
-            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
-            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
+            let x = self.norm(&h, block.self_norm)?;
+            let k = self.heads(self.tree.linear(block.self_attn.proj[1]).forward(&x)?, b, t)?;
+            let v = self.heads(self.tree.linear(block.self_attn.proj[2]).forward(&x)?, b, t)?;
             h = (h + self.attend(&block.self_attn, &x, k, v, &bias, None)?)?;
-            let x = self.norm(&h, &block.ff_norm)?;
+            let x = self.norm(&h, block.ff_norm)?;
             h = (&h + self.ff(&block.ff, &x)?)?;
         }
-        self.norm(&h, &self.encoder_norm)
+        self.norm(&h, self.encoder_norm)
     }
 
     /// `ids` (checked against the vocabulary) looked up in `table`, in the model's dtype.
-    fn lookup(&self, table: &EmbeddingSlot, ids: &Tensor) -> Result<Tensor> {
+    fn lookup(&self, table: EmbeddingId, ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(ids, self.cfg.vocab_size)?;
-        Ok(table.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        Ok(self.tree.embedding(table).forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
     }
 
     /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
@@ -515,7 +553,7 @@ impl T5Model {
             None => {
                 let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
                     (Some(e), _) => e.to_dtype(self.dtype)?,
-                    (None, Some(ids)) => self.lookup(&self.encoder_embed, ids)?,
+                    (None, Some(ids)) => self.lookup(self.encoder_embed, ids)?,
                     (None, None) => {
                         return Err(PeftError::bad_input(
                             "t5 inputs",
@@ -534,7 +572,7 @@ impl T5Model {
         // Decoder.
         let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
             (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => self.lookup(&self.decoder_embed, ids)?,
+            (None, Some(ids)) => self.lookup(self.decoder_embed, ids)?,
             (None, None) => return Err(PeftError::bad_input(
                 "t5 inputs",
                 "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
@@ -544,13 +582,7 @@ impl T5Model {
         let (b, t, _) = dec.dims3()?;
         let s_enc = encoded.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let table = self.decoder[0]
-            .self_attn
-            .relative_bias
-            .as_ref()
-            .ok_or_else(|| {
-                PeftError::InvalidState("decoder block 0 lacks its relative bias".into())
-            })?;
+        let table = self.relative_table(&self.decoder, "decoder")?;
         let causal = ops::causal_mask(
             inputs.decoder_attention_mask.as_ref(),
             b,
@@ -567,21 +599,21 @@ impl T5Model {
         let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
         let mut h = dec;
         for (i, block) in self.decoder.iter().enumerate() {
-            let x = self.norm(&h, &block.self_norm)?;
-            let k = self.heads(block.self_attn.proj[1].forward(&x)?, b, t)?;
-            let v = self.heads(block.self_attn.proj[2].forward(&x)?, b, t)?;
+            let x = self.norm(&h, block.self_norm)?;
+            let k = self.heads(self.tree.linear(block.self_attn.proj[1]).forward(&x)?, b, t)?;
+            let v = self.heads(self.tree.linear(block.self_attn.proj[2]).forward(&x)?, b, t)?;
             let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
             h = (h + self.attend(&block.self_attn, &x, k, v, &self_bias, self_valid.as_ref())?)?;
             if let Some((cross, norm)) = &block.cross_attn {
-                let x = self.norm(&h, norm)?;
+                let x = self.norm(&h, *norm)?;
                 let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
                     Some((k, v)) => (k.clone(), v.clone()),
                     None => {
                         let k = self
-                            .heads(cross.proj[1].forward(&encoded)?, b, s_enc)?
+                            .heads(self.tree.linear(cross.proj[1]).forward(&encoded)?, b, s_enc)?
                             .contiguous()?;
                         let v = self
-                            .heads(cross.proj[2].forward(&encoded)?, b, s_enc)?
+                            .heads(self.tree.linear(cross.proj[2]).forward(&encoded)?, b, s_enc)?
                             .contiguous()?;
                         if let Some(c) = cache.as_deref_mut() {
                             c.set_cross(i, (k.clone(), v.clone()));
@@ -591,10 +623,10 @@ impl T5Model {
                 };
                 h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
             }
-            let x = self.norm(&h, &block.ff_norm)?;
+            let x = self.norm(&h, block.ff_norm)?;
             h = (&h + self.ff(&block.ff, &x)?)?;
         }
-        let mut h = self.norm(&h, &self.decoder_norm)?;
+        let mut h = self.norm(&h, self.decoder_norm)?;
         if self.cfg.scale_decoder_outputs {
             h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
         }
@@ -607,125 +639,21 @@ impl AdaptableModel for T5Model {
         &self.info
     }
 
-    fn modules(&self) -> Vec<ModuleEntry> {
-        let other = |p: String, c: &'static str| ModuleEntry::new(p, ModuleKind::Other(c));
-        let lin = |p: String| ModuleEntry::new(p, ModuleKind::Linear);
-        let mut out = vec![ModuleEntry::new("shared", ModuleKind::Embedding)];
-        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
-            out.push(other(stack.into(), "T5Stack"));
-            out.push(ModuleEntry::new(
-                format!("{stack}.embed_tokens"),
-                ModuleKind::Embedding,
-            ));
-            out.push(other(format!("{stack}.block"), "ModuleList"));
-            for (i, block) in blocks.iter().enumerate() {
-                let p = format!("{stack}.block.{i}");
-                out.push(other(p.clone(), "T5Block"));
-                out.push(other(format!("{p}.layer"), "ModuleList"));
-                let mut sub = vec![(
-                    "SelfAttention",
-                    "T5LayerSelfAttention",
-                    Some(&block.self_attn),
-                )];
-                if let Some((cross, _)) = &block.cross_attn {
-                    sub.push(("EncDecAttention", "T5LayerCrossAttention", Some(cross)));
-                }
-                for (j, (name, class, attn)) in sub.into_iter().enumerate() {
-                    let l = format!("{p}.layer.{j}");
-                    out.push(other(l.clone(), class));
-                    out.push(other(format!("{l}.{name}"), "T5Attention"));
-                    for n in ["q", "k", "v", "o"] {
-                        out.push(lin(format!("{l}.{name}.{n}")));
-                    }
-                    if attn.is_some_and(|a| a.relative_bias.is_some()) {
-                        out.push(other(
-                            format!("{l}.{name}.relative_attention_bias"),
-                            "Embedding",
-                        ));
-                    }
-                    out.push(other(format!("{l}.layer_norm"), "T5LayerNorm"));
-                    out.push(other(format!("{l}.dropout"), "Dropout"));
-                }
-                let l = format!(
-                    "{p}.layer.{}",
-                    if block.cross_attn.is_some() { 2 } else { 1 }
-                );
-                out.push(other(l.clone(), "T5LayerFF"));
-                let ffc = if self.cfg.is_gated_act {
-                    "T5DenseGatedActDense"
-                } else {
-                    "T5DenseActDense"
-                };
-                out.push(other(format!("{l}.DenseReluDense"), ffc));
-                let wi: &[&str] = if self.cfg.is_gated_act {
-                    &["wi_0", "wi_1"]
-                } else {
-                    &["wi"]
-                };
-                for n in wi {
-                    out.push(lin(format!("{l}.DenseReluDense.{n}")));
-                }
-                out.push(lin(format!("{l}.DenseReluDense.wo")));
-                out.push(other(format!("{l}.DenseReluDense.dropout"), "Dropout"));
-                out.push(other(format!("{l}.DenseReluDense.act"), "Activation"));
-                out.push(other(format!("{l}.layer_norm"), "T5LayerNorm"));
-                out.push(other(format!("{l}.dropout"), "Dropout"));
-            }
-            out.push(other(format!("{stack}.final_layer_norm"), "T5LayerNorm"));
-            out.push(other(format!("{stack}.dropout"), "Dropout"));
-        }
-        out.push(lin("lm_head".into()));
-        out
+    fn module_tree(&self) -> &ModuleTree {
+        &self.tree
     }
 
-    fn visit_linears(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
-    ) -> Result<()> {
-        let gated = self.cfg.is_gated_act;
-        for (stack, blocks) in [
-            ("encoder", &mut self.encoder),
-            ("decoder", &mut self.decoder),
-        ] {
-            for (i, block) in blocks.iter_mut().enumerate() {
-                let p = format!("{stack}.block.{i}.layer");
-                for (slot, n) in block.self_attn.proj.iter_mut().zip(["q", "k", "v", "o"]) {
-                    f(&format!("{p}.0.SelfAttention.{n}"), slot)?;
-                }
-                let ff_idx = if let Some((cross, _)) = &mut block.cross_attn {
-                    for (slot, n) in cross.proj.iter_mut().zip(["q", "k", "v", "o"]) {
-                        f(&format!("{p}.1.EncDecAttention.{n}"), slot)?;
-                    }
-                    2
-                } else {
-                    1
-                };
-                let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
-                for (slot, n) in block.ff.wi.iter_mut().zip(wi) {
-                    f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), slot)?;
-                }
-                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &mut block.ff.wo)?;
-            }
-        }
-        f("lm_head", &mut self.lm_head)
-    }
-
-    fn visit_embeddings(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
-    ) -> Result<()> {
-        f("shared", &mut self.shared)?;
-        f("encoder.embed_tokens", &mut self.encoder_embed)?;
-        f("decoder.embed_tokens", &mut self.decoder_embed)
+    fn module_tree_mut(&mut self) -> &mut ModuleTree {
+        &mut self.tree
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.lookup(&self.shared, input_ids)
+        self.lookup(self.shared, input_ids)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn token_loss(
@@ -735,100 +663,11 @@ impl AdaptableModel for T5Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
-    }
-
-    fn num_parameters(&self) -> usize {
-        let c = &self.cfg;
-        let mut n = c.vocab_size * c.d_model + 2 * c.d_model;
-        for block in self.encoder.iter().chain(self.decoder.iter()) {
-            let attns =
-                std::iter::once(&block.self_attn).chain(block.cross_attn.as_ref().map(|(a, _)| a));
-            for a in attns {
-                n += a.proj.iter().map(|l| l.num_params()).sum::<usize>();
-                n += a.relative_bias.as_ref().map_or(0, Tensor::elem_count);
-            }
-            n += block.cross_attn.as_ref().map_or(0, |_| c.d_model);
-            n += block.ff.wi.iter().map(|l| l.num_params()).sum::<usize>()
-                + block.ff.wo.num_params();
-            n += 2 * c.d_model;
-        }
-        if !self
-            .tied_head
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
-        {
-            n += self.lm_head.num_params();
-        }
-        n
-    }
-
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("shared.weight".to_string(), self.shared.weight()?)];
-        let gated = self.cfg.is_gated_act;
-        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
-            for (i, block) in blocks.iter().enumerate() {
-                let p = format!("{stack}.block.{i}.layer");
-                let attn = |l: &str,
-                            a: &Attention,
-                            out: &mut Vec<(String, Tensor)>|
-                 -> Result<()> {
-                    for (slot, n) in a.proj.iter().zip(["q", "k", "v", "o"]) {
-                        out.push((format!("{p}.{l}.{n}.weight"), slot.weight()?));
-                    }
-                    if let Some(t) = &a.relative_bias {
-                        out.push((format!("{p}.{l}.relative_attention_bias.weight"), t.clone()));
-                    }
-                    Ok(())
-                };
-                attn("0.SelfAttention", &block.self_attn, &mut out)?;
-                out.push((format!("{p}.0.layer_norm.weight"), block.self_norm.clone()));
-                let ff_idx = match &block.cross_attn {
-                    Some((cross, norm)) => {
-                        attn("1.EncDecAttention", cross, &mut out)?;
-                        out.push((format!("{p}.1.layer_norm.weight"), norm.clone()));
-                        2
-                    }
-                    None => 1,
-                };
-                let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
-                for (slot, n) in block.ff.wi.iter().zip(wi) {
-                    out.push((
-                        format!("{p}.{ff_idx}.DenseReluDense.{n}.weight"),
-                        slot.weight()?,
-                    ));
-                }
-                out.push((
-                    format!("{p}.{ff_idx}.DenseReluDense.wo.weight"),
-                    block.ff.wo.weight()?,
-                ));
-                out.push((
-                    format!("{p}.{ff_idx}.layer_norm.weight"),
-                    block.ff_norm.clone(),
-                ));
-            }
-            let norm = if stack == "encoder" {
-                &self.encoder_norm
-            } else {
-                &self.decoder_norm
-            };
-            out.push((format!("{stack}.final_layer_norm.weight"), norm.clone()));
-        }
-        if !self
-            .tied_head
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
-        {
-            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
-        }
-        Ok(out)
+        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
     }
 
     fn config_json(&self) -> Value {
-        let tied = self
-            .tied_head
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head));
+        let tied = self.tree.is_tied(self.lm_head);
         let mut v = crate::config_with(&self.cfg.raw, tied, self.dtype);
         if let Value::Object(m) = &mut v {
             m.insert(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use peft_core::{PeftError, Result};
+use peft_core::{PeftError, Result, StoredTensor, WeightSource};
 use serde_json::Value;
 
 /// The tensors of a model folder.
@@ -18,6 +18,9 @@ pub struct ModelWeights {
     /// Dtypes tensors are converted to on load (float ones only).
     precision: crate::Precision,
     device: Device,
+    /// A prefix some checkpoints of the architecture omit (`transformer.` for GPT-2, `bert.`
+    /// for BERT's heads): a name carrying it that the files lack is looked up without it.
+    optional_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for ModelWeights {
@@ -100,16 +103,36 @@ impl ModelWeights {
             routing,
             precision: float_precision(precision),
             device: device.clone(),
+            optional_prefix: None,
         })
+    }
+
+    /// Names carrying `prefix` are also found without it (checkpoints saved from the bare
+    /// base model, such as GPT-2's without `transformer.`).
+    pub fn with_optional_prefix(mut self, prefix: &str) -> Self {
+        self.optional_prefix = Some(prefix.to_string());
+        self
+    }
+
+    /// The name under which the files hold `name` (see [`ModelWeights::with_optional_prefix`]).
+    fn resolve<'n>(&self, name: &'n str) -> &'n str {
+        match &self.optional_prefix {
+            Some(p) if !self.routing.contains_key(name) => match name.strip_prefix(p.as_str()) {
+                Some(bare) if self.routing.contains_key(bare) => bare,
+                _ => name,
+            },
+            _ => name,
+        }
     }
 
     /// Whether the folder holds tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+        self.routing.contains_key(self.resolve(name))
     }
 
     /// Loads tensor `name`, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let name = self.resolve(name);
         let Some(file) = self.routing.get(name) else {
             return Err(PeftError::MissingTensor {
                 path: self.routing.values().next().cloned().unwrap_or_default(),
@@ -135,6 +158,7 @@ impl ModelWeights {
     /// The stored bytes of tensor `name` with its dtype and shape, unconverted (for
     /// quantized checkpoints, whose uint8/int8 tensors are not weights in themselves).
     pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, &[u8])> {
+        let name = self.resolve(name);
         if !self.routing.contains_key(name) {
             return Err(PeftError::MissingTensor {
                 path: self.routing.values().next().cloned().unwrap_or_default(),
@@ -155,6 +179,31 @@ impl ModelWeights {
     /// The dtype tensors are converted to (the compute dtype; see `open`).
     pub fn dtype(&self) -> DType {
         self.precision.compute
+    }
+}
+
+impl WeightSource for ModelWeights {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get(name, shape)
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        let (dtype, shape, data) = self.raw(name)?;
+        Ok(Some(StoredTensor::Safetensors { dtype, shape, data }))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        ModelWeights::contains(self, name)
+    }
+
+    fn origin(&self) -> String {
+        match self.routing.values().next().and_then(|f| f.parent()) {
+            Some(dir) => dir.display().to_string(),
+            None => "an empty model folder".into(),
+        }
     }
 }
 

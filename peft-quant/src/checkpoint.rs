@@ -9,27 +9,24 @@
 //! - int8: `<m>.weight` (int8 `[out, in]`), `<m>.SCB` (f32 `[out]`), `<m>.weight_format`
 //!   (uint8 scalar 0);
 //!
-//! plus `config.json` with a `quantization_config`. Loading keeps the weights quantized (no
+//! plus `config.json` with a `quantization_config`. Loading (through
+//! [`crate::factory::BnbCheckpoint`], for any architecture) keeps the weights quantized (no
 //! f32 copy of the base is ever made), so a quantized folder loads in a fraction of the time
 //! and memory of the f32 one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use peft_core::checkpoint::write_atomic;
 use peft_core::{AdaptableModel, PeftError, Result};
-use peft_models::llama::config::LLAMA_FAMILY;
-use peft_models::weights::ModelWeights;
-use peft_models::{LlamaConfig, LlamaModel};
 use safetensors::Dtype as StDtype;
 use serde_json::{json, Value};
 
 use crate::blockwise::{Absmax, Blockwise4bit, FourBit, NESTED_BLOCKSIZE};
 use crate::int8::Int8Rowwise;
 use crate::linear::{QuantLinear, QuantScheme};
-use crate::model::{placeholder, quantized_layers};
+use crate::model::quantized_layers;
 
 /// The `quantization_config` transformers writes for `scheme`.
 pub fn quantization_config(scheme: QuantScheme) -> Value {
@@ -110,215 +107,6 @@ pub fn is_quantized_folder(dir: &Path) -> bool {
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .is_some_and(|v| v.get("quantization_config").is_some())
-}
-
-fn bad(path: &Path, reason: impl Into<String>) -> PeftError {
-    PeftError::BadCheckpoint {
-        path: path.to_path_buf(),
-        format: "bitsandbytes checkpoint".into(),
-        reason: reason.into(),
-    }
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-/// Reads one stored tensor, checking its dtype (and element count when given).
-fn raw<'a>(
-    w: &'a ModelWeights,
-    dir: &Path,
-    name: &str,
-    dtype: StDtype,
-    count: Option<usize>,
-) -> Result<&'a [u8]> {
-    let (dt, shape, bytes) = w.raw(name).map_err(|_| bad(dir, format!("missing tensor `{name}`")))?;
-    if dt != dtype {
-        return Err(bad(dir, format!("tensor `{name}`: expected dtype {dtype:?}, found {dt:?}")));
-    }
-    let n: usize = shape.iter().product();
-    if let Some(c) = count {
-        if n != c {
-            return Err(bad(
-                dir,
-                format!("tensor `{name}`: expected {c} values, found {n} (shape {shape:?})"),
-            ));
-        }
-    }
-    Ok(bytes)
-}
-
-fn load_four_bit(
-    w: &ModelWeights,
-    dir: &Path,
-    module: &str,
-    kind: FourBit,
-    shape: [usize; 2],
-) -> Result<Blockwise4bit> {
-    let key = format!("{module}.weight");
-    let state_key = format!("{key}.quant_state.bitsandbytes__{}", kind.name());
-    let state_bytes = raw(w, dir, &state_key, StDtype::U8, None)?;
-    let state: Value = serde_json::from_slice(state_bytes)
-        .map_err(|e| bad(dir, format!("`{state_key}` is not JSON: {e}")))?;
-    let blocksize = state.get("blocksize").and_then(Value::as_u64).unwrap_or(64) as usize;
-    let stored_shape: Vec<usize> = state
-        .get("shape")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
-        .unwrap_or_default();
-    if stored_shape != shape {
-        return Err(PeftError::ShapeMismatch {
-            path: dir.to_path_buf(),
-            key: format!("{state_key} shape"),
-            expected: shape.to_vec(),
-            found: stored_shape,
-        });
-    }
-    let (rows, cols) = (shape[0], shape[1]);
-    let blocks = (rows * cols).div_ceil(blocksize);
-    let packed = raw(w, dir, &key, StDtype::U8, Some((rows * cols).div_ceil(2)))?.to_vec();
-    let code = f32s(raw(w, dir, &format!("{key}.quant_map"), StDtype::F32, Some(16))?);
-    if code != kind.code() {
-        return Err(bad(dir, format!("`{key}.quant_map` is not the {} code", kind.name())));
-    }
-    let nested = state.get("nested_offset").and_then(Value::as_f64);
-    let absmax = match nested {
-        Some(offset) => {
-            let nb = state
-                .get("nested_blocksize")
-                .and_then(Value::as_u64)
-                .unwrap_or(NESTED_BLOCKSIZE as u64) as usize;
-            if nb != NESTED_BLOCKSIZE {
-                return Err(bad(
-                    dir,
-                    format!("`{state_key}`: nested_blocksize {nb}, expected {NESTED_BLOCKSIZE}"),
-                ));
-            }
-            let q = raw(w, dir, &format!("{key}.absmax"), StDtype::U8, Some(blocks))?.to_vec();
-            let absmax2 = f32s(raw(
-                w,
-                dir,
-                &format!("{key}.nested_absmax"),
-                StDtype::F32,
-                Some(blocks.div_ceil(nb)),
-            )?);
-            let code2 = f32s(raw(
-                w,
-                dir,
-                &format!("{key}.nested_quant_map"),
-                StDtype::F32,
-                Some(256),
-            )?);
-            let mut code = Box::new([0f32; 256]);
-            code.copy_from_slice(&code2);
-            Absmax::Nested {
-                q,
-                absmax2,
-                code,
-                offset: offset as f32,
-            }
-        }
-        None => Absmax::Plain(f32s(raw(
-            w,
-            dir,
-            &format!("{key}.absmax"),
-            StDtype::F32,
-            Some(blocks),
-        )?)),
-    };
-    Blockwise4bit::from_parts(rows, cols, kind, blocksize, packed, absmax)
-        .map_err(|e| bad(dir, format!("{module}: {e}")))
-}
-
-fn load_int8(
-    w: &ModelWeights,
-    dir: &Path,
-    module: &str,
-    shape: [usize; 2],
-    threshold: f32,
-) -> Result<Int8Rowwise> {
-    let (rows, cols) = (shape[0], shape[1]);
-    let cb = raw(w, dir, &format!("{module}.weight"), StDtype::I8, Some(rows * cols))?
-        .iter()
-        .map(|&b| b as i8)
-        .collect();
-    let scb = f32s(raw(w, dir, &format!("{module}.SCB"), StDtype::F32, Some(rows))?);
-    Int8Rowwise::from_parts(rows, cols, cb, scb, threshold)
-}
-
-/// Loads a bitsandbytes-quantized LLaMA-family folder, keeping its linear layers quantized.
-pub fn load_quantized_folder(dir: &Path, device: &Device) -> Result<LlamaModel> {
-    crate::backend::check_device(device)?;
-    let config_path = dir.join("config.json");
-    let source = config_path.display().to_string();
-    let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-    let raw_config: Value = serde_json::from_str(&text).map_err(|e| PeftError::Json {
-        source_name: source.clone(),
-        message: e.to_string(),
-    })?;
-    let Some(scheme) = scheme_of_config(&raw_config, &source)? else {
-        return Err(PeftError::MissingKey {
-            source_name: source,
-            key: "quantization_config".into(),
-            expected: "a bitsandbytes quantization config".into(),
-        });
-    };
-    let model_type = raw_config.get("model_type").and_then(Value::as_str).unwrap_or("");
-    if !LLAMA_FAMILY.contains(&model_type) {
-        return Err(PeftError::Unsupported {
-            source_name: source,
-            key: "model_type".into(),
-            value: format!("\"{model_type}\""),
-            reason: format!(
-                "quantized checkpoints are read for {LLAMA_FAMILY:?}; for other models load the \
-                 f32 folder and pass --quant"
-            ),
-        });
-    }
-    let cfg = LlamaConfig::from_json_str(&text, &source)?;
-    let weights = ModelWeights::open(dir, DType::F32, device)?;
-    let mut layers: HashMap<String, QuantLinear> = HashMap::new();
-    let mut src = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let module = name.strip_suffix(".weight").unwrap_or(name);
-        let is_quant = shape.len() == 2
-            && module != "lm_head"
-            && (weights.contains(&format!("{module}.SCB"))
-                || weights.contains(&format!("{name}.quant_map")));
-        if !is_quant {
-            return weights.get(name, shape);
-        }
-        let shape2 = [shape[0], shape[1]];
-        let qw: Arc<dyn crate::QuantWeight> = match scheme {
-            QuantScheme::Int8 { threshold } => {
-                Arc::new(load_int8(&weights, dir, module, shape2, threshold)?)
-            }
-            QuantScheme::FourBit { kind, .. } => {
-                Arc::new(load_four_bit(&weights, dir, module, kind, shape2)?)
-            }
-        };
-        let layer = QuantLinear::new(qw, None, Some(scheme), DType::F32, device)?;
-        layers.insert(module.to_string(), layer);
-        placeholder(shape, DType::F32, device)
-    };
-    let mut model = LlamaModel::build(cfg, &mut src, DType::F32, device)?;
-    model.set_name_or_path(dir.display().to_string());
-    model.visit_linears(&mut |path, slot| {
-        if let Some(layer) = layers.remove(path) {
-            let bias = slot.bias().cloned();
-            *slot = Arc::new(QuantLinear::new(
-                Arc::clone(layer.quant_weight()),
-                bias,
-                layer.scheme(),
-                DType::F32,
-                device,
-            )?);
-        }
-        Ok(())
-    })?;
-    Ok(model)
 }
 
 /// Writes `model` (whose linear layers were quantized with one NF4/FP4/int8 scheme) as a

@@ -7,9 +7,11 @@
 //! as a [`peft_core::LinearLike`] slot, so every method (LoRA, IA3, prompt methods) runs on a
 //! quantized base without knowing it. The matmul never materialises the f32 weight: it
 //! dequantizes tiles with SIMD and multiplies them with `gemm` ([`kernel`]), and its backward
-//! gives the input gradient only. [`quantize_model`] swaps a loaded model's linear layers
-//! for quantized ones; [`checkpoint`] reads and writes bitsandbytes-format checkpoints (what
-//! transformers saves for a `BitsAndBytesConfig` model). Values match bitsandbytes bit for bit
+//! gives the input gradient only. The [`factory`] module's base-layer factories build a
+//! model's linear layers quantized as the model is declared, for any architecture:
+//! from a bitsandbytes checkpoint (what transformers saves for a `BitsAndBytesConfig` model),
+//! from a dense checkpoint quantized on load, or from a GGUF file's blocks; [`quantize_model`]
+//! swaps an already loaded model's layers; [`checkpoint`] writes bitsandbytes-format folders. Values match bitsandbytes bit for bit
 //! (fixtures from `tools/reference/make_quant_fixtures.py`).
 
 pub mod backend;
@@ -17,6 +19,7 @@ pub mod blockwise;
 mod bnb_tables;
 pub mod checkpoint;
 pub mod codebook;
+pub mod factory;
 pub mod ggml;
 pub mod int8;
 pub mod kernel;
@@ -25,6 +28,7 @@ pub mod merge;
 pub mod model;
 
 pub use blockwise::{Absmax, Blockwise4bit, FourBit};
+pub use factory::{BnbCheckpoint, GgufBlocks, QuantizeOnLoad};
 pub use int8::Int8Rowwise;
 pub use kernel::QuantWeight;
 pub use linear::{QuantLinear, QuantScheme};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use peft_core::loss::causal_lm_loss;
 use peft_core::{AdaptableModel, ModelInputs, PeftModel};
-use peft_quant::checkpoint::{load_quantized_folder, save_quantized_folder};
+use peft_quant::checkpoint::save_quantized_folder;
 use peft_quant::{quantize_model, quantized_layers, QuantScheme};
 
 use peft_lora as _;
@@ -27,6 +27,14 @@ fn data() -> HashMap<String, Tensor> {
 
 fn f32_model() -> Box<dyn AdaptableModel> {
     peft_models::load_model(&fx_dir().join("tiny_llama"), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A bitsandbytes folder loaded with its layers kept quantized (the factory route every
+/// architecture takes).
+fn load_quantized_folder(dir: &Path, device: &Device) -> peft_core::Result<Box<dyn AdaptableModel>> {
+    let factory = peft_quant::BnbCheckpoint::for_folder(dir, device)?
+        .ok_or_else(|| peft_core::PeftError::InvalidState("no quantization_config".into()))?;
+    peft_models::load_model_with(dir, DType::F32.into(), device, vec![Box::new(factory)])
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -161,7 +169,7 @@ fn quantized_checkpoints_are_bitsandbytes_format_both_ways() {
         // Loading transformers' folder: same layers, same outputs, no re-quantization.
         let mut loaded = load_quantized_folder(&fx_dir().join(folder), &Device::Cpu).unwrap();
         let a = quantized_layers(ours.as_mut()).unwrap();
-        let b = quantized_layers(&mut loaded).unwrap();
+        let b = quantized_layers(loaded.as_mut()).unwrap();
         assert_eq!(a.len(), b.len());
         let logits = loaded.forward(&inputs(&d), None).unwrap();
         let diff = max_diff(&real(&logits, &d), &real(&d[logits_key], &d));
@@ -203,7 +211,7 @@ fn damaged_quantized_checkpoints_give_typed_errors() {
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::write(tmp.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let err = load_quantized_folder(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+    let err = load_quantized_folder(tmp.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("model.safetensors") || err.contains(&tmp.path().display().to_string()), "{err}");
 
     // A config whose quantization method is not bitsandbytes.
@@ -212,7 +220,7 @@ fn damaged_quantized_checkpoints_give_typed_errors() {
         .replace("\"bitsandbytes\"", "\"gptq\"");
     std::fs::write(tmp.path().join("config.json"), text).unwrap();
     std::fs::write(tmp.path().join("model.safetensors"), &bytes).unwrap();
-    let err = load_quantized_folder(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+    let err = load_quantized_folder(tmp.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("quant_method") && err.contains("gptq"), "{err}");
 
     // Quantizing after adapters were added is refused, naming the module.

@@ -30,6 +30,9 @@ pub mod trainer;
 #[cfg(feature = "quant")]
 pub use peft_quant as quant;
 
+#[cfg(feature = "quant")]
+pub mod bases;
+
 /// IA3 (feature `ia3`).
 #[cfg(feature = "ia3")]
 pub use peft_ia3 as ia3;

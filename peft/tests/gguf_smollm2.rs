@@ -194,8 +194,8 @@ fn gguf_blocks_kept_quantized_match_transformers() {
         .unwrap();
     let inputs = ModelInputs::from_ids(case["input_ids"].clone())
         .with_mask(Some(case["attention_mask"].clone()));
-    let mut base: Box<dyn peft::AdaptableModel> =
-        Box::new(peft::quant::model::load_gguf_quantized(&path, &Device::Cpu).unwrap());
+    let mut base =
+        peft::bases::load_base(&path, DType::F32.into(), &Device::Cpu, Some("gguf")).unwrap();
     let layers = peft::quant::quantized_layers(base.as_mut()).unwrap();
     assert_eq!(layers.len(), 30 * 7);
     let params: usize = layers.iter().map(|(_, l)| l.in_features() * l.out_features()).sum();

@@ -14,7 +14,7 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use peft::models::Precision;
 use peft::{AdaptableModel, PeftModel};
 
@@ -114,44 +114,19 @@ pub fn load_base(dir: &Path, dtype: impl Into<Precision>) -> Result<Box<dyn Adap
     load_base_quant(dir, dtype.into(), None)
 }
 
-/// [`load_base`], then quantize its linear layers with `quant` (int8, nf4, nf4-nodq, fp4, fp4-nodq, gguf); prints
-/// what was quantized and the resident size to stderr.
+/// [`load_base`] with its linear layers kept as `quant` says (int8, nf4, nf4-nodq, fp4,
+/// fp4-nodq: quantized as they are read; gguf: a GGUF file's blocks kept), for every
+/// architecture; prints what is quantized and the resident size to stderr.
 pub fn load_base_quant(dir: &Path, dtype: Precision, quant: Option<&str>) -> Result<Box<dyn AdaptableModel>> {
-    use peft::quant::{checkpoint, model as qmodel, quantize_model, QuantScheme};
-    if !dir.is_dir() && !peft::models::gguf::is_gguf(dir) {
-        bail!("{}: neither a model folder nor a GGUF file", dir.display());
-    }
-    if dir.is_dir() && checkpoint::is_quantized_folder(dir) {
-        if let Some(q) = quant {
-            bail!(
-                "--quant {q}: {} is already a quantized checkpoint; drop --quant",
-                dir.display()
-            );
-        }
-        let mut model: Box<dyn AdaptableModel> =
-            Box::new(checkpoint::load_quantized_folder(dir, &Device::Cpu)?);
-        report_quantized(model.as_mut(), "loaded quantized")?;
-        return Ok(model);
-    }
-    let Some(quant) = quant else {
-        return Ok(peft::models::load_model(dir, dtype, &Device::Cpu)?);
+    let mut model = peft::bases::load_base(dir, dtype, &Device::Cpu, quant)?;
+    let what = match quant {
+        None => "loaded quantized",
+        Some("gguf") => "kept GGUF blocks for",
+        Some(_) => "quantized",
     };
-    if quant == "gguf" {
-        if !peft::models::gguf::is_gguf(dir) {
-            bail!("--quant gguf: {} is not a .gguf file", dir.display());
-        }
-        let mut model: Box<dyn AdaptableModel> =
-            Box::new(qmodel::load_gguf_quantized(dir, &Device::Cpu)?);
-        report_quantized(model.as_mut(), "kept GGUF blocks for")?;
-        return Ok(model);
+    if !peft::quant::quantized_layers(model.as_mut())?.is_empty() {
+        report_quantized(model.as_mut(), what)?;
     }
-    let scheme = QuantScheme::parse(quant).context("--quant")?;
-    if dtype != DType::F32.into() {
-        bail!("--quant {quant}: quantized layers compute in f32; drop --dtype or use f32");
-    }
-    let mut model = peft::models::load_model(dir, DType::F32, &Device::Cpu)?;
-    let report = quantize_model(model.as_mut(), scheme, &[])?;
-    eprintln!("{scheme}: {report}");
     Ok(model)
 }
 

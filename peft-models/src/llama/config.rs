@@ -422,4 +422,35 @@ impl LlamaConfig {
             _ => "Llama",
         }
     }
+
+    /// transformers' class names of the model, decoder layer, attention, MLP, RMS norm and
+    /// rotary embedding modules (as `named_modules()` reports them).
+    pub fn module_classes(&self) -> [&'static str; 6] {
+        match self.model_type.as_str() {
+            "mistral" => [
+                "MistralModel",
+                "MistralDecoderLayer",
+                "MistralAttention",
+                "MistralMLP",
+                "MistralRMSNorm",
+                "MistralRotaryEmbedding",
+            ],
+            "qwen2" => [
+                "Qwen2Model",
+                "Qwen2DecoderLayer",
+                "Qwen2Attention",
+                "Qwen2MLP",
+                "Qwen2RMSNorm",
+                "Qwen2RotaryEmbedding",
+            ],
+            _ => [
+                "LlamaModel",
+                "LlamaDecoderLayer",
+                "LlamaAttention",
+                "LlamaMLP",
+                "LlamaRMSNorm",
+                "LlamaRotaryEmbedding",
+            ],
+        }
+    }
 }

@@ -6,13 +6,11 @@
 pub mod config;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::layers::{DenseEmbedding, DenseLinear, EmbeddingSlot, LinearSlot};
 use peft_core::{
-    AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind, PeftError, Result,
-    TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
+    ModelInputs, ModuleTree, ParamId, PeftError, Result, TaskType,
 };
 use serde_json::Value;
 
@@ -22,20 +20,14 @@ use crate::ops::{self, AttentionMask, Rotary};
 use crate::weights::ModelWeights;
 use crate::Precision;
 
-/// Supplies a frozen tensor by Hugging Face name and shape (loading or random init).
-pub type TensorSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
-
-const ATTN_PROJ: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-const MLP_PROJ: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     /// q, k, v, o projections.
-    attn: [LinearSlot; 4],
+    attn: [LinearId; 4],
     /// gate, up, down projections.
-    mlp: [LinearSlot; 3],
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
+    mlp: [LinearId; 3],
+    input_layernorm: ParamId,
+    post_attention_layernorm: ParamId,
     sliding_window: Option<usize>,
 }
 
@@ -44,115 +36,67 @@ struct DecoderLayer {
 pub struct LlamaModel {
     cfg: LlamaConfig,
     info: ModelInfo,
-    embed_tokens: EmbeddingSlot,
+    tree: ModuleTree,
+    embed_tokens: EmbeddingId,
     layers: Vec<DecoderLayer>,
-    norm: Tensor,
-    lm_head: LinearSlot,
-    /// The tied head as built, to tell whether it still shares the embedding.
-    tied_head: Option<LinearSlot>,
+    norm: ParamId,
+    lm_head: LinearId,
     rotary: Rotary,
     device: Device,
     dtype: DType,
 }
 
-fn linear(
-    src: &mut TensorSource<'_>,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<LinearSlot> {
-    let w = src(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias {
-        Some(src(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(DenseLinear::new(w, b)?.into_slot())
-}
-
 impl LlamaModel {
-    /// Builds the model from a config, taking each tensor from `src` by its HF name.
+    /// Builds the model from a config, declaring each module through `b` (which supplies the
+    /// tensors and the base linear layers).
     pub fn build(
         cfg: LlamaConfig,
-        src: &mut TensorSource<'_>,
+        mut b: ModelBuilder<'_>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
-        let embed_w = src("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let [model_cls, layer_cls, attn_cls, mlp_cls, norm_cls, rot_cls] = cfg.module_classes();
+        let mut root = b.root();
+        let mut m = root.container("model", model_cls);
         let embed_tokens =
-            DenseEmbedding::new(embed_w.clone(), cfg.pad_token_id.map(|p| p as usize))?.into_slot();
+            m.embedding("embed_tokens", cfg.vocab_size, h, cfg.pad_token_id.map(|p| p as usize))?;
+        let mut stack = m.container("layers", "ModuleList");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let mut l = stack.container(i, layer_cls);
+            let mut a = l.container("self_attn", attn_cls);
             let attn = [
-                linear(
-                    src,
-                    &format!("{p}.self_attn.q_proj"),
-                    q_out,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                linear(
-                    src,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv_out,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                linear(
-                    src,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv_out,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                linear(src, &format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias)?,
+                a.linear("q_proj", h, q_out, cfg.qkv_bias)?,
+                a.linear("k_proj", h, kv_out, cfg.qkv_bias)?,
+                a.linear("v_proj", h, kv_out, cfg.qkv_bias)?,
+                a.linear("o_proj", q_out, h, cfg.o_bias)?,
             ];
+            let mut f = l.container("mlp", mlp_cls);
+            let ffn = cfg.intermediate_size;
             let mlp = [
-                linear(
-                    src,
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    cfg.mlp_bias,
-                )?,
-                linear(
-                    src,
-                    &format!("{p}.mlp.up_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    cfg.mlp_bias,
-                )?,
-                linear(
-                    src,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    cfg.mlp_bias,
-                )?,
+                f.linear("gate_proj", h, ffn, cfg.mlp_bias)?,
+                f.linear("up_proj", h, ffn, cfg.mlp_bias)?,
+                f.linear("down_proj", ffn, h, cfg.mlp_bias)?,
             ];
+            f.module("act_fn", "SiLUActivation");
             layers.push(DecoderLayer {
                 attn,
                 mlp,
-                input_layernorm: src(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: src(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                )?,
+                input_layernorm: l.norm("input_layernorm", norm_cls, h, false)?.weight,
+                post_attention_layernorm: l
+                    .norm("post_attention_layernorm", norm_cls, h, false)?
+                    .weight,
                 sliding_window: cfg.sliding_windows.get(i).copied().flatten(),
             });
         }
-        let norm = src("model.norm.weight", &[h])?;
-        let (lm_head, tied_head) = if cfg.tie_word_embeddings {
-            let head = DenseLinear::new(embed_w, None)?.into_slot();
-            (Arc::clone(&head), Some(head))
-        } else {
-            (linear(src, "lm_head", cfg.vocab_size, h, false)?, None)
-        };
+        let norm = m.norm("norm", norm_cls, h, false)?.weight;
+        m.module("rotary_emb", rot_cls);
+        let tie = cfg.tie_word_embeddings.then_some(embed_tokens);
+        let lm_head = root.head("lm_head", h, cfg.vocab_size, false, tie)?;
+        let tree = b.finish()?;
         let info = ModelInfo {
             model_type: cfg.model_type.clone(),
             architecture: format!("{}ForCausalLM", cfg.class_prefix()),
@@ -175,11 +119,11 @@ impl LlamaModel {
         Ok(LlamaModel {
             cfg,
             info,
+            tree,
             embed_tokens,
             layers,
             norm,
             lm_head,
-            tied_head,
             rotary,
             device: device.clone(),
             dtype,
@@ -188,17 +132,24 @@ impl LlamaModel {
 
     /// Loads a Hugging Face model folder (`config.json` + safetensors) in `dtype`.
     pub fn from_folder(dir: &Path, dtype: impl Into<Precision>, device: &Device) -> Result<Self> {
+        Self::from_folder_with(dir, dtype.into(), device, Vec::new())
+    }
+
+    /// [`LlamaModel::from_folder`], asking `factories` for the base linear layers first.
+    pub fn from_folder_with(
+        dir: &Path,
+        dtype: Precision,
+        device: &Device,
+        factories: Vec<Box<dyn BaseLayerFactory>>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let cfg = LlamaConfig::from_json_str(&text, &config_path.display().to_string())?;
-        let weights = ModelWeights::open(dir, dtype, device)?;
-        let mut model = Self::build(
-            cfg,
-            &mut |name, shape| weights.get(name, shape),
-            weights.dtype(),
-            device,
-        )?;
+        let mut weights = ModelWeights::open(dir, dtype, device)?;
+        let dtype = weights.dtype();
+        let b = ModelBuilder::with_factories(&mut weights, factories);
+        let mut model = Self::build(cfg, b, dtype, device)?;
         model.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
@@ -208,7 +159,7 @@ impl LlamaModel {
     pub fn random(cfg: LlamaConfig, seed: u64, dtype: impl Into<Precision>, device: &Device) -> Result<Self> {
         let precision = dtype.into();
         let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
-        Self::build(cfg, &mut src, precision.compute, device)
+        Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
     /// The resolved config.
@@ -243,9 +194,11 @@ impl LlamaModel {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = ops::rope_heads(&layer.attn[0].forward(x)?, nh, cos, sin)?;
-        let k = ops::rope_heads(&layer.attn[1].forward(x)?, nkv, cos, sin)?;
-        let v = layer.attn[2]
+        let q = ops::rope_heads(&self.tree.linear(layer.attn[0]).forward(x)?, nh, cos, sin)?;
+        let k = ops::rope_heads(&self.tree.linear(layer.attn[1]).forward(x)?, nkv, cos, sin)?;
+        let v = self
+            .tree
+            .linear(layer.attn[2])
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
@@ -253,13 +206,14 @@ impl LlamaModel {
         // Grouped key/value heads are mapped onto query heads inside the attention.
         let out = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        layer.attn[3].forward(&out)
+        self.tree.linear(layer.attn[3]).forward(&out)
     }
 
     fn mlp(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-        let gate = layer.mlp[0].forward(x)?;
-        let up = layer.mlp[1].forward(x)?;
-        layer.mlp[2].forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
+        let t = &self.tree;
+        let gate = t.linear(layer.mlp[0]).forward(x)?;
+        let up = t.linear(layer.mlp[1]).forward(x)?;
+        t.linear(layer.mlp[2]).forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
     }
 
     /// Runs the decoder stack and returns the final hidden states `[B, T, hidden]`.
@@ -311,19 +265,17 @@ impl LlamaModel {
                 .iter()
                 .find(|(mw, _)| *mw == w)
                 .and_then(|(_, m)| m.as_ref());
-            let normed = ops::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let normed = ops::rms_norm(&h, self.tree.param(layer.input_layernorm), self.cfg.rms_norm_eps)?;
             let attn = self.attention(layer, i, &normed, &cos, &sin, mask, cache.as_deref_mut())?;
             h = (h + attn)?;
-            let normed = ops::rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let normed = ops::rms_norm(&h, self.tree.param(layer.post_attention_layernorm), self.cfg.rms_norm_eps)?;
             h = (&h + self.mlp(layer, &normed)?)?;
         }
-        ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        ops::rms_norm(&h, self.tree.param(self.norm), self.cfg.rms_norm_eps)
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tied_head
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &self.lm_head))
+        self.tree.is_tied(self.lm_head)
     }
 }
 
@@ -332,114 +284,26 @@ impl AdaptableModel for LlamaModel {
         &self.info
     }
 
-    fn modules(&self) -> Vec<ModuleEntry> {
-        let (model_cls, layer_cls, attn_cls, mlp_cls, norm_cls, rot_cls) =
-            match self.cfg.model_type.as_str() {
-                "mistral" => (
-                    "MistralModel",
-                    "MistralDecoderLayer",
-                    "MistralAttention",
-                    "MistralMLP",
-                    "MistralRMSNorm",
-                    "MistralRotaryEmbedding",
-                ),
-                "qwen2" => (
-                    "Qwen2Model",
-                    "Qwen2DecoderLayer",
-                    "Qwen2Attention",
-                    "Qwen2MLP",
-                    "Qwen2RMSNorm",
-                    "Qwen2RotaryEmbedding",
-                ),
-                _ => (
-                    "LlamaModel",
-                    "LlamaDecoderLayer",
-                    "LlamaAttention",
-                    "LlamaMLP",
-                    "LlamaRMSNorm",
-                    "LlamaRotaryEmbedding",
-                ),
-            };
-        let mut out = vec![
-            ModuleEntry::new("model", ModuleKind::Other(model_cls)),
-            ModuleEntry::new("model.embed_tokens", ModuleKind::Embedding),
-            ModuleEntry::new("model.layers", ModuleKind::Other("ModuleList")),
-        ];
-        for i in 0..self.layers.len() {
-            let p = format!("model.layers.{i}");
-            out.push(ModuleEntry::new(&p, ModuleKind::Other(layer_cls)));
-            out.push(ModuleEntry::new(
-                format!("{p}.self_attn"),
-                ModuleKind::Other(attn_cls),
-            ));
-            for n in ATTN_PROJ {
-                out.push(ModuleEntry::new(
-                    format!("{p}.self_attn.{n}"),
-                    ModuleKind::Linear,
-                ));
-            }
-            out.push(ModuleEntry::new(
-                format!("{p}.mlp"),
-                ModuleKind::Other(mlp_cls),
-            ));
-            for n in MLP_PROJ {
-                out.push(ModuleEntry::new(format!("{p}.mlp.{n}"), ModuleKind::Linear));
-            }
-            out.push(ModuleEntry::new(
-                format!("{p}.mlp.act_fn"),
-                ModuleKind::Other("SiLUActivation"),
-            ));
-            out.push(ModuleEntry::new(
-                format!("{p}.input_layernorm"),
-                ModuleKind::Other(norm_cls),
-            ));
-            out.push(ModuleEntry::new(
-                format!("{p}.post_attention_layernorm"),
-                ModuleKind::Other(norm_cls),
-            ));
-        }
-        out.push(ModuleEntry::new("model.norm", ModuleKind::Other(norm_cls)));
-        out.push(ModuleEntry::new(
-            "model.rotary_emb",
-            ModuleKind::Other(rot_cls),
-        ));
-        out.push(ModuleEntry::new("lm_head", ModuleKind::Linear));
-        out
+    fn module_tree(&self) -> &ModuleTree {
+        &self.tree
     }
 
-    fn visit_linears(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
-    ) -> Result<()> {
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (slot, name) in layer.attn.iter_mut().zip(ATTN_PROJ) {
-                f(&format!("model.layers.{i}.self_attn.{name}"), slot)?;
-            }
-            for (slot, name) in layer.mlp.iter_mut().zip(MLP_PROJ) {
-                f(&format!("model.layers.{i}.mlp.{name}"), slot)?;
-            }
-        }
-        f("lm_head", &mut self.lm_head)
-    }
-
-    fn visit_embeddings(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
-    ) -> Result<()> {
-        f("model.embed_tokens", &mut self.embed_tokens)
+    fn module_tree_mut(&mut self) -> &mut ModuleTree {
+        &mut self.tree
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
         Ok(self
-            .embed_tokens
+            .tree
+            .embedding(self.embed_tokens)
             .forward(&input_ids.to_dtype(DType::U32)?)?
             .to_dtype(self.dtype)?)
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.lm_head.forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
     }
 
     fn token_loss(
@@ -449,62 +313,7 @@ impl AdaptableModel for LlamaModel {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.lm_head.as_ref(), targets)
-    }
-
-    fn num_parameters(&self) -> usize {
-        let c = &self.cfg;
-        let mut n = c.vocab_size * c.hidden_size + c.hidden_size;
-        for layer in &self.layers {
-            n += layer
-                .attn
-                .iter()
-                .chain(layer.mlp.iter())
-                .map(|l| l.num_params())
-                .sum::<usize>();
-            n += 2 * c.hidden_size;
-        }
-        if !self.head_is_tied() {
-            n += self.lm_head.num_params();
-        }
-        n
-    }
-
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.weight()?,
-        )];
-        let mut push_linear = |name: String, slot: &LinearSlot| -> Result<()> {
-            out.push((format!("{name}.weight"), slot.weight()?));
-            if let Some(b) = slot.bias() {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-            Ok(())
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (slot, n) in layer.attn.iter().zip(ATTN_PROJ) {
-                push_linear(format!("model.layers.{i}.self_attn.{n}"), slot)?;
-            }
-            for (slot, n) in layer.mlp.iter().zip(MLP_PROJ) {
-                push_linear(format!("model.layers.{i}.mlp.{n}"), slot)?;
-            }
-        }
-        if !self.head_is_tied() {
-            push_linear("lm_head".into(), &self.lm_head)?;
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            out.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.clone(),
-            ));
-        }
-        out.push(("model.norm.weight".into(), self.norm.clone()));
-        Ok(out)
+        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
     }
 
     fn config_json(&self) -> Value {
