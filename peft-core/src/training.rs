@@ -98,37 +98,86 @@ impl Batch {
     pub fn loss(&self, model: &PeftModel) -> Result<Tensor> {
         match self {
             Batch::CausalLm(b) => causal_lm_batch_loss(model, b),
-            Batch::Seq2Seq(b) => {
-                let start = model
-                    .base_model()
-                    .info()
-                    .decoder_start_token_id
-                    .ok_or_else(|| {
-                        PeftError::bad_input(
-                            "seq2seq batch",
-                            "an encoder-decoder model",
-                            model.base_model().info().model_type.clone(),
-                        )
-                    })?;
-                let inputs = ModelInputs {
-                    input_ids: Some(b.input_ids.clone()),
-                    attention_mask: b.attention_mask.clone(),
-                    decoder_input_ids: Some(shift_right(&b.labels, start, 0)?),
-                    ..Default::default()
-                };
-                model.seq2seq_loss(&inputs, &b.labels)
-            }
-            Batch::Classification(b) => {
-                let inputs =
-                    ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
-                let logits = model.forward(&inputs)?;
-                let classes = logits.dim(logits.rank() - 1)?;
-                let rows = logits.elem_count() / classes;
-                let labels = b.labels.to_dtype(DType::I64)?.reshape(rows)?;
-                Ok(cross_entropy(&logits.reshape((rows, classes))?, &labels)?.0)
-            }
+            Batch::Seq2Seq(b) => model.seq2seq_loss(&seq2seq_inputs(model, b)?, &b.labels),
+            Batch::Classification(b) => Ok(classification_loss(model, b)?.0),
         }
     }
+
+    /// Targets that count toward the mean loss: predicted tokens after the causal shift, target
+    /// tokens of a seq2seq batch, labelled sequences (or tokens) of a classification batch.
+    /// Gradient accumulation weights micro-batches by it, as transformers' `Trainer` does.
+    pub fn targets(&self) -> Result<usize> {
+        let (labels, shift) = match self {
+            Batch::CausalLm(b) => (&b.labels, true),
+            Batch::Seq2Seq(b) => (&b.labels, false),
+            Batch::Classification(b) => (&b.labels, false),
+        };
+        let labels = if shift {
+            let t = labels.dim(1)?;
+            if t < 2 {
+                return Ok(0);
+            }
+            labels.narrow(1, 1, t - 1)?
+        } else {
+            labels.clone()
+        };
+        Ok(labels
+            .to_dtype(DType::I64)?
+            .ne(IGNORE_INDEX)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize)
+    }
+
+    /// Input tokens (padding excluded).
+    pub fn input_tokens(&self) -> Result<u64> {
+        let (ids, mask) = match self {
+            Batch::CausalLm(b) => (&b.input_ids, &b.attention_mask),
+            Batch::Seq2Seq(b) => (&b.input_ids, &b.attention_mask),
+            Batch::Classification(b) => (&b.input_ids, &b.attention_mask),
+        };
+        Ok(match mask {
+            Some(m) => u64::from(m.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?),
+            None => ids.elem_count() as u64,
+        })
+    }
+}
+
+/// A seq2seq batch's model inputs: the decoder reads the labels shifted right behind the
+/// model's `decoder_start_token_id`.
+fn seq2seq_inputs(model: &PeftModel, b: &Seq2SeqBatch) -> Result<ModelInputs> {
+    let info = model.base_model().info();
+    let start = info.decoder_start_token_id.ok_or_else(|| {
+        PeftError::bad_input("seq2seq batch", "an encoder-decoder model", info.model_type.clone())
+    })?;
+    Ok(ModelInputs {
+        input_ids: Some(b.input_ids.clone()),
+        attention_mask: b.attention_mask.clone(),
+        decoder_input_ids: Some(shift_right(&b.labels, start, 0)?),
+        ..Default::default()
+    })
+}
+
+/// The mean cross-entropy of a classification batch and the logits `[rows, classes]` it came
+/// from (one row per sequence, or per token for token classification).
+pub fn classification_loss(model: &PeftModel, b: &ClassificationBatch) -> Result<(Tensor, Tensor)> {
+    let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
+    let logits = model.forward(&inputs)?;
+    let classes = logits.dim(logits.rank() - 1)?;
+    let rows = logits.elem_count() / classes.max(1);
+    let labels = b.labels.to_dtype(DType::I64)?.reshape(rows)?;
+    let logits = logits.reshape((rows, classes))?;
+    Ok((cross_entropy(&logits, &labels)?.0, logits))
+}
+
+/// Rows of `logits` `[rows, classes]` whose arg-max is the label (`-100` rows not counted),
+/// and the rows counted.
+pub fn correct_predictions(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
+    let predicted = logits.argmax(candle_core::D::Minus1)?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let labels = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    let counted = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let correct = predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    Ok((correct, counted))
 }
 
 /// One optimizer step on any batch: forward, loss, backward, optional clipping, update.

@@ -1,7 +1,10 @@
-//! Training data: JSONL records with `text`, `prompt`/`completion` or chat `messages`, and CSV
-//! files with `text` or `prompt`,`completion` columns, tokenized into examples that say which
-//! tokens are learned (all of `text`; only the completion; only the assistant turns of a chat),
-//! then batched with padding or packed into fixed-length blocks.
+//! Training data: JSONL records with `text`, `prompt`/`completion` (or `input`/`target`), chat
+//! `messages`, or `text` + `label`, and CSV files with the same columns, tokenized for the
+//! model's objective ([`Objective`]): for a causal LM, examples that say which tokens are
+//! learned (all of `text`; only the completion; only the assistant turns of a chat); for an
+//! encoder-decoder, the prompt as encoder input and the completion as decoder target; for a
+//! sequence classifier, the text and its class. Then batched with padding (or, for causal LMs,
+//! packed into fixed-length blocks).
 //!
 //! A bad record (invalid JSON, missing field, empty text, a sequence longer than the limit) is
 //! a [`PeftError::Data`] naming the file and line, or, where the caller asked for it, a counted
@@ -11,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use peft_core::loss::IGNORE_INDEX;
-use peft_core::training::CausalLmBatch;
+use peft_core::training::{Batch, CausalLmBatch, ClassificationBatch, Seq2SeqBatch};
 use peft_core::{PeftError, Result};
 use peft_models::{ChatMessage, TextTokenizer};
 use rand::rngs::StdRng;
@@ -22,12 +25,81 @@ use serde_json::Value;
 /// One tokenized example.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
-    /// Token ids.
+    /// Token ids (the encoder's input for an encoder-decoder).
     pub ids: Vec<u32>,
-    /// Whether each token is a training target.
+    /// Whether each token is a training target (causal LMs; empty for other targets).
     pub learn: Vec<bool>,
     /// The line of the data file it came from (1-based).
     pub line: usize,
+    /// What the example teaches.
+    pub target: Target,
+}
+
+impl Example {
+    /// A causal-LM example learning the `learn` tokens of `ids`.
+    pub fn tokens(ids: Vec<u32>, learn: Vec<bool>, line: usize) -> Self {
+        Example { ids, learn, line, target: Target::Tokens }
+    }
+
+    /// Tokens that count toward the loss.
+    pub fn target_tokens(&self) -> usize {
+        match &self.target {
+            Target::Tokens => self.learn.iter().filter(|&&l| l).count(),
+            Target::Decoder(t) => t.len(),
+            Target::Class(_) => 1,
+        }
+    }
+}
+
+/// What an example teaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The next token at every learned position of `ids` (decoder-only models).
+    Tokens,
+    /// The decoder's target ids (encoder-decoders; `ids` is the encoder input).
+    Decoder(Vec<u32>),
+    /// The class of the whole sequence (sequence classification).
+    Class(u32),
+}
+
+/// The training objective, from the model: what records must hold and how they tokenize.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Objective {
+    /// Next-token prediction (`text`, `prompt`/`completion`, `messages`).
+    #[default]
+    CausalLm,
+    /// Sequence to sequence (`prompt`/`completion` or `input`/`target`; the loss is on the
+    /// target).
+    Seq2Seq,
+    /// Sequence classification (`text` + `label`): the label is a class index or one of
+    /// `labels` (the names, index order, as a config's `id2label`).
+    Classification {
+        /// Class names in index order.
+        labels: Vec<String>,
+    },
+}
+
+/// A record's class: an index, or a name to look up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Label {
+    /// A class index.
+    Index(i64),
+    /// A class name.
+    Name(String),
+}
+
+impl Label {
+    /// The class index among `labels` (names in index order), or why not.
+    pub fn resolve(&self, labels: &[String]) -> std::result::Result<u32, String> {
+        match self {
+            Label::Index(i) if (0..labels.len() as i64).contains(i) => Ok(*i as u32),
+            Label::Index(i) => Err(format!("label {i} is not a class index in 0..{}", labels.len())),
+            Label::Name(n) => match labels.iter().position(|l| l == n) {
+                Some(i) => Ok(i as u32),
+                None => Err(format!("label `{n}` is not one of the classes {labels:?}")),
+            },
+        }
+    }
 }
 
 /// How over-long sequences are handled.
@@ -55,6 +127,8 @@ pub struct DataOptions {
     pub skip_bad: bool,
     /// Append the tokenizer's end-of-sequence token to `text` and completions.
     pub add_eos: bool,
+    /// The model's objective.
+    pub objective: Objective,
 }
 
 impl Default for DataOptions {
@@ -65,6 +139,7 @@ impl Default for DataOptions {
             overflow: Overflow::Error,
             skip_bad: false,
             add_eos: true,
+            objective: Objective::CausalLm,
         }
     }
 }
@@ -85,10 +160,7 @@ pub struct Dataset {
 impl Dataset {
     /// Number of learned tokens (labels that count toward the loss).
     pub fn target_tokens(&self) -> usize {
-        self.examples
-            .iter()
-            .map(|e| e.learn.iter().filter(|&&l| l).count())
-            .sum()
+        self.examples.iter().map(Example::target_tokens).sum()
     }
 
     /// Splits off a held-out fraction, chosen by a seeded shuffle: `(train, eval)`.
@@ -135,6 +207,8 @@ pub enum Record {
     PromptCompletion(String, String),
     /// A chat; only the assistant turns are learned.
     Messages(Vec<ChatMessage>),
+    /// A text and its class (sequence classification).
+    Labeled(String, Label),
 }
 
 fn data_err(path: &Path, line: usize, reason: impl Into<String>) -> PeftError {
@@ -170,7 +244,7 @@ pub fn parse_json_record(text: &str, path: &Path, line: usize) -> Result<Record>
         return Err(data_err(
             path,
             line,
-            "expected a JSON object with `text`, `prompt`/`completion` or `messages`",
+            "expected a JSON object with `text`, `prompt`/`completion` or `messages` (or `input`/`target`, or `text` + `label` for a classifier)",
         ));
     };
     let record = if obj.contains_key("messages") {
@@ -219,6 +293,25 @@ pub fn parse_json_record(text: &str, path: &Path, line: usize) -> Result<Record>
             string_field(&obj, "prompt", path, line)?,
             string_field(&obj, "completion", path, line)?,
         )
+    } else if obj.contains_key("input") || obj.contains_key("target") {
+        Record::PromptCompletion(
+            string_field(&obj, "input", path, line)?,
+            string_field(&obj, "target", path, line)?,
+        )
+    } else if obj.contains_key("label") {
+        let label = match obj.get("label") {
+            Some(Value::Number(n)) if n.as_i64().is_some() => Label::Index(n.as_i64().unwrap_or(0)),
+            Some(Value::String(s)) => Label::Name(s.clone()),
+            Some(other) => {
+                return Err(data_err(
+                    path,
+                    line,
+                    format!("field `label`: expected an integer or a string, found {other}"),
+                ))
+            }
+            None => unreachable!("contains_key checked"),
+        };
+        Record::Labeled(string_field(&obj, "text", path, line)?, label)
     } else if obj.contains_key("text") {
         Record::Text(string_field(&obj, "text", path, line)?)
     } else {
@@ -227,7 +320,7 @@ pub fn parse_json_record(text: &str, path: &Path, line: usize) -> Result<Record>
             path,
             line,
             format!(
-                "expected a `text`, `prompt`/`completion` or `messages` field; found keys {keys:?}"
+                "expected a `text`, `prompt`/`completion` or `messages` field (or `input`/`target`, or `text` + `label` for a classifier); found keys {keys:?}"
             ),
         ));
     };
@@ -237,7 +330,7 @@ pub fn parse_json_record(text: &str, path: &Path, line: usize) -> Result<Record>
 
 fn check_not_empty(record: &Record, path: &Path, line: usize) -> Result<()> {
     let empty = match record {
-        Record::Text(t) => t.trim().is_empty().then_some("`text` is empty"),
+        Record::Text(t) | Record::Labeled(t, _) => t.trim().is_empty().then_some("`text` is empty"),
         Record::PromptCompletion(_, c) => c.trim().is_empty().then_some("`completion` is empty"),
         Record::Messages(m) => m
             .iter()
@@ -280,19 +373,30 @@ pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<(usize, Record)>
             .map_err(|e| data_err(path, 1, format!("CSV header: {e}")))?
             .clone();
         let col = |name: &str| headers.iter().position(|h| h.trim() == name);
-        let (text_col, prompt_col, completion_col) =
-            (col("text"), col("prompt"), col("completion"));
+        let (text_col, label_col) = (col("text"), col("label"));
+        let (prompt_col, completion_col) = match (col("prompt"), col("completion")) {
+            (Some(p), Some(c)) => (Some(p), Some(c)),
+            _ => (col("input"), col("target")),
+        };
         if text_col.is_none() && (prompt_col.is_none() || completion_col.is_none()) {
             let found: Vec<&str> = headers.iter().collect();
-            return Err(data_err(path, 1, format!("CSV header: expected a `text` column or `prompt` and `completion` columns; found {found:?}")));
+            return Err(data_err(path, 1, format!("CSV header: expected a `text` column (and `label` for a classifier), or `prompt` and `completion` (or `input` and `target`) columns; found {found:?}")));
         }
         for row in reader.records() {
             let (line, r) = match row {
                 Ok(row) => {
                     let line = row.position().map_or(0, |p| p.line() as usize);
                     let get = |c: usize| row.get(c).unwrap_or_default().to_string();
-                    let rec = match (prompt_col, completion_col) {
-                        (Some(p), Some(c)) => Record::PromptCompletion(get(p), get(c)),
+                    let rec = match (prompt_col, completion_col, label_col) {
+                        (Some(p), Some(c), _) => Record::PromptCompletion(get(p), get(c)),
+                        (_, _, Some(l)) => {
+                            let raw = get(l);
+                            let label = match raw.trim().parse::<i64>() {
+                                Ok(i) => Label::Index(i),
+                                Err(_) => Label::Name(raw.trim().to_string()),
+                            };
+                            Record::Labeled(get(text_col.unwrap_or(0)), label)
+                        }
                         _ => Record::Text(get(text_col.unwrap_or(0))),
                     };
                     (line, check_not_empty(&rec, path, line).map(|()| rec))
@@ -363,6 +467,44 @@ pub fn tokenize_record(
     } else {
         None
     };
+    // The tokenizer's own end token (T5's `</s>`, BERT's `[SEP]`) is kept; `eos` is appended
+    // only where it is missing.
+    let ended = |mut ids: Vec<u32>| {
+        if let Some(e) = eos.filter(|&e| ids.last() != Some(&e)) {
+            ids.push(e);
+        }
+        ids
+    };
+    match (&opts.objective, record) {
+        (Objective::CausalLm, Record::Labeled(..)) => {
+            return Err(data_err(
+                path,
+                line,
+                "a `text` + `label` record trains a classifier; this model is a language model",
+            ))
+        }
+        (Objective::Seq2Seq, Record::PromptCompletion(prompt, completion)) => {
+            let ids = tok.encode(prompt, true)?;
+            let target = ended(tok.encode(completion, true)?);
+            return Ok(Example { ids, learn: Vec::new(), line, target: Target::Decoder(target) });
+        }
+        (Objective::Seq2Seq, _) => {
+            return Err(data_err(
+                path,
+                line,
+                "an encoder-decoder model trains on `prompt`/`completion` (or `input`/`target`) records",
+            ))
+        }
+        (Objective::Classification { labels }, Record::Labeled(text, label)) => {
+            let class = label.resolve(labels).map_err(|e| data_err(path, line, e))?;
+            let ids = tok.encode(text, true)?;
+            return Ok(Example { ids, learn: Vec::new(), line, target: Target::Class(class) });
+        }
+        (Objective::Classification { .. }, _) => {
+            return Err(data_err(path, line, "a sequence classifier trains on `text` + `label` records"))
+        }
+        (Objective::CausalLm, _) => {}
+    }
     let (ids, learn) = match record {
         Record::Text(text) => {
             let mut ids = tok.encode(text, true)?;
@@ -399,8 +541,9 @@ pub fn tokenize_record(
                 .collect();
             (ids, learn)
         }
+        Record::Labeled(..) => unreachable!("refused above for causal LMs"),
     };
-    Ok(Example { ids, learn, line })
+    Ok(Example::tokens(ids, learn, line))
 }
 
 /// Reads and tokenizes a data file.
@@ -420,7 +563,7 @@ pub fn load_dataset(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Res
             }
             Err(e) => return Err(e),
         };
-        if !ex.learn.iter().any(|&l| l) {
+        if ex.target_tokens() == 0 {
             let e = data_err(path, *line, "no tokens to learn after tokenization");
             if opts.skip_bad {
                 ds.skipped_bad += 1;
@@ -428,7 +571,11 @@ pub fn load_dataset(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Res
             }
             return Err(e);
         }
-        if !opts.packing && ex.ids.len() > opts.max_len {
+        let longest = match &ex.target {
+            Target::Decoder(t) => ex.ids.len().max(t.len()),
+            _ => ex.ids.len(),
+        };
+        if !opts.packing && longest > opts.max_len {
             match opts.overflow {
                 Overflow::Error => {
                     return Err(data_err(
@@ -436,7 +583,7 @@ pub fn load_dataset(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Res
                         *line,
                         format!(
                             "sequence of {} tokens is longer than the limit of {} (raise --seq-len up to the model's context, or pass --truncate, --skip-long or --packing)",
-                            ex.ids.len(),
+                            longest,
                             opts.max_len
                         ),
                     ))
@@ -448,8 +595,11 @@ pub fn load_dataset(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Res
                 Overflow::Truncate => {
                     ex.ids.truncate(opts.max_len);
                     ex.learn.truncate(opts.max_len);
+                    if let Target::Decoder(t) = &mut ex.target {
+                        t.truncate(opts.max_len);
+                    }
                     ds.truncated += 1;
-                    if !ex.learn.iter().any(|&l| l) {
+                    if ex.target_tokens() == 0 {
                         ds.skipped_long += 1;
                         continue;
                     }
@@ -464,19 +614,16 @@ pub fn load_dataset(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Res
     Ok(ds)
 }
 
-/// The training sequences of a dataset: the examples themselves (padding), or the examples
-/// concatenated in order and cut into blocks of `block` tokens (packing; a final partial block
-/// is kept if it has at least two tokens).
+/// The training sequences of a dataset: the examples themselves (padding), or, for causal-LM
+/// examples, the examples concatenated in order and cut into blocks of `block` tokens (packing;
+/// a final partial block is kept if it has at least two tokens). Other objectives do not pack.
 pub fn sequences(ds: &Dataset, packing: bool, block: usize) -> Vec<Example> {
-    if !packing {
+    if !packing || ds.examples.iter().any(|e| e.target != Target::Tokens) {
         return ds.examples.clone();
     }
     let mut out = Vec::new();
-    let mut cur = Example {
-        ids: Vec::with_capacity(block),
-        learn: Vec::with_capacity(block),
-        line: 0,
-    };
+    let empty = || Example::tokens(Vec::with_capacity(block), Vec::with_capacity(block), 0);
+    let mut cur = empty();
     for ex in &ds.examples {
         for (&id, &l) in ex.ids.iter().zip(&ex.learn) {
             if cur.ids.is_empty() {
@@ -485,14 +632,7 @@ pub fn sequences(ds: &Dataset, packing: bool, block: usize) -> Vec<Example> {
             cur.ids.push(id);
             cur.learn.push(l);
             if cur.ids.len() == block {
-                out.push(std::mem::replace(
-                    &mut cur,
-                    Example {
-                        ids: Vec::with_capacity(block),
-                        learn: Vec::with_capacity(block),
-                        line: 0,
-                    },
-                ));
+                out.push(std::mem::replace(&mut cur, empty()));
             }
         }
     }
@@ -502,49 +642,84 @@ pub fn sequences(ds: &Dataset, packing: bool, block: usize) -> Vec<Example> {
     out
 }
 
-/// A causal-LM batch of `examples`, right-padded with `pad_id` to the longest; labels are the
-/// ids where learned and `-100` elsewhere.
-pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<CausalLmBatch> {
-    let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    if width == 0 {
-        return Err(PeftError::bad_input(
-            "collate",
-            "at least one non-empty example",
-            "none",
-        ));
+/// A batch of `examples` (all of one objective), right-padded with `pad_id` to the longest
+/// (the attention mask marks the padding): a causal-LM batch whose labels are the ids where
+/// learned and `-100` elsewhere; a seq2seq batch whose labels are the decoder targets (`-100`
+/// padded); or a classification batch of class indices.
+pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let Some(first) = examples.first() else {
+        return Err(PeftError::bad_input("collate", "at least one example", "none"));
+    };
+    let same = |e: &&Example| std::mem::discriminant(&e.target) == std::mem::discriminant(&first.target);
+    if !examples.iter().all(same) {
+        return Err(PeftError::bad_input("collate", "examples of one objective", "a mix"));
     }
-    let b = examples.len();
-    let mut ids = Vec::with_capacity(b * width);
-    let mut mask = Vec::with_capacity(b * width);
-    let mut labels = Vec::with_capacity(b * width);
-    for e in examples {
-        for i in 0..width {
-            match e.ids.get(i) {
-                Some(&id) => {
-                    ids.push(id);
-                    mask.push(1u32);
-                    labels.push(if e.learn[i] {
-                        i64::from(id)
-                    } else {
-                        IGNORE_INDEX
-                    });
-                }
-                None => {
-                    ids.push(pad_id);
-                    mask.push(0);
-                    labels.push(IGNORE_INDEX);
-                }
-            }
+    let (input_ids, attention_mask) = padded_ids(examples, pad_id, device)?;
+    Ok(match first.target {
+        Target::Tokens => {
+            let labels = padded(examples, IGNORE_INDEX, |e| {
+                e.ids.iter().zip(&e.learn).map(|(&id, &l)| if l { i64::from(id) } else { IGNORE_INDEX }).collect()
+            });
+            let (b, w) = input_ids.dims2()?;
+            Batch::CausalLm(CausalLmBatch {
+                input_ids,
+                attention_mask,
+                labels: Tensor::from_vec(labels.0, (b, w), device)?,
+            })
         }
-    }
-    let all_ones = mask.iter().all(|&m| m == 1);
-    Ok(CausalLmBatch {
-        input_ids: Tensor::from_vec(ids, (b, width), device)?,
-        attention_mask: if all_ones {
-            None
-        } else {
-            Some(Tensor::from_vec(mask, (b, width), device)?)
-        },
-        labels: Tensor::from_vec(labels, (b, width), device)?,
+        Target::Decoder(_) => {
+            let (labels, width) = padded(examples, IGNORE_INDEX, |e| match &e.target {
+                Target::Decoder(t) => t.iter().map(|&id| i64::from(id)).collect(),
+                _ => Vec::new(),
+            });
+            Batch::Seq2Seq(Seq2SeqBatch {
+                input_ids,
+                attention_mask,
+                labels: Tensor::from_vec(labels, (examples.len(), width), device)?,
+            })
+        }
+        Target::Class(_) => {
+            let labels: Vec<i64> = examples
+                .iter()
+                .map(|e| match e.target {
+                    Target::Class(c) => i64::from(c),
+                    _ => IGNORE_INDEX,
+                })
+                .collect();
+            Batch::Classification(ClassificationBatch {
+                input_ids,
+                attention_mask,
+                labels: Tensor::from_vec(labels, examples.len(), device)?,
+            })
+        }
     })
+}
+
+/// Rows of `row(e)` right-padded with `fill` to the longest: the flat values and the width.
+fn padded<T: Copy>(examples: &[&Example], fill: T, row: impl Fn(&Example) -> Vec<T>) -> (Vec<T>, usize) {
+    let rows: Vec<Vec<T>> = examples.iter().map(|e| row(e)).collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for r in rows {
+        let n = r.len();
+        out.extend(r);
+        out.extend(std::iter::repeat_n(fill, width - n));
+    }
+    (out, width)
+}
+
+/// The examples' ids `[B, T]` right-padded with `pad_id`, and the attention mask (`None` when
+/// nothing is padded).
+fn padded_ids(examples: &[&Example], pad_id: u32, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    let (ids, width) = padded(examples, pad_id, |e| e.ids.clone());
+    if width == 0 {
+        return Err(PeftError::bad_input("collate", "at least one non-empty example", "none"));
+    }
+    let (mask, _) = padded(examples, 0u32, |e| vec![1u32; e.ids.len()]);
+    let b = examples.len();
+    let all_ones = mask.iter().all(|&m| m == 1);
+    Ok((
+        Tensor::from_vec(ids, (b, width), device)?,
+        if all_ones { None } else { Some(Tensor::from_vec(mask, (b, width), device)?) },
+    ))
 }

@@ -11,9 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use peft_core::checkpoint;
-use peft_core::training::CausalLmBatch;
+use peft_core::training::Batch;
 use peft_core::{PeftError, PeftModel, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -115,23 +115,46 @@ pub struct TrainReport {
     pub resumed_from: usize,
 }
 
-/// Mean loss over every learned token of `data` (no dropout), and the token count.
-pub fn evaluate(
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean loss over every target (token, or labelled sequence).
+    pub loss: f64,
+    /// Targets counted.
+    pub targets: usize,
+    /// For classifiers: the fraction of examples whose arg-max class is the label.
+    pub accuracy: Option<f64>,
+}
+
+/// Mean loss over every target of `data` (no dropout), the target count, and for classifiers
+/// the accuracy.
+pub fn evaluate_data(
     model: &PeftModel,
     data: &[Example],
     batch_size: usize,
     pad_id: u32,
-) -> Result<(f64, usize)> {
+) -> Result<Evaluation> {
     let was_training = model.is_training();
     model.set_training(false);
     let _no_grad = peft_core::no_grad();
     let device = model.base_model().device().clone();
     let mut total = 0.0f64;
     let mut count = 0usize;
+    let (mut correct, mut classified) = (0usize, 0usize);
     for chunk in data.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &device)?;
-        let (mean, n) = batch_loss(model, &batch)?;
+        let n = batch.targets()?;
+        let mean = match &batch {
+            Batch::Classification(b) => {
+                let (loss, logits) = peft_core::training::classification_loss(model, b)?;
+                let (c, k) = peft_core::training::correct_predictions(&logits, &b.labels)?;
+                correct += c;
+                classified += k;
+                loss
+            }
+            _ => batch.loss(model)?,
+        };
         total += f64::from(mean.to_scalar::<f32>()?) * n as f64;
         count += n;
     }
@@ -143,28 +166,22 @@ pub fn evaluate(
             "none",
         ));
     }
-    Ok((total / count as f64, count))
+    Ok(Evaluation {
+        loss: total / count as f64,
+        targets: count,
+        accuracy: (classified > 0).then(|| correct as f64 / classified as f64),
+    })
 }
 
-/// The mean causal-LM loss of a batch and the number of predicted tokens.
-fn batch_loss(model: &PeftModel, batch: &CausalLmBatch) -> Result<(Tensor, usize)> {
-    let n = predicted_tokens(&batch.labels)?;
-    let loss = peft_core::training::causal_lm_batch_loss(model, batch)?;
-    Ok((loss, n))
-}
-
-/// Labels that count after the one-position shift.
-fn predicted_tokens(labels: &Tensor) -> Result<usize> {
-    let t = labels.dim(1)?;
-    if t < 2 {
-        return Ok(0);
-    }
-    let shifted = labels.narrow(1, 1, t - 1)?;
-    Ok(shifted
-        .ne(peft_core::loss::IGNORE_INDEX)?
-        .to_dtype(DType::U32)?
-        .sum_all()?
-        .to_scalar::<u32>()? as usize)
+/// Mean loss over every target of `data` (no dropout), and the target count.
+pub fn evaluate(
+    model: &PeftModel,
+    data: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<(f64, usize)> {
+    let e = evaluate_data(model, data, batch_size, pad_id)?;
+    Ok((e.loss, e.targets))
 }
 
 /// Runs training of `model`'s trainable adapter on `train`, writing into `out`.
@@ -278,7 +295,7 @@ impl<'a> Trainer<'a> {
     /// One optimizer step; returns (loss, grad norm, input tokens).
     fn train_step(&mut self, step: usize) -> Result<(f32, f32, u64)> {
         let device = self.model.base_model().device().clone();
-        let batches: Vec<CausalLmBatch> = self
+        let batches: Vec<Batch> = self
             .step_batches(step)
             .iter()
             .map(|idx| {
@@ -286,10 +303,7 @@ impl<'a> Trainer<'a> {
                 collate(&refs, self.cfg.pad_id, &device)
             })
             .collect::<Result<_>>()?;
-        let counts: Vec<usize> = batches
-            .iter()
-            .map(|b| predicted_tokens(&b.labels))
-            .collect::<Result<_>>()?;
+        let counts: Vec<usize> = batches.iter().map(Batch::targets).collect::<Result<_>>()?;
         let total: usize = counts.iter().sum::<usize>().max(1);
         let mut tokens = 0u64;
         let mut loss_sum = 0.0f32;
@@ -297,15 +311,12 @@ impl<'a> Trainer<'a> {
         let mut grads: Vec<Option<Tensor>> = vec![None; n_vars];
         self.model.set_training(true);
         for (j, (batch, &n)) in batches.iter().zip(&counts).enumerate() {
-            tokens += match &batch.attention_mask {
-                Some(m) => u64::from(m.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?),
-                None => batch.input_ids.elem_count() as u64,
-            };
+            tokens += batch.input_tokens()?;
             if n == 0 {
                 continue;
             }
             peft_core::nn::set_dropout_step(((step * self.cfg.grad_accum + j) as u64) + 1);
-            let loss = peft_core::training::causal_lm_batch_loss(self.model, batch)?;
+            let loss = batch.loss(self.model)?;
             let weighted = (loss * (n as f64 / total as f64))?;
             loss_sum += weighted.to_scalar::<f32>()?;
             let g = weighted.backward()?;

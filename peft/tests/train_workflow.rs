@@ -288,19 +288,13 @@ fn skips_and_truncation_are_counted() {
 #[test]
 fn collate_pads_and_masks_labels() {
     let ex = [
-        data::Example {
-            ids: vec![5, 6, 7],
-            learn: vec![false, true, true],
-            line: 1,
-        },
-        data::Example {
-            ids: vec![8],
-            learn: vec![true],
-            line: 2,
-        },
+        data::Example::tokens(vec![5, 6, 7], vec![false, true, true], 1),
+        data::Example::tokens(vec![8], vec![true], 2),
     ];
     let refs: Vec<&data::Example> = ex.iter().collect();
-    let b = data::collate(&refs, 0, &Device::Cpu).unwrap();
+    let peft::training::Batch::CausalLm(b) = data::collate(&refs, 0, &Device::Cpu).unwrap() else {
+        panic!("causal-LM examples make a causal-LM batch")
+    };
     assert_eq!(
         b.input_ids.to_vec2::<u32>().unwrap(),
         vec![vec![5, 6, 7], vec![8, 0, 0]]

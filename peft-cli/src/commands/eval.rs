@@ -1,6 +1,6 @@
 //! `peft eval`: the loss and perplexity of a model (with any adapters, or none) on a data file,
-//! over the same tokens `peft train` learns from (all of `text`, completions only, assistant
-//! turns only).
+//! over the same targets `peft train` learns from (all of `text`, completions only, assistant
+//! turns only, an encoder-decoder's targets); for a sequence classifier, the loss and accuracy.
 
 use std::path::PathBuf;
 
@@ -44,29 +44,38 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let opts = args.data_args.options(None)?;
+    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
+    let mut opts = args.data_args.options(None)?;
+    opts.objective = super::train::objective(base.as_ref(), &args.data, args.adapter.first().map(PathBuf::as_path))?;
     let ds = super::train::load_sequences(&args.data, &tok, &opts)?;
     let seqs = peft::data::sequences(&ds, opts.packing, opts.max_len);
-    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
     let model = super::with_adapters(base, &args.adapter, false)?;
     let pad_id = tok
         .pad_token_id
         .or(tok.eos_token_ids.first().copied())
         .unwrap_or(0);
     let started = std::time::Instant::now();
-    let (loss, tokens) = peft::trainer::evaluate(&model, &seqs, args.batch_size, pad_id)?;
+    let e = peft::trainer::evaluate_data(&model, &seqs, args.batch_size, pad_id)?;
+    let (loss, tokens) = (e.loss, e.targets);
     let secs = started.elapsed().as_secs_f64();
-    if args.json {
-        println!(
+    match (args.json, e.accuracy) {
+        (true, None) => println!(
             "{}",
             serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens, "sequences": seqs.len(), "seconds": secs})
-        );
-    } else {
-        println!(
+        ),
+        (true, Some(acc)) => println!(
+            "{}",
+            serde_json::json!({"loss": loss, "accuracy": acc, "examples": seqs.len(), "seconds": secs})
+        ),
+        (false, None) => println!(
             "loss {loss:.4}  perplexity {:.3}  over {tokens} tokens in {} sequences ({secs:.1} s)",
             loss.exp(),
             seqs.len()
-        );
+        ),
+        (false, Some(acc)) => println!(
+            "loss {loss:.4}  accuracy {acc:.4}  over {} examples ({secs:.1} s)",
+            seqs.len()
+        ),
     }
     Ok(())
 }

@@ -66,6 +66,7 @@ impl DataArgs {
             },
             skip_bad: self.skip_bad,
             add_eos: !self.no_eos,
+            objective: data::Objective::CausalLm,
         })
     }
 }
@@ -181,8 +182,9 @@ fn peft_type_of(method: &str) -> String {
     }
 }
 
-/// The adapter config from --config, or --method with its defaults, then the flags.
-fn adapter_config(args: &TrainArgs) -> Result<AdapterConfig> {
+/// The adapter config from --config, or --method with its defaults, then the flags; the task
+/// type defaults to the model's (`task`).
+fn adapter_config(args: &TrainArgs, task: TaskType) -> Result<AdapterConfig> {
     let mut obj: Map<String, Value> = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -250,7 +252,7 @@ fn adapter_config(args: &TrainArgs) -> Result<AdapterConfig> {
         obj.insert(k.trim().to_string(), value);
     }
     obj.entry("task_type")
-        .or_insert_with(|| Value::from(TaskType::CausalLm.as_str()));
+        .or_insert_with(|| Value::from(task.as_str()));
     obj.insert("inference_mode".into(), Value::Bool(false));
     let source = args.config.as_ref().map_or_else(
         || format!("--method {}", args.method),
@@ -279,20 +281,98 @@ pub fn load_sequences(
     Ok(ds)
 }
 
+/// The file `peft train` writes beside a classifier's adapter: the class names as transformers
+/// keeps them in a config (`id2label`, `label2id`), read back by `peft eval`.
+pub const LABELS_NAME: &str = "labels.json";
+
+fn write_labels(out: &Path, labels: &[String]) -> Result<()> {
+    let id2label: Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
+    let label2id: Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
+    let text = serde_json::to_string_pretty(&serde_json::json!({"id2label": id2label, "label2id": label2id}))?;
+    peft::checkpoint::write_atomic(&out.join(LABELS_NAME), text.as_bytes())?;
+    Ok(())
+}
+
+/// Class names from an `id2label` object (`{"0": "neg", "1": "pos"}`), in index order.
+fn names_of(id2label: &Value, n: usize) -> Option<Vec<String>> {
+    let map = id2label.as_object()?;
+    (0..n).map(|i| map.get(&i.to_string()).and_then(Value::as_str).map(str::to_string)).collect()
+}
+
+/// What the model trains on, from its head: an encoder-decoder trains seq2seq, a sequence
+/// classifier on labelled texts (class names from `adapter`'s `labels.json`, else the model
+/// config's `id2label` when it names the classes, else the distinct string labels of `data`,
+/// sorted), anything else as a causal LM.
+pub fn objective(
+    base: &dyn peft::AdaptableModel,
+    data_path: &Path,
+    adapter: Option<&Path>,
+) -> Result<data::Objective> {
+    let info = base.info();
+    if info.is_encoder_decoder {
+        return Ok(data::Objective::Seq2Seq);
+    }
+    match info.task_type {
+        TaskType::CausalLm => return Ok(data::Objective::CausalLm),
+        TaskType::SeqCls => {}
+        other => bail!(
+            "{} ({}, {}): peft train and eval take causal LMs, encoder-decoders and sequence classifiers",
+            info.name_or_path.clone().unwrap_or_default(),
+            info.architecture,
+            other.as_str()
+        ),
+    }
+    let n = info.num_labels.unwrap_or(0);
+    if let Some(path) = adapter.map(|a| a.join(LABELS_NAME)).filter(|p| p.is_file()) {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let labels = v
+            .get("id2label")
+            .and_then(|m| names_of(m, n))
+            .with_context(|| format!("{}: expected `id2label` naming {n} classes", path.display()))?;
+        return Ok(data::Objective::Classification { labels });
+    }
+    let configured = base.config_json().get("id2label").and_then(|m| names_of(m, n));
+    let generic: Vec<String> = (0..n).map(|i| format!("LABEL_{i}")).collect();
+    if let Some(labels) = configured.filter(|l| *l != generic) {
+        return Ok(data::Objective::Classification { labels });
+    }
+    let (records, _) = data::read_records(data_path, true)?;
+    let mut names: Vec<String> = records
+        .iter()
+        .filter_map(|(_, r)| match r {
+            data::Record::Labeled(_, data::Label::Name(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Ok(data::Objective::Classification { labels: generic });
+    }
+    if names.len() != n {
+        bail!(
+            "{}: {} distinct labels {names:?}, but the model's head has {n} classes",
+            data_path.display(),
+            names.len()
+        );
+    }
+    Ok(data::Objective::Classification { labels: names })
+}
+
 /// Trains and reports.
 pub fn run(args: TrainArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let config = adapter_config(&args)?;
     let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
-    if base.info().is_encoder_decoder || base.info().task_type != TaskType::CausalLm {
-        bail!(
-            "peft train fine-tunes causal language models; {} is {}",
-            model_path.display(),
-            base.info().architecture
-        );
+    let config = adapter_config(&args, base.info().task_type)?;
+    let mut opts = args.data_args.options(None)?;
+    opts.objective = objective(base.as_ref(), &args.data, None)?;
+    if opts.packing && opts.objective != data::Objective::CausalLm {
+        bail!("--packing packs causal-LM sequences; {} is {}", model_path.display(), base.info().architecture);
     }
-    let opts = args.data_args.options(None)?;
     let train_ds = load_sequences(&args.data, &tok, &opts)?;
     let (train_ds, eval_ds) = match (&args.eval_data, args.eval_fraction) {
         (Some(path), _) => (train_ds, Some(load_sequences(path, &tok, &opts)?)),
@@ -313,10 +393,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!(
         "train: {} sequences ({} target tokens){}",
         train.len(),
-        train
-            .iter()
-            .map(|e| e.learn.iter().filter(|&&l| l).count())
-            .sum::<usize>(),
+        train.iter().map(data::Example::target_tokens).sum::<usize>(),
         eval.as_ref()
             .map(|e| format!("; eval: {} sequences", e.len()))
             .unwrap_or_default()
@@ -345,6 +422,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cfg.warmup_steps = (ratio * cfg.total_steps(train.len()) as f64).ceil() as usize;
     }
     let report = Trainer::new(&model, cfg, train, eval, &args.out)?.run(args.resume)?;
+    if let data::Objective::Classification { labels } = &opts.objective {
+        write_labels(&args.out, labels)?;
+    }
     let secs = report.seconds.max(1e-9);
     println!(
         "trained steps {}..{} in {:.1} s ({:.0} tokens/s); last loss {:.4}{}",
