@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Tensor};
 
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot};
 use crate::method::{EmbeddingAdapter, LinearAdapter};
 
@@ -263,6 +263,11 @@ impl SlotKind for LinearKind {
             .bias()
             .map(|b| b.to_dtype(DType::F32))
             .transpose()?;
+        if adapters.iter().any(|a| !a.mergeable()) {
+            return Err(PeftError::InvalidState(
+                "an attached adapter's method cannot merge it into the base weights".into(),
+            ));
+        }
         for adapter in adapters {
             let (w, b) = adapter.merge(&weight, bias.as_ref())?;
             weight = w;
@@ -310,6 +315,11 @@ impl SlotKind for EmbeddingKind {
         let stored = original.weight()?;
         let dtype = stored.dtype();
         let mut weight = stored.to_dtype(DType::F32)?;
+        if adapters.iter().any(|a| !a.mergeable()) {
+            return Err(PeftError::InvalidState(
+                "an attached adapter's method cannot merge it into the table".into(),
+            ));
+        }
         for adapter in adapters {
             weight = adapter.merge(&weight)?;
         }

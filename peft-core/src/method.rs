@@ -35,6 +35,12 @@ pub trait LinearAdapter: Send + Sync + Debug {
     fn fused_forward(&self, _base: &dyn LinearLike, _x: &Tensor, _training: bool) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Whether [`LinearAdapter::merge`] can fold this adapter into the base weights. A method
+    /// that cannot merge says `false` (its `merge` is then never called), and merging refuses
+    /// with the layer's path before any layer changes.
+    fn mergeable(&self) -> bool {
+        true
+    }
     /// Folds the adapter into an f32 weight laid out `[out, in]` and its bias.
     fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
     /// A layer that replaces the base layer outright while this adapter is active (a
@@ -48,6 +54,11 @@ pub trait LinearAdapter: Send + Sync + Debug {
 pub trait EmbeddingAdapter: Send + Sync + Debug {
     /// Returns the adapted output given the token ids and the base lookup.
     fn adapt_output(&self, ids: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
+    /// Whether [`EmbeddingAdapter::merge`] can fold this adapter into the table (see
+    /// [`LinearAdapter::mergeable`]).
+    fn mergeable(&self) -> bool {
+        true
+    }
     /// Folds the adapter into an f32 table `[num_embeddings, dim]`.
     fn merge(&self, weight: &Tensor) -> Result<Tensor>;
     /// A table that replaces the base table while this adapter is active (`modules_to_save`).

@@ -288,20 +288,40 @@ impl PeftModel {
     }
 
     /// Replaces every adapted slot with what `linear`/`embedding` make of it.
+    /// Replaces every adapted layer with what `linear` / `embedding` make of it, in two
+    /// phases: every replacement is computed first, then all are swapped in, so a failure
+    /// (a layer that cannot merge, a shape that cannot be re-quantized) leaves the model as it
+    /// was. Errors name the layer.
     fn rewrite_adapted(
         &mut self,
         linear: &mut dyn FnMut(&AdaptedLinear) -> Result<LinearSlot>,
         embedding: &mut dyn FnMut(&AdaptedEmbedding) -> Result<EmbeddingSlot>,
     ) -> Result<()> {
-        self.base.visit_linears(&mut |_, slot| {
+        let at = |path: &str, e: PeftError| PeftError::InvalidState(format!("{path}: {e}"));
+        let mut linears = Vec::new();
+        self.base.visit_linears(&mut |path, slot| {
             if let Some(a) = AdaptedLinear::from_slot(slot) {
-                *slot = linear(a)?;
+                linears.push(linear(a).map_err(|e| at(path, e))?);
+            }
+            Ok(())
+        })?;
+        let mut embeddings = Vec::new();
+        self.base.visit_embeddings(&mut |path, slot| {
+            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
+                embeddings.push(embedding(a).map_err(|e| at(path, e))?);
+            }
+            Ok(())
+        })?;
+        let (mut linears, mut embeddings) = (linears.into_iter(), embeddings.into_iter());
+        self.base.visit_linears(&mut |_, slot| {
+            if AdaptedLinear::from_slot(slot).is_some() {
+                *slot = linears.next().expect("the same adapted layers as the first pass");
             }
             Ok(())
         })?;
         self.base.visit_embeddings(&mut |_, slot| {
-            if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                *slot = embedding(a)?;
+            if AdaptedEmbedding::from_slot(slot).is_some() {
+                *slot = embeddings.next().expect("the same adapted layers as the first pass");
             }
             Ok(())
         })
