@@ -95,20 +95,35 @@ fn bf16_weights(c: &mut Criterion) {
     let w32 = randn(&[2048, 768], 1);
     let layers = [
         ("f32", DenseLinear::new(w32.clone(), None).unwrap()),
-        ("bf16_weights", DenseLinear::new(w32.to_dtype(DType::BF16).unwrap(), None).unwrap()),
+        (
+            "bf16_weights",
+            DenseLinear::new(w32.to_dtype(DType::BF16).unwrap(), None).unwrap(),
+        ),
     ];
     for rows in [256usize, 1024] {
         let x = candle_core::Var::from_tensor(&randn(&[rows, 768], 3)).unwrap();
         for (name, layer) in &layers {
-            group.bench_with_input(BenchmarkId::new(format!("{name}_forward"), rows), &rows, |b, _| {
-                b.iter(|| layer.forward(x.as_tensor()).unwrap())
-            });
-            group.bench_with_input(BenchmarkId::new(format!("{name}_forward_backward"), rows), &rows, |b, _| {
-                b.iter(|| {
-                    let g = layer.forward(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-                    assert!(g.get(x.as_tensor()).is_some());
-                })
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}_forward"), rows),
+                &rows,
+                |b, _| b.iter(|| layer.forward(x.as_tensor()).unwrap()),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}_forward_backward"), rows),
+                &rows,
+                |b, _| {
+                    b.iter(|| {
+                        let g = layer
+                            .forward(x.as_tensor())
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap();
+                        assert!(g.get(x.as_tensor()).is_some());
+                    })
+                },
+            );
         }
     }
     group.finish();

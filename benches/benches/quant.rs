@@ -28,7 +28,10 @@ fn layers(k: usize, n: usize) -> Vec<(&'static str, Arc<dyn LinearLike>)> {
     let mut out: Vec<(&'static str, Arc<dyn LinearLike>)> =
         vec![("f32", Arc::new(DenseLinear::new(w.clone(), None).unwrap()))];
     for (name, scheme) in [("nf4", QuantScheme::NF4), ("int8", QuantScheme::INT8)] {
-        out.push((name, Arc::new(QuantLinear::quantize(&w, None, false, scheme).unwrap())));
+        out.push((
+            name,
+            Arc::new(QuantLinear::quantize(&w, None, false, scheme).unwrap()),
+        ));
     }
     out
 }
@@ -89,7 +92,10 @@ fn step_ids() -> Tensor {
 }
 
 fn summary() {
-    println!("== quantized vs f32 (median of 15 runs; {} kernels)", peft::quant::kernel::simd_level());
+    println!(
+        "== quantized vs f32 (median of 15 runs; {} kernels)",
+        peft::quant::kernel::simd_level()
+    );
     for &(m, k, n) in SHAPES {
         let x = randn(&[m, k], 1.0);
         let xv = Var::from_tensor(&x).unwrap();

@@ -44,7 +44,9 @@ fn main() {
     if merged {
         model.merge_adapter().unwrap();
     }
-    let ids: Vec<u32> = (0..256u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(7) >> 7) % 32000).collect();
+    let ids: Vec<u32> = (0..256u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(7) >> 7) % 32000)
+        .collect();
     let inputs = ModelInputs::from_ids(Tensor::from_vec(ids, (1, 256), &Device::Cpu).unwrap());
     let logits = measured_forward(&model, &inputs);
     println!("logits {:?}", logits.dims());

@@ -32,7 +32,9 @@ fn main() {
     let model = get_peft_model(Box::new(base), adapter, 0).unwrap();
     model.set_training(true);
     let ids = |seed: u32| {
-        let v: Vec<u32> = (0..512u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) % 250_112).collect();
+        let v: Vec<u32> = (0..512u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) % 250_112)
+            .collect();
         Tensor::from_vec(v, (4, 128), &dev).unwrap()
     };
     let labels = ids(1).to_dtype(DType::I64).unwrap();
@@ -46,13 +48,22 @@ fn main() {
     let loss = match mode.as_str() {
         "logits" => {
             let logits = model.forward(&inputs).unwrap();
-            peft::loss::cross_entropy(&logits.reshape((512, 250_112)).unwrap(), &labels.reshape(512).unwrap()).unwrap().0
+            peft::loss::cross_entropy(
+                &logits.reshape((512, 250_112)).unwrap(),
+                &labels.reshape(512).unwrap(),
+            )
+            .unwrap()
+            .0
         }
         _ => model.seq2seq_loss(&inputs, &labels).unwrap(),
     };
     let grads = loss.backward().unwrap();
     let secs = start.elapsed().as_secs_f64();
-    let g = model.trainable_vars().iter().filter(|v| grads.get(v.as_tensor()).is_some()).count();
+    let g = model
+        .trainable_vars()
+        .iter()
+        .filter(|v| grads.get(v.as_tensor()).is_some())
+        .count();
     println!(
         "{{\"mode\": \"{mode}\", \"loss\": {:.5}, \"step_s\": {secs:.3}, \"peak_rss_mb_before_step\": {before:.0}, \"peak_rss_mb\": {:.0}, \"vars_with_grad\": {g}}}",
         loss.to_scalar::<f32>().unwrap(),

@@ -116,25 +116,77 @@ fn bf16_weights_dtype_runs_and_bad_dtypes_are_refused() {
     let model = fixtures().join("models/llama_tiny");
     let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
     let out = dir.path().join("out.safetensors");
-    let (m, a, i, o) = (model.to_str().unwrap(), adapter.to_str().unwrap(), input.to_str().unwrap(), out.to_str().unwrap());
-    let run = peft(&["logits", "--model", m, "--adapter", a, "--input", i, "--out", o, "--dtype", "bf16-weights"]);
+    let (m, a, i, o) = (
+        model.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let run = peft(&[
+        "logits",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--input",
+        i,
+        "--out",
+        o,
+        "--dtype",
+        "bf16-weights",
+    ]);
     assert!(run.status.success(), "{}", stderr(&run));
     let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let want = &data["logits_adapted"];
-    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let d = max_diff(&got["logits"], want);
     assert_eq!(got["logits"].dtype(), DType::F32);
-    assert!(d > 0.0 && d < 0.02 * scale, "bf16-weights logits differ by {d} (scale {scale})");
+    assert!(
+        d > 0.0 && d < 0.02 * scale,
+        "bf16-weights logits differ by {d} (scale {scale})"
+    );
 
     let merged = dir.path().join("merged");
-    let o = peft(&["merge", "--model", m, "--adapter", a, "--out", merged.to_str().unwrap(), "--dtype", "bf16-weights"]);
+    let o = peft(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "bf16-weights",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("one dtype"), "{}", stderr(&o));
     assert!(!merged.exists(), "nothing is written on a refused merge");
     let never = dir.path().join("never.safetensors");
-    let o = peft(&["logits", "--model", m, "--input", i, "--out", never.to_str().unwrap(), "--dtype", "f8"]);
+    let o = peft(&[
+        "logits",
+        "--model",
+        m,
+        "--input",
+        i,
+        "--out",
+        never.to_str().unwrap(),
+        "--dtype",
+        "f8",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("bf16-weights") && stderr(&o).contains("f8"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bf16-weights") && stderr(&o).contains("f8"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

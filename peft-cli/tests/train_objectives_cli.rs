@@ -20,7 +20,10 @@ use peft::models::tokenizer::byte_tokenizer;
 use peft::models::{BertConfig, BertModel, T5Config, T5Model};
 
 fn tokenizer(dir: &Path, specials: &[&str], config: serde_json::Value) {
-    byte_tokenizer(specials).unwrap().save(dir.join("tokenizer.json"), false).unwrap();
+    byte_tokenizer(specials)
+        .unwrap()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
 
@@ -36,7 +39,11 @@ fn t5_folder(dir: &Path) {
     let cfg = T5Config::from_map(cfg.as_object().unwrap().clone(), "test").unwrap();
     let model = T5Model::random(cfg, 3, DType::F32, &Device::Cpu).unwrap();
     peft::checkpoint::save_model_folder(&model, dir).unwrap();
-    tokenizer(dir, &["</s>", "<pad>"], serde_json::json!({"eos_token": "</s>", "pad_token": "<pad>"}));
+    tokenizer(
+        dir,
+        &["</s>", "<pad>"],
+        serde_json::json!({"eos_token": "</s>", "pad_token": "<pad>"}),
+    );
 }
 
 fn bert_folder(dir: &Path) {
@@ -61,30 +68,65 @@ fn losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("loss")?
+                .as_f64()
+        })
         .collect()
 }
 
 fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> String {
     let args = [
-        "train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out",
-        out.to_str().unwrap(), "--max-steps", "12", "--batch-size", "4", "--lr", "2e-2",
-        "--seq-len", "64", "--no-progress", "--seed", "5",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-2",
+        "--seq-len",
+        "64",
+        "--no-progress",
+        "--seed",
+        "5",
     ];
     ok(&peft(&[&args[..], extra].concat()))
 }
 
 /// Runs `peft logits` on `inputs` (written to a file) and returns the logits; with
 /// `PEFT_KEEP_TRAINED` set, keeps everything for the Python check.
-fn logits_and_keep(case: &str, model: &Path, adapter: &Path, inputs: Vec<(&str, Tensor)>) -> Tensor {
+fn logits_and_keep(
+    case: &str,
+    model: &Path,
+    adapter: &Path,
+    inputs: Vec<(&str, Tensor)>,
+) -> Tensor {
     let dir = adapter.parent().unwrap();
     let input = dir.join("inputs.safetensors");
     let output = dir.join("logits.safetensors");
-    let named: Vec<(String, Tensor)> = inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+    let named: Vec<(String, Tensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
     peft::checkpoint::write_safetensors(&input, &named).unwrap();
     let args = [
-        "logits", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
-        "--input", input.to_str().unwrap(), "--out", output.to_str().unwrap(),
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        output.to_str().unwrap(),
     ];
     ok(&peft(&args));
     let logits = candle_core::safetensors::load(&output, &Device::Cpu).unwrap()["logits"].clone();
@@ -102,7 +144,8 @@ fn logits_and_keep(case: &str, model: &Path, adapter: &Path, inputs: Vec<(&str, 
         }
         let mut check = named.clone();
         check.push(("logits".into(), logits.clone()));
-        peft::checkpoint::write_safetensors(&dest.join("adapter/check.safetensors"), &check).unwrap();
+        peft::checkpoint::write_safetensors(&dest.join("adapter/check.safetensors"), &check)
+            .unwrap();
     }
     logits
 }
@@ -114,20 +157,32 @@ fn train_seq2seq_on_t5_prompt_completion_jsonl() {
     t5_folder(&model);
     let data = tmp.path().join("pairs.jsonl");
     let lines: String = (0..16)
-        .map(|i| format!("{{\"prompt\": \"add {i} and 1\", \"completion\": \"{}\"}}\n", i + 1))
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"add {i} and 1\", \"completion\": \"{}\"}}\n",
+                i + 1
+            )
+        })
         .collect();
     std::fs::write(&data, lines).unwrap();
     let text = train(&model, &data, &out, &["--target-modules", "q,v,wi"]);
     assert!(text.contains("trained steps 0..12"), "{text}");
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
     let l = losses(&out);
     assert_eq!(l.len(), 12);
     assert!(l[11] < 0.9 * l[0], "loss did not fall: {l:?}");
     let eval = ok(&peft(&[
-        "eval", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--data",
-        data.to_str().unwrap(), "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
     ]));
     let e: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     assert!(e["loss"].as_f64().unwrap() < l[0], "{eval}");
@@ -136,15 +191,39 @@ fn train_seq2seq_on_t5_prompt_completion_jsonl() {
     let bad = tmp.path().join("text.jsonl");
     std::fs::write(&bad, "{\"text\": \"just text\"}\n").unwrap();
     let err = fails(&peft(&[
-        "train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out",
-        tmp.path().join("bad").to_str().unwrap(), "--max-steps", "1", "--no-progress",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--no-progress",
     ]));
-    assert!(err.contains("text.jsonl:1") && err.contains("prompt"), "{err}");
+    assert!(
+        err.contains("text.jsonl:1") && err.contains("prompt"),
+        "{err}"
+    );
 
-    let ids = Tensor::new(&[[97i64, 100, 100, 32, 51], [50, 32, 49, 257, 257]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[[97i64, 100, 100, 32, 51], [50, 32, 49, 257, 257]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let mask = Tensor::new(&[[1i64, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     let dec = Tensor::new(&[[257i64, 52, 256], [257, 51, 256]], &Device::Cpu).unwrap();
-    let logits = logits_and_keep("t5", &model, &out, vec![("input_ids", ids), ("attention_mask", mask), ("decoder_input_ids", dec)]);
+    let logits = logits_and_keep(
+        "t5",
+        &model,
+        &out,
+        vec![
+            ("input_ids", ids),
+            ("attention_mask", mask),
+            ("decoder_input_ids", dec),
+        ],
+    );
     assert_eq!(logits.dims(), &[2, 3, 260]);
 }
 
@@ -156,24 +235,38 @@ fn train_seq_cls_on_bert_text_label_csv() {
     let data = tmp.path().join("reviews.csv");
     let mut csv = String::from("text,label\n");
     for i in 0..16 {
-        let (text, label) = if i % 2 == 0 { ("great fun, loved it", "pos") } else { ("dull and slow", "neg") };
+        let (text, label) = if i % 2 == 0 {
+            ("great fun, loved it", "pos")
+        } else {
+            ("dull and slow", "neg")
+        };
         csv.push_str(&format!("\"{text} {i}\",{label}\n"));
     }
     std::fs::write(&data, csv).unwrap();
     let text = train(&model, &data, &out, &[]);
     assert!(text.contains("trained steps 0..12"), "{text}");
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["task_type"], "SEQ_CLS");
     let labels: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("labels.json")).unwrap()).unwrap();
-    assert_eq!(labels["id2label"], serde_json::json!({"0": "neg", "1": "pos"}));
+    assert_eq!(
+        labels["id2label"],
+        serde_json::json!({"0": "neg", "1": "pos"})
+    );
     assert_eq!(labels["label2id"], serde_json::json!({"neg": 0, "pos": 1}));
     let l = losses(&out);
     assert!(l[11] < 0.8 * l[0], "loss did not fall: {l:?}");
     let eval = ok(&peft(&[
-        "eval", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--data",
-        data.to_str().unwrap(), "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
     ]));
     let e: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     assert_eq!(e["accuracy"].as_f64(), Some(1.0), "{eval}");
@@ -182,13 +275,27 @@ fn train_seq_cls_on_bert_text_label_csv() {
     let bad = tmp.path().join("bad.csv");
     std::fs::write(&bad, "text,label\nfine,pos\nodd,meh\n").unwrap();
     let err = fails(&peft(&[
-        "eval", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--data",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--data",
         bad.to_str().unwrap(),
     ]));
     assert!(err.contains("bad.csv:3") && err.contains("meh"), "{err}");
 
-    let ids = Tensor::new(&[[103i64, 114, 101, 97, 116], [100, 117, 108, 108, 258]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[[103i64, 114, 101, 97, 116], [100, 117, 108, 108, 258]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let mask = Tensor::new(&[[1i64, 1, 1, 1, 1], [1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
-    let logits = logits_and_keep("bert", &model, &out, vec![("input_ids", ids), ("attention_mask", mask)]);
+    let logits = logits_and_keep(
+        "bert",
+        &model,
+        &out,
+        vec![("input_ids", ids), ("attention_mask", mask)],
+    );
     assert_eq!(logits.dims(), &[2, 2]);
 }

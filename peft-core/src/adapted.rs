@@ -282,7 +282,8 @@ impl SlotKind for LinearKind {
         // weight would fall back to candle's matmul and pass gradients to the folded adapters).
         original.with_weights(
             weight.to_dtype(dtype)?.detach(),
-            bias.map(|b| b.to_dtype(bias_dtype).map(|b| b.detach())).transpose()?,
+            bias.map(|b| b.to_dtype(bias_dtype).map(|b| b.detach()))
+                .transpose()?,
         )
     }
 }

@@ -131,10 +131,29 @@ pub unsafe fn gemm_f32(
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
     if crate::sgemm::available() {
-        let a = crate::sgemm::Operand { ptr: lhs, rs: l_rs, cs: l_cs };
-        let b = crate::sgemm::Rhs::F32(crate::sgemm::Operand { ptr: rhs, rs: r_rs, cs: r_cs });
+        let a = crate::sgemm::Operand {
+            ptr: lhs,
+            rs: l_rs,
+            cs: l_cs,
+        };
+        let b = crate::sgemm::Rhs::F32(crate::sgemm::Operand {
+            ptr: rhs,
+            rs: r_rs,
+            cs: r_cs,
+        });
         // SAFETY: the caller's contract; the CPU check above.
-        unsafe { crate::sgemm::sgemm((m, n, k), dst, dst_rs, accumulate, a, b, alpha, if parallel { threads } else { 1 }) };
+        unsafe {
+            crate::sgemm::sgemm(
+                (m, n, k),
+                dst,
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                alpha,
+                if parallel { threads } else { 1 },
+            )
+        };
         return;
     }
     let parallelism = if parallel && threads > 1 {
@@ -145,11 +164,24 @@ pub unsafe fn gemm_f32(
     // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst, 1, dst_rs as isize, accumulate,
-            lhs, l_cs as isize, l_rs as isize,
-            rhs, r_cs as isize, r_rs as isize,
-            1.0, alpha, false, false, false,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            l_cs as isize,
+            l_rs as isize,
+            rhs,
+            r_cs as isize,
+            r_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
             parallelism,
         );
     }
@@ -219,7 +251,9 @@ fn frozen_product_in_blocks(
     let (d0, d1) = weight.dims2()?;
     let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
     if x.len() != m * k || dst.len() != m * n {
-        candle_core::bail!("{what}: expected a [{m}, {k}] input and a [{m}, {n}] output for a {d0}x{d1} weight");
+        candle_core::bail!(
+            "{what}: expected a [{m}, {k}] input and a [{m}, {n}] output for a {d0}x{d1} weight"
+        );
     }
     // One block of rows [r0, r0 + rows) of W, as f32, into dst.
     let block = |r0: usize, rows: usize, w: &[f32], dst: &mut [f32]| {
@@ -227,9 +261,31 @@ fn frozen_product_in_blocks(
         // offsets r0 + rows <= d0 stay within x's K (plain) or dst's N (not plain).
         unsafe {
             if plain {
-                gemm_f32((m, n, rows), dst.as_mut_ptr(), n, accumulate || r0 > 0, x.as_ptr().add(r0), (k, 1), w.as_ptr(), (d1, 1), 1.0, true);
+                gemm_f32(
+                    (m, n, rows),
+                    dst.as_mut_ptr(),
+                    n,
+                    accumulate || r0 > 0,
+                    x.as_ptr().add(r0),
+                    (k, 1),
+                    w.as_ptr(),
+                    (d1, 1),
+                    1.0,
+                    true,
+                );
             } else {
-                gemm_f32((m, rows, k), dst.as_mut_ptr().add(r0), n, accumulate, x.as_ptr(), (k, 1), w.as_ptr(), (1, d1), 1.0, true);
+                gemm_f32(
+                    (m, rows, k),
+                    dst.as_mut_ptr().add(r0),
+                    n,
+                    accumulate,
+                    x.as_ptr(),
+                    (k, 1),
+                    w.as_ptr(),
+                    (1, d1),
+                    1.0,
+                    true,
+                );
             }
         }
     };
@@ -241,7 +297,10 @@ fn frozen_product_in_blocks(
     }
     let (guard, layout) = weight.storage_and_layout();
     let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*guard else {
-        candle_core::bail!("{what}: expected an f32 or bf16 CPU weight, found {:?}", weight.dtype());
+        candle_core::bail!(
+            "{what}: expected an f32 or bf16 CPU weight, found {:?}",
+            weight.dtype()
+        );
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{what}: expected a contiguous weight");
@@ -252,11 +311,28 @@ fn frozen_product_in_blocks(
         use crate::sgemm::{Operand, Rhs};
         // op(W) = W^T of a row-major [d0, d1] W reads its column j as W's row j.
         let (rs, cs) = if plain { (d1, 1) } else { (1, d1) };
-        let b = Rhs::Bf16 { ptr: data.as_ptr(), rs, cs };
+        let b = Rhs::Bf16 {
+            ptr: data.as_ptr(),
+            rs,
+            cs,
+        };
         // SAFETY: x is [m, k] and dst [m, n] (checked above); W is d0 x d1 contiguous; the CPU
         // checked.
         unsafe {
-            crate::sgemm::sgemm((m, n, k), dst.as_mut_ptr(), n, accumulate, Operand { ptr: x.as_ptr(), rs: k, cs: 1 }, b, 1.0, rayon::current_num_threads());
+            crate::sgemm::sgemm(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                n,
+                accumulate,
+                Operand {
+                    ptr: x.as_ptr(),
+                    rs: k,
+                    cs: 1,
+                },
+                b,
+                1.0,
+                rayon::current_num_threads(),
+            );
         }
         return Ok(());
     }
@@ -335,7 +411,11 @@ impl DenseLinear {
 /// when the weight is a plain, untracked tensor; for frozen base layers that is a third of the
 /// backward's arithmetic and a weight-sized allocation kept to the end of the step, for nothing.
 /// Returns `None` where it does not apply (other devices or dtypes, a tracked weight).
-pub fn frozen_linear_forward(x: &Tensor, weight: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
+pub fn frozen_linear_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    transposed: bool,
+) -> Result<Option<Tensor>> {
     if !x.device().is_cpu()
         || x.dtype() != DType::F32
         || !frozen_matrix_dtype(weight)
@@ -376,10 +456,16 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let (d0, d1) = self.weight.dims2()?;
         // Stored [out, in] (d0 = out) unless transposed ([in, out]).
         let (out_f, in_f) = if self.transposed { (d1, d0) } else { (d0, d1) };
-        let (k, n) = if self.input_grad { (out_f, in_f) } else { (in_f, out_f) };
+        let (k, n) = if self.input_grad {
+            (out_f, in_f)
+        } else {
+            (in_f, out_f)
+        };
         let dims = layout.shape().dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!("frozen-linear: input's last dimension should be {k}, found {dims:?}");
+            candle_core::bail!(
+                "frozen-linear: input's last dimension should be {k}, found {dims:?}"
+            );
         }
         let m = x.len() / k.max(1);
         // op(W) is W^T for the forward of [out, in] storage and W for [in, out]; the input
@@ -389,7 +475,10 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         frozen_product(&self.weight, plain, x, m, &mut y, false, self.name())?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
-        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(out)))
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from(out),
+        ))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -424,7 +513,10 @@ pub fn lowrank_linear_forward(
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(x) && frozen_matrix_dtype(weight) && cpu_f32(a) && cpu_f32(b))
         || weight.track_op()
-        || layer.bias.as_ref().is_some_and(|b| !cpu_f32(b) || b.track_op())
+        || layer
+            .bias
+            .as_ref()
+            .is_some_and(|b| !cpu_f32(b) || b.track_op())
         || a.rank() != 2
         || b.rank() != 2
     {
@@ -441,7 +533,11 @@ pub fn lowrank_linear_forward(
         transposed: layer.transposed,
         scale: scale as f32,
     };
-    Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
+    Ok(Some(x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?))
 }
 
 struct LowRankLinear {
@@ -473,7 +569,11 @@ impl candle_core::CustomOp3 for LowRankLinear {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, a, b) = (cpu_f32_slice(s1, l1, self.name())?, cpu_f32_slice(s2, l2, self.name())?, cpu_f32_slice(s3, l3, self.name())?);
+        let (x, a, b) = (
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
+            cpu_f32_slice(s3, l3, self.name())?,
+        );
         let (out_f, in_f) = self.base_dims()?;
         let r = a.len() / in_f.max(1);
         let m = x.len() / in_f.max(1);
@@ -481,22 +581,56 @@ impl candle_core::CustomOp3 for LowRankLinear {
         let mut h = vec![0f32; m * r];
         let has_bias = match &self.bias {
             Some(bias) => with_f32s([bias], self.name(), |[bv]| {
-                y.chunks_mut(out_f.max(1)).for_each(|row| row.copy_from_slice(bv));
+                y.chunks_mut(out_f.max(1))
+                    .for_each(|row| row.copy_from_slice(bv));
                 Ok(true)
             })?,
             None => false,
         };
         // y (+)= x W^T (x W for [in, out] storage)
-        frozen_product(&self.weight, self.transposed, x, m, &mut y, has_bias, self.name())?;
+        frozen_product(
+            &self.weight,
+            self.transposed,
+            x,
+            m,
+            &mut y,
+            has_bias,
+            self.name(),
+        )?;
         // SAFETY: x [m, in], A [r, in], B [out, r]; y [m, out] and h [m, r] are this call's
         // buffers.
         unsafe {
-            gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
-            gemm_f32((m, out_f, r), y.as_mut_ptr(), out_f, true, h.as_ptr(), (r, 1), b.as_ptr(), (1, r), 1.0, true);
+            gemm_f32(
+                (m, r, in_f),
+                h.as_mut_ptr(),
+                r,
+                false,
+                x.as_ptr(),
+                (in_f, 1),
+                a.as_ptr(),
+                (1, in_f),
+                self.scale,
+                true,
+            );
+            gemm_f32(
+                (m, out_f, r),
+                y.as_mut_ptr(),
+                out_f,
+                true,
+                h.as_ptr(),
+                (r, 1),
+                b.as_ptr(),
+                (1, r),
+                1.0,
+                true,
+            );
         }
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("non-empty dims") = out_f;
-        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from(dims)))
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from(dims),
+        ))
     }
 
     fn bwd(
@@ -520,26 +654,93 @@ impl candle_core::CustomOp3 for LowRankLinear {
         with_f32s([&g_t, x_t, a_t, b_t], self.name(), |[g, x, a, b]| {
             if want_dx {
                 // dx = g W (g W^T for [in, out] storage), then + scale * gb A below
-                frozen_product(&self.weight, !self.transposed, g, m, &mut dx, false, self.name())?;
+                frozen_product(
+                    &self.weight,
+                    !self.transposed,
+                    g,
+                    m,
+                    &mut dx,
+                    false,
+                    self.name(),
+                )?;
             }
             // SAFETY: g [m, out], x [m, in], A [r, in], B [out, r]; every destination is one
             // of this call's buffers with the stated shape.
             unsafe {
                 // gb = g B
-                gemm_f32((m, r, out_f), gb.as_mut_ptr(), r, false, g.as_ptr(), (out_f, 1), b.as_ptr(), (r, 1), 1.0, true);
+                gemm_f32(
+                    (m, r, out_f),
+                    gb.as_mut_ptr(),
+                    r,
+                    false,
+                    g.as_ptr(),
+                    (out_f, 1),
+                    b.as_ptr(),
+                    (r, 1),
+                    1.0,
+                    true,
+                );
                 if want_dx {
-                    gemm_f32((m, in_f, r), dx.as_mut_ptr(), in_f, true, gb.as_ptr(), (r, 1), a.as_ptr(), (in_f, 1), self.scale, true);
+                    gemm_f32(
+                        (m, in_f, r),
+                        dx.as_mut_ptr(),
+                        in_f,
+                        true,
+                        gb.as_ptr(),
+                        (r, 1),
+                        a.as_ptr(),
+                        (in_f, 1),
+                        self.scale,
+                        true,
+                    );
                 }
                 // h = scale * x A^T; dB = g^T h; dA = scale * gb^T x
-                gemm_f32((m, r, in_f), h.as_mut_ptr(), r, false, x.as_ptr(), (in_f, 1), a.as_ptr(), (1, in_f), self.scale, true);
-                gemm_f32((out_f, r, m), db.as_mut_ptr(), r, false, g.as_ptr(), (1, out_f), h.as_ptr(), (r, 1), 1.0, true);
-                gemm_f32((r, in_f, m), da.as_mut_ptr(), in_f, false, gb.as_ptr(), (1, r), x.as_ptr(), (in_f, 1), self.scale, true);
+                gemm_f32(
+                    (m, r, in_f),
+                    h.as_mut_ptr(),
+                    r,
+                    false,
+                    x.as_ptr(),
+                    (in_f, 1),
+                    a.as_ptr(),
+                    (1, in_f),
+                    self.scale,
+                    true,
+                );
+                gemm_f32(
+                    (out_f, r, m),
+                    db.as_mut_ptr(),
+                    r,
+                    false,
+                    g.as_ptr(),
+                    (1, out_f),
+                    h.as_ptr(),
+                    (r, 1),
+                    1.0,
+                    true,
+                );
+                gemm_f32(
+                    (r, in_f, m),
+                    da.as_mut_ptr(),
+                    in_f,
+                    false,
+                    gb.as_ptr(),
+                    (1, r),
+                    x.as_ptr(),
+                    (in_f, 1),
+                    self.scale,
+                    true,
+                );
             }
             Ok(())
         })?;
         let dev = x_t.device();
         Ok((
-            if want_dx { Some(Tensor::from_vec(dx, x_t.shape(), dev)?) } else { None },
+            if want_dx {
+                Some(Tensor::from_vec(dx, x_t.shape(), dev)?)
+            } else {
+                None
+            },
             Some(Tensor::from_vec(da, a_t.shape(), dev)?),
             Some(Tensor::from_vec(db, b_t.shape(), dev)?),
         ))
@@ -664,7 +865,16 @@ mod frozen_tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// The frozen-weight op equals the matmul, in both weight layouts, with the same input
@@ -682,8 +892,14 @@ mod frozen_tests {
             assert!(max_diff(&fast, &slow) < 1e-5);
             let gf = (fast * &probe)?.sum_all()?.backward()?;
             let gs = (slow * &probe)?.sum_all()?.backward()?;
-            let d = max_diff(gf.get(x.as_tensor()).expect("grad"), gs.get(x.as_tensor()).expect("grad"));
-            assert!(d < 1e-5, "input gradient differs by {d} (transposed {transposed})");
+            let d = max_diff(
+                gf.get(x.as_tensor()).expect("grad"),
+                gs.get(x.as_tensor()).expect("grad"),
+            );
+            assert!(
+                d < 1e-5,
+                "input gradient differs by {d} (transposed {transposed})"
+            );
         }
         let tracked = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 12), &dev)?)?;
         assert!(frozen_linear_forward(x.as_tensor(), tracked.as_tensor(), false)?.is_none());
@@ -702,26 +918,63 @@ mod frozen_tests {
         let w32 = w16.to_dtype(DType::F32)?;
         for plain in [false, true] {
             let (k, n) = if plain { (d0, d1) } else { (d1, d0) };
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
             for accumulate in [false, true] {
                 let mut want = start.clone();
-                frozen_product_in_blocks(&w32, plain, &x, m, &mut want, accumulate, "test", Some(1 << 20))?;
+                frozen_product_in_blocks(
+                    &w32,
+                    plain,
+                    &x,
+                    m,
+                    &mut want,
+                    accumulate,
+                    "test",
+                    Some(1 << 20),
+                )?;
                 for block in [1, d1, 2 * d1 + 3, 5 * d1, 1 << 20] {
                     let mut got = start.clone();
-                    frozen_product_in_blocks(&w16, plain, &x, m, &mut got, accumulate, "test", Some(block))?;
-                    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                    assert!(d < 1e-5, "plain {plain} accumulate {accumulate} block {block}: {d}");
+                    frozen_product_in_blocks(
+                        &w16,
+                        plain,
+                        &x,
+                        m,
+                        &mut got,
+                        accumulate,
+                        "test",
+                        Some(block),
+                    )?;
+                    let d = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        d < 1e-5,
+                        "plain {plain} accumulate {accumulate} block {block}: {d}"
+                    );
                 }
                 // The path frozen_product takes (on AVX2 CPUs, widening while packing).
                 let mut got = start.clone();
                 frozen_product(&w16, plain, &x, m, &mut got, accumulate, "test")?;
-                let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(d < 1e-5, "plain {plain} accumulate {accumulate} frozen_product: {d}");
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-5,
+                    "plain {plain} accumulate {accumulate} frozen_product: {d}"
+                );
             }
         }
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, d1), &dev)?)?;
-        let (a, b) = (Tensor::randn(0f32, 1.0, (2, d1), &dev)?, Tensor::randn(0f32, 1.0, (d0, 2), &dev)?);
+        let (a, b) = (
+            Tensor::randn(0f32, 1.0, (2, d1), &dev)?,
+            Tensor::randn(0f32, 1.0, (d0, 2), &dev)?,
+        );
         let probe = Tensor::randn(0f32, 1.0, (2, 3, d0), &dev)?;
         let (l16, l32) = (DenseLinear::new(w16, None)?, DenseLinear::new(w32, None)?);
         let pairs = [
@@ -736,7 +989,12 @@ mod frozen_tests {
             assert!(max_diff(&y16, &y32) < 1e-5);
             let g16 = (y16 * &probe)?.sum_all()?.backward()?;
             let g32 = (y32 * &probe)?.sum_all()?.backward()?;
-            assert!(max_diff(g16.get(x.as_tensor()).expect("grad"), g32.get(x.as_tensor()).expect("grad")) < 1e-5);
+            assert!(
+                max_diff(
+                    g16.get(x.as_tensor()).expect("grad"),
+                    g32.get(x.as_tensor()).expect("grad")
+                ) < 1e-5
+            );
         }
         Ok(())
     }
@@ -755,28 +1013,49 @@ mod frozen_tests {
         for (transposed, bias) in [(false, false), (false, true), (true, true)] {
             let shape = if transposed { (inp, out) } else { (out, inp) };
             let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
-            let bias = if bias { Some(Tensor::randn(0f32, 1.0, out, &dev)?) } else { None };
+            let bias = if bias {
+                Some(Tensor::randn(0f32, 1.0, out, &dev)?)
+            } else {
+                None
+            };
             let layer = DenseLinear::build(w, bias, transposed)?;
-            let fused = lowrank_linear_forward(x.as_tensor(), &layer, a.as_tensor(), b.as_tensor(), scale)?.expect("applies");
+            let fused =
+                lowrank_linear_forward(x.as_tensor(), &layer, a.as_tensor(), b.as_tensor(), scale)?
+                    .expect("applies");
             let h = (linear_forward(x.as_tensor(), a.as_tensor(), false)? * scale)?;
-            let chain = (layer.forward(x.as_tensor())? + linear_forward(&h, b.as_tensor(), false)?)?;
+            let chain =
+                (layer.forward(x.as_tensor())? + linear_forward(&h, b.as_tensor(), false)?)?;
             // The two sum in different orders: f32 rounding relative to the outputs' magnitude
             // (random values up to ~30 here; an absolute 1e-5 failed once at 1.1e-5).
             let magnitude = chain.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
             let d = max_diff(&fused, &chain);
-            assert!(d < 4e-6 * magnitude, "outputs differ by {d} (largest |output| {magnitude})");
+            assert!(
+                d < 4e-6 * magnitude,
+                "outputs differ by {d} (largest |output| {magnitude})"
+            );
             let gf = (fused * &probe)?.sum_all()?.backward()?;
             let gc = (chain * &probe)?.sum_all()?.backward()?;
             for v in [&x, &a, &b] {
-                let d = max_diff(gf.get(v.as_tensor()).expect("grad"), gc.get(v.as_tensor()).expect("grad"));
-                assert!(d < 1e-4, "gradient differs by {d} (transposed {transposed})");
+                let d = max_diff(
+                    gf.get(v.as_tensor()).expect("grad"),
+                    gc.get(v.as_tensor()).expect("grad"),
+                );
+                assert!(
+                    d < 1e-4,
+                    "gradient differs by {d} (transposed {transposed})"
+                );
             }
         }
         let frozen_x = x.as_tensor().detach();
         let layer = DenseLinear::new(Tensor::randn(0f32, 1.0, (out, inp), &dev)?, None)?;
-        let y = lowrank_linear_forward(&frozen_x, &layer, a.as_tensor(), b.as_tensor(), scale)?.expect("applies");
+        let y = lowrank_linear_forward(&frozen_x, &layer, a.as_tensor(), b.as_tensor(), scale)?
+            .expect("applies");
         let g = y.sum_all()?.backward()?;
-        assert!(g.get(&frozen_x).is_none() && g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+        assert!(
+            g.get(&frozen_x).is_none()
+                && g.get(a.as_tensor()).is_some()
+                && g.get(b.as_tensor()).is_some()
+        );
         Ok(())
     }
 }

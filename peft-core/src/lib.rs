@@ -41,10 +41,10 @@ pub mod registry;
 pub mod saved_modules;
 #[cfg(target_arch = "x86_64")]
 pub mod sgemm;
-pub mod vmath;
 pub mod targets;
 pub mod training;
 pub mod vars;
+pub mod vmath;
 
 pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};
 pub use error::{PeftError, Result};

@@ -49,7 +49,10 @@ fn check_target_shape(targets: &Tensor, n: usize) -> Result<()> {
 /// The targets as I64 class ids, each in `0..v` or [`IGNORE_INDEX`].
 fn target_ids(targets: &Tensor, v: usize) -> Result<Vec<i64>> {
     let t: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
-    if let Some(bad) = t.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
+    if let Some(bad) = t
+        .iter()
+        .find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v))
+    {
         return Err(PeftError::bad_input(
             "cross_entropy targets",
             format!("class ids in 0..{v} or {IGNORE_INDEX}"),
@@ -86,7 +89,11 @@ impl CustomOp1 for FusedCrossEntropy {
         "fused-cross-entropy"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
         let n = self.targets.len();
         let v = x.len().checked_div(n).unwrap_or(0);
@@ -105,7 +112,12 @@ impl CustomOp1 for FusedCrossEntropy {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let scale = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.count.max(1) as f32;
         let op = FusedCrossEntropyGrad {
             targets: std::sync::Arc::clone(&self.targets),
@@ -127,7 +139,11 @@ impl CustomOp1 for FusedCrossEntropyGrad {
         "fused-cross-entropy-grad"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
         let n = self.targets.len();
         let v = x.len().checked_div(n).unwrap_or(0);
@@ -185,7 +201,11 @@ pub fn causal_lm_targets(labels: &Tensor) -> Result<Tensor> {
 
 /// [`causal_lm_loss`] of `head(hidden)` for final hidden states `hidden [B, T, H]` and an
 /// output head (`lm_head`): [`head_cross_entropy`] against the shifted labels.
-pub fn head_causal_lm_loss(hidden: &Tensor, head: &dyn LinearLike, labels: &Tensor) -> Result<Tensor> {
+pub fn head_causal_lm_loss(
+    hidden: &Tensor,
+    head: &dyn LinearLike,
+    labels: &Tensor,
+) -> Result<Tensor> {
     let (b, t, _) = hidden.dims3()?;
     check_labels(labels, b, t)?;
     head_cross_entropy(hidden, head, &causal_lm_targets(labels)?)
@@ -200,7 +220,11 @@ pub fn head_causal_lm_loss(hidden: &Tensor, head: &dyn LinearLike, labels: &Tens
 /// whose target is ignored (padding, each sequence's last position, prompts) are never
 /// multiplied by the head. Any other head (an adapted `lm_head`, a trainable one, another
 /// device or dtype) goes through `head.forward` and [`cross_entropy`].
-pub fn head_cross_entropy(hidden: &Tensor, head: &dyn LinearLike, targets: &Tensor) -> Result<Tensor> {
+pub fn head_cross_entropy(
+    hidden: &Tensor,
+    head: &dyn LinearLike,
+    targets: &Tensor,
+) -> Result<Tensor> {
     head_cross_entropy_in_chunks(hidden, head, targets, HEAD_CHUNK_ELEMS)
 }
 
@@ -281,7 +305,11 @@ impl HeadCrossEntropy {
         let c = self.chunk_rows.min(count.max(1));
         let mut xin = vec![0f32; c * k];
         let mut z = vec![0f32; c * v];
-        let mut dx = if want_grad { vec![0f32; c * k] } else { Vec::new() };
+        let mut dx = if want_grad {
+            vec![0f32; c * k]
+        } else {
+            Vec::new()
+        };
         let inv_count = 1.0 / count.max(1) as f32;
         let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
         let mut total = 0f64;
@@ -291,7 +319,15 @@ impl HeadCrossEntropy {
                 dst.copy_from_slice(&x[r * k..(r + 1) * k]);
             }
             let z = &mut z[..m * v];
-            crate::layers::frozen_product(&self.weight, self.transposed, &xin[..m * k], m, z, false, name)?;
+            crate::layers::frozen_product(
+                &self.weight,
+                self.transposed,
+                &xin[..m * k],
+                m,
+                z,
+                false,
+                name,
+            )?;
             total += z
                 .par_chunks_mut(v)
                 .zip(chunk.par_iter())
@@ -311,7 +347,15 @@ impl HeadCrossEntropy {
                 .sum::<f64>();
             if let Some(grad) = grad.as_mut() {
                 let dx = &mut dx[..m * k];
-                crate::layers::frozen_product(&self.weight, !self.transposed, z, m, dx, false, name)?;
+                crate::layers::frozen_product(
+                    &self.weight,
+                    !self.transposed,
+                    z,
+                    m,
+                    dx,
+                    false,
+                    name,
+                )?;
                 for (src, &(r, _)) in dx.chunks(k).zip(chunk) {
                     grad[r * k..(r + 1) * k].copy_from_slice(src);
                 }
@@ -326,17 +370,28 @@ impl CustomOp1 for HeadCrossEntropy {
         "head-cross-entropy"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
         let (loss, grad) = self.pass(x, self.with_grad)?;
         if let Some(g) = grad {
             let g = Tensor::from_vec(g, layout.shape(), &candle_core::Device::Cpu)?;
-            *self.grad.lock().map_err(|_| candle_core::Error::Msg("head-cross-entropy: poisoned lock".into()))? = Some(g);
+            *self.grad.lock().map_err(|_| {
+                candle_core::Error::Msg("head-cross-entropy: poisoned lock".into())
+            })? = Some(g);
         }
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let scale = f64::from(grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?);
         let stored = self
             .grad
@@ -374,8 +429,15 @@ mod fused_tests {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         let ga = (fused * 2.0)?.backward()?;
         let gb = (chain * 2.0)?.backward()?;
-        let (ga, gb) = (ga.get(x.as_tensor()).expect("grad"), gb.get(x.as_tensor()).expect("grad"));
-        let d = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).expect("grad"),
+            gb.get(x.as_tensor()).expect("grad"),
+        );
+        let d = (ga - gb)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6, "gradients differ by {d}");
         let err = cross_entropy(x.as_tensor(), &Tensor::new(&[37i64, 0, 0, 0, 0, 0], &dev)?)
             .err()
@@ -397,11 +459,20 @@ mod fused_tests {
         let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h), &dev)?)?;
         let w = Tensor::randn(0f32, 0.5, (v, h), &dev)?;
         let bias = Tensor::randn(0f32, 0.5, v, &dev)?;
-        let labels = Tensor::new(&[[3i64, -100, 0, 39, 5, 7, 1], [-100, -100, 2, 8, 9, 10, -100]], &dev)?;
+        let labels = Tensor::new(
+            &[
+                [3i64, -100, 0, 39, 5, 7, 1],
+                [-100, -100, 2, 8, 9, 10, -100],
+            ],
+            &dev,
+        )?;
         let heads: Vec<(&str, DenseLinear)> = vec![
             ("f32", DenseLinear::new(w.clone(), None)?),
             ("bias", DenseLinear::new(w.clone(), Some(bias.clone()))?),
-            ("transposed", DenseLinear::new_transposed(w.t()?.contiguous()?, Some(bias))?),
+            (
+                "transposed",
+                DenseLinear::new_transposed(w.t()?.contiguous()?, Some(bias))?,
+            ),
             ("bf16", DenseLinear::new(w.to_dtype(DType::BF16)?, None)?),
         ];
         for (what, head) in &heads {
@@ -409,27 +480,55 @@ mod fused_tests {
             let g_chain = (&chain * 3.0)?.backward()?;
             let g_chain = g_chain.get(hidden.as_tensor()).expect("grad");
             for chunk in [1, 3 * v, 1 << 23] {
-                let fused = head_cross_entropy_in_chunks(hidden.as_tensor(), head, &causal_lm_targets(&labels)?, chunk)?;
+                let fused = head_cross_entropy_in_chunks(
+                    hidden.as_tensor(),
+                    head,
+                    &causal_lm_targets(&labels)?,
+                    chunk,
+                )?;
                 let (a, c) = (fused.to_scalar::<f32>()?, chain.to_scalar::<f32>()?);
                 assert!((a - c).abs() < 1e-5, "{what} chunk {chunk}: {a} vs {c}");
                 let g = (fused * 3.0)?.backward()?;
-                let d = (g.get(hidden.as_tensor()).expect("grad") - g_chain)?.abs()?.flatten_all()?.max(0)?;
-                assert!(d.to_scalar::<f32>()? < 1e-6, "{what} chunk {chunk}: gradients differ by {d}");
+                let d = (g.get(hidden.as_tensor()).expect("grad") - g_chain)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?;
+                assert!(
+                    d.to_scalar::<f32>()? < 1e-6,
+                    "{what} chunk {chunk}: gradients differ by {d}"
+                );
             }
             let lazy = {
                 let _g = crate::grad::no_grad();
-                head_cross_entropy_in_chunks(hidden.as_tensor(), head, &causal_lm_targets(&labels)?, 3 * v)?
+                head_cross_entropy_in_chunks(
+                    hidden.as_tensor(),
+                    head,
+                    &causal_lm_targets(&labels)?,
+                    3 * v,
+                )?
             };
-            assert!((lazy.to_scalar::<f32>()? - chain.to_scalar::<f32>()?).abs() < 1e-5, "{what} no_grad");
+            assert!(
+                (lazy.to_scalar::<f32>()? - chain.to_scalar::<f32>()?).abs() < 1e-5,
+                "{what} no_grad"
+            );
             let g = (lazy * 3.0)?.backward()?;
-            let d = (g.get(hidden.as_tensor()).expect("grad") - g_chain)?.abs()?.flatten_all()?.max(0)?;
-            assert!(d.to_scalar::<f32>()? < 1e-6, "{what}: recomputed gradients differ by {d}");
+            let d = (g.get(hidden.as_tensor()).expect("grad") - g_chain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?;
+            assert!(
+                d.to_scalar::<f32>()? < 1e-6,
+                "{what}: recomputed gradients differ by {d}"
+            );
         }
         // A trainable head goes through the logits and gets its gradient.
         let wv = Var::from_tensor(&w)?;
         let head = DenseLinear::new(wv.as_tensor().clone(), None)?;
         let loss = head_causal_lm_loss(hidden.as_tensor(), &head, &labels)?;
-        assert!(loss.backward()?.get(wv.as_tensor()).is_some(), "the head's weight got no gradient");
+        assert!(
+            loss.backward()?.get(wv.as_tensor()).is_some(),
+            "the head's weight got no gradient"
+        );
         // Nothing counted: zero loss, zero gradient.
         let none = Tensor::full(IGNORE_INDEX, (b, t), &dev)?;
         let zero = head_causal_lm_loss(hidden.as_tensor(), &heads[0].1, &none)?;
@@ -438,15 +537,23 @@ mod fused_tests {
         let g = g.get(hidden.as_tensor()).expect("grad").abs()?.sum_all()?;
         assert_eq!(g.to_scalar::<f32>()?, 0.0);
         // Bad input names what was expected.
-        let err = head_causal_lm_loss(hidden.as_tensor(), &heads[0].1, &Tensor::new(&[[0i64; 7], [0, 0, 40, 0, 0, 0, 0]], &dev)?)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = head_causal_lm_loss(
+            hidden.as_tensor(),
+            &heads[0].1,
+            &Tensor::new(&[[0i64; 7], [0, 0, 40, 0, 0, 0, 0]], &dev)?,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("0..40") && err.contains("40"), "{err}");
-        let err = head_causal_lm_loss(hidden.as_tensor(), &heads[0].1, &Tensor::zeros((b, t + 1), DType::I64, &dev)?)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = head_causal_lm_loss(
+            hidden.as_tensor(),
+            &heads[0].1,
+            &Tensor::zeros((b, t + 1), DType::I64, &dev)?,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("[2, 7]") && err.contains("[2, 8]"), "{err}");
         Ok(())
     }

@@ -32,7 +32,12 @@ pub trait LinearAdapter: Send + Sync + Debug {
     /// is the only one running on the layer and can do better than base-then-adapt (LoRA on a
     /// dense f32 CPU layer); `None` to take the general path. Must equal
     /// `adapt_output(x, base.forward(x), training)`.
-    fn fused_forward(&self, _base: &dyn LinearLike, _x: &Tensor, _training: bool) -> Result<Option<Tensor>> {
+    fn fused_forward(
+        &self,
+        _base: &dyn LinearLike,
+        _x: &Tensor,
+        _training: bool,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
     /// Whether [`LinearAdapter::merge`] can fold this adapter into the base weights. A method

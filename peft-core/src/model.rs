@@ -111,7 +111,11 @@ pub struct ModelInputs {
 /// least `T`): what [`ModelInputs::logits_to_keep`] asks of a head.
 pub fn keep_last_positions(hidden: &Tensor, keep: usize) -> Result<Tensor> {
     let t = hidden.dim(1)?;
-    Ok(if keep == 0 || keep >= t { hidden.clone() } else { hidden.narrow(1, t - keep, keep)? })
+    Ok(if keep == 0 || keep >= t {
+        hidden.clone()
+    } else {
+        hidden.narrow(1, t - keep, keep)?
+    })
 }
 
 impl ModelInputs {

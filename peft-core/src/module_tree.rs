@@ -113,7 +113,10 @@ impl LinearSpec {
     /// Reads the bias (when the layer has one) from `src`.
     pub fn read_bias(&self, src: &mut dyn WeightSource) -> Result<Option<Tensor>> {
         if self.bias {
-            Ok(Some(src.tensor(&format!("{}.bias", self.path), &[self.out_features])?))
+            Ok(Some(src.tensor(
+                &format!("{}.bias", self.path),
+                &[self.out_features],
+            )?))
         } else {
             Ok(None)
         }
@@ -139,8 +142,11 @@ pub trait BaseLayerFactory {
     fn name(&self) -> String;
 
     /// The layer for `spec`, or `None` when this factory does not make it.
-    fn linear(&mut self, spec: &LinearSpec, src: &mut dyn WeightSource)
-        -> Result<Option<LinearSlot>>;
+    fn linear(
+        &mut self,
+        spec: &LinearSpec,
+        src: &mut dyn WeightSource,
+    ) -> Result<Option<LinearSlot>>;
 
     /// Called once the whole model is declared: a factory that expected layers it was never
     /// asked for (a checkpoint with tensors the model does not have) says so here.
@@ -227,7 +233,10 @@ impl ModuleTree {
     /// replaced it).
     pub fn is_tied(&self, id: LinearId) -> bool {
         let entry = &self.linears[id.0];
-        entry.tied.as_ref().is_some_and(|t| Arc::ptr_eq(t, &entry.slot))
+        entry
+            .tied
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &entry.slot))
     }
 
     /// Every declared module in `named_modules()` order.
@@ -250,7 +259,9 @@ impl ModuleTree {
         &mut self,
         f: &mut dyn FnMut(&str, &mut LinearSlot) -> Result<()>,
     ) -> Result<()> {
-        self.linears.iter_mut().try_for_each(|e| f(&e.path, &mut e.slot))
+        self.linears
+            .iter_mut()
+            .try_for_each(|e| f(&e.path, &mut e.slot))
     }
 
     /// Calls `f` with each embedding slot and its path, in declaration order.
@@ -258,7 +269,9 @@ impl ModuleTree {
         &mut self,
         f: &mut dyn FnMut(&str, &mut EmbeddingSlot) -> Result<()>,
     ) -> Result<()> {
-        self.embeddings.iter_mut().try_for_each(|e| f(&e.path, &mut e.slot))
+        self.embeddings
+            .iter_mut()
+            .try_for_each(|e| f(&e.path, &mut e.slot))
     }
 
     /// Parameters, each distinct tensor once (a tied head is its embedding's table).
@@ -309,7 +322,10 @@ impl std::fmt::Debug for ModelBuilder<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelBuilder")
             .field("origin", &self.source.origin())
-            .field("factories", &self.factories.iter().map(|x| x.name()).collect::<Vec<_>>())
+            .field(
+                "factories",
+                &self.factories.iter().map(|x| x.name()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -317,7 +333,11 @@ impl std::fmt::Debug for ModelBuilder<'_> {
 impl<'s> ModelBuilder<'s> {
     /// A builder reading from `source`, with dense base layers only.
     pub fn new(source: &'s mut dyn WeightSource) -> Self {
-        ModelBuilder { source, factories: Vec::new(), tree: ModuleTree::default() }
+        ModelBuilder {
+            source,
+            factories: Vec::new(),
+            tree: ModuleTree::default(),
+        }
     }
 
     /// A builder that asks `factories`, in order, for each linear layer before building it
@@ -326,12 +346,19 @@ impl<'s> ModelBuilder<'s> {
         source: &'s mut dyn WeightSource,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Self {
-        ModelBuilder { source, factories, tree: ModuleTree::default() }
+        ModelBuilder {
+            source,
+            factories,
+            tree: ModuleTree::default(),
+        }
     }
 
     /// The root scope (paths start empty).
     pub fn root(&mut self) -> Scope<'_, 's> {
-        Scope { b: self, prefix: String::new() }
+        Scope {
+            b: self,
+            prefix: String::new(),
+        }
     }
 
     /// The declared tree, once every factory agrees the declaration is complete.
@@ -342,7 +369,12 @@ impl<'s> ModelBuilder<'s> {
         Ok(self.tree)
     }
 
-    fn push_linear(&mut self, path: String, slot: LinearSlot, tied: Option<LinearSlot>) -> LinearId {
+    fn push_linear(
+        &mut self,
+        path: String,
+        slot: LinearSlot,
+        tied: Option<LinearSlot>,
+    ) -> LinearId {
         let id = self.tree.linears.len();
         self.tree.modules.push((path.clone(), Declared::Linear));
         self.tree.linears.push(LinearEntry { path, slot, tied });
@@ -358,7 +390,9 @@ pub struct Scope<'a, 's> {
 
 impl std::fmt::Debug for Scope<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scope").field("prefix", &self.prefix).finish()
+        f.debug_struct("Scope")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -386,7 +420,10 @@ impl<'s> Scope<'_, 's> {
     /// Declares a container module of transformers class `class` and returns its scope.
     pub fn container(&mut self, name: impl Display, class: &'static str) -> Scope<'_, 's> {
         let prefix = self.path(name);
-        self.b.tree.modules.push((prefix.clone(), Declared::Other(class)));
+        self.b
+            .tree
+            .modules
+            .push((prefix.clone(), Declared::Other(class)));
         Scope { b: self.b, prefix }
     }
 
@@ -415,7 +452,11 @@ impl<'s> Scope<'_, 's> {
     ) -> Result<NormIds> {
         let mut n = self.container(name, class);
         let weight = n.param("weight", &[dim])?;
-        let bias = if bias { Some(n.param("bias", &[dim])?) } else { None };
+        let bias = if bias {
+            Some(n.param("bias", &[dim])?)
+        } else {
+            None
+        };
         Ok(NormIds { weight, bias })
     }
 
@@ -428,7 +469,10 @@ impl<'s> Scope<'_, 's> {
         padding_idx: Option<usize>,
     ) -> Result<EmbeddingId> {
         let path = self.path(name);
-        let w = self.b.source.tensor(&format!("{path}.weight"), &[num, dim])?;
+        let w = self
+            .b
+            .source
+            .tensor(&format!("{path}.weight"), &[num, dim])?;
         Ok(self.push_embedding(path, DenseEmbedding::new(w, padding_idx)?.into_slot(), None))
     }
 
@@ -450,7 +494,11 @@ impl<'s> Scope<'_, 's> {
         let tree = &mut self.b.tree;
         let id = tree.embeddings.len();
         tree.modules.push((path.clone(), Declared::Embedding));
-        tree.embeddings.push(EmbeddingEntry { path, slot, alias_of });
+        tree.embeddings.push(EmbeddingEntry {
+            path,
+            slot,
+            alias_of,
+        });
         EmbeddingId(id)
     }
 
@@ -575,16 +623,28 @@ mod tests {
         let paths: Vec<_> = tree.modules().into_iter().map(|m| m.path).collect();
         assert_eq!(
             paths,
-            ["model", "model.embed", "model.layers.0", "model.layers.0.proj", "model.layers.0.ln",
-             "model.layers.0.act", "lm_head"]
+            [
+                "model",
+                "model.embed",
+                "model.layers.0",
+                "model.layers.0.proj",
+                "model.layers.0.ln",
+                "model.layers.0.act",
+                "lm_head"
+            ]
         );
         assert!(tree.is_tied(head));
         assert_eq!(tree.num_parameters(), 40 + 24 + 6 + 8);
         let names: Vec<_> = tree.named_tensors()?.into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
-            ["model.embed.weight", "model.layers.0.proj.weight", "model.layers.0.proj.bias",
-             "model.layers.0.ln.weight", "model.layers.0.ln.bias"]
+            [
+                "model.embed.weight",
+                "model.layers.0.proj.weight",
+                "model.layers.0.proj.bias",
+                "model.layers.0.ln.weight",
+                "model.layers.0.ln.bias"
+            ]
         );
         Ok(())
     }
@@ -594,9 +654,14 @@ mod tests {
         fn name(&self) -> String {
             "wrong".into()
         }
-        fn linear(&mut self, spec: &LinearSpec, _: &mut dyn WeightSource) -> Result<Option<LinearSlot>> {
+        fn linear(
+            &mut self,
+            spec: &LinearSpec,
+            _: &mut dyn WeightSource,
+        ) -> Result<Option<LinearSlot>> {
             let w = Tensor::zeros((3, 3), DType::F32, &Device::Cpu)?;
-            Ok((spec.role == LinearRole::Hidden).then(|| DenseLinear::new(w, None).unwrap().into_slot()))
+            Ok((spec.role == LinearRole::Hidden)
+                .then(|| DenseLinear::new(w, None).unwrap().into_slot()))
         }
     }
 
@@ -606,7 +671,11 @@ mod tests {
         let mut b = ModelBuilder::with_factories(&mut src, vec![Box::new(Refuse)]);
         // Output heads pass through to the dense fallback.
         b.root().head("head", 4, 2, false, None)?;
-        let err = b.root().linear("proj", 4, 6, false).unwrap_err().to_string();
+        let err = b
+            .root()
+            .linear("proj", 4, 6, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("proj") && err.contains("wrong"), "{err}");
         Ok(())
     }

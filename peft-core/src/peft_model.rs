@@ -315,13 +315,17 @@ impl PeftModel {
         let (mut linears, mut embeddings) = (linears.into_iter(), embeddings.into_iter());
         self.base.visit_linears(&mut |_, slot| {
             if AdaptedLinear::from_slot(slot).is_some() {
-                *slot = linears.next().expect("the same adapted layers as the first pass");
+                *slot = linears
+                    .next()
+                    .expect("the same adapted layers as the first pass");
             }
             Ok(())
         })?;
         self.base.visit_embeddings(&mut |_, slot| {
             if AdaptedEmbedding::from_slot(slot).is_some() {
-                *slot = embeddings.next().expect("the same adapted layers as the first pass");
+                *slot = embeddings
+                    .next()
+                    .expect("the same adapted layers as the first pass");
             }
             Ok(())
         })
@@ -471,9 +475,14 @@ impl PeftModel {
     /// Runs the model with the active adapters.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<Tensor> {
         match self.active_prompt() {
-            Some(p) => {
-                forward_with_prompt(self.base.as_ref(), p, inputs, None, self.state.training(), None)
-            }
+            Some(p) => forward_with_prompt(
+                self.base.as_ref(),
+                p,
+                inputs,
+                None,
+                self.state.training(),
+                None,
+            ),
             None => self.base.forward(inputs, None),
         }
     }
@@ -488,7 +497,11 @@ impl PeftModel {
         crate::loss::check_labels(labels, b, t)?;
         let virtual_tokens = self.virtual_tokens_in_output();
         let labels = if virtual_tokens > 0 {
-            let ignore = Tensor::full(crate::loss::IGNORE_INDEX, (b, virtual_tokens), labels.device())?;
+            let ignore = Tensor::full(
+                crate::loss::IGNORE_INDEX,
+                (b, virtual_tokens),
+                labels.device(),
+            )?;
             Tensor::cat(&[&ignore, &labels.to_dtype(DType::I64)?], 1)?
         } else {
             labels.clone()
@@ -501,9 +514,16 @@ impl PeftModel {
     /// the caller's, usually `labels` shifted right), without holding the logits where the
     /// model's head allows it.
     pub fn seq2seq_loss(&self, inputs: &ModelInputs, labels: &Tensor) -> Result<Tensor> {
-        let decoder = inputs.decoder_input_ids.as_ref().or(inputs.decoder_inputs_embeds.as_ref());
+        let decoder = inputs
+            .decoder_input_ids
+            .as_ref()
+            .or(inputs.decoder_inputs_embeds.as_ref());
         let Some(decoder) = decoder else {
-            return Err(PeftError::bad_input("seq2seq_loss inputs", "decoder_input_ids or decoder_inputs_embeds", "neither"));
+            return Err(PeftError::bad_input(
+                "seq2seq_loss inputs",
+                "decoder_input_ids or decoder_inputs_embeds",
+                "neither",
+            ));
         };
         let (b, t) = (decoder.dim(0)?, decoder.dim(1)?);
         crate::loss::check_labels(labels, b, t)?;

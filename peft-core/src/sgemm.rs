@@ -79,7 +79,10 @@ unsafe impl Sync for Rhs {}
 impl Operand {
     /// The operand starting `rows` rows and `cols` columns further on.
     fn offset(self, rows: usize, cols: usize) -> Operand {
-        Operand { ptr: self.ptr.wrapping_add(rows * self.rs + cols * self.cs), ..self }
+        Operand {
+            ptr: self.ptr.wrapping_add(rows * self.rs + cols * self.cs),
+            ..self
+        }
     }
 }
 
@@ -88,7 +91,11 @@ impl Rhs {
     fn offset(self, rows: usize, cols: usize) -> Rhs {
         match self {
             Rhs::F32(o) => Rhs::F32(o.offset(rows, cols)),
-            Rhs::Bf16 { ptr, rs, cs } => Rhs::Bf16 { ptr: ptr.wrapping_add(rows * rs + cols * cs), rs, cs },
+            Rhs::Bf16 { ptr, rs, cs } => Rhs::Bf16 {
+                ptr: ptr.wrapping_add(rows * rs + cols * cs),
+                rs,
+                cs,
+            },
         }
     }
 }
@@ -122,7 +129,11 @@ pub unsafe fn sgemm(
     }
     let dst = Dst(dst);
     // Small products are not worth a thread hand-off.
-    let threads = if m * n * k < (1 << 18) { 1 } else { threads.max(1) };
+    let threads = if m * n * k < (1 << 18) {
+        1
+    } else {
+        threads.max(1)
+    };
     if threads == 1 {
         // SAFETY: the caller's contract.
         unsafe { sgemm_serial((m, n, k), dst.0, dst_rs, accumulate, a, b, alpha) };
@@ -148,9 +159,25 @@ pub unsafe fn sgemm(
         // SAFETY: disjoint column (or row) ranges of dst; operands inside the caller's regions.
         unsafe {
             if by_columns {
-                sgemm_serial((m, s1 - s0, k), dst.0.add(s0), dst_rs, accumulate, a, b.offset(0, s0), alpha);
+                sgemm_serial(
+                    (m, s1 - s0, k),
+                    dst.0.add(s0),
+                    dst_rs,
+                    accumulate,
+                    a,
+                    b.offset(0, s0),
+                    alpha,
+                );
             } else {
-                sgemm_serial((s1 - s0, n, k), dst.0.add(s0 * dst_rs), dst_rs, accumulate, a.offset(s0, 0), b, alpha);
+                sgemm_serial(
+                    (s1 - s0, n, k),
+                    dst.0.add(s0 * dst_rs),
+                    dst_rs,
+                    accumulate,
+                    a.offset(s0, 0),
+                    b,
+                    alpha,
+                );
             }
         }
     });
@@ -254,7 +281,15 @@ unsafe fn sgemm_serial(
 /// Packs `a[i0.., p0..]` (`mc x kc`, times `alpha`) as `MR`-row slivers, each `kc` steps of
 /// `MR` values (rows past `mc` zero). `out` has room for `round_up(mc, MR) * kc + 8` values (a
 /// vector store may write two values past a sliver; the next sliver or the slack takes them).
-unsafe fn pack_a(mc: usize, kc: usize, a: Operand, i0: usize, p0: usize, alpha: f32, out: *mut f32) {
+unsafe fn pack_a(
+    mc: usize,
+    kc: usize,
+    a: Operand,
+    i0: usize,
+    p0: usize,
+    alpha: f32,
+    out: *mut f32,
+) {
     let mut o = out;
     let mut ir = 0;
     while ir < mc {
@@ -267,7 +302,11 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, i0: usize, p0: usize, alpha: 
             } else {
                 for p in 0..kc {
                     for r in 0..MR {
-                        *o.add(p * MR + r) = if r < mr { alpha * *base.add(r * a.rs + p * a.cs) } else { 0.0 };
+                        *o.add(p * MR + r) = if r < mr {
+                            alpha * *base.add(r * a.rs + p * a.cs)
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -361,7 +400,14 @@ impl Elem for half::bf16 {
 /// contiguous, 8 x 8 blocks transposed in registers when the rows are (a transposed row-major
 /// weight), one value at a time otherwise.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b_panel<T: Elem>(kc: usize, nr: usize, base: *const T, rs: usize, cs: usize, o: *mut f32) {
+unsafe fn pack_b_panel<T: Elem>(
+    kc: usize,
+    nr: usize,
+    base: *const T,
+    rs: usize,
+    cs: usize,
+    o: *mut f32,
+) {
     // SAFETY: the caller's panel: nr columns of kc values; o has kc x NR room.
     unsafe {
         if nr == NR && cs == 1 {
@@ -376,7 +422,16 @@ unsafe fn pack_b_panel<T: Elem>(kc: usize, nr: usize, base: *const T, rs: usize,
             while p < full {
                 for half in 0..NR / 8 {
                     let col = |r: usize| T::load8(base.add((half * 8 + r) * cs + p));
-                    let t = transpose8([col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
+                    let t = transpose8([
+                        col(0),
+                        col(1),
+                        col(2),
+                        col(3),
+                        col(4),
+                        col(5),
+                        col(6),
+                        col(7),
+                    ]);
                     for (q, v) in t.into_iter().enumerate() {
                         _mm256_storeu_ps(o.add((p + q) * NR + half * 8), v);
                     }
@@ -391,7 +446,11 @@ unsafe fn pack_b_panel<T: Elem>(kc: usize, nr: usize, base: *const T, rs: usize,
         } else {
             for p in 0..kc {
                 for j in 0..NR {
-                    *o.add(p * NR + j) = if j < nr { (*base.add(p * rs + j * cs)).value() } else { 0.0 };
+                    *o.add(p * NR + j) = if j < nr {
+                        (*base.add(p * rs + j * cs)).value()
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
@@ -474,7 +533,9 @@ mod tests {
 
     /// Deterministic values in [-1, 1).
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + 1) * 2_654_435_761 + seed * 40_503) % 2001) as f32 / 1000.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i + 1) * 2_654_435_761 + seed * 40_503) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
     }
 
     /// How an operand is laid out in its buffer.
@@ -505,7 +566,17 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn check(m: usize, n: usize, k: usize, la: Layout, lb: Layout, bf: bool, accumulate: bool, alpha: f32, threads: usize) {
+    fn check(
+        m: usize,
+        n: usize,
+        k: usize,
+        la: Layout,
+        lb: Layout,
+        bf: bool,
+        accumulate: bool,
+        alpha: f32,
+        threads: usize,
+    ) {
         let av = values(m * k, 1);
         let mut bv = values(k * n, 2);
         if bf {
@@ -518,24 +589,57 @@ mod tests {
         let dst_rs = n + 5;
         let init = values(m * dst_rs, 3);
         let mut dst = init.clone();
-        let a = Operand { ptr: abuf.as_ptr(), rs: ars, cs: acs };
-        let b = if bf {
-            Rhs::Bf16 { ptr: bbuf16.as_ptr(), rs: brs, cs: bcs }
-        } else {
-            Rhs::F32(Operand { ptr: bbuf.as_ptr(), rs: brs, cs: bcs })
+        let a = Operand {
+            ptr: abuf.as_ptr(),
+            rs: ars,
+            cs: acs,
         };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let b = if bf {
+            Rhs::Bf16 {
+                ptr: bbuf16.as_ptr(),
+                rs: brs,
+                cs: bcs,
+            }
+        } else {
+            Rhs::F32(Operand {
+                ptr: bbuf.as_ptr(),
+                rs: brs,
+                cs: bcs,
+            })
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         // SAFETY: the buffers hold the regions the strides address; available() checked by the
         // caller.
-        pool.install(|| unsafe { sgemm((m, n, k), dst.as_mut_ptr(), dst_rs, accumulate, a, b, alpha, threads) });
+        pool.install(|| unsafe {
+            sgemm(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                alpha,
+                threads,
+            )
+        });
         for i in 0..m {
             for j in 0..dst_rs {
                 let got = dst[i * dst_rs + j];
                 if j >= n {
-                    assert_eq!(got.to_bits(), init[i * dst_rs + j].to_bits(), "wrote past column {n}");
+                    assert_eq!(
+                        got.to_bits(),
+                        init[i * dst_rs + j].to_bits(),
+                        "wrote past column {n}"
+                    );
                     continue;
                 }
-                let mut want: f64 = (0..k).map(|p| av[i * k + p] as f64 * bv[p * n + j] as f64).sum::<f64>() * alpha as f64;
+                let mut want: f64 = (0..k)
+                    .map(|p| av[i * k + p] as f64 * bv[p * n + j] as f64)
+                    .sum::<f64>()
+                    * alpha as f64;
                 if accumulate {
                     want += init[i * dst_rs + j] as f64;
                 }
@@ -556,7 +660,17 @@ mod tests {
         }
         let layouts = [Layout::Rows, Layout::Columns, Layout::Strided];
         // Shapes below, at and above the tile (6 x 16) and block (MC 96, KC 256) sizes.
-        for &(m, n, k) in &[(1, 1, 1), (5, 17, 3), (6, 16, 8), (7, 33, 9), (13, 31, 257), (97, 40, 300), (100, 100, 100), (4, 2060, 5), (3, 2, 0)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 17, 3),
+            (6, 16, 8),
+            (7, 33, 9),
+            (13, 31, 257),
+            (97, 40, 300),
+            (100, 100, 100),
+            (4, 2060, 5),
+            (3, 2, 0),
+        ] {
             for la in layouts {
                 for lb in layouts {
                     for bf in [false, true] {
@@ -569,8 +683,28 @@ mod tests {
         // Threaded splits: by rows (m >= n) and by columns (m < n), odd edges.
         for &(m, n, k) in &[(200, 70, 64), (40, 300, 70), (101, 99, 513), (12, 2100, 20)] {
             for threads in [2, 3] {
-                check(m, n, k, Layout::Rows, Layout::Columns, false, false, 1.0, threads);
-                check(m, n, k, Layout::Columns, Layout::Rows, true, true, -2.0, threads);
+                check(
+                    m,
+                    n,
+                    k,
+                    Layout::Rows,
+                    Layout::Columns,
+                    false,
+                    false,
+                    1.0,
+                    threads,
+                );
+                check(
+                    m,
+                    n,
+                    k,
+                    Layout::Columns,
+                    Layout::Rows,
+                    true,
+                    true,
+                    -2.0,
+                    threads,
+                );
             }
         }
     }

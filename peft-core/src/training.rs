@@ -148,7 +148,11 @@ impl Batch {
 fn seq2seq_inputs(model: &PeftModel, b: &Seq2SeqBatch) -> Result<ModelInputs> {
     let info = model.base_model().info();
     let start = info.decoder_start_token_id.ok_or_else(|| {
-        PeftError::bad_input("seq2seq batch", "an encoder-decoder model", info.model_type.clone())
+        PeftError::bad_input(
+            "seq2seq batch",
+            "an encoder-decoder model",
+            info.model_type.clone(),
+        )
     })?;
     Ok(ModelInputs {
         input_ids: Some(b.input_ids.clone()),
@@ -173,10 +177,20 @@ pub fn classification_loss(model: &PeftModel, b: &ClassificationBatch) -> Result
 /// Rows of `logits` `[rows, classes]` whose arg-max is the label (`-100` rows not counted),
 /// and the rows counted.
 pub fn correct_predictions(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
-    let predicted = logits.argmax(candle_core::D::Minus1)?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-    let labels = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    let predicted = logits
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?;
+    let labels = labels
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()?;
     let counted = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    let correct = predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    let correct = predicted
+        .iter()
+        .zip(&labels)
+        .filter(|(p, l)| p == l)
+        .count();
     Ok((correct, counted))
 }
 

@@ -82,7 +82,9 @@ pub fn widen_bf16(xs: &[half::bf16], out: &mut [f32]) {
         widen(xs, out);
     } else {
         use rayon::prelude::*;
-        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, x)| widen(x, o));
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| widen(x, o));
     }
 }
 
@@ -131,9 +133,14 @@ mod avx2 {
         let is_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
         let input = x;
         let x = _mm256_min_ps(x, _mm256_set1_ps(MAX_X));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        );
         // r = x - n LN2_HI - n LN2_LO, each product rounded as in the scalar path.
-        let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))), _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+        );
         let r2 = _mm256_mul_ps(r, r);
         let mut p = _mm256_set1_ps(P[0]);
         for c in &P[1..] {
@@ -213,15 +220,31 @@ mod tests {
 
     #[test]
     fn exp_is_within_two_ulp_and_the_vector_path_matches() {
-        let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + 175.0 * i as f32 / 200_000.0).collect();
+        let xs: Vec<f32> = (0..200_001)
+            .map(|i| -87.0 + 175.0 * i as f32 / 200_000.0)
+            .collect();
         let mut v = xs.clone();
         exp_shifted_sum(&mut v, 0.0);
         for (&x, &y) in xs.iter().zip(&v) {
             let want = f64::from(x).exp() as f32;
             assert!(ulps(exp(x), want) <= 2, "exp({x}) = {} vs {want}", exp(x));
-            assert_eq!(y.to_bits(), exp(x).to_bits(), "vector and scalar paths differ at {x}");
+            assert_eq!(
+                y.to_bits(),
+                exp(x).to_bits(),
+                "vector and scalar paths differ at {x}"
+            );
         }
-        let mut edge = vec![-1e30, -88.0, f32::NEG_INFINITY, 0.0, 88.5, f32::NAN, -87.0, 1.0, 2.0];
+        let mut edge = vec![
+            -1e30,
+            -88.0,
+            f32::NEG_INFINITY,
+            0.0,
+            88.5,
+            f32::NAN,
+            -87.0,
+            1.0,
+            2.0,
+        ];
         let sum = exp_shifted_sum(&mut edge, 0.0);
         assert_eq!(&edge[..4], &[0.0, 0.0, 0.0, 1.0]);
         assert!(edge[4].is_finite() && edge[4] > 1e38 && edge[5].is_nan() && sum.is_nan());
@@ -231,7 +254,11 @@ mod tests {
         silu_into(&x, &mut s, Some(&mut sig));
         for i in 0..11 {
             let want = x[i] / (1.0 + (-x[i]).exp());
-            assert!((s[i] - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-30), "{} vs {want}", s[i]);
+            assert!(
+                (s[i] - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-30),
+                "{} vs {want}",
+                s[i]
+            );
             assert!((sig[i] - 1.0 / (1.0 + (-x[i]).exp())).abs() < 1e-6);
         }
     }

@@ -4,7 +4,9 @@
 //! initialisations. Nothing here materialises `B @ A` except merging.
 
 use candle_core::{DType, Tensor};
-use peft_core::layers::{embedding_lookup, linear_forward, lowrank_linear_forward, DenseLinear, LinearLike};
+use peft_core::layers::{
+    embedding_lookup, linear_forward, lowrank_linear_forward, DenseLinear, LinearLike,
+};
 use peft_core::nn::Dropout;
 use peft_core::{EmbeddingAdapter, Init, LinearAdapter, ParamBuilder, Result};
 
@@ -93,7 +95,12 @@ impl LinearAdapter for LoraLinear {
         Ok((y + delta)?)
     }
 
-    fn fused_forward(&self, base: &dyn LinearLike, x: &Tensor, training: bool) -> Result<Option<Tensor>> {
+    fn fused_forward(
+        &self,
+        base: &dyn LinearLike,
+        x: &Tensor,
+        training: bool,
+    ) -> Result<Option<Tensor>> {
         let Some(dense) = base.as_any().downcast_ref::<DenseLinear>() else {
             return Ok(None);
         };

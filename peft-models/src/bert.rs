@@ -314,7 +314,11 @@ impl BertModel {
         let weights = ModelWeights::open(dir, dtype, device)?;
         let compute = weights.dtype();
         let fresh = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
-        let mut src = BertWeights { dir, weights, fresh };
+        let mut src = BertWeights {
+            dir,
+            weights,
+            fresh,
+        };
         let b = ModelBuilder::with_factories(&mut src, factories);
         let mut model = Self::build(cfg, b, compute, device)?;
         model.info.name_or_path = Some(dir.display().to_string());
@@ -322,9 +326,15 @@ impl BertModel {
     }
 
     /// A model with random weights, reproducible from `seed`.
-    pub fn random(cfg: BertConfig, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: BertConfig,
+        seed: u64,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         let precision = dtype.into();
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        let mut src =
+            crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
         Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
@@ -335,7 +345,12 @@ impl BertModel {
 
     fn layer_norm(&self, x: &Tensor, n: NormIds) -> Result<Tensor> {
         let t = &self.tree;
-        ops::layer_norm(x, t.param(n.weight), t.opt_param(n.bias), self.cfg.layer_norm_eps)
+        ops::layer_norm(
+            x,
+            t.param(n.weight),
+            t.opt_param(n.bias),
+            self.cfg.layer_norm_eps,
+        )
     }
 
     /// The pooler's output `[B, hidden]`: `tanh(W h_first + b)`, what the sequence classifier
@@ -345,7 +360,11 @@ impl BertModel {
             .pooler
             .ok_or_else(|| PeftError::InvalidState("this BERT head has no pooler".into()))?;
         let h = self.last_hidden_state(inputs, None)?;
-        Ok(self.tree.linear(pooler).forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?)
+        Ok(self
+            .tree
+            .linear(pooler)
+            .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?
+            .tanh()?)
     }
 
     /// The encoder's last hidden state `[B, T, hidden]` (prefix positions excluded).
@@ -452,7 +471,10 @@ impl<F> BertWeights<'_, F> {
             name.strip_prefix("bert.").map(str::to_string),
             Some(format!("bert.{name}")),
         ];
-        alternatives.into_iter().flatten().find(|n| self.weights.contains(n))
+        alternatives
+            .into_iter()
+            .flatten()
+            .find(|n| self.weights.contains(n))
     }
 }
 
@@ -462,7 +484,10 @@ impl<F: FnMut(&str, &[usize]) -> Result<Tensor>> WeightSource for BertWeights<'_
             return self.weights.get(&found, shape);
         }
         if name.starts_with("classifier.") || name.contains("pooler.dense.") {
-            tracing::warn!("{}: `{name}` is not in the checkpoint; initialising it", self.dir.display());
+            tracing::warn!(
+                "{}: `{name}` is not in the checkpoint; initialising it",
+                self.dir.display()
+            );
             return (self.fresh)(name, shape);
         }
         self.weights.get(name, shape)
@@ -515,7 +540,8 @@ impl AdaptableModel for BertModel {
                     .pooler
                     .ok_or_else(|| PeftError::InvalidState("no pooler".into()))?;
                 let first = h.narrow(1, 0, 1)?.squeeze(1)?;
-                t.linear(classifier).forward(&t.linear(pooler).forward(&first)?.tanh()?)
+                t.linear(classifier)
+                    .forward(&t.linear(pooler).forward(&first)?.tanh()?)
             }
             (TaskType::TokenCls, Some(classifier)) => t.linear(classifier).forward(&h),
             _ => Ok(h),

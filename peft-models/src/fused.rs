@@ -31,20 +31,22 @@ impl CustomOp1 for Softmax {
         let x = peft_core::layers::cpu_f32_slice(s, l, self.name())?;
         let d = last_dim(l);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
-            o.copy_from_slice(r);
-            let (max, sum) = peft_core::vmath::exp_minus_max(o);
-            if max == f32::NEG_INFINITY {
-                // A fully masked row: candle's chain gives NaN here too; keep zeros instead
-                // of NaN only where every entry is -inf (callers zero such rows anyway).
-                o.fill(0.0);
-                return;
-            }
-            let inv = 1.0 / sum;
-            for oi in o.iter_mut() {
-                *oi *= inv;
-            }
-        });
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, r)| {
+                o.copy_from_slice(r);
+                let (max, sum) = peft_core::vmath::exp_minus_max(o);
+                if max == f32::NEG_INFINITY {
+                    // A fully masked row: candle's chain gives NaN here too; keep zeros instead
+                    // of NaN only where every entry is -inf (callers zero such rows anyway).
+                    o.fill(0.0);
+                    return;
+                }
+                let inv = 1.0 / sum;
+                for oi in o.iter_mut() {
+                    *oi *= inv;
+                }
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -68,7 +70,10 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, g) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
+        let (y, g) = (
+            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
+            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+        );
         let d = last_dim(l1);
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(d)
@@ -88,7 +93,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })?))
+    Ok(Some(x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        RmsNorm { eps: eps as f32 },
+    )?))
 }
 
 struct RmsNorm {
@@ -114,18 +122,23 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
+        let (x, w) = (
+            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
+            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+        );
         let d = last_dim(l1);
         if w.len() != d {
             candle_core::bail!("{}: weight of {} for rows of {d}", self.name(), w.len());
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
-            let inv = self.inv_rms(r);
-            for ((oi, &xi), &wi) in o.iter_mut().zip(r).zip(w) {
-                *oi = xi * inv * wi;
-            }
-        });
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, r)| {
+                let inv = self.inv_rms(r);
+                for ((oi, &xi), &wi) in o.iter_mut().zip(r).zip(w) {
+                    *oi = xi * inv * wi;
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -140,47 +153,49 @@ impl CustomOp2 for RmsNorm {
         // A frozen norm weight (the usual case under PEFT) gets no gradient.
         let want_dw = w.track_op();
         let g = g.contiguous()?;
-        let (dx, dw) = peft_core::layers::with_f32s([x, w, &g], "rms-norm backward", |[xv, wv, gv]| {
-            let mut dx = vec![0f32; xv.len()];
-            let dw_parts: Vec<Vec<f32>> = dx
-                .par_chunks_mut(d)
-                .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-                .fold(
-                    || if want_dw { vec![0f32; d] } else { Vec::new() },
-                    |mut dw, (o, (r, gr))| {
-                        let inv = self.inv_rms(r);
-                        // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
-                        let mean: f32 = r
-                            .iter()
-                            .zip(gr)
-                            .zip(wv)
-                            .map(|((xi, gi), wi)| gi * wi * xi * inv)
-                            .sum::<f32>()
-                            / d as f32;
-                        for (j, oi) in o.iter_mut().enumerate() {
-                            *oi = inv * (gr[j] * wv[j] - r[j] * inv * mean);
+        let (dx, dw) =
+            peft_core::layers::with_f32s([x, w, &g], "rms-norm backward", |[xv, wv, gv]| {
+                let mut dx = vec![0f32; xv.len()];
+                let dw_parts: Vec<Vec<f32>> = dx
+                    .par_chunks_mut(d)
+                    .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+                    .fold(
+                        || if want_dw { vec![0f32; d] } else { Vec::new() },
+                        |mut dw, (o, (r, gr))| {
+                            let inv = self.inv_rms(r);
+                            // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
+                            let mean: f32 = r
+                                .iter()
+                                .zip(gr)
+                                .zip(wv)
+                                .map(|((xi, gi), wi)| gi * wi * xi * inv)
+                                .sum::<f32>()
+                                / d as f32;
+                            for (j, oi) in o.iter_mut().enumerate() {
+                                *oi = inv * (gr[j] * wv[j] - r[j] * inv * mean);
+                            }
+                            for (j, dwj) in dw.iter_mut().enumerate() {
+                                *dwj += gr[j] * r[j] * inv;
+                            }
+                            dw
+                        },
+                    )
+                    .collect();
+                let dw = want_dw.then(|| {
+                    let mut dw = vec![0f32; d];
+                    for part in dw_parts {
+                        for (a, b) in dw.iter_mut().zip(part) {
+                            *a += b;
                         }
-                        for (j, dwj) in dw.iter_mut().enumerate() {
-                            *dwj += gr[j] * r[j] * inv;
-                        }
-                        dw
-                    },
-                )
-                .collect();
-            let dw = want_dw.then(|| {
-                let mut dw = vec![0f32; d];
-                for part in dw_parts {
-                    for (a, b) in dw.iter_mut().zip(part) {
-                        *a += b;
                     }
-                }
-                dw
-            });
-            Ok((dx, dw))
-        })?;
+                    dw
+                });
+                Ok((dx, dw))
+            })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?,
+            dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
+                .transpose()?,
         ))
     }
 }
@@ -193,10 +208,17 @@ impl CustomOp2 for RmsNorm {
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ad, bd) = (a.dims(), b.dims());
     let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2]
+    {
         return Ok(a.matmul(b)?);
     }
-    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { ta: false, tb: false })?)
+    Ok(a.contiguous()?.apply_op2(
+        &b.contiguous()?,
+        Bmm {
+            ta: false,
+            tb: false,
+        },
+    )?)
 }
 
 /// Batched `a @ b^T` for `a` `[.., m, k]` and `b` `[.., n, k]` (attention scores `q k^T`)
@@ -204,10 +226,17 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ad, bd) = (a.dims(), b.dims());
     let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2]
+    {
         return Ok(a.matmul(&b.t()?)?);
     }
-    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { ta: false, tb: true })?)
+    Ok(a.contiguous()?.apply_op2(
+        &b.contiguous()?,
+        Bmm {
+            ta: false,
+            tb: true,
+        },
+    )?)
 }
 
 /// `op(a) @ op(b)` per batch, where `op` transposes the last two dimensions when asked.
@@ -222,8 +251,16 @@ impl Bmm {
         let (ad, bd) = (la.shape().dims(), lb.shape().dims());
         let r = ad.len();
         let batches: usize = ad[..r - 2].iter().product();
-        let (m, k) = if self.ta { (ad[r - 1], ad[r - 2]) } else { (ad[r - 2], ad[r - 1]) };
-        let (k2, n) = if self.tb { (bd[r - 1], bd[r - 2]) } else { (bd[r - 2], bd[r - 1]) };
+        let (m, k) = if self.ta {
+            (ad[r - 1], ad[r - 2])
+        } else {
+            (ad[r - 2], ad[r - 1])
+        };
+        let (k2, n) = if self.tb {
+            (bd[r - 1], bd[r - 2])
+        } else {
+            (bd[r - 2], bd[r - 1])
+        };
         if k != k2 || bd.len() != r || bd[..r - 2].iter().product::<usize>() != batches {
             candle_core::bail!("fused-bmm: shapes {ad:?} and {bd:?} do not multiply");
         }
@@ -243,7 +280,10 @@ impl CustomOp2 for Bmm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
+        let (a, b) = (
+            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
+            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+        );
         let (batches, m, k, n) = self.dims(l1, l2)?;
         let mut out = vec![0f32; batches * m * n];
         // Strides of op(a) [m, k] and op(b) [k, n] inside one batch.
@@ -251,11 +291,25 @@ impl CustomOp2 for Bmm {
         let (b_rs, b_cs) = if self.tb { (1, k) } else { (n, 1) };
         if m * n > 0 {
             out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
-                let (pa, pb) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                let (pa, pb) = (
+                    &a[i * m * k..(i + 1) * m * k],
+                    &b[i * k * n..(i + 1) * k * n],
+                );
                 // SAFETY: the slices hold exactly one batch of each operand and of the result,
                 // and the strides describe those extents.
                 unsafe {
-                    peft_core::layers::gemm_f32((m, n, k), o.as_mut_ptr(), n, false, pa.as_ptr(), (a_rs, a_cs), pb.as_ptr(), (b_rs, b_cs), 1.0, false);
+                    peft_core::layers::gemm_f32(
+                        (m, n, k),
+                        o.as_mut_ptr(),
+                        n,
+                        false,
+                        pa.as_ptr(),
+                        (a_rs, a_cs),
+                        pb.as_ptr(),
+                        (b_rs, b_cs),
+                        1.0,
+                        false,
+                    );
                 }
             });
         }
@@ -277,14 +331,38 @@ impl CustomOp2 for Bmm {
         // c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T g; transpose back when the
         // operand itself was read transposed.
         let da = if self.ta {
-            b.apply_op2_no_bwd(&g, &Bmm { ta: self.tb, tb: true })?
+            b.apply_op2_no_bwd(
+                &g,
+                &Bmm {
+                    ta: self.tb,
+                    tb: true,
+                },
+            )?
         } else {
-            g.apply_op2_no_bwd(b, &Bmm { ta: false, tb: !self.tb })?
+            g.apply_op2_no_bwd(
+                b,
+                &Bmm {
+                    ta: false,
+                    tb: !self.tb,
+                },
+            )?
         };
         let db = if self.tb {
-            g.apply_op2_no_bwd(a, &Bmm { ta: true, tb: self.ta })?
+            g.apply_op2_no_bwd(
+                a,
+                &Bmm {
+                    ta: true,
+                    tb: self.ta,
+                },
+            )?
         } else {
-            a.apply_op2_no_bwd(&g, &Bmm { ta: !self.ta, tb: false })?
+            a.apply_op2_no_bwd(
+                &g,
+                &Bmm {
+                    ta: !self.ta,
+                    tb: false,
+                },
+            )?
         };
         Ok((Some(da), Some(db)))
     }
@@ -296,7 +374,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -311,25 +398,43 @@ mod tests {
         assert!(max_diff(&fused, &chain) < 1e-6);
         let gf = (fused * &probe)?.sum_all()?.backward()?;
         let gc = (chain * &probe)?.sum_all()?.backward()?;
-        assert!(max_diff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(
+            max_diff(
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap()
+            ) < 1e-5
+        );
 
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?.unwrap();
         let x32 = x.as_tensor();
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let chain = x32.broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?.broadcast_mul(w.as_tensor())?;
+        let chain = x32
+            .broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?
+            .broadcast_mul(w.as_tensor())?;
         assert!(max_diff(&fused, &chain) < 1e-5);
         let gf = (fused * &probe)?.sum_all()?.backward()?;
         let gc = (chain * &probe)?.sum_all()?.backward()?;
         for v in [&x, &w] {
-            let d = max_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+            let d = max_diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-4, "rms norm gradient differs by {d}");
         }
         // A frozen weight: the same input gradient, none for the weight.
         let frozen = w.as_tensor().detach();
         let fused = rms_norm(x.as_tensor(), &frozen, 1e-6)?.unwrap();
         let gf = (fused * &probe)?.sum_all()?.backward()?;
-        assert!(max_diff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()) < 1e-4);
-        assert!(gf.get(&frozen).is_none(), "a frozen norm weight got a gradient");
+        assert!(
+            max_diff(
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap()
+            ) < 1e-4
+        );
+        assert!(
+            gf.get(&frozen).is_none(),
+            "a frozen norm weight got a gradient"
+        );
         Ok(())
     }
 
@@ -345,7 +450,10 @@ mod tests {
         let gf = (fused * &probe)?.sum_all()?.backward()?;
         let gp = (plain * &probe)?.sum_all()?.backward()?;
         for v in [&a, &b] {
-            let d = max_diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+            let d = max_diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-5, "bmm gradient differs by {d}");
         }
         // a @ k^T read transposed, gradients included.
@@ -356,7 +464,10 @@ mod tests {
         let gf = (fused * &probe)?.sum_all()?.backward()?;
         let gp = (plain * &probe)?.sum_all()?.backward()?;
         for v in [&a, &k] {
-            let d = max_diff(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap());
+            let d = max_diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-5, "bmm_nt gradient differs by {d}");
         }
         Ok(())

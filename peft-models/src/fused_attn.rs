@@ -16,7 +16,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
 use peft_core::Result;
 use rayon::prelude::*;
 
@@ -38,7 +40,10 @@ impl SharedMut {
 }
 
 /// A view of a locked tensor's CPU storage.
-fn locked_view<'a>(g: &'a (candle_core::StorageRef<'_>, &Layout), what: &str) -> candle_core::Result<View4<'a>> {
+fn locked_view<'a>(
+    g: &'a (candle_core::StorageRef<'_>, &Layout),
+    what: &str,
+) -> candle_core::Result<View4<'a>> {
     match &*g.0 {
         Storage::Cpu(c) => View4::new(c, g.1, what),
         _ => candle_core::bail!("fused-attention: {what} should be on the CPU"),
@@ -70,7 +75,10 @@ impl<'a> View4<'a> {
             dims: [d[0], d[1], d[2], d[3]],
         };
         // The furthest element must lie inside the storage.
-        let last: usize = view.start + (0..4).map(|i| (d[i].max(1) - 1) * view.st[i]).sum::<usize>();
+        let last: usize = view.start
+            + (0..4)
+                .map(|i| (d[i].max(1) - 1) * view.st[i])
+                .sum::<usize>();
         if d.iter().all(|&x| x > 0) && last >= data.len() {
             candle_core::bail!("fused-attention: {what} strides run past its storage");
         }
@@ -85,7 +93,11 @@ impl<'a> View4<'a> {
     }
 
     fn get(&self, i: [usize; 4]) -> f32 {
-        self.data[self.start + i[0] * self.st[0] + i[1] * self.st[1] + i[2] * self.st[2] + i[3] * self.st[3]]
+        self.data[self.start
+            + i[0] * self.st[0]
+            + i[1] * self.st[1]
+            + i[2] * self.st[2]
+            + i[3] * self.st[3]]
     }
 }
 
@@ -109,7 +121,20 @@ unsafe fn gemm1(
     alpha: f32,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { peft_core::layers::gemm_f32((m, n, k), dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, alpha, false) }
+    unsafe {
+        peft_core::layers::gemm_f32(
+            (m, n, k),
+            dst,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            alpha,
+            false,
+        )
+    }
 }
 
 fn cpu_f32(t: &Tensor) -> bool {
@@ -120,11 +145,19 @@ fn cpu_f32(t: &Tensor) -> bool {
 /// of `KV`: grouped-query heads), softmax in f32, rows that may attend to nothing zeroed as
 /// torch's SDPA does. Returns `[B, H, T, D]` (on the CPU a transposed view of a `[B, T, H, D]`
 /// buffer, so `.transpose(1, 2)` then a reshape costs nothing).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&AttentionMask>) -> Result<Option<Tensor>> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&AttentionMask>,
+) -> Result<Option<Tensor>> {
     let mask_ok = mask.is_none_or(|m| {
         cpu_f32(&m.additive)
             && !m.additive.track_op()
-            && m.row_valid.as_ref().is_none_or(|r| cpu_f32(r) && !r.track_op())
+            && m.row_valid
+                .as_ref()
+                .is_none_or(|r| cpu_f32(r) && !r.track_op())
     });
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && mask_ok) || q.rank() != 4 {
         return Ok(None);
@@ -180,12 +213,21 @@ struct MaskViews<'a> {
 }
 
 impl FusedAttention {
-    fn with_masks<R>(&self, f: impl FnOnce(&MaskViews<'_>) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    fn with_masks<R>(
+        &self,
+        f: impl FnOnce(&MaskViews<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let ga = self.additive.as_ref().map(|a| a.storage_and_layout());
         let gv = self.row_valid.as_ref().map(|r| r.storage_and_layout());
         let views = MaskViews {
-            additive: ga.as_ref().map(|g| locked_view(g, "the mask")).transpose()?,
-            valid: gv.as_ref().map(|g| locked_view(g, "the row mask")).transpose()?,
+            additive: ga
+                .as_ref()
+                .map(|g| locked_view(g, "the mask"))
+                .transpose()?,
+            valid: gv
+                .as_ref()
+                .map(|g| locked_view(g, "the row mask"))
+                .transpose()?,
         };
         f(&views)
     }
@@ -193,7 +235,16 @@ impl FusedAttention {
     /// Fills `p [t1 - t0, se]` with query rows `t0..t1` of head `(bi, hi)` against keys
     /// `0..se`: the scaled, masked scores `q k^T * scale + mask`.
     #[allow(clippy::too_many_arguments)]
-    fn scores(&self, (q, k): (&View4<'_>, &View4<'_>), masks: &MaskViews<'_>, bi: usize, hi: usize, (t0, t1): (usize, usize), se: usize, p: &mut [f32]) {
+    fn scores(
+        &self,
+        (q, k): (&View4<'_>, &View4<'_>),
+        masks: &MaskViews<'_>,
+        bi: usize,
+        hi: usize,
+        (t0, t1): (usize, usize),
+        se: usize,
+        p: &mut [f32],
+    ) {
         let [_, h, _, d] = q.dims;
         let kv = k.dims[1];
         let kh = hi / (h / kv);
@@ -202,7 +253,19 @@ impl FusedAttention {
         // head kh, and p's [tb, se].
         unsafe {
             let q_rows = q.at(bi, hi).add(t0 * q.st[2]);
-            gemm1(tb, se, d, p.as_mut_ptr(), se, false, q_rows, (q.st[2], q.st[3]), k.at(bi, kh), (k.st[3], k.st[2]), 1.0);
+            gemm1(
+                tb,
+                se,
+                d,
+                p.as_mut_ptr(),
+                se,
+                false,
+                q_rows,
+                (q.st[2], q.st[3]),
+                k.at(bi, kh),
+                (k.st[3], k.st[2]),
+                1.0,
+            );
         }
         for (i, row) in p[..tb * se].chunks_mut(se.max(1)).enumerate() {
             match &masks.additive {
@@ -219,7 +282,11 @@ impl FusedAttention {
     /// Query-row blocks `(t0, t1)` and the keys each needs (`0..se`): with a causal mask,
     /// row `t` sees at most keys `0..past + t + 1`, so the masked upper triangle is skipped.
     fn row_blocks(&self, t: usize, s: usize) -> Vec<(usize, usize, usize)> {
-        let block = if self.causal_past.is_some() { CAUSAL_BLOCK } else { t.max(1) };
+        let block = if self.causal_past.is_some() {
+            CAUSAL_BLOCK
+        } else {
+            t.max(1)
+        };
         (0..t)
             .step_by(block)
             .map(|t0| {
@@ -231,7 +298,10 @@ impl FusedAttention {
     }
 
     fn row_is_valid(masks: &MaskViews<'_>, bi: usize, hi: usize, ti: usize) -> bool {
-        masks.valid.as_ref().is_none_or(|v| v.get([bi, hi, ti, 0]) != 0.0)
+        masks
+            .valid
+            .as_ref()
+            .is_none_or(|v| v.get([bi, hi, ti, 0]) != 0.0)
     }
 }
 
@@ -249,7 +319,11 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (View4::new(s1, l1, "q")?, View4::new(s2, l2, "k")?, View4::new(s3, l3, "v")?);
+        let (q, k, v) = (
+            View4::new(s1, l1, "q")?,
+            View4::new(s2, l2, "k")?,
+            View4::new(s3, l3, "v")?,
+        );
         let [b, h, t, d] = q.dims;
         let s = k.dims[2];
         let kv = k.dims[1];
@@ -257,32 +331,54 @@ impl CustomOp3 for FusedAttention {
         let mut lse = vec![0f32; b * h * t];
         let out_ptr = SharedMut(out.as_mut_ptr());
         self.with_masks(|masks| {
-            lse.par_chunks_mut(t.max(1)).enumerate().for_each(|(bh, lse_rows)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let kh = hi / (h / kv);
-                let blocks = self.row_blocks(t, s);
-                let mut p = vec![0f32; blocks.first().map_or(0, |&(t0, t1, _)| t1 - t0) * s];
-                for &(t0, t1, se) in &blocks {
-                    self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
-                    let rows = p[..(t1 - t0) * se].chunks_mut(se.max(1));
-                    for (i, (row, l)) in rows.zip(lse_rows[t0..t1].iter_mut()).enumerate() {
-                        let (max, sum) = peft_core::vmath::exp_minus_max(row);
-                        *l = max + sum.ln();
-                        let inv = if Self::row_is_valid(masks, bi, hi, t0 + i) { 1.0 / sum } else { 0.0 };
-                        row.iter_mut().for_each(|x| *x *= inv);
+            lse.par_chunks_mut(t.max(1))
+                .enumerate()
+                .for_each(|(bh, lse_rows)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let kh = hi / (h / kv);
+                    let blocks = self.row_blocks(t, s);
+                    let mut p = vec![0f32; blocks.first().map_or(0, |&(t0, t1, _)| t1 - t0) * s];
+                    for &(t0, t1, se) in &blocks {
+                        self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
+                        let rows = p[..(t1 - t0) * se].chunks_mut(se.max(1));
+                        for (i, (row, l)) in rows.zip(lse_rows[t0..t1].iter_mut()).enumerate() {
+                            let (max, sum) = peft_core::vmath::exp_minus_max(row);
+                            *l = max + sum.ln();
+                            let inv = if Self::row_is_valid(masks, bi, hi, t0 + i) {
+                                1.0 / sum
+                            } else {
+                                0.0
+                            };
+                            row.iter_mut().for_each(|x| *x *= inv);
+                        }
+                        // SAFETY: head hi of batch bi writes out[bi, t0..t1, hi, :] only (rows of
+                        // stride H * D), disjoint from every other (bi, hi); rows 0..se of v's
+                        // [S, D] block of head kh.
+                        unsafe {
+                            let dst = out_ptr.get().add((bi * t + t0) * h * d + hi * d);
+                            gemm1(
+                                t1 - t0,
+                                d,
+                                se,
+                                dst,
+                                h * d,
+                                false,
+                                p.as_ptr(),
+                                (se, 1),
+                                v.at(bi, kh),
+                                (v.st[2], v.st[3]),
+                                1.0,
+                            );
+                        }
                     }
-                    // SAFETY: head hi of batch bi writes out[bi, t0..t1, hi, :] only (rows of
-                    // stride H * D), disjoint from every other (bi, hi); rows 0..se of v's
-                    // [S, D] block of head kh.
-                    unsafe {
-                        let dst = out_ptr.get().add((bi * t + t0) * h * d + hi * d);
-                        gemm1(t1 - t0, d, se, dst, h * d, false, p.as_ptr(), (se, 1), v.at(bi, kh), (v.st[2], v.st[3]), 1.0);
-                    }
-                }
-            });
+                });
             Ok(())
         })?;
-        *self.lse.lock().map_err(|_| candle_core::Error::Msg("fused-attention: poisoned lock".into()))? = Some(Arc::new(lse));
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused-attention: poisoned lock".into()))? =
+            Some(Arc::new(lse));
         Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
     }
 
@@ -299,9 +395,16 @@ impl CustomOp3 for FusedAttention {
             .lock()
             .map_err(|_| candle_core::Error::Msg("fused-attention: poisoned lock".into()))?
             .clone()
-            .ok_or_else(|| candle_core::Error::Msg("fused-attention: backward before forward".into()))?;
+            .ok_or_else(|| {
+                candle_core::Error::Msg("fused-attention: backward before forward".into())
+            })?;
         let grad = grad.contiguous()?;
-        let (gq, gk, gv, gg) = (q_t.storage_and_layout(), k_t.storage_and_layout(), v_t.storage_and_layout(), grad.storage_and_layout());
+        let (gq, gk, gv, gg) = (
+            q_t.storage_and_layout(),
+            k_t.storage_and_layout(),
+            v_t.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
         let (q, k, v, go) = (
             locked_view(&gq, "q")?,
             locked_view(&gk, "k")?,
@@ -316,7 +419,10 @@ impl CustomOp3 for FusedAttention {
         let mut dv = vec![0f32; b * kv * s * d];
         self.with_masks(|masks| {
             dq.par_chunks_mut((rep * t * d).max(1))
-                .zip(dk.par_chunks_mut((s * d).max(1)).zip(dv.par_chunks_mut((s * d).max(1))))
+                .zip(
+                    dk.par_chunks_mut((s * d).max(1))
+                        .zip(dv.par_chunks_mut((s * d).max(1))),
+                )
                 .enumerate()
                 .for_each(|(bk, (dq_g, (dk_g, dv_g)))| {
                     let (bi, kh) = (bk / kv, bk % kv);
@@ -345,11 +451,38 @@ impl CustomOp3 for FusedAttention {
                             // dk/dv, rows t0..t1 of head r in dq) or local buffers.
                             unsafe {
                                 // dV += P^T dO
-                                gemm1(se, d, tb, dv_g.as_mut_ptr(), d, true, p.as_ptr(), (1, se), go_h, (h * d, 1), 1.0);
+                                gemm1(
+                                    se,
+                                    d,
+                                    tb,
+                                    dv_g.as_mut_ptr(),
+                                    d,
+                                    true,
+                                    p.as_ptr(),
+                                    (1, se),
+                                    go_h,
+                                    (h * d, 1),
+                                    1.0,
+                                );
                                 // dP = dO V^T
-                                gemm1(tb, se, d, dp.as_mut_ptr(), se, false, go_h, (h * d, 1), v.at(bi, kh), (v.st[3], v.st[2]), 1.0);
+                                gemm1(
+                                    tb,
+                                    se,
+                                    d,
+                                    dp.as_mut_ptr(),
+                                    se,
+                                    false,
+                                    go_h,
+                                    (h * d, 1),
+                                    v.at(bi, kh),
+                                    (v.st[3], v.st[2]),
+                                    1.0,
+                                );
                             }
-                            for (pr, dr) in p[..tb * se].chunks(se.max(1)).zip(dp[..tb * se].chunks_mut(se.max(1))) {
+                            for (pr, dr) in p[..tb * se]
+                                .chunks(se.max(1))
+                                .zip(dp[..tb * se].chunks_mut(se.max(1)))
+                            {
                                 let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
                                 for (x, &pi) in dr.iter_mut().zip(pr) {
                                     *x = pi * (*x - dot) * self.scale;
@@ -358,9 +491,33 @@ impl CustomOp3 for FusedAttention {
                             // SAFETY: as above.
                             unsafe {
                                 // dQ = dS K
-                                gemm1(tb, d, se, dq_g.as_mut_ptr().add(r * t * d + t0 * d), d, false, dp.as_ptr(), (se, 1), k.at(bi, kh), (k.st[2], k.st[3]), 1.0);
+                                gemm1(
+                                    tb,
+                                    d,
+                                    se,
+                                    dq_g.as_mut_ptr().add(r * t * d + t0 * d),
+                                    d,
+                                    false,
+                                    dp.as_ptr(),
+                                    (se, 1),
+                                    k.at(bi, kh),
+                                    (k.st[2], k.st[3]),
+                                    1.0,
+                                );
                                 // dK += dS^T Q
-                                gemm1(se, d, tb, dk_g.as_mut_ptr(), d, true, dp.as_ptr(), (1, se), q_rows, (q.st[2], q.st[3]), 1.0);
+                                gemm1(
+                                    se,
+                                    d,
+                                    tb,
+                                    dk_g.as_mut_ptr(),
+                                    d,
+                                    true,
+                                    dp.as_ptr(),
+                                    (1, se),
+                                    q_rows,
+                                    (q.st[2], q.st[3]),
+                                    1.0,
+                                );
                             }
                         }
                     }
@@ -388,7 +545,10 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
     if d * heads != hd || d % 2 != 0 || cos.track_op() || sin.track_op() {
         return Ok(None);
     }
-    let (Ok(c), Ok(s)) = (cos.broadcast_as((b, 1, t, d)), sin.broadcast_as((b, 1, t, d))) else {
+    let (Ok(c), Ok(s)) = (
+        cos.broadcast_as((b, 1, t, d)),
+        sin.broadcast_as((b, 1, t, d)),
+    ) else {
         return Ok(None);
     };
     let op = Rope {
@@ -415,7 +575,11 @@ impl CustomOp1 for Rope {
         "fused-rope"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = peft_core::layers::cpu_f32_slice(storage, layout, self.name())?;
         let dims = layout.shape().dims();
         let h = self.heads;
@@ -426,38 +590,48 @@ impl CustomOp1 for Rope {
         };
         let half = d / 2;
         if self.cos.len() != b * t * d {
-            candle_core::bail!("fused-rope: tables of {} values for {b} x {t} x {d}", self.cos.len());
+            candle_core::bail!(
+                "fused-rope: tables of {} values for {b} x {t} x {d}",
+                self.cos.len()
+            );
         }
         let mut out = vec![0f32; x.len()];
         if !self.backward {
             // Output chunk (bi, hi) is [T, D]; its input rows are x[bi, ti, hi * D ..].
-            out.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(bh, o)| {
-                let (bi, hi) = (bh / h, bh % h);
-                for ti in 0..t {
-                    let xr = &x[(bi * t + ti) * h * d + hi * d..][..d];
-                    let (c, s) = (&self.cos[(bi * t + ti) * d..][..d], &self.sin[(bi * t + ti) * d..][..d]);
-                    let or = &mut o[ti * d..(ti + 1) * d];
-                    for i in 0..half {
-                        or[i] = xr[i] * c[i] + (-xr[i + half]) * s[i];
-                        or[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+            out.par_chunks_mut((t * d).max(1))
+                .enumerate()
+                .for_each(|(bh, o)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    for ti in 0..t {
+                        let xr = &x[(bi * t + ti) * h * d + hi * d..][..d];
+                        let (c, s) = (
+                            &self.cos[(bi * t + ti) * d..][..d],
+                            &self.sin[(bi * t + ti) * d..][..d],
+                        );
+                        let or = &mut o[ti * d..(ti + 1) * d];
+                        for i in 0..half {
+                            or[i] = xr[i] * c[i] + (-xr[i + half]) * s[i];
+                            or[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+                        }
                     }
-                }
-            });
+                });
             return Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))));
         }
         // Gradient row (bi, ti) is [H * D]; its inputs are g[bi, hi, ti, ..] for each head.
-        out.par_chunks_mut((h * d).max(1)).enumerate().for_each(|(bt, o)| {
-            let (bi, ti) = (bt / t, bt % t);
-            let (c, s) = (&self.cos[bt * d..][..d], &self.sin[bt * d..][..d]);
-            for hi in 0..h {
-                let g = &x[((bi * h + hi) * t + ti) * d..][..d];
-                let or = &mut o[hi * d..(hi + 1) * d];
-                for i in 0..half {
-                    or[i] = g[i] * c[i] + g[i + half] * s[i + half];
-                    or[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
+        out.par_chunks_mut((h * d).max(1))
+            .enumerate()
+            .for_each(|(bt, o)| {
+                let (bi, ti) = (bt / t, bt % t);
+                let (c, s) = (&self.cos[bt * d..][..d], &self.sin[bt * d..][..d]);
+                for hi in 0..h {
+                    let g = &x[((bi * h + hi) * t + ti) * d..][..d];
+                    let or = &mut o[hi * d..(hi + 1) * d];
+                    for i in 0..half {
+                        or[i] = g[i] * c[i] + g[i + half] * s[i + half];
+                        or[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
     }
 
@@ -477,7 +651,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     if !(cpu_f32(gate) && cpu_f32(up)) || gate.dims() != up.dims() {
         return Ok(None);
     }
-    Ok(Some(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?))
+    Ok(Some(
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?,
+    ))
 }
 
 struct SwiGlu;
@@ -487,19 +663,36 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (peft_core::layers::cpu_f32_slice(s1, l1, self.name())?, peft_core::layers::cpu_f32_slice(s2, l2, self.name())?);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (
+            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
+            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+        );
         let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
-            peft_core::vmath::silu_into(g, o, None);
-            for (oi, &ui) in o.iter_mut().zip(u) {
-                *oi *= ui;
-            }
-        });
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(o, (g, u))| {
+                peft_core::vmath::silu_into(g, o, None);
+                for (oi, &ui) in o.iter_mut().zip(u) {
+                    *oi *= ui;
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let n = gate.elem_count();
         let mut dg = vec![0f32; n];
@@ -507,7 +700,11 @@ impl CustomOp2 for SwiGlu {
         peft_core::layers::with_f32s([gate, up, &grad], self.name(), |[g, u, go]| {
             dg.par_chunks_mut(4096)
                 .zip(du.par_chunks_mut(4096))
-                .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(go.par_chunks(4096)))
+                .zip(
+                    g.par_chunks(4096)
+                        .zip(u.par_chunks(4096))
+                        .zip(go.par_chunks(4096)),
+                )
                 .for_each(|((dg, du), ((g, u), go))| {
                     // du = go * silu(g); dg = go * u * s * (1 + g (1 - s)), s = sigmoid(g).
                     peft_core::vmath::silu_into(g, du, Some(&mut *dg));
@@ -532,24 +729,55 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     fn grads_agree(fused: &Tensor, chain: &Tensor, vars: &[&Var], tol: f32) {
         let probe = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
-        let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (chain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (chain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, v) in vars.iter().enumerate() {
-            let (a, b) = (gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("chain grad"));
+            let (a, b) = (
+                gf.get(v.as_tensor()).expect("fused grad"),
+                gc.get(v.as_tensor()).expect("chain grad"),
+            );
             let d = max_diff(a, b);
             assert!(d < tol, "gradient {i} differs by {d}");
         }
     }
 
     /// The op chain the fused attention replaces (with repeat_kv for grouped heads).
-    fn chain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&AttentionMask>) -> Tensor {
+    fn chain_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: Option<&AttentionMask>,
+    ) -> Tensor {
         let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
-        let (k, v) = (crate::ops::repeat_kv(k, rep).unwrap(), crate::ops::repeat_kv(v, rep).unwrap());
+        let (k, v) = (
+            crate::ops::repeat_kv(k, rep).unwrap(),
+            crate::ops::repeat_kv(v, rep).unwrap(),
+        );
         let scores = (q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.additive).unwrap(),
@@ -573,7 +801,10 @@ mod tests {
         let qh = q.as_tensor().transpose(1, 2)?;
         let vh = v.as_tensor().transpose(1, 2)?;
         // Left padding on the second row: its first two queries attend to nothing.
-        let pad = Tensor::new(&[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]], &dev)?;
+        let pad = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]],
+            &dev,
+        )?;
         let with_pad = crate::ops::causal_mask(Some(&pad), b, t, 0, None, &dev)?;
         let window = crate::ops::causal_mask(None, b, t, 0, Some(3), &dev)?;
         // A per-head additive bias (T5's position bias) broadcast over the batch.
@@ -585,7 +816,11 @@ mod tests {
         for mask in [None, with_pad.as_ref(), window.as_ref(), Some(&bias)] {
             let fused = attention(&qh, k.as_tensor(), &vh, 0.3, mask)?.expect("fused path");
             let chain = chain_attention(&qh, k.as_tensor(), &vh, 0.3, mask);
-            assert!(max_diff(&fused, &chain) < 1e-5, "outputs differ by {}", max_diff(&fused, &chain));
+            assert!(
+                max_diff(&fused, &chain) < 1e-5,
+                "outputs differ by {}",
+                max_diff(&fused, &chain)
+            );
             grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
         }
         // Causal masks over several row blocks, fresh and after cached positions.
@@ -599,16 +834,34 @@ mod tests {
             let pad = Tensor::from_vec(pad, (1, s), &dev)?;
             let mask = crate::ops::causal_mask(Some(&pad), 1, t, past, None, &dev)?;
             assert_eq!(mask.as_ref().and_then(|m| m.causal_past), Some(past));
-            let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, mask.as_ref())?.expect("fused path");
-            let chain = chain_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, mask.as_ref());
-            assert!(max_diff(&fused, &chain) < 1e-5, "causal blocks: outputs differ by {}", max_diff(&fused, &chain));
+            let fused = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                0.3,
+                mask.as_ref(),
+            )?
+            .expect("fused path");
+            let chain = chain_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                0.3,
+                mask.as_ref(),
+            );
+            assert!(
+                max_diff(&fused, &chain) < 1e-5,
+                "causal blocks: outputs differ by {}",
+                max_diff(&fused, &chain)
+            );
             grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
         }
         // Decoding: one query over five cached positions, no mask.
         let q1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev)?)?;
         let k5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
         let v5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
-        let fused = attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None)?.expect("fused path");
+        let fused = attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None)?
+            .expect("fused path");
         let chain = chain_attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None);
         assert!(max_diff(&fused, &chain) < 1e-5);
         grads_agree(&fused, &chain, &[&q1, &k5, &v5], 1e-4);
@@ -626,7 +879,11 @@ mod tests {
         let fused = rope_heads(x.as_tensor(), h, &cos, &sin)?.expect("fused path");
         let heads = x.as_tensor().reshape((b, t, h, d))?.transpose(1, 2)?;
         let chain = crate::ops::apply_rotary(&heads, &cos, &sin)?;
-        assert!(max_diff(&fused, &chain) == 0.0, "rope differs by {}", max_diff(&fused, &chain));
+        assert!(
+            max_diff(&fused, &chain) == 0.0,
+            "rope differs by {}",
+            max_diff(&fused, &chain)
+        );
         grads_agree(&fused, &chain, &[&x], 1e-5);
 
         let gate = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 7, 33), &dev)?)?;

@@ -421,7 +421,9 @@ pub struct GgufSource {
 
 impl std::fmt::Debug for GgufSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufSource").field("path", &self.file.path()).finish()
+        f.debug_struct("GgufSource")
+            .field("path", &self.file.path())
+            .finish()
     }
 }
 
@@ -438,7 +440,15 @@ impl GgufSource {
         let cfg = file.llama_config()?;
         let permute = (arch == "llama" || arch == "mistral")
             .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
-        Ok((GgufSource { file, precision, device: device.clone(), permute }, cfg))
+        Ok((
+            GgufSource {
+                file,
+                precision,
+                device: device.clone(),
+                permute,
+            },
+            cfg,
+        ))
     }
 
     /// The GGUF name of `name`, checked to exist.
@@ -491,7 +501,11 @@ impl WeightSource for GgufSource {
             t = reverse_permute(&t, heads)?;
         }
         let want = self.precision.dtype_for(shape.len());
-        Ok(if t.dtype() == want { t } else { t.to_dtype(want)? })
+        Ok(if t.dtype() == want {
+            t
+        } else {
+            t.to_dtype(want)?
+        })
     }
 
     fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
@@ -514,7 +528,11 @@ impl WeightSource for GgufSource {
 }
 
 /// Loads a LLaMA-family model from a GGUF file, dequantizing its weights to `dtype`.
-pub fn load_gguf_llama(path: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<LlamaModel> {
+pub fn load_gguf_llama(
+    path: &Path,
+    dtype: impl Into<crate::Precision>,
+    device: &Device,
+) -> Result<LlamaModel> {
     load_gguf_llama_with(path, dtype.into(), device, Vec::new())
 }
 

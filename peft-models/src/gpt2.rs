@@ -150,7 +150,14 @@ impl Gpt2Model {
             let mlp_proj = m.conv1d("c_proj", cfg.n_inner, d)?;
             m.module("act", "NewGELUActivation");
             m.module("dropout", "Dropout");
-            blocks.push(Block { ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj });
+            blocks.push(Block {
+                ln_1,
+                c_attn,
+                attn_proj,
+                ln_2,
+                c_fc,
+                mlp_proj,
+            });
         }
         let ln_f = t.norm("ln_f", "LayerNorm", d, true)?;
         let tie = cfg.tie_word_embeddings.then_some(wte);
@@ -189,7 +196,11 @@ impl Gpt2Model {
     }
 
     /// Loads a Hugging Face folder. Checkpoints with or without the `transformer.` prefix load.
-    pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+    pub fn from_folder(
+        dir: &Path,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_folder_with(dir, dtype.into(), device, Vec::new())
     }
 
@@ -205,7 +216,8 @@ impl Gpt2Model {
             std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
         let source = config_path.display().to_string();
         let cfg = Gpt2Config::from_map(parse_object(&text, &source)?, &source)?;
-        let mut weights = ModelWeights::open(dir, dtype, device)?.with_optional_prefix("transformer.");
+        let mut weights =
+            ModelWeights::open(dir, dtype, device)?.with_optional_prefix("transformer.");
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
         let mut model = Self::build(cfg, b, dtype, device)?;
@@ -214,15 +226,26 @@ impl Gpt2Model {
     }
 
     /// A model with random weights, reproducible from `seed`.
-    pub fn random(cfg: Gpt2Config, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: Gpt2Config,
+        seed: u64,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         let precision = dtype.into();
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        let mut src =
+            crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
         Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
     fn norm(&self, x: &Tensor, ln: NormIds) -> Result<Tensor> {
         let t = &self.tree;
-        ops::layer_norm(x, t.param(ln.weight), t.opt_param(ln.bias), self.cfg.layer_norm_epsilon)
+        ops::layer_norm(
+            x,
+            t.param(ln.weight),
+            t.opt_param(ln.bias),
+            self.cfg.layer_norm_epsilon,
+        )
     }
 
     fn head_is_tied(&self) -> bool {
@@ -230,7 +253,11 @@ impl Gpt2Model {
     }
 
     /// Runs the blocks and the final layer norm: the hidden states `[B, T, n_embd]`.
-    fn hidden_states(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden_states(
+        &self,
+        inputs: &ModelInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         inputs.check_supported("gpt2", false, false)?;
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
@@ -319,7 +346,12 @@ impl AdaptableModel for Gpt2Model {
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree
+            .linear(self.lm_head)
+            .forward(&peft_core::model::keep_last_positions(
+                &h,
+                inputs.logits_to_keep,
+            )?)
     }
 
     fn token_loss(

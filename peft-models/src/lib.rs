@@ -215,20 +215,30 @@ pub fn load_model_with(
     factories: Vec<Box<dyn BaseLayerFactory>>,
 ) -> Result<Box<dyn AdaptableModel>> {
     if gguf::is_gguf(dir) {
-        return Ok(Box::new(gguf::load_gguf_llama_with(dir, dtype, device, factories)?));
+        return Ok(Box::new(gguf::load_gguf_llama_with(
+            dir, dtype, device, factories,
+        )?));
     }
     let model_type = model_type_of(dir)?;
     if llama::config::LLAMA_FAMILY.contains(&model_type.as_str()) {
-        return Ok(Box::new(LlamaModel::from_folder_with(dir, dtype, device, factories)?));
+        return Ok(Box::new(LlamaModel::from_folder_with(
+            dir, dtype, device, factories,
+        )?));
     }
     if model_type == "gpt2" {
-        return Ok(Box::new(Gpt2Model::from_folder_with(dir, dtype, device, factories)?));
+        return Ok(Box::new(Gpt2Model::from_folder_with(
+            dir, dtype, device, factories,
+        )?));
     }
     if model_type == "t5" || model_type == "mt5" {
-        return Ok(Box::new(T5Model::from_folder_with(dir, dtype, device, factories)?));
+        return Ok(Box::new(T5Model::from_folder_with(
+            dir, dtype, device, factories,
+        )?));
     }
     if model_type == "bert" {
-        return Ok(Box::new(BertModel::from_folder_with(dir, None, dtype, device, 0, factories)?));
+        return Ok(Box::new(BertModel::from_folder_with(
+            dir, None, dtype, device, 0, factories,
+        )?));
     }
     Err(PeftError::config_value(
         &dir.join("config.json").display().to_string(),

@@ -243,13 +243,22 @@ impl T5Model {
         ];
         let relative_bias = if relative {
             let shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
-            Some(a.container("relative_attention_bias", "Embedding").param("weight", &shape)?)
+            Some(
+                a.container("relative_attention_bias", "Embedding")
+                    .param("weight", &shape)?,
+            )
         } else {
             None
         };
         let norm = layer.norm("layer_norm", "T5LayerNorm", d, false)?.weight;
         layer.module("dropout", "Dropout");
-        Ok((Attention { proj, relative_bias }, norm))
+        Ok((
+            Attention {
+                proj,
+                relative_bias,
+            },
+            norm,
+        ))
     }
 
     /// Declares the feed-forward sub-layer (`T5LayerFF` at `<block>.layer.<j>`). `wo` stays
@@ -261,10 +270,17 @@ impl T5Model {
     ) -> Result<(FeedForward, ParamId)> {
         let (d, d_ff) = (cfg.d_model, cfg.d_ff);
         let mut layer = block.container(j, "T5LayerFF");
-        let class = if cfg.is_gated_act { "T5DenseGatedActDense" } else { "T5DenseActDense" };
+        let class = if cfg.is_gated_act {
+            "T5DenseGatedActDense"
+        } else {
+            "T5DenseActDense"
+        };
         let mut dense = layer.container("DenseReluDense", class);
         let wi = if cfg.is_gated_act {
-            vec![dense.linear("wi_0", d, d_ff, false)?, dense.linear("wi_1", d, d_ff, false)?]
+            vec![
+                dense.linear("wi_0", d, d_ff, false)?,
+                dense.linear("wi_1", d, d_ff, false)?,
+            ]
         } else {
             vec![dense.linear("wi", d, d_ff, false)?]
         };
@@ -307,9 +323,17 @@ impl T5Model {
                 None
             };
             let (ff, ff_norm) = Self::ff_layer(cfg, &mut sub, if decoder { 2 } else { 1 })?;
-            blocks.push(Block { self_attn, self_norm, cross_attn, ff, ff_norm });
+            blocks.push(Block {
+                self_attn,
+                self_norm,
+                cross_attn,
+                ff,
+                ff_norm,
+            });
         }
-        let norm = stack.norm("final_layer_norm", "T5LayerNorm", cfg.d_model, false)?.weight;
+        let norm = stack
+            .norm("final_layer_norm", "T5LayerNorm", cfg.d_model, false)?
+            .weight;
         stack.module("dropout", "Dropout");
         Ok((embed, blocks, norm))
     }
@@ -327,8 +351,14 @@ impl T5Model {
         let shared = root.embedding("shared", cfg.vocab_size, d, None)?;
         let (encoder_embed, encoder, encoder_norm) =
             Self::stack(&cfg, &mut root, "encoder", shared, cfg.num_layers, false)?;
-        let (decoder_embed, decoder, decoder_norm) =
-            Self::stack(&cfg, &mut root, "decoder", shared, cfg.num_decoder_layers, true)?;
+        let (decoder_embed, decoder, decoder_norm) = Self::stack(
+            &cfg,
+            &mut root,
+            "decoder",
+            shared,
+            cfg.num_decoder_layers,
+            true,
+        )?;
         let tie = cfg.tie_word_embeddings.then_some(shared);
         let lm_head = root.head("lm_head", d, cfg.vocab_size, false, tie)?;
         let tree = b.finish()?;
@@ -373,7 +403,11 @@ impl T5Model {
     }
 
     /// Loads a Hugging Face folder.
-    pub fn from_folder(dir: &Path, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+    pub fn from_folder(
+        dir: &Path,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_folder_with(dir, dtype.into(), device, Vec::new())
     }
 
@@ -399,7 +433,12 @@ impl T5Model {
 
     /// A model with random weights (normal with the config's `initializer_range`, 0.05 when
     /// absent), reproducible from `seed`.
-    pub fn random(cfg: T5Config, seed: u64, dtype: impl Into<crate::Precision>, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: T5Config,
+        seed: u64,
+        dtype: impl Into<crate::Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         let precision = dtype.into();
         let std = cfg
             .raw
@@ -494,9 +533,12 @@ impl T5Model {
 
     /// The relative position table of block 0 of `blocks` (`stack` names it in errors).
     fn relative_table(&self, blocks: &[Block], stack: &str) -> Result<&Tensor> {
-        let id = blocks.first().and_then(|b| b.self_attn.relative_bias).ok_or_else(|| {
-            PeftError::InvalidState(format!("{stack} block 0 lacks its relative bias"))
-        })?;
+        let id = blocks
+            .first()
+            .and_then(|b| b.self_attn.relative_bias)
+            .ok_or_else(|| {
+                PeftError::InvalidState(format!("{stack} block 0 lacks its relative bias"))
+            })?;
         Ok(self.tree.param(id))
     }
 
@@ -540,12 +582,20 @@ impl T5Model {
     /// `ids` (checked against the vocabulary) looked up in `table`, in the model's dtype.
     fn lookup(&self, table: EmbeddingId, ids: &Tensor) -> Result<Tensor> {
         crate::check_token_ids(ids, self.cfg.vocab_size)?;
-        Ok(self.tree.embedding(table).forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?)
+        Ok(self
+            .tree
+            .embedding(table)
+            .forward(&ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.dtype)?)
     }
 
     /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
     /// `[B, T_dec, d_model]`, scaled as the head expects.
-    fn decoder_hidden(&self, inputs: &ModelInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn decoder_hidden(
+        &self,
+        inputs: &ModelInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         inputs.check_supported(&self.cfg.model_type, true, false)?;
         // Encoder (once per cache).
         let (encoded, enc_mask) = match cache.as_ref().and_then(|c| c.encoder_state()) {
@@ -653,7 +703,12 @@ impl AdaptableModel for T5Model {
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree
+            .linear(self.lm_head)
+            .forward(&peft_core::model::keep_last_positions(
+                &h,
+                inputs.logits_to_keep,
+            )?)
     }
 
     fn token_loss(

@@ -152,7 +152,11 @@ impl ModelWeights {
         }
         let t = self.st.load(name, &self.device)?;
         let dtype = self.precision.dtype_for(shape.len());
-        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+        Ok(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
     }
 
     /// The stored bytes of tensor `name` with its dtype and shape, unconverted (for

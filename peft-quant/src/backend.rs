@@ -34,7 +34,11 @@ pub fn select(device: &Device) -> Result<&'static KernelBackend> {
             "quantized layer device",
             format!(
                 "a device with quantized kernels ({})",
-                BACKENDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+                BACKENDS
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             format!("{device:?} (GPU kernels for int8/NF4 are not built yet; run on the CPU)"),
         )

@@ -354,7 +354,10 @@ fn ceil_log2(x: usize) -> usize {
 /// torch's `multi_row_sum`: `size` rows of `ILP` items (each `W` lanes wide) summed with a
 /// cascade of `LEVELS` accumulators.
 #[allow(clippy::needless_range_loop)] // mirrors torch's loop order exactly
-fn multi_row_sum<const W: usize>(load: impl Fn(usize, usize) -> [f32; W], size: usize) -> [[f32; W]; ILP] {
+fn multi_row_sum<const W: usize>(
+    load: impl Fn(usize, usize) -> [f32; W],
+    size: usize,
+) -> [[f32; W]; ILP] {
     let level_power = 4.max(ceil_log2(size) / LEVELS);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
@@ -511,7 +514,11 @@ mod tests {
         let values: Vec<f32> = (0..48 * 256)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1.0 + (i % 13) as f32))
             .collect();
-        for (kind, bs, dq) in [(FourBit::Nf4, 64, true), (FourBit::Fp4, 32, false), (FourBit::Nf4, 256, false)] {
+        for (kind, bs, dq) in [
+            (FourBit::Nf4, 64, true),
+            (FourBit::Fp4, 32, false),
+            (FourBit::Nf4, 256, false),
+        ] {
             let q = Blockwise4bit::quantize(&values, 48, 256, kind, bs, dq).unwrap();
             for (rows, cols) in [(0..48, 0..256), (3..7, bs..256)] {
                 let n = rows.len() * cols.len();

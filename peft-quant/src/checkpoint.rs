@@ -155,8 +155,11 @@ pub fn save_quantized_folder(model: &mut dyn AdaptableModel, dir: &Path) -> Resu
     }
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| PeftError::InvalidState(format!("serialising safetensors: {e}")))?;
+    let bytes = safetensors::tensor::serialize(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+    )
+    .map_err(|e| PeftError::InvalidState(format!("serialising safetensors: {e}")))?;
     write_atomic(&dir.join("model.safetensors"), &bytes)?;
     let config = peft_core::json::to_python_json(&config);
     write_atomic(&dir.join("config.json"), config.as_bytes())
@@ -193,20 +196,32 @@ impl RawEntry {
         let (dtype, data) = match t.dtype() {
             DType::F32 => (
                 StDtype::F32,
-                flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             DType::BF16 => (
                 StDtype::BF16,
-                flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             DType::F16 => (
                 StDtype::F16,
-                flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             other => {
                 let f = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 tracing::debug!("storing a {other:?} tensor as f32");
-                (StDtype::F32, f.iter().flat_map(|v| v.to_le_bytes()).collect())
+                (
+                    StDtype::F32,
+                    f.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
             }
         };
         Ok(RawEntry { dtype, shape, data })
@@ -253,7 +268,10 @@ fn layer_tensors(module: &str, layer: &QuantLinear) -> Result<Vec<(String, RawEn
     };
     let kind = w.kind();
     let mut out = vec![
-        (key.clone(), RawEntry::u8(w.packed(), &[w.packed().len(), 1])),
+        (
+            key.clone(),
+            RawEntry::u8(w.packed(), &[w.packed().len(), 1]),
+        ),
         (format!("{key}.quant_map"), RawEntry::f32(&kind.code())),
     ];
     // Python's json.dumps layout (", " and ": "), as bitsandbytes writes it.

@@ -109,7 +109,11 @@ impl Buckets {
     pub fn new(code: &[f32]) -> Self {
         let mut order: Vec<usize> = (0..code.len()).collect();
         // Stable, with -0 == +0 (torch's argsort of FP4's code keeps +0 before -0).
-        order.sort_by(|&a, &b| code[a].partial_cmp(&code[b]).unwrap_or(std::cmp::Ordering::Equal));
+        order.sort_by(|&a, &b| {
+            code[a]
+                .partial_cmp(&code[b])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         let midpoints = order
             .windows(2)
             .map(|w| (code[w[0]] + code[w[1]]) / 2.0)

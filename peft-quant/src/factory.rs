@@ -81,11 +81,18 @@ impl BnbCheckpoint {
         dtype: StDtype,
         count: Option<usize>,
     ) -> Result<&'s [u8]> {
-        let Some(StoredTensor::Safetensors { dtype: dt, shape, data }) = src.stored(name)? else {
+        let Some(StoredTensor::Safetensors {
+            dtype: dt,
+            shape,
+            data,
+        }) = src.stored(name)?
+        else {
             return Err(self.bad(format!("missing tensor `{name}`")));
         };
         if dt != dtype {
-            return Err(self.bad(format!("tensor `{name}`: expected dtype {dtype:?}, found {dt:?}")));
+            return Err(self.bad(format!(
+                "tensor `{name}`: expected dtype {dtype:?}, found {dt:?}"
+            )));
         }
         let n: usize = shape.iter().product();
         if let Some(c) = count {
@@ -117,7 +124,11 @@ impl BnbCheckpoint {
         let stored_shape: Vec<usize> = state
             .get("shape")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|x| x as usize))
+                    .collect()
+            })
             .unwrap_or_default();
         if stored_shape != [rows, cols] {
             return Err(PeftError::ShapeMismatch {
@@ -128,7 +139,9 @@ impl BnbCheckpoint {
             });
         }
         let blocks = (rows * cols).div_ceil(blocksize);
-        let packed = self.raw(src, &key, StDtype::U8, Some((rows * cols).div_ceil(2)))?.to_vec();
+        let packed = self
+            .raw(src, &key, StDtype::U8, Some((rows * cols).div_ceil(2)))?
+            .to_vec();
         if self.f32s(src, &format!("{key}.quant_map"), 16)? != kind.code() {
             return Err(self.bad(format!("`{key}.quant_map` is not the {} code", kind.name())));
         }
@@ -144,11 +157,17 @@ impl BnbCheckpoint {
                     )));
                 }
                 let q = self.raw(src, &format!("{key}.absmax"), StDtype::U8, Some(blocks))?;
-                let absmax2 = self.f32s(src, &format!("{key}.nested_absmax"), blocks.div_ceil(nb))?;
+                let absmax2 =
+                    self.f32s(src, &format!("{key}.nested_absmax"), blocks.div_ceil(nb))?;
                 let code2 = self.f32s(src, &format!("{key}.nested_quant_map"), 256)?;
                 let mut code = Box::new([0f32; 256]);
                 code.copy_from_slice(&code2);
-                Absmax::Nested { q: q.to_vec(), absmax2, code, offset: offset as f32 }
+                Absmax::Nested {
+                    q: q.to_vec(),
+                    absmax2,
+                    code,
+                    offset: offset as f32,
+                }
             }
             None => Absmax::Plain(self.f32s(src, &format!("{key}.absmax"), blocks)?),
         };
@@ -196,7 +215,10 @@ impl BaseLayerFactory for BnbCheckpoint {
             QuantScheme::Int8 { threshold } => Arc::new(self.int8(src, m, shape, threshold)?),
             QuantScheme::FourBit { kind, .. } => Arc::new(self.four_bit(src, m, kind, shape)?),
         };
-        let bias = spec.read_bias(src)?.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let bias = spec
+            .read_bias(src)?
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
         self.loaded += 1;
         let layer = QuantLinear::new(weight, bias, Some(self.scheme), DType::F32, &self.device)?;
         Ok(Some(Arc::new(layer)))
@@ -242,7 +264,10 @@ impl BaseLayerFactory for QuantizeOnLoad {
         src: &mut dyn WeightSource,
     ) -> Result<Option<LinearSlot>> {
         let p = &spec.path;
-        let skipped = self.skip.iter().any(|s| p == s || p.ends_with(&format!(".{s}")));
+        let skipped = self
+            .skip
+            .iter()
+            .any(|s| p == s || p.ends_with(&format!(".{s}")));
         if spec.role != LinearRole::Hidden || spec.keep_full_precision || skipped {
             return Ok(None);
         }
@@ -271,7 +296,9 @@ impl GgufBlocks {
     /// The factory for models on `device` (the CPU).
     pub fn new(device: &Device) -> Result<Self> {
         crate::backend::check_device(device)?;
-        Ok(GgufBlocks { device: device.clone() })
+        Ok(GgufBlocks {
+            device: device.clone(),
+        })
     }
 }
 
@@ -289,7 +316,11 @@ impl BaseLayerFactory for GgufBlocks {
             return Ok(None);
         }
         let name = format!("{}.weight", spec.path);
-        let Some(StoredTensor::Ggml { tensor, unpermute_heads }) = src.stored(&name)? else {
+        let Some(StoredTensor::Ggml {
+            tensor,
+            unpermute_heads,
+        }) = src.stored(&name)?
+        else {
             return Ok(None);
         };
         let bad = |reason: String| PeftError::BadCheckpoint {

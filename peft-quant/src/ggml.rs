@@ -63,7 +63,11 @@ impl GgmlWeight {
         let mut data = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: `data` holds at least `bytes.len()` bytes.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.as_mut_ptr().cast::<u8>(), bytes.len());
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                data.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            );
         }
         Ok(GgmlWeight {
             dtype,
@@ -81,7 +85,9 @@ impl GgmlWeight {
 
     fn bytes(&self) -> &[u8] {
         // SAFETY: `data` is initialised and holds at least rows * row_bytes bytes.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.rows * self.row_bytes) }
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.rows * self.row_bytes)
+        }
     }
 
     /// Undoes llama.cpp's q/k permutation for `heads` heads (see

@@ -69,7 +69,12 @@ impl QuantScheme {
     }
 
     /// Quantizes a row-major `[rows, cols]` f32 weight.
-    pub fn quantize(&self, values: &[f32], rows: usize, cols: usize) -> Result<Arc<dyn QuantWeight>> {
+    pub fn quantize(
+        &self,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Arc<dyn QuantWeight>> {
         Ok(match *self {
             QuantScheme::Int8 { threshold } => {
                 Arc::new(Int8Rowwise::quantize(values, rows, cols, threshold)?)
@@ -168,7 +173,11 @@ impl QuantLinear {
         scheme: QuantScheme,
     ) -> Result<Self> {
         let dtype = weight.dtype();
-        let w = if transposed { weight.t()? } else { weight.clone() };
+        let w = if transposed {
+            weight.t()?
+        } else {
+            weight.clone()
+        };
         let (rows, cols) = w.dims2()?;
         let values = w
             .to_dtype(DType::F32)?
@@ -210,7 +219,11 @@ impl CustomOp1 for QMatmul {
         }
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (inner, outer) = if self.input_grad {
             (self.weight.rows(), self.weight.cols())
         } else {
@@ -225,7 +238,11 @@ impl CustomOp1 for QMatmul {
         }
         let data = match storage {
             CpuStorage::F32(v) => v,
-            other => candle_core::bail!("{}: expected f32 input, found {:?}", self.name(), candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "{}: expected f32 input, found {:?}",
+                self.name(),
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         };
         let x = match layout.contiguous_offsets() {
             Some((a, b)) => &data[a..b],
@@ -242,7 +259,12 @@ impl CustomOp1 for QMatmul {
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         if self.input_grad {
             // Second derivatives are not needed by any method.
             return Ok(None);

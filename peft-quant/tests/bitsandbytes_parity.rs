@@ -10,19 +10,27 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use peft_quant::codebook::dynamic_map;
-use peft_quant::{Absmax, Blockwise4bit, FourBit, Int8Rowwise, QuantLinear, QuantScheme, QuantWeight};
 use peft_core::LinearLike;
+use peft_quant::codebook::dynamic_map;
+use peft_quant::{
+    Absmax, Blockwise4bit, FourBit, Int8Rowwise, QuantLinear, QuantScheme, QuantWeight,
+};
 
 type R = Result<(), Box<dyn std::error::Error>>;
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blockwise.safetensors");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blockwise.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).expect("blockwise fixture")
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -47,7 +55,13 @@ fn assert_same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str
         .filter(|(_, (a, b))| a != b)
         .map(|(i, (a, b))| (i, a, b))
         .collect();
-    assert!(bad.is_empty(), "{what}: {} of {} differ, first (index, got, want): {:?}", bad.len(), got.len(), &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} differ, first (index, got, want): {:?}",
+        bad.len(),
+        got.len(),
+        &bad[..bad.len().min(5)]
+    );
 }
 
 fn dequantized(w: &dyn QuantWeight) -> Vec<f32> {
@@ -88,7 +102,11 @@ fn four_bit_quantization_matches_value_for_value() -> R {
                 } => {
                     assert_same(codes, &u8s(absmax), &format!("{tag} 8-bit absmax codes"));
                     assert_same(absmax2, &f32s(&fx[&format!("{tag}.nested_absmax")]), tag);
-                    assert_eq!(*offset, f32s(&fx[&format!("{tag}.offset")])[0], "{tag} offset");
+                    assert_eq!(
+                        *offset,
+                        f32s(&fx[&format!("{tag}.offset")])[0],
+                        "{tag} offset"
+                    );
                 }
             }
         }
@@ -135,7 +153,10 @@ fn int8_quantization_and_llm_int8_forward_match() -> R {
         let y = layer.forward(&fx["int8.x"])?;
         let want = f32s(&fx[&format!("int8.y_t{}", threshold as i32)]);
         let err = max_rel(&f32s(&y), &want);
-        assert!(err < 1e-5, "threshold {threshold}: max relative error {err}");
+        assert!(
+            err < 1e-5,
+            "threshold {threshold}: max relative error {err}"
+        );
     }
     Ok(())
 }
@@ -145,7 +166,10 @@ fn shapes_that_do_not_fit_the_blocks_are_refused() {
     let values = vec![0.5f32; 4 * 100];
     let err = Blockwise4bit::quantize(&values, 4, 100, FourBit::Nf4, 64, true).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("multiple of the block size 64") && msg.contains("100"), "{msg}");
+    assert!(
+        msg.contains("multiple of the block size 64") && msg.contains("100"),
+        "{msg}"
+    );
     let err = Blockwise4bit::quantize(&values, 4, 100, FourBit::Nf4, 48, true).unwrap_err();
     assert!(err.to_string().contains("power of two"), "{err}");
     let err = Blockwise4bit::quantize(&values[..10], 4, 64, FourBit::Nf4, 64, true).unwrap_err();
@@ -169,7 +193,13 @@ fn shapes_that_do_not_fit_the_blocks_are_refused() {
 #[test]
 fn tiled_kernels_equal_dense_products() -> R {
     let dev = Device::Cpu;
-    for &(m, n, k) in &[(1, 7, 64), (3, 300, 128), (37, 65, 192), (130, 513, 256), (5, 40, 1024)] {
+    for &(m, n, k) in &[
+        (1, 7, 64),
+        (3, 300, 128),
+        (37, 65, 192),
+        (130, 513, 256),
+        (5, 40, 1024),
+    ] {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
@@ -238,7 +268,11 @@ fn resident_bytes_per_parameter() {
 #[test]
 fn tiles_equal_the_whole() {
     let w = Tensor::randn(0f32, 1.0, (37, 256), &Device::Cpu).unwrap();
-    for scheme in [QuantScheme::NF4, QuantScheme::parse("fp4-nodq").unwrap(), QuantScheme::INT8] {
+    for scheme in [
+        QuantScheme::NF4,
+        QuantScheme::parse("fp4-nodq").unwrap(),
+        QuantScheme::INT8,
+    ] {
         let l = QuantLinear::quantize(&w, None, false, scheme).unwrap();
         let q = l.quant_weight();
         let full = dequantized(q.as_ref());
@@ -255,5 +289,12 @@ fn tiles_equal_the_whole() {
             }
         }
     }
-    assert_eq!(peft_quant::kernel::simd_level(), if peft_quant::kernel::has_avx2() { "avx2+fma" } else { "portable" });
+    assert_eq!(
+        peft_quant::kernel::simd_level(),
+        if peft_quant::kernel::has_avx2() {
+            "avx2+fma"
+        } else {
+            "portable"
+        }
+    );
 }

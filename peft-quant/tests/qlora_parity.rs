@@ -31,7 +31,10 @@ fn f32_model() -> Box<dyn AdaptableModel> {
 
 /// A bitsandbytes folder loaded with its layers kept quantized (the factory route every
 /// architecture takes).
-fn load_quantized_folder(dir: &Path, device: &Device) -> peft_core::Result<Box<dyn AdaptableModel>> {
+fn load_quantized_folder(
+    dir: &Path,
+    device: &Device,
+) -> peft_core::Result<Box<dyn AdaptableModel>> {
     let factory = peft_quant::BnbCheckpoint::for_folder(dir, device)?
         .ok_or_else(|| peft_core::PeftError::InvalidState("no quantization_config".into()))?;
     peft_models::load_model_with(dir, DType::F32.into(), device, vec![Box::new(factory)])
@@ -93,7 +96,10 @@ fn nf4_base_and_qlora_match_transformers_bitsandbytes_peft() {
     for (key, want) in d.iter().filter(|(k, _)| k.starts_with("nf4.grad.")) {
         let path = key.trim_start_matches("nf4.grad.");
         let (_, var) = vars.iter().find(|(p, _)| p == path).unwrap_or_else(|| {
-            panic!("no var {path}; have {:?}", vars.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            panic!(
+                "no var {path}; have {:?}",
+                vars.iter().map(|(p, _)| p).collect::<Vec<_>>()
+            )
         });
         let g = grads.get(var.as_tensor()).expect("gradient");
         let diff = max_diff(g, want);
@@ -103,9 +109,14 @@ fn nf4_base_and_qlora_match_transformers_bitsandbytes_peft() {
     assert_eq!(checked, 2);
     // Every LoRA tensor trains through the frozen 4-bit layers.
     for (path, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{path}: no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{path}: no gradient"));
         let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "{path}: gradient norm {norm}");
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{path}: gradient norm {norm}"
+        );
     }
 }
 
@@ -128,7 +139,14 @@ fn st_bytes(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
     let mut out: Vec<_> = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| (n, format!("{:?}", v.dtype()), v.shape().to_vec(), v.data().to_vec()))
+        .map(|(n, v)| {
+            (
+                n,
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -156,15 +174,17 @@ fn quantized_checkpoints_are_bitsandbytes_format_both_ways() {
             assert_eq!((&g.1, &g.2), (&w.1, &w.2), "{folder}: {} dtype/shape", g.0);
             assert!(g.3 == w.3, "{folder}: {} bytes differ", g.0);
         }
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tmp.path().join("config.json")).unwrap(),
-        )
-        .unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+                .unwrap();
         let want_cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fx_dir().join(folder).join("config.json")).unwrap(),
         )
         .unwrap();
-        assert_eq!(cfg["quantization_config"], want_cfg["quantization_config"], "{folder}");
+        assert_eq!(
+            cfg["quantization_config"], want_cfg["quantization_config"],
+            "{folder}"
+        );
 
         // Loading transformers' folder: same layers, same outputs, no re-quantization.
         let mut loaded = load_quantized_folder(&fx_dir().join(folder), &Device::Cpu).unwrap();
@@ -173,7 +193,10 @@ fn quantized_checkpoints_are_bitsandbytes_format_both_ways() {
         assert_eq!(a.len(), b.len());
         let logits = loaded.forward(&inputs(&d), None).unwrap();
         let diff = max_diff(&real(&logits, &d), &real(&d[logits_key], &d));
-        assert!(diff < 1e-4, "{folder}: logits of the loaded checkpoint differ by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{folder}: logits of the loaded checkpoint differ by {diff}"
+        );
     }
 }
 
@@ -194,9 +217,13 @@ fn merging_into_nf4_requantizes_and_unmerge_restores() {
     let dense_logits = dense.forward(&inputs(&d), None).unwrap();
     quantize_model(dense.as_mut(), QuantScheme::NF4, &[]).unwrap();
     let requant = dense.forward(&inputs(&d), None).unwrap();
-    let yardstick = peft_quant::merge::max_abs_diff(&real(&dense_logits, &d), &real(&requant, &d)).unwrap();
+    let yardstick =
+        peft_quant::merge::max_abs_diff(&real(&dense_logits, &d), &real(&requant, &d)).unwrap();
     eprintln!("merge drift {drift}, NF4 error of the merged f32 model {yardstick}");
-    assert!(drift > 0.0 && drift < 2.0 * yardstick, "merge drift {drift} vs {yardstick}");
+    assert!(
+        drift > 0.0 && drift < 2.0 * yardstick,
+        "merge drift {drift} vs {yardstick}"
+    );
     model.unmerge_adapter().unwrap();
     let after = model.forward(&inputs(&d)).unwrap();
     assert_eq!(max_diff(&before, &after), 0.0);
@@ -210,9 +237,19 @@ fn damaged_quantized_checkpoints_give_typed_errors() {
     let src = fx_dir().join("tiny_llama_nf4");
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    std::fs::write(tmp.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let err = load_quantized_folder(tmp.path(), &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("model.safetensors") || err.contains(&tmp.path().display().to_string()), "{err}");
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let err = load_quantized_folder(tmp.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") || err.contains(&tmp.path().display().to_string()),
+        "{err}"
+    );
 
     // A config whose quantization method is not bitsandbytes.
     let text = std::fs::read_to_string(src.join("config.json"))
@@ -220,8 +257,14 @@ fn damaged_quantized_checkpoints_give_typed_errors() {
         .replace("\"bitsandbytes\"", "\"gptq\"");
     std::fs::write(tmp.path().join("config.json"), text).unwrap();
     std::fs::write(tmp.path().join("model.safetensors"), &bytes).unwrap();
-    let err = load_quantized_folder(tmp.path(), &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("quant_method") && err.contains("gptq"), "{err}");
+    let err = load_quantized_folder(tmp.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("quant_method") && err.contains("gptq"),
+        "{err}"
+    );
 
     // Quantizing after adapters were added is refused, naming the module.
     let mut m = with_adapter(f32_model()).unload().unwrap();

@@ -22,7 +22,9 @@ use peft_quant::{quantized_layers, BnbCheckpoint, QuantScheme, QuantizeOnLoad};
 use peft_lora as _;
 
 fn fx(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 struct Case {
@@ -37,7 +39,11 @@ impl Case {
         let data =
             candle_core::safetensors::load(fx(&format!("qlora_{arch}.safetensors")), &Device::Cpu)
                 .unwrap();
-        Case { arch, quantized, data }
+        Case {
+            arch,
+            quantized,
+            data,
+        }
     }
 
     fn inputs(&self) -> ModelInputs {
@@ -54,7 +60,11 @@ impl Case {
         if self.arch != "gpt2" {
             return logits.clone();
         }
-        let mask = self.data["attention_mask"].to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+        let mask = self.data["attention_mask"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
         logits.broadcast_mul(&mask).unwrap()
     }
 
@@ -62,22 +72,32 @@ impl Case {
         let want = &self.data[key];
         assert_eq!(logits.dims(), want.dims(), "{}: {what}", self.arch);
         let diff = max_diff(&self.real(logits), &self.real(want));
-        assert!(diff < 1e-4, "{}: {what} logits differ from {key} by {diff}", self.arch);
+        assert!(
+            diff < 1e-4,
+            "{}: {what} logits differ from {key} by {diff}",
+            self.arch
+        );
     }
 
     fn load(&self, folder: &str, factory: Box<dyn BaseLayerFactory>) -> Box<dyn AdaptableModel> {
-        let mut model =
-            peft_models::load_model_with(&fx(folder), DType::F32.into(), &Device::Cpu, vec![factory])
-                .unwrap();
+        let mut model = peft_models::load_model_with(
+            &fx(folder),
+            DType::F32.into(),
+            &Device::Cpu,
+            vec![factory],
+        )
+        .unwrap();
         let layers = quantized_layers(model.as_mut()).unwrap();
         assert_eq!(layers.len(), self.quantized, "{folder}: quantized layers");
         model
     }
 
     /// transformers' saved quantized folder, layers kept as stored.
-    fn from_checkpoint(&self, tag: &str) -> Box<dyn AdaptableModel> {
+    fn checkpoint_base(&self, tag: &str) -> Box<dyn AdaptableModel> {
         let folder = format!("tiny_{}_{tag}", self.arch);
-        let factory = BnbCheckpoint::for_folder(&fx(&folder), &Device::Cpu).unwrap().unwrap();
+        let factory = BnbCheckpoint::for_folder(&fx(&folder), &Device::Cpu)
+            .unwrap()
+            .unwrap();
         self.load(&folder, Box::new(factory))
     }
 
@@ -85,12 +105,20 @@ impl Case {
     fn quantized_on_load(&self, scheme: QuantScheme) -> Box<dyn AdaptableModel> {
         // BERT's reference was quantized with `llm_int8_skip_modules=["classifier"]`, which
         // QuantizeOnLoad does for any output head.
-        self.load(&format!("tiny_{}", self.arch), Box::new(QuantizeOnLoad::new(scheme, vec![])))
+        self.load(
+            &format!("tiny_{}", self.arch),
+            Box::new(QuantizeOnLoad::new(scheme, vec![])),
+        )
     }
 
     fn with_adapter(&self, base: Box<dyn AdaptableModel>) -> PeftModel {
         let mut m = PeftModel::new(base);
-        m.load_adapter(&fx(&format!("qlora_{}_adapter", self.arch)), "default", true).unwrap();
+        m.load_adapter(
+            &fx(&format!("qlora_{}_adapter", self.arch)),
+            "default",
+            true,
+        )
+        .unwrap();
         m
     }
 
@@ -103,7 +131,9 @@ impl Case {
                 let v = logits.dim(candle_core::D::Minus1).unwrap();
                 let rows = logits.elem_count() / v;
                 let targets = labels.flatten_all().unwrap().to_dtype(DType::I64).unwrap();
-                cross_entropy(&logits.reshape((rows, v)).unwrap(), &targets).unwrap().0
+                cross_entropy(&logits.reshape((rows, v)).unwrap(), &targets)
+                    .unwrap()
+                    .0
             }
         }
     }
@@ -116,16 +146,28 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn cases() -> [Case; 3] {
     // GPT-2: c_attn, c_proj, c_fc, mlp.c_proj per block. T5: q, k, v, o of every attention and
     // wi of every block (wo stays f32: `_keep_in_fp32_modules`). BERT: six per layer + pooler.
-    [Case::new("gpt2", 8), Case::new("t5", 28), Case::new("bert", 13)]
+    [
+        Case::new("gpt2", 8),
+        Case::new("t5", 28),
+        Case::new("bert", 13),
+    ]
 }
 
 #[test]
 fn nf4_bases_and_qlora_match_transformers_for_every_architecture() {
     for case in cases() {
-        let base = case.from_checkpoint("nf4");
-        case.check(&base.forward(&case.inputs(), None).unwrap(), "nf4.base", "NF4 checkpoint");
+        let base = case.checkpoint_base("nf4");
+        case.check(
+            &base.forward(&case.inputs(), None).unwrap(),
+            "nf4.base",
+            "NF4 checkpoint",
+        );
         let on_load = case.quantized_on_load(QuantScheme::NF4);
-        case.check(&on_load.forward(&case.inputs(), None).unwrap(), "nf4.base", "NF4 on load");
+        case.check(
+            &on_load.forward(&case.inputs(), None).unwrap(),
+            "nf4.base",
+            "NF4 on load",
+        );
 
         let model = case.with_adapter(base);
         model.set_training(true);
@@ -140,17 +182,30 @@ fn nf4_bases_and_qlora_match_transformers_for_every_architecture() {
         for (key, want) in case.data.iter().filter(|(k, _)| k.starts_with("nf4.grad.")) {
             let path = key.trim_start_matches("nf4.grad.");
             let (_, var) = vars.iter().find(|(p, _)| p == path).unwrap_or_else(|| {
-                panic!("no var {path}; have {:?}", vars.iter().map(|(p, _)| p).collect::<Vec<_>>())
+                panic!(
+                    "no var {path}; have {:?}",
+                    vars.iter().map(|(p, _)| p).collect::<Vec<_>>()
+                )
             });
             let diff = max_diff(grads.get(var.as_tensor()).expect("gradient"), want);
-            assert!(diff < 1e-4, "{}: {path}: gradient differs by {diff}", case.arch);
+            assert!(
+                diff < 1e-4,
+                "{}: {path}: gradient differs by {diff}",
+                case.arch
+            );
             checked += 1;
         }
         assert_eq!(checked, 2, "{}", case.arch);
         for (path, var) in &vars {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{path}: no gradient"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{path}: no gradient"));
             let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{}: {path}: gradient norm {norm}", case.arch);
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{}: {path}: gradient norm {norm}",
+                case.arch
+            );
         }
     }
 }
@@ -158,12 +213,24 @@ fn nf4_bases_and_qlora_match_transformers_for_every_architecture() {
 #[test]
 fn int8_bases_and_lora_match_transformers_for_every_architecture() {
     for case in cases() {
-        let base = case.from_checkpoint("int8");
-        case.check(&base.forward(&case.inputs(), None).unwrap(), "int8.base", "int8 checkpoint");
+        let base = case.checkpoint_base("int8");
+        case.check(
+            &base.forward(&case.inputs(), None).unwrap(),
+            "int8.base",
+            "int8 checkpoint",
+        );
         let on_load = case.quantized_on_load(QuantScheme::INT8);
-        case.check(&on_load.forward(&case.inputs(), None).unwrap(), "int8.base", "int8 on load");
+        case.check(
+            &on_load.forward(&case.inputs(), None).unwrap(),
+            "int8.base",
+            "int8 on load",
+        );
         let model = case.with_adapter(base);
-        case.check(&model.forward(&case.inputs()).unwrap(), "int8.adapted", "int8 + LoRA");
+        case.check(
+            &model.forward(&case.inputs()).unwrap(),
+            "int8.adapted",
+            "int8 + LoRA",
+        );
     }
 }
 
@@ -172,15 +239,28 @@ fn a_quantized_config_with_no_quantized_layer_is_refused() {
     // The f32 GPT-2 weights under an NF4 config: the factory finds nothing to load as NF4.
     let tmp = tempfile::tempdir().unwrap();
     let src = fx("tiny_gpt2");
-    std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
     let config = std::fs::read_to_string(fx("tiny_gpt2_nf4").join("config.json")).unwrap();
     std::fs::write(tmp.path().join("config.json"), config).unwrap();
-    let factory = BnbCheckpoint::for_folder(tmp.path(), &Device::Cpu).unwrap().unwrap();
-    let err = peft_models::load_model_with(tmp.path(), DType::F32.into(), &Device::Cpu, vec![Box::new(factory)])
-        .err()
+    let factory = BnbCheckpoint::for_folder(tmp.path(), &Device::Cpu)
         .unwrap()
-        .to_string();
-    assert!(err.contains("no layer of the model is stored quantized"), "{err}");
+        .unwrap();
+    let err = peft_models::load_model_with(
+        tmp.path(),
+        DType::F32.into(),
+        &Device::Cpu,
+        vec![Box::new(factory)],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("no layer of the model is stored quantized"),
+        "{err}"
+    );
     assert!(err.contains(&tmp.path().display().to_string()), "{err}");
 }
-

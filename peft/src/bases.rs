@@ -34,7 +34,10 @@ pub fn load_base(
         if let Some(q) = quant {
             return Err(PeftError::bad_input(
                 "--quant",
-                format!("no --quant: {} is already a quantized checkpoint", dir.display()),
+                format!(
+                    "no --quant: {} is already a quantized checkpoint",
+                    dir.display()
+                ),
                 q,
             ));
         }

@@ -38,7 +38,12 @@ pub struct Example {
 impl Example {
     /// A causal-LM example learning the `learn` tokens of `ids`.
     pub fn tokens(ids: Vec<u32>, learn: Vec<bool>, line: usize) -> Self {
-        Example { ids, learn, line, target: Target::Tokens }
+        Example {
+            ids,
+            learn,
+            line,
+            target: Target::Tokens,
+        }
     }
 
     /// Tokens that count toward the loss.
@@ -93,7 +98,10 @@ impl Label {
     pub fn resolve(&self, labels: &[String]) -> std::result::Result<u32, String> {
         match self {
             Label::Index(i) if (0..labels.len() as i64).contains(i) => Ok(*i as u32),
-            Label::Index(i) => Err(format!("label {i} is not a class index in 0..{}", labels.len())),
+            Label::Index(i) => Err(format!(
+                "label {i} is not a class index in 0..{}",
+                labels.len()
+            )),
             Label::Name(n) => match labels.iter().position(|l| l == n) {
                 Some(i) => Ok(i as u32),
                 None => Err(format!("label `{n}` is not one of the classes {labels:?}")),
@@ -648,17 +656,30 @@ pub fn sequences(ds: &Dataset, packing: bool, block: usize) -> Vec<Example> {
 /// padded); or a classification batch of class indices.
 pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
     let Some(first) = examples.first() else {
-        return Err(PeftError::bad_input("collate", "at least one example", "none"));
+        return Err(PeftError::bad_input(
+            "collate",
+            "at least one example",
+            "none",
+        ));
     };
-    let same = |e: &&Example| std::mem::discriminant(&e.target) == std::mem::discriminant(&first.target);
+    let same =
+        |e: &&Example| std::mem::discriminant(&e.target) == std::mem::discriminant(&first.target);
     if !examples.iter().all(same) {
-        return Err(PeftError::bad_input("collate", "examples of one objective", "a mix"));
+        return Err(PeftError::bad_input(
+            "collate",
+            "examples of one objective",
+            "a mix",
+        ));
     }
     let (input_ids, attention_mask) = padded_ids(examples, pad_id, device)?;
     Ok(match first.target {
         Target::Tokens => {
             let labels = padded(examples, IGNORE_INDEX, |e| {
-                e.ids.iter().zip(&e.learn).map(|(&id, &l)| if l { i64::from(id) } else { IGNORE_INDEX }).collect()
+                e.ids
+                    .iter()
+                    .zip(&e.learn)
+                    .map(|(&id, &l)| if l { i64::from(id) } else { IGNORE_INDEX })
+                    .collect()
             });
             let (b, w) = input_ids.dims2()?;
             Batch::CausalLm(CausalLmBatch {
@@ -696,7 +717,11 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Ba
 }
 
 /// Rows of `row(e)` right-padded with `fill` to the longest: the flat values and the width.
-fn padded<T: Copy>(examples: &[&Example], fill: T, row: impl Fn(&Example) -> Vec<T>) -> (Vec<T>, usize) {
+fn padded<T: Copy>(
+    examples: &[&Example],
+    fill: T,
+    row: impl Fn(&Example) -> Vec<T>,
+) -> (Vec<T>, usize) {
     let rows: Vec<Vec<T>> = examples.iter().map(|e| row(e)).collect();
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut out = Vec::with_capacity(rows.len() * width);
@@ -710,16 +735,28 @@ fn padded<T: Copy>(examples: &[&Example], fill: T, row: impl Fn(&Example) -> Vec
 
 /// The examples' ids `[B, T]` right-padded with `pad_id`, and the attention mask (`None` when
 /// nothing is padded).
-fn padded_ids(examples: &[&Example], pad_id: u32, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+fn padded_ids(
+    examples: &[&Example],
+    pad_id: u32,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (ids, width) = padded(examples, pad_id, |e| e.ids.clone());
     if width == 0 {
-        return Err(PeftError::bad_input("collate", "at least one non-empty example", "none"));
+        return Err(PeftError::bad_input(
+            "collate",
+            "at least one non-empty example",
+            "none",
+        ));
     }
     let (mask, _) = padded(examples, 0u32, |e| vec![1u32; e.ids.len()]);
     let b = examples.len();
     let all_ones = mask.iter().all(|&m| m == 1);
     Ok((
         Tensor::from_vec(ids, (b, width), device)?,
-        if all_ones { None } else { Some(Tensor::from_vec(mask, (b, width), device)?) },
+        if all_ones {
+            None
+        } else {
+            Some(Tensor::from_vec(mask, (b, width), device)?)
+        },
     ))
 }

@@ -117,10 +117,17 @@ fn merged_weights_are_frozen() {
     .unwrap();
     model.set_training(true);
     let vars = model.trainable_named_vars();
-    assert!(vars.len() >= 6, "q, v and the embedding each have A and B: {}", vars.len());
+    assert!(
+        vars.len() >= 6,
+        "q, v and the embedding each have A and B: {}",
+        vars.len()
+    );
     let grads = model.causal_lm_loss(&x, &ids).unwrap().backward().unwrap();
     for (name, v) in &vars {
-        assert!(grads.get(v.as_tensor()).is_some(), "unmerged: {name} gets a gradient");
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "unmerged: {name} gets a gradient"
+        );
     }
     let unmerged = model.forward(&x).unwrap();
 
@@ -128,7 +135,10 @@ fn merged_weights_are_frozen() {
     assert_close("merged", &model.forward(&x).unwrap(), &unmerged, 1e-4);
     let grads = model.causal_lm_loss(&x, &ids).unwrap().backward().unwrap();
     for (name, v) in &vars {
-        assert!(grads.get(v.as_tensor()).is_none(), "merged: {name} gets no gradient");
+        assert!(
+            grads.get(v.as_tensor()).is_none(),
+            "merged: {name} gets no gradient"
+        );
     }
     model.unmerge_adapter().unwrap();
     assert_eq!(max_abs_diff(&model.forward(&x).unwrap(), &unmerged), 0.0);

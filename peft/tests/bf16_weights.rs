@@ -25,7 +25,10 @@ fn rounded_copy(src: &Path, dst: &Path) {
                 .into_iter()
                 .map(|(n, t)| {
                     let t = if t.rank() == 2 && t.dtype().is_float() {
-                        t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+                        t.to_dtype(DType::BF16)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
                     } else {
                         t
                     };
@@ -70,9 +73,13 @@ fn bf16_matrices_compute_as_their_f32_values_in_every_family() {
         let folder = fixtures().join("models").join(model_name);
         let tmp = tempfile::tempdir().unwrap();
         rounded_copy(&folder, tmp.path());
-        let mut mixed = peft::models::load_model(&folder, Precision::bf16_matrices(), &Device::Cpu).unwrap();
+        let mut mixed =
+            peft::models::load_model(&folder, Precision::bf16_matrices(), &Device::Cpu).unwrap();
         let dtypes = matrix_dtypes(mixed.as_mut());
-        assert!(dtypes.iter().all(|d| *d == DType::BF16), "{model_name}: {dtypes:?}");
+        assert!(
+            dtypes.iter().all(|d| *d == DType::BF16),
+            "{model_name}: {dtypes:?}"
+        );
         let reference = peft::models::load_model(tmp.path(), DType::F32, &Device::Cpu).unwrap();
         let adapter = fixtures().join("adapters").join(case);
         let mixed = PeftModel::from_pretrained(mixed, &adapter, true).unwrap();
@@ -86,15 +93,33 @@ fn bf16_matrices_compute_as_their_f32_values_in_every_family() {
             let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
             m.trainable_named_vars()
                 .into_iter()
-                .map(|(n, v)| (n, g.get(v.as_tensor()).expect("every adapter tensor gets a gradient").clone()))
+                .map(|(n, v)| {
+                    (
+                        n,
+                        g.get(v.as_tensor())
+                            .expect("every adapter tensor gets a gradient")
+                            .clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         let (ga, gb) = (grads(&mixed, &a), grads(&reference, &b));
         assert!(!ga.is_empty());
         for ((name, x), (_, y)) in ga.iter().zip(&gb) {
-            let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let scale = y
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let d = max_abs_diff(x, y);
-            assert!(d <= 1e-4 * scale.max(1.0), "{model_name} {name}: gradient differs by {d} (scale {scale})");
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "{model_name} {name}: gradient differs by {d} (scale {scale})"
+            );
         }
     }
 }
@@ -121,22 +146,44 @@ fn bf16_weights_loss_curve_follows_f32_for_20_steps() {
         let mut opt = AdamW::new_lr(model.trainable_vars(), 3e-3).unwrap();
         (0..20u32)
             .map(|step| {
-                let ids: Vec<u32> = (0..4 * 24u32).map(|i| (i * 37 + step * 11) % 97 + (i % 24) * 5 % 150).collect();
+                let ids: Vec<u32> = (0..4 * 24u32)
+                    .map(|i| (i * 37 + step * 11) % 97 + (i % 24) * 5 % 150)
+                    .collect();
                 let ids = Tensor::from_vec(ids, (4, 24), &Device::Cpu).unwrap();
                 let batch = CausalLmBatch::from_ids(ids, None).unwrap();
-                causal_lm_step(&model, &mut opt, &batch, Some(1.0)).unwrap().loss
+                causal_lm_step(&model, &mut opt, &batch, Some(1.0))
+                    .unwrap()
+                    .loss
             })
             .collect::<Vec<f32>>()
     };
     let full = curve(DType::F32.into());
     let half = curve(Precision::bf16_matrices());
-    assert!(full[19] < full[0] * 0.9, "the f32 loss should fall: {full:?}");
+    assert!(
+        full[19] < full[0] * 0.9,
+        "the f32 loss should fall: {full:?}"
+    );
     for (step, (a, b)) in full.iter().zip(&half).enumerate() {
         let rel = (a - b).abs() / a;
-        assert!(rel < 0.01, "step {step}: f32 {a} vs bf16 weights {b} ({:.3}%)", rel * 100.0);
+        assert!(
+            rel < 0.01,
+            "step {step}: f32 {a} vs bf16 weights {b} ({:.3}%)",
+            rel * 100.0
+        );
     }
-    let worst = full.iter().zip(&half).map(|(a, b)| (a - b).abs() / a).fold(0f32, f32::max);
-    eprintln!("f32 {:.4} -> {:.4}; bf16 weights {:.4} -> {:.4}; worst step {:.4}%", full[0], full[19], half[0], half[19], worst * 100.0);
+    let worst = full
+        .iter()
+        .zip(&half)
+        .map(|(a, b)| (a - b).abs() / a)
+        .fold(0f32, f32::max);
+    eprintln!(
+        "f32 {:.4} -> {:.4}; bf16 weights {:.4} -> {:.4}; worst step {:.4}%",
+        full[0],
+        full[19],
+        half[0],
+        half[19],
+        worst * 100.0
+    );
     // Not the same numbers: the weights really were rounded.
     assert!(full.iter().zip(&half).any(|(a, b)| a != b));
 }

@@ -198,9 +198,15 @@ fn gguf_blocks_kept_quantized_match_transformers() {
         peft::bases::load_base(&path, DType::F32.into(), &Device::Cpu, Some("gguf")).unwrap();
     let layers = peft::quant::quantized_layers(base.as_mut()).unwrap();
     assert_eq!(layers.len(), 30 * 7);
-    let params: usize = layers.iter().map(|(_, l)| l.in_features() * l.out_features()).sum();
+    let params: usize = layers
+        .iter()
+        .map(|(_, l)| l.in_features() * l.out_features())
+        .sum();
     let bytes: usize = layers.iter().map(|(_, l)| l.resident_bytes()).sum();
-    eprintln!("GGUF Q4_1 kept: {params} parameters in {bytes} bytes ({:.4} bytes/parameter)", bytes as f64 / params as f64);
+    eprintln!(
+        "GGUF Q4_1 kept: {params} parameters in {bytes} bytes ({:.4} bytes/parameter)",
+        bytes as f64 / params as f64
+    );
     assert!((bytes as f64) < 0.7 * params as f64);
     let model = PeftModel::from_pretrained(base, &gguf_dir().join("lora_adapter"), true).unwrap();
     let logits = model.forward(&inputs).unwrap();
@@ -212,7 +218,9 @@ fn gguf_blocks_kept_quantized_match_transformers() {
     let loss = logits.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for (path, var) in model.adapter("default").unwrap().vars() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{path}: no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{path}: no gradient"));
         let n: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(n > 0.0 && n.is_finite(), "{path}: gradient norm {n}");
     }

@@ -13,8 +13,7 @@ use peft::json::ConfigFields;
 use peft::models::{LlamaConfig, LlamaModel};
 use peft::{
     get_peft_model, AdapterConfig, CommonConfig, Init, LayerMethod, LinearAdapter, LinearLike,
-    MethodConfig, MethodRegistration, ModelInputs, ParamBuilder, Result, TargetModules,
-    TargetSpec,
+    MethodConfig, MethodRegistration, ModelInputs, ParamBuilder, Result, TargetModules, TargetSpec,
 };
 use serde_json::{Map, Value};
 
@@ -70,9 +69,24 @@ impl LayerMethod for ScaleConfig {
     fn default_target_modules(&self, _model_type: &str) -> Option<TargetModules> {
         None
     }
-    fn wrap_linear(&self, path: &str, _base: &dyn LinearLike, params: &ParamBuilder) -> Result<Box<dyn LinearAdapter>> {
-        let scale = params.get(&[1], "scale", Init::Uniform { low: 1.5, high: 2.5 })?;
-        Ok(Box::new(Scale { scale, mergeable: !path.ends_with("v_proj") }))
+    fn wrap_linear(
+        &self,
+        path: &str,
+        _base: &dyn LinearLike,
+        params: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let scale = params.get(
+            &[1],
+            "scale",
+            Init::Uniform {
+                low: 1.5,
+                high: 2.5,
+            },
+        )?;
+        Ok(Box::new(Scale {
+            scale,
+            mergeable: !path.ends_with("v_proj"),
+        }))
     }
 }
 
@@ -91,7 +105,10 @@ impl LinearAdapter for Scale {
     }
     fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.scale.to_dtype(DType::F32)?;
-        Ok((weight.broadcast_mul(s)?, bias.map(|b| b.broadcast_mul(s)).transpose()?))
+        Ok((
+            weight.broadcast_mul(s)?,
+            bias.map(|b| b.broadcast_mul(s)).transpose()?,
+        ))
     }
 }
 
@@ -106,19 +123,43 @@ fn a_layer_that_cannot_merge_leaves_every_layer_unmerged() {
     let inputs = ModelInputs::from_ids(ids);
     let before = model.forward(&inputs).unwrap();
     let err = model.merge_adapter().unwrap_err().to_string();
-    assert!(err.contains("model.layers.0.self_attn.v_proj") && err.contains("cannot merge"), "{err}");
+    assert!(
+        err.contains("model.layers.0.self_attn.v_proj") && err.contains("cannot merge"),
+        "{err}"
+    );
     assert!(model.merged_adapters().is_empty());
     let after = model.forward(&inputs).unwrap();
-    let diff: f32 = (&before - &after).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (&before - &after)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert_eq!(diff, 0.0, "a failed merge changed the outputs");
     // Disabling the adapters gives the base outputs again: no layer kept merged weights.
     let base_out = {
         let _off = model.disable_adapters();
         model.forward(&inputs).unwrap()
     };
-    let effect: f32 = (&before - &base_out).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let effect: f32 = (&before - &base_out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(effect > 1e-3, "the adapter has an effect ({effect})");
     let base_again = model.unload().unwrap().forward(&inputs, None).unwrap();
-    let diff: f32 = (&base_out - &base_again).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (&base_out - &base_again)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }

@@ -21,7 +21,9 @@ use peft::training::{shift_right, Batch};
 use peft::{ModelInputs, PeftModel};
 
 fn case(name: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join("training").join(format!("{name}.safetensors"));
+    let path = fixtures()
+        .join("training")
+        .join(format!("{name}.safetensors"));
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
@@ -29,15 +31,25 @@ fn model(base: &str, adapter: &str) -> PeftModel {
     let dir = fixtures().join("models").join(base);
     let base = peft::models::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
     let mut m = PeftModel::new(base);
-    m.load_adapter(&fixtures().join("training").join(adapter), "default", true).unwrap();
+    m.load_adapter(&fixtures().join("training").join(adapter), "default", true)
+        .unwrap();
     m.set_training(true);
     m
 }
 
 /// Row `i` of a 2-D integer tensor without the entries where `keep` is false.
 fn row(t: &Tensor, i: usize, keep: impl Fn(usize, i64) -> bool) -> Vec<u32> {
-    let r = t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap().remove(i);
-    r.into_iter().enumerate().filter(|&(j, v)| keep(j, v)).map(|(_, v)| v as u32).collect()
+    let r = t
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap()
+        .remove(i);
+    r.into_iter()
+        .enumerate()
+        .filter(|&(j, v)| keep(j, v))
+        .map(|(_, v)| v as u32)
+        .collect()
 }
 
 /// Loss, logits and every trainable tensor's gradient against the reference.
@@ -50,11 +62,20 @@ fn check_step(model: &PeftModel, batch: &Batch, logits: &Tensor, d: &HashMap<Str
     let grads = loss.backward().unwrap();
     let vars = model.adapter("default").unwrap().vars();
     let want: Vec<&String> = d.keys().filter(|k| k.starts_with("grad.")).collect();
-    assert_eq!(vars.len(), want.len(), "trainable tensors: {:?}", vars.iter().map(|(p, _)| p).collect::<Vec<_>>());
+    assert_eq!(
+        vars.len(),
+        want.len(),
+        "trainable tensors: {:?}",
+        vars.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
     for (path, var) in &vars {
         let key = format!("grad.{path}");
-        let reference = d.get(&key).unwrap_or_else(|| panic!("no reference gradient {key}"));
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{path}: no gradient"));
+        let reference = d
+            .get(&key)
+            .unwrap_or_else(|| panic!("no reference gradient {key}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{path}: no gradient"));
         let diff = max_abs_diff(g, reference);
         assert!(diff < 1e-4, "{path}: gradient differs by {diff}");
     }
@@ -75,11 +96,26 @@ fn seq2seq_lora_step_on_t5_matches_peft() {
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = collate(&refs, 0, &Device::Cpu).unwrap();
-    let Batch::Seq2Seq(b) = &batch else { panic!("a seq2seq batch") };
-    assert_eq!(b.input_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(), d["input_ids"].to_vec2::<i64>().unwrap());
-    assert_eq!(b.labels.to_vec2::<i64>().unwrap(), d["labels"].to_vec2::<i64>().unwrap());
+    let Batch::Seq2Seq(b) = &batch else {
+        panic!("a seq2seq batch")
+    };
+    assert_eq!(
+        b.input_ids
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
+        d["input_ids"].to_vec2::<i64>().unwrap()
+    );
+    assert_eq!(
+        b.labels.to_vec2::<i64>().unwrap(),
+        d["labels"].to_vec2::<i64>().unwrap()
+    );
     let decoder = shift_right(&b.labels, 0, 0).unwrap();
-    assert_eq!(decoder.to_vec2::<i64>().unwrap(), d["decoder_input_ids"].to_vec2::<i64>().unwrap());
+    assert_eq!(
+        decoder.to_vec2::<i64>().unwrap(),
+        d["decoder_input_ids"].to_vec2::<i64>().unwrap()
+    );
     let inputs = ModelInputs {
         input_ids: Some(b.input_ids.clone()),
         attention_mask: b.attention_mask.clone(),
@@ -106,8 +142,17 @@ fn seq_cls_lora_step_on_bert_matches_peft() {
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = collate(&refs, 0, &Device::Cpu).unwrap();
-    let Batch::Classification(b) = &batch else { panic!("a classification batch") };
-    assert_eq!(b.input_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(), d["input_ids"].to_vec2::<i64>().unwrap());
+    let Batch::Classification(b) = &batch else {
+        panic!("a classification batch")
+    };
+    assert_eq!(
+        b.input_ids
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
+        d["input_ids"].to_vec2::<i64>().unwrap()
+    );
     let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
     let logits = model.forward(&inputs).unwrap();
     check_step(&model, &batch, &logits, &d);

@@ -68,14 +68,19 @@ fn train(steps: usize, warmup: usize, precision: Precision) -> String {
         let start = Instant::now();
         // The training loss as `peft train` computes it: the frozen tied head and the
         // cross-entropy fused, a chunk of rows at a time (no [B, T, V] logits).
-        let loss = model.causal_lm_loss(&ModelInputs::from_ids(x.clone()), &x).unwrap();
+        let loss = model
+            .causal_lm_loss(&ModelInputs::from_ids(x.clone()), &x)
+            .unwrap();
         let t_fwd = start.elapsed().as_secs_f64();
         let grads = loss.backward().unwrap();
         let t_bwd = start.elapsed().as_secs_f64();
         if std::env::var("PHASES").is_ok() {
             eprintln!("forward + loss {t_fwd:.3} backward {:.3}", t_bwd - t_fwd);
         }
-        let g: Vec<Option<Tensor>> = vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect();
+        let g: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
         opt.step(&g, 1e-4).unwrap();
         let secs = start.elapsed().as_secs_f64();
         losses.push(loss.to_scalar::<f32>().unwrap());
@@ -151,9 +156,17 @@ fn main() {
     peft::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("train");
-    let precision = if args.iter().any(|a| a == "--bf16-weights") { Precision::bf16_matrices() } else { DType::F32.into() };
+    let precision = if args.iter().any(|a| a == "--bf16-weights") {
+        Precision::bf16_matrices()
+    } else {
+        DType::F32.into()
+    };
     let line = match mode {
-        "train" => train(arg(&args, "--steps", 5), arg(&args, "--warmup", 2), precision),
+        "train" => train(
+            arg(&args, "--steps", 5),
+            arg(&args, "--warmup", 2),
+            precision,
+        ),
         "infer" => infer(arg(&args, "--runs", 15), precision),
         other => {
             eprintln!("side_by_side: expected train or infer, found {other}");

@@ -44,9 +44,17 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
+    let base = super::load_base_quant(
+        &model_path,
+        super::parse_dtype(&args.dtype)?,
+        args.quant.as_deref(),
+    )?;
     let mut opts = args.data_args.options(None)?;
-    opts.objective = super::train::objective(base.as_ref(), &args.data, args.adapter.first().map(PathBuf::as_path))?;
+    opts.objective = super::train::objective(
+        base.as_ref(),
+        &args.data,
+        args.adapter.first().map(PathBuf::as_path),
+    )?;
     let ds = super::train::load_sequences(&args.data, &tok, &opts)?;
     let seqs = peft::data::sequences(&ds, opts.packing, opts.max_len);
     let model = super::with_adapters(base, &args.adapter, false)?;

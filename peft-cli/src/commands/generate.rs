@@ -116,7 +116,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     let mut sampler = peft::generate::Sampler::new(sampling)?;
-    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
+    let base = super::load_base_quant(
+        &model_path,
+        super::parse_dtype(&args.dtype)?,
+        args.quant.as_deref(),
+    )?;
     let seq2seq = base.info().is_encoder_decoder;
     let model = super::with_adapters(base, &args.adapter, false)?;
     let mut stop_ids = match (&tokenizer, args.ignore_eos) {

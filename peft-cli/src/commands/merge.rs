@@ -59,7 +59,10 @@ pub fn copy_side_files(model: &std::path::Path, out: &std::path::Path) -> Result
 pub fn run(args: MergeArgs) -> Result<()> {
     let dtype = super::parse_dtype(&args.dtype)?;
     if dtype.compute != dtype.matrices {
-        bail!("--dtype {}: a merged model is written in one dtype; use f32, bf16 or f16", args.dtype);
+        bail!(
+            "--dtype {}: a merged model is written in one dtype; use f32, bf16 or f16",
+            args.dtype
+        );
     }
     let mut base = super::load_base_quant(&args.model, dtype, args.quant.as_deref())?;
     let quantized = !peft::quant::quantized_layers(base.as_mut())?.is_empty();
@@ -75,7 +78,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
     // on a fixed probe batch before writing anything.
     let vocab = model.base_model().info().vocab_size as u32;
     let ids: Vec<u32> = (0..64u32).map(|i| (i * 7919 + 11) % vocab.max(1)).collect();
-    let probe = peft::ModelInputs::from_ids(candle_core::Tensor::from_vec(ids, (2, 32), &candle_core::Device::Cpu)?);
+    let probe = peft::ModelInputs::from_ids(candle_core::Tensor::from_vec(
+        ids,
+        (2, 32),
+        &candle_core::Device::Cpu,
+    )?);
     let before = {
         let _guard = peft::no_grad();
         model.forward(&probe)?

@@ -7,8 +7,8 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
-pub mod quantize;
 pub mod methods;
+pub mod quantize;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -117,7 +117,11 @@ pub fn load_base(dir: &Path, dtype: impl Into<Precision>) -> Result<Box<dyn Adap
 /// [`load_base`] with its linear layers kept as `quant` says (int8, nf4, nf4-nodq, fp4,
 /// fp4-nodq: quantized as they are read; gguf: a GGUF file's blocks kept), for every
 /// architecture; prints what is quantized and the resident size to stderr.
-pub fn load_base_quant(dir: &Path, dtype: Precision, quant: Option<&str>) -> Result<Box<dyn AdaptableModel>> {
+pub fn load_base_quant(
+    dir: &Path,
+    dtype: Precision,
+    quant: Option<&str>,
+) -> Result<Box<dyn AdaptableModel>> {
     let mut model = peft::bases::load_base(dir, dtype, &Device::Cpu, quant)?;
     let what = match quant {
         None => "loaded quantized",
@@ -176,4 +180,3 @@ pub fn with_adapters(
     }
     Ok(model)
 }
-

@@ -286,11 +286,19 @@ pub fn load_sequences(
 pub const LABELS_NAME: &str = "labels.json";
 
 fn write_labels(out: &Path, labels: &[String]) -> Result<()> {
-    let id2label: Map<String, Value> =
-        labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
-    let label2id: Map<String, Value> =
-        labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
-    let text = serde_json::to_string_pretty(&serde_json::json!({"id2label": id2label, "label2id": label2id}))?;
+    let id2label: Map<String, Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), Value::from(l.clone())))
+        .collect();
+    let label2id: Map<String, Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), Value::from(i)))
+        .collect();
+    let text = serde_json::to_string_pretty(
+        &serde_json::json!({"id2label": id2label, "label2id": label2id}),
+    )?;
     peft::checkpoint::write_atomic(&out.join(LABELS_NAME), text.as_bytes())?;
     Ok(())
 }
@@ -298,7 +306,13 @@ fn write_labels(out: &Path, labels: &[String]) -> Result<()> {
 /// Class names from an `id2label` object (`{"0": "neg", "1": "pos"}`), in index order.
 fn names_of(id2label: &Value, n: usize) -> Option<Vec<String>> {
     let map = id2label.as_object()?;
-    (0..n).map(|i| map.get(&i.to_string()).and_then(Value::as_str).map(str::to_string)).collect()
+    (0..n)
+        .map(|i| {
+            map.get(&i.to_string())
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// What the model trains on, from its head: an encoder-decoder trains seq2seq, a sequence
@@ -331,10 +345,15 @@ pub fn objective(
         let labels = v
             .get("id2label")
             .and_then(|m| names_of(m, n))
-            .with_context(|| format!("{}: expected `id2label` naming {n} classes", path.display()))?;
+            .with_context(|| {
+                format!("{}: expected `id2label` naming {n} classes", path.display())
+            })?;
         return Ok(data::Objective::Classification { labels });
     }
-    let configured = base.config_json().get("id2label").and_then(|m| names_of(m, n));
+    let configured = base
+        .config_json()
+        .get("id2label")
+        .and_then(|m| names_of(m, n));
     let generic: Vec<String> = (0..n).map(|i| format!("LABEL_{i}")).collect();
     if let Some(labels) = configured.filter(|l| *l != generic) {
         return Ok(data::Objective::Classification { labels });
@@ -366,12 +385,20 @@ pub fn objective(
 pub fn run(args: TrainArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let base = super::load_base_quant(&model_path, super::parse_dtype(&args.dtype)?, args.quant.as_deref())?;
+    let base = super::load_base_quant(
+        &model_path,
+        super::parse_dtype(&args.dtype)?,
+        args.quant.as_deref(),
+    )?;
     let config = adapter_config(&args, base.info().task_type)?;
     let mut opts = args.data_args.options(None)?;
     opts.objective = objective(base.as_ref(), &args.data, None)?;
     if opts.packing && opts.objective != data::Objective::CausalLm {
-        bail!("--packing packs causal-LM sequences; {} is {}", model_path.display(), base.info().architecture);
+        bail!(
+            "--packing packs causal-LM sequences; {} is {}",
+            model_path.display(),
+            base.info().architecture
+        );
     }
     let train_ds = load_sequences(&args.data, &tok, &opts)?;
     let (train_ds, eval_ds) = match (&args.eval_data, args.eval_fraction) {
@@ -393,7 +420,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!(
         "train: {} sequences ({} target tokens){}",
         train.len(),
-        train.iter().map(data::Example::target_tokens).sum::<usize>(),
+        train
+            .iter()
+            .map(data::Example::target_tokens)
+            .sum::<usize>(),
         eval.as_ref()
             .map(|e| format!("; eval: {} sequences", e.len()))
             .unwrap_or_default()

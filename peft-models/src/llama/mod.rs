@@ -61,8 +61,12 @@ impl LlamaModel {
         let [model_cls, layer_cls, attn_cls, mlp_cls, norm_cls, rot_cls] = cfg.module_classes();
         let mut root = b.root();
         let mut m = root.container("model", model_cls);
-        let embed_tokens =
-            m.embedding("embed_tokens", cfg.vocab_size, h, cfg.pad_token_id.map(|p| p as usize))?;
+        let embed_tokens = m.embedding(
+            "embed_tokens",
+            cfg.vocab_size,
+            h,
+            cfg.pad_token_id.map(|p| p as usize),
+        )?;
         let mut stack = m.container("layers", "ModuleList");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -156,9 +160,15 @@ impl LlamaModel {
 
     /// A model with random weights (normal with std `initializer_range`, norms at one),
     /// reproducible from `seed`; used for tests, demos and benchmarks.
-    pub fn random(cfg: LlamaConfig, seed: u64, dtype: impl Into<Precision>, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: LlamaConfig,
+        seed: u64,
+        dtype: impl Into<Precision>,
+        device: &Device,
+    ) -> Result<Self> {
         let precision = dtype.into();
-        let mut src = crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
+        let mut src =
+            crate::init::random_source(seed, cfg.initializer_range as f32, precision, device);
         Self::build(cfg, ModelBuilder::new(&mut src), precision.compute, device)
     }
 
@@ -213,7 +223,8 @@ impl LlamaModel {
         let t = &self.tree;
         let gate = t.linear(layer.mlp[0]).forward(x)?;
         let up = t.linear(layer.mlp[1]).forward(x)?;
-        t.linear(layer.mlp[2]).forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
+        t.linear(layer.mlp[2])
+            .forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
     }
 
     /// Runs the decoder stack and returns the final hidden states `[B, T, hidden]`.
@@ -265,10 +276,18 @@ impl LlamaModel {
                 .iter()
                 .find(|(mw, _)| *mw == w)
                 .and_then(|(_, m)| m.as_ref());
-            let normed = ops::rms_norm(&h, self.tree.param(layer.input_layernorm), self.cfg.rms_norm_eps)?;
+            let normed = ops::rms_norm(
+                &h,
+                self.tree.param(layer.input_layernorm),
+                self.cfg.rms_norm_eps,
+            )?;
             let attn = self.attention(layer, i, &normed, &cos, &sin, mask, cache.as_deref_mut())?;
             h = (h + attn)?;
-            let normed = ops::rms_norm(&h, self.tree.param(layer.post_attention_layernorm), self.cfg.rms_norm_eps)?;
+            let normed = ops::rms_norm(
+                &h,
+                self.tree.param(layer.post_attention_layernorm),
+                self.cfg.rms_norm_eps,
+            )?;
             h = (&h + self.mlp(layer, &normed)?)?;
         }
         ops::rms_norm(&h, self.tree.param(self.norm), self.cfg.rms_norm_eps)
@@ -303,7 +322,12 @@ impl AdaptableModel for LlamaModel {
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.tree.linear(self.lm_head).forward(&peft_core::model::keep_last_positions(&h, inputs.logits_to_keep)?)
+        self.tree
+            .linear(self.lm_head)
+            .forward(&peft_core::model::keep_last_positions(
+                &h,
+                inputs.logits_to_keep,
+            )?)
     }
 
     fn token_loss(
