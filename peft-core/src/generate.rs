@@ -1,5 +1,6 @@
-//! Greedy decoding with a KV cache: the prompt is processed once (with any prompt-learning
-//! adapter's virtual tokens or prefix), then one token per step.
+//! Decoding with a KV cache, greedy or sampled, for decoder-only and encoder-decoder models
+//! alike: the prompt is processed once (with any prompt-learning adapter's virtual tokens or
+//! prefix), then one token per step.
 
 use candle_core::{DType, Tensor, D};
 use rand::rngs::StdRng;
@@ -155,7 +156,8 @@ impl Sampler {
 
 /// Extends `prompt` by up to `max_new_tokens` tokens chosen by `sampler`, stopping after any
 /// token in `stop_tokens`, calling `on_token` with each new token as it is chosen. Returns the
-/// new tokens.
+/// new tokens. A decoder-only model continues `prompt`; an encoder-decoder reads it with its
+/// encoder and decodes from its `decoder_start_token_id` (see [`decode`]).
 pub fn generate_with(
     model: &PeftModel,
     prompt: &[u32],
@@ -171,15 +173,69 @@ pub fn generate_with(
             "no tokens",
         ));
     }
+    let ids = Tensor::new(prompt, model.base_model().device())?.unsqueeze(0)?;
+    decode(
+        model,
+        &ids,
+        None,
+        max_new_tokens,
+        stop_tokens,
+        sampler,
+        on_token,
+    )
+}
+
+/// The decoding loop behind every entry point, for both kinds of model: a decoder-only model
+/// continues `input_ids [1, T]`; an encoder-decoder reads them (with `attention_mask`) with its
+/// encoder once (the cache keeps the encoder output) and decodes from its
+/// `decoder_start_token_id` (not returned). Each step asks for the last position's logits only
+/// and keeps no autograd graph.
+pub fn decode(
+    model: &PeftModel,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let _no_grad = crate::grad::no_grad();
+    let info = model.base_model().info();
     let device = model.base_model().device().clone();
+    // The encoder's input (encoder-decoders) and the first tokens the decoder reads.
+    let (encoder_input, mut next_input) = if info.is_encoder_decoder {
+        let start = info.decoder_start_token_id.ok_or_else(|| {
+            PeftError::bad_input(
+                "generate",
+                "a decoder_start_token_id in the encoder-decoder's config",
+                format!("none for model_type `{}`", info.model_type),
+            )
+        })?;
+        (Some(input_ids), Tensor::new(&[[start]], &device)?)
+    } else {
+        (None, input_ids.clone())
+    };
     let mut cache = model.new_cache();
-    let mut next_input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let mut out = Vec::with_capacity(max_new_tokens);
-    for _ in 0..max_new_tokens {
-        // Only the last position's logits: the prefill skips the head on the prompt's others.
-        let inputs = ModelInputs {
-            logits_to_keep: 1,
-            ..ModelInputs::from_ids(next_input)
+    for step in 0..max_new_tokens {
+        let inputs = match encoder_input {
+            Some(enc) => ModelInputs {
+                input_ids: Some(enc.clone()),
+                attention_mask: attention_mask.cloned(),
+                decoder_input_ids: Some(next_input),
+                logits_to_keep: 1,
+                ..Default::default()
+            },
+            None => ModelInputs {
+                logits_to_keep: 1,
+                // The prompt's mask on the prefill; later steps attend to every cached position.
+                attention_mask: if step == 0 {
+                    attention_mask.cloned()
+                } else {
+                    None
+                },
+                ..ModelInputs::from_ids(next_input)
+            },
         };
         let logits = model.forward_with_cache(&inputs, &mut cache)?;
         let t = logits.dim(1)?;
@@ -201,7 +257,8 @@ pub fn generate_with(
 
 /// Greedy decoding for an encoder-decoder: the encoder reads `input_ids [1, S]` (with an
 /// optional mask) once; the decoder starts from the model's `decoder_start_token_id` and adds
-/// one token per step. Returns the new tokens (the start token excluded).
+/// one token per step. Returns the new tokens (the start token excluded). [`decode`] with a
+/// greedy sampler, refusing a decoder-only model.
 pub fn greedy_generate_seq2seq(
     model: &PeftModel,
     input_ids: &Tensor,
@@ -210,40 +267,22 @@ pub fn greedy_generate_seq2seq(
     stop_tokens: &[u32],
     on_token: &mut dyn FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
-    let _no_grad = crate::grad::no_grad();
     let info = model.base_model().info();
-    let start = info.decoder_start_token_id.ok_or_else(|| {
-        PeftError::bad_input(
+    if !info.is_encoder_decoder {
+        return Err(PeftError::bad_input(
             "generate",
             "an encoder-decoder model",
             format!("model_type `{}`", info.model_type),
-        )
-    })?;
-    let device = model.base_model().device().clone();
-    let mut cache = model.new_cache();
-    let mut next = start;
-    let mut out = Vec::with_capacity(max_new_tokens);
-    for _ in 0..max_new_tokens {
-        let inputs = ModelInputs {
-            input_ids: Some(input_ids.clone()),
-            attention_mask: attention_mask.cloned(),
-            decoder_input_ids: Some(Tensor::new(&[[next]], &device)?),
-            logits_to_keep: 1,
-            ..Default::default()
-        };
-        let logits = model.forward_with_cache(&inputs, &mut cache)?;
-        let t = logits.dim(1)?;
-        let last = logits
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?;
-        next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
-        out.push(next);
-        on_token(next)?;
-        if stop_tokens.contains(&next) {
-            break;
-        }
+        ));
     }
-    Ok(out)
+    let mut greedy = Sampler::greedy();
+    decode(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        stop_tokens,
+        &mut greedy,
+        on_token,
+    )
 }

@@ -290,11 +290,7 @@ fn sample(kind: Kind, model: &PeftModel, vocab: &Vocab, eval: &Batch) -> Result<
             format!("{:?}", format!("{prompt}{}", vocab.decode(&out)).trim_end())
         }
         (Kind::T5, _) => {
-            let ids = Tensor::new(vocab.encode(prompt).as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let out =
-                peft::generate::greedy_generate_seq2seq(model, &ids, None, 24, &[], &mut |_| {
-                    Ok(())
-                })?;
+            let out = peft::generate::greedy_generate(model, &vocab.encode(prompt), 24, &[])?;
             format!("{prompt:?} -> {:?}", vocab.decode(&out))
         }
         (Kind::Bert, Batch::Classification(b)) => {

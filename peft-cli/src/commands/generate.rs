@@ -9,7 +9,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use clap::Args;
 
 /// Arguments of `peft generate`.
@@ -121,7 +120,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         super::parse_dtype(&args.dtype)?,
         args.quant.as_deref(),
     )?;
-    let seq2seq = base.info().is_encoder_decoder;
     let model = super::with_adapters(base, &args.adapter, false)?;
     let mut stop_ids = match (&tokenizer, args.ignore_eos) {
         (_, true) => Vec::new(),
@@ -176,26 +174,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let _ = stdout.flush();
         Ok(())
     };
-    let result = if seq2seq {
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        peft::generate::greedy_generate_seq2seq(
-            &model,
-            &ids,
-            None,
-            args.max_new_tokens,
-            &stop_ids,
-            &mut on_token,
-        )
-    } else {
-        peft::generate::generate_with(
-            &model,
-            &prompt,
-            args.max_new_tokens,
-            &stop_ids,
-            &mut sampler,
-            &mut on_token,
-        )
-    };
+    // One loop for decoder-only and encoder-decoder models (greedy or sampled).
+    let result = peft::generate::generate_with(
+        &model,
+        &prompt,
+        args.max_new_tokens,
+        &stop_ids,
+        &mut sampler,
+        &mut on_token,
+    );
     let stopped = matches!(&result, Err(peft::PeftError::InvalidState(m)) if m == STOP);
     if !stopped {
         result.context("generating")?;
