@@ -46,9 +46,9 @@ fn t5_folder(dir: &Path) {
     );
 }
 
-fn bert_folder(dir: &Path) {
+fn bert_folder(dir: &Path, architecture: &str) {
     let cfg = serde_json::json!({
-        "model_type": "bert", "architectures": ["BertForSequenceClassification"],
+        "model_type": "bert", "architectures": [architecture],
         "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
         "num_labels": 2, "pad_token_id": 258, "initializer_range": 0.2
@@ -229,9 +229,39 @@ fn train_seq2seq_on_t5_prompt_completion_jsonl() {
 
 #[test]
 fn train_seq_cls_on_bert_text_label_csv() {
+    train_classifier("bert", "BertForSequenceClassification", &[]);
+}
+
+/// A bare encoder (transformers' `BertModel`, as sentence-embedding checkpoints ship) becomes a
+/// classifier with `--num-labels`, as `AutoModelForSequenceClassification` with `num_labels`
+/// makes it; `peft eval` rebuilds the head from the adapter's labels.json.
+#[test]
+fn train_seq_cls_over_a_bare_bert_encoder_with_num_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("encoder");
+    bert_folder(&model, "BertModel");
+    let data = tmp.path().join("one.csv");
+    std::fs::write(&data, "text,label\nok,pos\n").unwrap();
+    let err = fails(&peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]));
+    assert!(err.contains("--num-labels"), "{err}");
+    train_classifier("bert_encoder", "BertModel", &["--num-labels", "2"]);
+}
+
+fn train_classifier(case: &str, architecture: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let (model, out) = (tmp.path().join("bert"), tmp.path().join("out"));
-    bert_folder(&model);
+    bert_folder(&model, architecture);
     let data = tmp.path().join("reviews.csv");
     let mut csv = String::from("text,label\n");
     for i in 0..16 {
@@ -243,7 +273,7 @@ fn train_seq_cls_on_bert_text_label_csv() {
         csv.push_str(&format!("\"{text} {i}\",{label}\n"));
     }
     std::fs::write(&data, csv).unwrap();
-    let text = train(&model, &data, &out, &[]);
+    let text = train(&model, &data, &out, extra);
     assert!(text.contains("trained steps 0..12"), "{text}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -292,7 +322,7 @@ fn train_seq_cls_on_bert_text_label_csv() {
     .unwrap();
     let mask = Tensor::new(&[[1i64, 1, 1, 1, 1], [1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
     let logits = logits_and_keep(
-        "bert",
+        case,
         &model,
         &out,
         vec![("input_ids", ids), ("attention_mask", mask)],

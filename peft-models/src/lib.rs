@@ -205,6 +205,19 @@ pub fn load_model(
     load_model_with(dir, dtype.into(), device, Vec::new())
 }
 
+/// A task head to build whatever architecture the checkpoint was saved with (transformers'
+/// `AutoModelForSequenceClassification.from_pretrained(path, num_labels=N)`); weights the
+/// checkpoint lacks are initialised as transformers does, from `seed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadSpec {
+    /// The head's task (`SEQ_CLS`, `TOKEN_CLS`).
+    pub task: peft_core::TaskType,
+    /// Its classes.
+    pub num_labels: usize,
+    /// Seed of a fresh head's weights.
+    pub seed: u64,
+}
+
 /// [`load_model`], asking `factories` for each base linear layer before building it dense
 /// (quantized bases: `peft-quant`'s factories). Every architecture declares its layers through
 /// the same builder, so every factory works with every model.
@@ -214,6 +227,38 @@ pub fn load_model_with(
     device: &Device,
     factories: Vec<Box<dyn BaseLayerFactory>>,
 ) -> Result<Box<dyn AdaptableModel>> {
+    load_model_with_head(dir, dtype, device, factories, None)
+}
+
+/// [`load_model_with`], with the task head `head` instead of the checkpoint's own.
+pub fn load_model_with_head(
+    dir: &Path,
+    dtype: Precision,
+    device: &Device,
+    factories: Vec<Box<dyn BaseLayerFactory>>,
+    head: Option<HeadSpec>,
+) -> Result<Box<dyn AdaptableModel>> {
+    if let Some(h) = head {
+        let model_type = if gguf::is_gguf(dir) {
+            "gguf".to_string()
+        } else {
+            model_type_of(dir)?
+        };
+        if model_type != "bert" {
+            return Err(PeftError::Unsupported {
+                source_name: dir.display().to_string(),
+                key: "head".into(),
+                value: format!("{} with {} labels", h.task, h.num_labels),
+                reason: format!(
+                    "classification heads are built for bert; {model_type} keeps its own head"
+                ),
+            });
+        }
+        let task = Some((h.task, h.num_labels));
+        return Ok(Box::new(BertModel::from_folder_with(
+            dir, task, dtype, device, h.seed, factories,
+        )?));
+    }
     if gguf::is_gguf(dir) {
         return Ok(Box::new(gguf::load_gguf_llama_with(
             dir, dtype, device, factories,

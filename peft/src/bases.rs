@@ -21,6 +21,18 @@ pub fn load_base(
     device: &Device,
     quant: Option<&str>,
 ) -> Result<Box<dyn AdaptableModel>> {
+    load_base_with_head(dir, dtype, device, quant, None)
+}
+
+/// [`load_base`] with the task head `head` instead of the checkpoint's own (a classifier on a
+/// bare encoder, as `AutoModelForSequenceClassification` with `num_labels` builds it).
+pub fn load_base_with_head(
+    dir: &Path,
+    dtype: Precision,
+    device: &Device,
+    quant: Option<&str>,
+    head: Option<peft_models::HeadSpec>,
+) -> Result<Box<dyn AdaptableModel>> {
     let is_gguf = peft_models::gguf::is_gguf(dir);
     if !dir.is_dir() && !is_gguf {
         return Err(PeftError::bad_input(
@@ -66,5 +78,5 @@ pub fn load_base(
             format!("{:?}", dtype.compute),
         ));
     }
-    peft_models::load_model_with(dir, dtype, device, factories)
+    peft_models::load_model_with_head(dir, dtype, device, factories, head)
 }

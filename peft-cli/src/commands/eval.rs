@@ -36,6 +36,10 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A sequence classifier's classes, when the model folder is a bare encoder (read from the
+    /// adapter's labels.json when not given).
+    #[arg(long)]
+    pub num_labels: Option<usize>,
     #[command(flatten)]
     pub data_args: DataArgs,
 }
@@ -44,17 +48,18 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let base = super::load_base_quant(
+    let adapter = args.adapter.first().map(PathBuf::as_path);
+    // A classifier trained over a bare encoder: its head's classes from --num-labels or the
+    // adapter's labels.json.
+    let num_labels = super::train::head_classes(args.num_labels, &args.adapter)?;
+    let base = super::load_base_head(
         &model_path,
         super::parse_dtype(&args.dtype)?,
         args.quant.as_deref(),
+        num_labels.map(|n| (n, 0)),
     )?;
     let mut opts = args.data_args.options(None)?;
-    opts.objective = super::train::objective(
-        base.as_ref(),
-        &args.data,
-        args.adapter.first().map(PathBuf::as_path),
-    )?;
+    opts.objective = super::train::objective(base.as_ref(), &args.data, adapter)?;
     let ds = super::train::load_sequences(&args.data, &tok, &opts)?;
     let seqs = peft::data::sequences(&ds, opts.packing, opts.max_len);
     let model = super::with_adapters(base, &args.adapter, false)?;

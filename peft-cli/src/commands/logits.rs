@@ -38,6 +38,10 @@ pub struct LogitsArgs {
     /// block formats, not dequantized). Output heads stay dense.
     #[arg(long)]
     pub quant: Option<String>,
+    /// A sequence classifier's classes, when the model folder is a bare encoder (read from the
+    /// first adapter's labels.json when not given).
+    #[arg(long)]
+    pub num_labels: Option<usize>,
 }
 
 fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> {
@@ -94,7 +98,13 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         }
         None => None,
     };
-    let base = super::load_base_quant(&args.model, dtype, args.quant.as_deref())?;
+    let num_labels = super::train::head_classes(args.num_labels, &args.adapter)?;
+    let base = super::load_base_head(
+        &args.model,
+        dtype,
+        args.quant.as_deref(),
+        num_labels.map(|n| (n, 0)),
+    )?;
     let optional = |name: &str| -> Result<Option<Tensor>> {
         find(name)
             .map(|t| integer_2d(name, &t, &args.input))

@@ -122,7 +122,24 @@ pub fn load_base_quant(
     dtype: Precision,
     quant: Option<&str>,
 ) -> Result<Box<dyn AdaptableModel>> {
-    let mut model = peft::bases::load_base(dir, dtype, &Device::Cpu, quant)?;
+    load_base_head(dir, dtype, quant, None)
+}
+
+/// [`load_base_quant`] with a sequence-classification head of `head.0` classes built over the
+/// checkpoint's encoder (`--num-labels`), initialised from seed `head.1` where the checkpoint
+/// has no head.
+pub fn load_base_head(
+    dir: &Path,
+    dtype: Precision,
+    quant: Option<&str>,
+    head: Option<(usize, u64)>,
+) -> Result<Box<dyn AdaptableModel>> {
+    let head = head.map(|(num_labels, seed)| peft::models::HeadSpec {
+        task: peft::TaskType::SeqCls,
+        num_labels,
+        seed,
+    });
+    let mut model = peft::bases::load_base_with_head(dir, dtype, &Device::Cpu, quant, head)?;
     let what = match quant {
         None => "loaded quantized",
         Some("gguf") => "kept GGUF blocks for",

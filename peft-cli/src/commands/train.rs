@@ -167,6 +167,11 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Train a sequence classifier with this many classes: a classification head is built over
+    /// the model's encoder (newly initialised unless the checkpoint has one), as
+    /// `AutoModelForSequenceClassification` with `num_labels` does. For BERT folders.
+    #[arg(long)]
+    pub num_labels: Option<usize>,
     #[command(flatten)]
     pub data_args: DataArgs,
 }
@@ -303,6 +308,28 @@ fn write_labels(out: &Path, labels: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The classes of a classifier head to build over a bare encoder when loading with adapters:
+/// `--num-labels`, else the count in the first adapter's `labels.json`, else none.
+pub fn head_classes(num_labels: Option<usize>, adapters: &[PathBuf]) -> Result<Option<usize>> {
+    match num_labels {
+        Some(n) => Ok(Some(n)),
+        None => labels_file_classes(adapters.first().map(PathBuf::as_path)),
+    }
+}
+
+/// The number of classes in `adapter`'s `labels.json`, if it has one.
+fn labels_file_classes(adapter: Option<&Path>) -> Result<Option<usize>> {
+    let Some(path) = adapter.map(|a| a.join(LABELS_NAME)).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    match v.get("id2label").and_then(Value::as_object) {
+        Some(m) if !m.is_empty() => Ok(Some(m.len())),
+        _ => bail!("{}: expected a non-empty `id2label` object", path.display()),
+    }
+}
+
 /// Class names from an `id2label` object (`{"0": "neg", "1": "pos"}`), in index order.
 fn names_of(id2label: &Value, n: usize) -> Option<Vec<String>> {
     let map = id2label.as_object()?;
@@ -331,6 +358,11 @@ pub fn objective(
     match info.task_type {
         TaskType::CausalLm => return Ok(data::Objective::CausalLm),
         TaskType::SeqCls => {}
+        TaskType::FeatureExtraction => bail!(
+            "{} ({}) has no classification head: pass --num-labels N to train a sequence classifier over it",
+            info.name_or_path.clone().unwrap_or_default(),
+            info.architecture
+        ),
         other => bail!(
             "{} ({}, {}): peft train and eval take causal LMs, encoder-decoders and sequence classifiers",
             info.name_or_path.clone().unwrap_or_default(),
@@ -385,10 +417,11 @@ pub fn objective(
 pub fn run(args: TrainArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let base = super::load_base_quant(
+    let base = super::load_base_head(
         &model_path,
         super::parse_dtype(&args.dtype)?,
         args.quant.as_deref(),
+        args.num_labels.map(|n| (n, args.seed)),
     )?;
     let config = adapter_config(&args, base.info().task_type)?;
     let mut opts = args.data_args.options(None)?;
