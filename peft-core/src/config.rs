@@ -137,16 +137,31 @@ impl CommonConfig {
     }
 }
 
-/// A method's own configuration (the fields of e.g. peft's `LoraConfig` beyond the shared ones).
-pub trait MethodConfig: Debug + Send + Sync + 'static {
-    /// The `peft_type` string (`LORA`).
-    fn peft_type(&self) -> &'static str;
-    /// The method's fields in their JSON form, for writing `adapter_config.json`.
-    fn to_json_fields(&self) -> Map<String, Value>;
+/// Copying and downcasting a boxed method config: implemented for every `Clone` config, so a
+/// method never writes it.
+pub trait ConfigObject {
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn MethodConfig>;
     /// For downcasting to the concrete config type.
     fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: MethodConfig + Clone> ConfigObject for T {
+    fn clone_box(&self) -> Box<dyn MethodConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A method's own configuration (the fields of e.g. peft's `LoraConfig` beyond the shared ones).
+/// Copying and downcasting come with `Clone` ([`ConfigObject`]).
+pub trait MethodConfig: ConfigObject + Debug + Send + Sync + 'static {
+    /// The `peft_type` string (`LORA`).
+    fn peft_type(&self) -> &'static str;
+    /// The method's fields in their JSON form, for writing `adapter_config.json`.
+    fn to_json_fields(&self) -> Map<String, Value>;
     /// If this method adapts layers (LoRA, IA3, ...), its layer interface.
     fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
         None

@@ -46,7 +46,7 @@ pub mod training;
 pub mod vars;
 pub mod vmath;
 
-pub use config::{AdapterConfig, CommonConfig, MethodConfig, TaskType};
+pub use config::{AdapterConfig, CommonConfig, ConfigObject, MethodConfig, TaskType};
 pub use error::{PeftError, Result};
 pub use grad::{is_grad_enabled, no_grad, NoGrad};
 pub use layers::{

@@ -184,6 +184,82 @@ pub struct TargetSpec {
     pub modules_to_save: Option<Vec<String>>,
 }
 
+impl TargetSpec {
+    /// Reads `target_modules`, `exclude_modules` and `modules_to_save` and, for methods with
+    /// peft's layer selection (`with_layers`), `layers_to_transform` and `layers_pattern`,
+    /// checked as peft checks them (no layer selection with a regex; a pattern needs indices).
+    pub fn take_fields(fields: &mut ConfigFields, with_layers: bool) -> Result<Self> {
+        let target_modules = TargetModules::from_json(fields, "target_modules", true)?;
+        let exclude_modules = TargetModules::from_json(fields, "exclude_modules", false)?;
+        let (layers_to_transform, layers_pattern) = if with_layers {
+            let indices = LayerIndices::from_json(fields, "layers_to_transform")?;
+            let pattern = layers_pattern_from_json(fields, "layers_pattern")?;
+            if matches!(target_modules, Some(TargetModules::Regex(_))) {
+                for (key, set) in [
+                    ("layers_to_transform", indices.is_some()),
+                    ("layers_pattern", pattern.is_some()),
+                ] {
+                    if set {
+                        return Err(PeftError::config_value(
+                            fields.source_name(),
+                            key,
+                            "null when target_modules is a regex string",
+                            "a value",
+                        ));
+                    }
+                }
+            }
+            if pattern.as_ref().is_some_and(|p| !p.is_empty()) && indices.is_none() {
+                return Err(PeftError::MissingKey {
+                    source_name: fields.source_name().to_string(),
+                    key: "layers_to_transform".into(),
+                    expected: "layer indices, required when layers_pattern is set".into(),
+                });
+            }
+            (indices, pattern)
+        } else {
+            (None, None)
+        };
+        Ok(TargetSpec {
+            target_modules,
+            exclude_modules,
+            layers_to_transform,
+            layers_pattern,
+            modules_to_save: fields.take_opt_string_list("modules_to_save")?,
+        })
+    }
+
+    /// Writes the fields [`TargetSpec::take_fields`] reads, in peft's JSON form.
+    pub fn write_fields(&self, out: &mut serde_json::Map<String, Value>, with_layers: bool) {
+        let modules =
+            |t: &Option<TargetModules>| t.as_ref().map_or(Value::Null, TargetModules::to_json);
+        out.insert("target_modules".into(), modules(&self.target_modules));
+        out.insert("exclude_modules".into(), modules(&self.exclude_modules));
+        if with_layers {
+            out.insert(
+                "layers_to_transform".into(),
+                self.layers_to_transform
+                    .as_ref()
+                    .map_or(Value::Null, LayerIndices::to_json),
+            );
+            out.insert(
+                "layers_pattern".into(),
+                match &self.layers_pattern {
+                    None => Value::Null,
+                    Some(p) if p.len() == 1 => Value::from(p[0].as_str()),
+                    Some(p) => Value::from(p.clone()),
+                },
+            );
+        }
+        out.insert(
+            "modules_to_save".into(),
+            self.modules_to_save
+                .clone()
+                .map_or(Value::Null, Value::from),
+        );
+    }
+}
+
 /// The outcome of matching one module name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatchOutcome {

@@ -1,7 +1,5 @@
 //! `IA3Config`: peft 0.21's IA3 fields.
 
-use std::any::Any;
-
 use peft_core::json::{describe, ConfigFields};
 use peft_core::targets::compile_full_match;
 use peft_core::{
@@ -59,8 +57,7 @@ impl Ia3Config {
 
 /// Parses an IA3 config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
-    let target_modules = TargetModules::from_json(fields, "target_modules", true)?;
-    let exclude_modules = TargetModules::from_json(fields, "exclude_modules", false)?;
+    let targets = TargetSpec::take_fields(fields, false)?;
     let feedforward_modules = match fields.take_raw("feedforward_modules") {
         None | Some(Value::Null) => None,
         Some(Value::String(p)) => {
@@ -102,7 +99,7 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
     // peft requires a literal subset; also accept a name that targets list as full paths (what
     // saving an `all-linear` config produces) so such files load.
     if let (Some(FeedforwardModules::List(ff)), Some(TargetModules::List(t))) =
-        (&feedforward_modules, &target_modules)
+        (&feedforward_modules, &targets.target_modules)
     {
         let covered = |f: &String| t.iter().any(|x| x == f || x.ends_with(&format!(".{f}")));
         if let Some(extra) = ff.iter().find(|f| !covered(f)) {
@@ -114,14 +111,8 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             ));
         }
     }
-    let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
     Ok(Box::new(Ia3Config {
-        targets: TargetSpec {
-            target_modules,
-            exclude_modules,
-            modules_to_save,
-            ..TargetSpec::default()
-        },
+        targets,
         feedforward_modules,
         fan_in_fan_out: fields.take_bool("fan_in_fan_out", false)?,
         init_ia3_weights: fields.take_bool("init_ia3_weights", true)?,
@@ -135,19 +126,7 @@ impl MethodConfig for Ia3Config {
 
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
-        let t = &self.targets;
-        out.insert(
-            "target_modules".into(),
-            t.target_modules
-                .as_ref()
-                .map_or(Value::Null, TargetModules::to_json),
-        );
-        out.insert(
-            "exclude_modules".into(),
-            t.exclude_modules
-                .as_ref()
-                .map_or(Value::Null, TargetModules::to_json),
-        );
+        self.targets.write_fields(&mut out, false);
         out.insert(
             "feedforward_modules".into(),
             match &self.feedforward_modules {
@@ -158,22 +137,10 @@ impl MethodConfig for Ia3Config {
         );
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
         out.insert(
-            "modules_to_save".into(),
-            t.modules_to_save.clone().map_or(Value::Null, Value::from),
-        );
-        out.insert(
             "init_ia3_weights".into(),
             Value::Bool(self.init_ia3_weights),
         );
         out
-    }
-
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 
     fn as_layer_method(&self) -> Option<&dyn LayerMethod> {

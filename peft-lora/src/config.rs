@@ -5,13 +5,8 @@
 //! a value that would change behaviour (DoRA, LoRA bias, LoftQ, ...) is a clear
 //! [`PeftError::Unsupported`] error, never silently ignored.
 
-use std::any::Any;
-
 use peft_core::json::{describe, ConfigFields};
-use peft_core::targets::layers_pattern_from_json;
-use peft_core::{
-    CommonConfig, LayerIndices, MethodConfig, PeftError, Result, TargetModules, TargetSpec,
-};
+use peft_core::{CommonConfig, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
 use serde_json::{Map, Number, Value};
 
 /// How LoRA weights are initialised (`init_lora_weights`).
@@ -330,33 +325,7 @@ impl LoraConfig {
                 lora_dropout,
             ));
         }
-        let target_modules = TargetModules::from_json(fields, "target_modules", true)?;
-        let exclude_modules = TargetModules::from_json(fields, "exclude_modules", false)?;
-        let layers_to_transform = LayerIndices::from_json(fields, "layers_to_transform")?;
-        let layers_pattern = layers_pattern_from_json(fields, "layers_pattern")?;
-        if matches!(target_modules, Some(TargetModules::Regex(_))) {
-            for (key, set) in [
-                ("layers_to_transform", layers_to_transform.is_some()),
-                ("layers_pattern", layers_pattern.is_some()),
-            ] {
-                if set {
-                    return Err(PeftError::config_value(
-                        fields.source_name(),
-                        key,
-                        "null when target_modules is a regex string",
-                        "a value",
-                    ));
-                }
-            }
-        }
-        if layers_pattern.as_ref().is_some_and(|p| !p.is_empty()) && layers_to_transform.is_none() {
-            return Err(PeftError::MissingKey {
-                source_name: fields.source_name().to_string(),
-                key: "layers_to_transform".into(),
-                expected: "layer indices, required when layers_pattern is set".into(),
-            });
-        }
-        let modules_to_save = fields.take_opt_string_list("modules_to_save")?;
+        let targets = TargetSpec::take_fields(fields, true)?;
         let rank_pattern = fields
             .take_number_map("rank_pattern")?
             .into_iter()
@@ -379,13 +348,7 @@ impl LoraConfig {
             r,
             lora_alpha,
             lora_dropout,
-            targets: TargetSpec {
-                target_modules,
-                exclude_modules,
-                layers_to_transform,
-                layers_pattern,
-                modules_to_save,
-            },
+            targets,
             fan_in_fan_out,
             use_rslora,
             init_lora_weights,
@@ -418,43 +381,13 @@ impl MethodConfig for LoraConfig {
                 self.inert.get(key).cloned().unwrap_or(default),
             );
         }
-        let t = &self.targets;
         out.insert("r".into(), Value::from(self.r));
         out.insert("lora_alpha".into(), Value::Number(self.lora_alpha.clone()));
         out.insert(
             "lora_dropout".into(),
             Value::Number(Number::from_f64(self.lora_dropout).unwrap_or(Number::from(0))),
         );
-        out.insert(
-            "target_modules".into(),
-            t.target_modules
-                .as_ref()
-                .map_or(Value::Null, TargetModules::to_json),
-        );
-        out.insert(
-            "exclude_modules".into(),
-            t.exclude_modules
-                .as_ref()
-                .map_or(Value::Null, TargetModules::to_json),
-        );
-        out.insert(
-            "layers_to_transform".into(),
-            t.layers_to_transform
-                .as_ref()
-                .map_or(Value::Null, LayerIndices::to_json),
-        );
-        out.insert(
-            "layers_pattern".into(),
-            match &t.layers_pattern {
-                None => Value::Null,
-                Some(p) if p.len() == 1 => Value::from(p[0].as_str()),
-                Some(p) => Value::from(p.clone()),
-            },
-        );
-        out.insert(
-            "modules_to_save".into(),
-            t.modules_to_save.clone().map_or(Value::Null, Value::from),
-        );
+        self.targets.write_fields(&mut out, true);
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
         out.insert("use_rslora".into(), Value::Bool(self.use_rslora));
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
@@ -477,14 +410,6 @@ impl MethodConfig for LoraConfig {
             ),
         );
         out
-    }
-
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 
     fn as_layer_method(&self) -> Option<&dyn peft_core::LayerMethod> {

@@ -1,7 +1,5 @@
 //! `PrefixTuningConfig`: peft 0.21's prefix-tuning fields.
 
-use std::any::Any;
-
 use peft_core::json::ConfigFields;
 use peft_core::{
     CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
@@ -107,14 +105,6 @@ impl MethodConfig for PrefixTuningConfig {
             },
         );
         out
-    }
-
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 
     fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {

@@ -1,7 +1,5 @@
 //! `PromptTuningConfig`: peft 0.21's prompt-tuning fields.
 
-use std::any::Any;
-
 use peft_core::json::ConfigFields;
 use peft_core::{
     CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
@@ -149,14 +147,6 @@ impl MethodConfig for PromptTuningConfig {
             self.tokenizer_kwargs.clone().unwrap_or(Value::Null),
         );
         out
-    }
-
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 
     fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {

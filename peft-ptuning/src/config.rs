@@ -1,7 +1,5 @@
 //! `PromptEncoderConfig`: peft 0.21's p-tuning fields.
 
-use std::any::Any;
-
 use peft_core::json::ConfigFields;
 use peft_core::{
     CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
@@ -147,14 +145,6 @@ impl MethodConfig for PromptEncoderConfig {
             ),
         );
         out
-    }
-
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 
     fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {

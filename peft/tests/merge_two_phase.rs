@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::any::Any;
-
 use candle_core::{DType, Device, Tensor};
 use peft::json::ConfigFields;
 use peft::models::{LlamaConfig, LlamaModel};
@@ -44,12 +42,6 @@ impl MethodConfig for ScaleConfig {
     }
     fn to_json_fields(&self) -> Map<String, Value> {
         Map::new()
-    }
-    fn clone_box(&self) -> Box<dyn MethodConfig> {
-        Box::new(self.clone())
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
     fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
         Some(self)
