@@ -319,6 +319,12 @@ pub trait AdaptableModel: Send + Sync {
         self.module_tree_mut().visit_embeddings(f)
     }
 
+    /// Calls `f` with each plain parameter (norm scales and shifts, position tables) and its
+    /// full name: the seam for methods that train them (see [`ModuleTree::visit_params`]).
+    fn visit_params(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.module_tree_mut().visit_params(f)
+    }
+
     /// Looks up token embeddings (the model's input embedding, adapters included).
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor>;
 

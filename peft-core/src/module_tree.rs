@@ -274,6 +274,27 @@ impl ModuleTree {
             .try_for_each(|e| f(&e.path, &mut e.slot))
     }
 
+    /// Calls `f` with each plain parameter (norm scales and shifts, position tables) and its
+    /// full name (`model.layers.0.input_layernorm.weight`), in declaration order. A method that
+    /// trains them (LN tuning, bias tuning) puts a `Var`'s tensor in the slot; the model reads
+    /// the slot on every forward pass.
+    pub fn visit_params(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.params.iter_mut().try_for_each(|(name, t)| {
+            let shape = t.dims().to_vec();
+            f(name, t)?;
+            if t.dims() != shape.as_slice() {
+                return Err(PeftError::InvalidState(format!(
+                    "{name}: a parameter of shape {shape:?} was replaced by one of shape {:?}",
+                    t.dims()
+                )));
+            }
+            Ok(())
+        })
+    }
+
     /// Parameters, each distinct tensor once (a tied head is its embedding's table).
     pub fn num_parameters(&self) -> usize {
         let embeddings: usize = self
