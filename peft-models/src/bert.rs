@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::json::{parse_object, ConfigFields};
+use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
     ModelInputs, ModuleTree, NormIds, PeftError, Result, StoredTensor, TaskType, WeightSource,
@@ -306,11 +306,8 @@ impl BertModel {
         seed: u64,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-        let source = config_path.display().to_string();
-        let cfg = BertConfig::from_map(parse_object(&text, &source)?, &source, head)?;
+        let (map, source) = crate::blocks::read_config(dir)?;
+        let cfg = BertConfig::from_map(map, &source, head)?;
         let weights = ModelWeights::open(dir, dtype, device)?;
         let compute = weights.dtype();
         let fresh = crate::init::random_source(seed, cfg.initializer_range as f32, dtype, device);
@@ -376,11 +373,13 @@ impl BertModel {
         inputs.check_supported("bert", false, true)?;
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let words = match (&inputs.inputs_embeds, &inputs.input_ids) {
-            (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => self.embed_tokens(ids)?,
-            (None, None) => unreachable!("batch_and_len checked the inputs"),
-        };
+        let words = crate::blocks::input_embeddings(
+            inputs.inputs_embeds.as_ref(),
+            inputs.input_ids.as_ref(),
+            self.cfg.hidden_size,
+            self.dtype,
+            |ids| self.embed_tokens(ids),
+        )?;
         if past + t > self.cfg.max_position_embeddings {
             return Err(PeftError::bad_input(
                 "bert input",
@@ -390,9 +389,7 @@ impl BertModel {
         }
         let positions = match &inputs.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
-            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?
-                .unsqueeze(0)?
-                .expand((b, t))?,
+            None => crate::blocks::default_positions(b, t, past, &self.device)?,
         };
         let types = match &inputs.token_type_ids {
             Some(tt) => tt.to_dtype(DType::U32)?,
@@ -523,12 +520,13 @@ impl AdaptableModel for BertModel {
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self
-            .tree
-            .embedding(self.word)
-            .forward(&input_ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?)
+        crate::blocks::lookup(
+            &self.tree,
+            self.word,
+            input_ids,
+            self.cfg.vocab_size,
+            self.dtype,
+        )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {

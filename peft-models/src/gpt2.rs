@@ -5,13 +5,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::json::{parse_object, ConfigFields};
+use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
     ModelInputs, ModuleTree, NormIds, PeftError, Result, TaskType,
 };
 use serde_json::{Map, Value};
 
+use crate::blocks::LmHead;
 use crate::ops;
 use crate::weights::ModelWeights;
 
@@ -211,11 +212,8 @@ impl Gpt2Model {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-        let source = config_path.display().to_string();
-        let cfg = Gpt2Config::from_map(parse_object(&text, &source)?, &source)?;
+        let (map, source) = crate::blocks::read_config(dir)?;
+        let cfg = Gpt2Config::from_map(map, &source)?;
         let mut weights =
             ModelWeights::open(dir, dtype, device)?.with_optional_prefix("transformer.");
         let dtype = weights.dtype();
@@ -261,16 +259,16 @@ impl Gpt2Model {
         inputs.check_supported("gpt2", false, false)?;
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let tokens = match (&inputs.inputs_embeds, &inputs.input_ids) {
-            (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => self.embed_tokens(ids)?,
-            (None, None) => unreachable!("batch_and_len checked the inputs"),
-        };
+        let tokens = crate::blocks::input_embeddings(
+            inputs.inputs_embeds.as_ref(),
+            inputs.input_ids.as_ref(),
+            self.cfg.n_embd,
+            self.dtype,
+            |ids| self.embed_tokens(ids),
+        )?;
         let positions = match &inputs.position_ids {
             Some(p) => p.clone(),
-            None => Tensor::arange(past as u32, (past + t) as u32, &self.device)?
-                .unsqueeze(0)?
-                .expand((b, t))?,
+            None => crate::blocks::default_positions(b, t, past, &self.device)?,
         };
         if past + t > self.cfg.n_positions {
             return Err(PeftError::bad_input(
@@ -336,22 +334,18 @@ impl AdaptableModel for Gpt2Model {
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self
-            .tree
-            .embedding(self.wte)
-            .forward(&input_ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?)
+        crate::blocks::lookup(
+            &self.tree,
+            self.wte,
+            input_ids,
+            self.cfg.vocab_size,
+            self.dtype,
+        )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.tree
-            .linear(self.lm_head)
-            .forward(&peft_core::model::keep_last_positions(
-                &h,
-                inputs.logits_to_keep,
-            )?)
+        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -361,7 +355,7 @@ impl AdaptableModel for Gpt2Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
+        LmHead(self.lm_head).loss(&self.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {

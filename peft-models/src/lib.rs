@@ -10,6 +10,7 @@
 //! ([`bert::BertModel`]).
 
 pub mod bert;
+pub mod blocks;
 pub mod fused;
 pub mod fused_attn;
 pub mod gguf;
@@ -94,13 +95,11 @@ impl From<DType> for Precision {
 
 /// Reads `model_type` from a model folder's `config.json`.
 pub fn model_type_of(dir: &Path) -> Result<String> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-    let map = peft_core::json::parse_object(&text, &path.display().to_string())?;
+    let (map, source) = blocks::read_config(dir)?;
     match map.get("model_type") {
         Some(Value::String(s)) => Ok(s.clone()),
         _ => Err(PeftError::MissingKey {
-            source_name: path.display().to_string(),
+            source_name: source,
             key: "model_type".into(),
             expected: format!("one of {}", supported_model_types().join(", ")),
         }),

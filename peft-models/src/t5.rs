@@ -10,13 +10,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::json::{parse_object, ConfigFields};
+use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, LinearRole, LinearSpec,
     ModelBuilder, ModelInfo, ModelInputs, ModuleTree, ParamId, PeftError, Result, Scope, TaskType,
 };
 use serde_json::{Map, Value};
 
+use crate::blocks::LmHead;
 use crate::ops::{self, AttentionMask};
 use crate::weights::ModelWeights;
 
@@ -418,11 +419,8 @@ impl T5Model {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-        let source = config_path.display().to_string();
-        let cfg = T5Config::from_map(parse_object(&text, &source)?, &source)?;
+        let (map, source) = crate::blocks::read_config(dir)?;
+        let cfg = T5Config::from_map(map, &source)?;
         let mut weights = ModelWeights::open(dir, dtype, device)?;
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
@@ -517,6 +515,32 @@ impl T5Model {
         self.tree.linear(attn.proj[3]).forward(&out)
     }
 
+    /// The self-attention sub-layer both stacks share: pre-norm, attention (keys and values
+    /// appended to `cache`'s layer `layer` when decoding with a cache), residual.
+    fn self_attention(
+        &self,
+        block: &Block,
+        h: Tensor,
+        bias: &Tensor,
+        valid: Option<&Tensor>,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let attn = &block.self_attn;
+        let x = self.norm(&h, block.self_norm)?;
+        let k = self.heads(self.tree.linear(attn.proj[1]).forward(&x)?, b, t)?;
+        let v = self.heads(self.tree.linear(attn.proj[2]).forward(&x)?, b, t)?;
+        let (k, v) = ops::cache_kv(k, v, layer, cache)?;
+        Ok((h + self.attend(attn, &x, k, v, bias, valid)?)?)
+    }
+
+    /// The feed-forward sub-layer both stacks share: pre-norm, MLP, residual.
+    fn feed_forward(&self, block: &Block, h: Tensor) -> Result<Tensor> {
+        let x = self.norm(&h, block.ff_norm)?;
+        Ok((&h + self.ff(&block.ff, &x)?)?)
+    }
+
     fn ff(&self, ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
         let t = &self.tree;
         let h = ops::activation(&self.cfg.dense_act_fn, &t.linear(ff.wi[0]).forward(x)?)?;
@@ -568,25 +592,16 @@ impl T5Model {
             .position_bias(table, t, t, 0, true)?
             .broadcast_add(&self.padding_additive(mask, b, t)?)?;
         let mut h = embeds.clone();
-        for block in &self.encoder {
-            let x = self.norm(&h, block.self_norm)?;
-            let k = self.heads(self.tree.linear(block.self_attn.proj[1]).forward(&x)?, b, t)?;
-            let v = self.heads(self.tree.linear(block.self_attn.proj[2]).forward(&x)?, b, t)?;
-            h = (h + self.attend(&block.self_attn, &x, k, v, &bias, None)?)?;
-            let x = self.norm(&h, block.ff_norm)?;
-            h = (&h + self.ff(&block.ff, &x)?)?;
+        for (i, block) in self.encoder.iter().enumerate() {
+            h = self.self_attention(block, h, &bias, None, i, None)?;
+            h = self.feed_forward(block, h)?;
         }
         self.norm(&h, self.encoder_norm)
     }
 
     /// `ids` (checked against the vocabulary) looked up in `table`, in the model's dtype.
     fn lookup(&self, table: EmbeddingId, ids: &Tensor) -> Result<Tensor> {
-        crate::check_token_ids(ids, self.cfg.vocab_size)?;
-        Ok(self
-            .tree
-            .embedding(table)
-            .forward(&ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?)
+        crate::blocks::lookup(&self.tree, table, ids, self.cfg.vocab_size, self.dtype)
     }
 
     /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
@@ -601,17 +616,13 @@ impl T5Model {
         let (encoded, enc_mask) = match cache.as_ref().and_then(|c| c.encoder_state()) {
             Some((h, m)) => (h.clone(), m.clone()),
             None => {
-                let embeds = match (&inputs.inputs_embeds, &inputs.input_ids) {
-                    (Some(e), _) => e.to_dtype(self.dtype)?,
-                    (None, Some(ids)) => self.lookup(self.encoder_embed, ids)?,
-                    (None, None) => {
-                        return Err(PeftError::bad_input(
-                            "t5 inputs",
-                            "input_ids or inputs_embeds",
-                            "neither",
-                        ))
-                    }
-                };
+                let embeds = crate::blocks::input_embeddings(
+                    inputs.inputs_embeds.as_ref(),
+                    inputs.input_ids.as_ref(),
+                    self.cfg.d_model,
+                    self.dtype,
+                    |ids| self.lookup(self.encoder_embed, ids),
+                )?;
                 let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
                 if let Some(c) = cache.as_deref_mut() {
                     c.set_encoder_state(h.clone(), inputs.attention_mask.clone());
@@ -620,15 +631,21 @@ impl T5Model {
             }
         };
         // Decoder.
-        let dec = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
-            (Some(e), _) => e.to_dtype(self.dtype)?,
-            (None, Some(ids)) => self.lookup(self.decoder_embed, ids)?,
-            (None, None) => return Err(PeftError::bad_input(
+        let (dec_embeds, dec_ids) = (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids);
+        if dec_embeds.is_none() && dec_ids.is_none() {
+            return Err(PeftError::bad_input(
                 "t5 inputs",
                 "decoder_input_ids or decoder_inputs_embeds (start with decoder_start_token_id)",
                 "neither",
-            )),
-        };
+            ));
+        }
+        let dec = crate::blocks::input_embeddings(
+            dec_embeds.as_ref(),
+            dec_ids.as_ref(),
+            self.cfg.d_model,
+            self.dtype,
+            |ids| self.lookup(self.decoder_embed, ids),
+        )?;
         let (b, t, _) = dec.dims3()?;
         let s_enc = encoded.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
@@ -649,11 +666,14 @@ impl T5Model {
         let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
         let mut h = dec;
         for (i, block) in self.decoder.iter().enumerate() {
-            let x = self.norm(&h, block.self_norm)?;
-            let k = self.heads(self.tree.linear(block.self_attn.proj[1]).forward(&x)?, b, t)?;
-            let v = self.heads(self.tree.linear(block.self_attn.proj[2]).forward(&x)?, b, t)?;
-            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
-            h = (h + self.attend(&block.self_attn, &x, k, v, &self_bias, self_valid.as_ref())?)?;
+            h = self.self_attention(
+                block,
+                h,
+                &self_bias,
+                self_valid.as_ref(),
+                i,
+                cache.as_deref_mut(),
+            )?;
             if let Some((cross, norm)) = &block.cross_attn {
                 let x = self.norm(&h, *norm)?;
                 let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
@@ -673,8 +693,7 @@ impl T5Model {
                 };
                 h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
             }
-            let x = self.norm(&h, block.ff_norm)?;
-            h = (&h + self.ff(&block.ff, &x)?)?;
+            h = self.feed_forward(block, h)?;
         }
         let mut h = self.norm(&h, self.decoder_norm)?;
         if self.cfg.scale_decoder_outputs {
@@ -703,12 +722,7 @@ impl AdaptableModel for T5Model {
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        self.tree
-            .linear(self.lm_head)
-            .forward(&peft_core::model::keep_last_positions(
-                &h,
-                inputs.logits_to_keep,
-            )?)
+        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -718,7 +732,7 @@ impl AdaptableModel for T5Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
+        LmHead(self.lm_head).loss(&self.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {

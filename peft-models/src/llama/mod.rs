@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub use config::{LlamaConfig, RopeScaling};
 
+use crate::blocks::LmHead;
 use crate::ops::{self, AttentionMask, Rotary};
 use crate::weights::ModelWeights;
 use crate::Precision;
@@ -146,10 +147,8 @@ impl LlamaModel {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-        let cfg = LlamaConfig::from_json_str(&text, &config_path.display().to_string())?;
+        let (map, source) = crate::blocks::read_config(dir)?;
+        let cfg = LlamaConfig::from_map(map, &source)?;
         let mut weights = ModelWeights::open(dir, dtype, device)?;
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
@@ -180,11 +179,6 @@ impl LlamaModel {
     /// Sets the name recorded in saved adapter configs (`base_model_name_or_path`).
     pub fn set_name_or_path(&mut self, name: impl Into<String>) {
         self.info.name_or_path = Some(name.into());
-    }
-
-    fn default_positions(&self, b: usize, t: usize, past: usize) -> Result<Tensor> {
-        let pos = Tensor::arange(past as u32, (past + t) as u32, &self.device)?;
-        Ok(pos.unsqueeze(0)?.expand((b, t))?)
     }
 
     #[allow(clippy::too_many_arguments)] // one attention call's inputs, all distinct
@@ -236,21 +230,13 @@ impl LlamaModel {
         inputs.check_supported(&self.cfg.model_type, false, false)?;
         let (b, t) = inputs.batch_and_len()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let mut h = match (&inputs.inputs_embeds, &inputs.input_ids) {
-            (Some(e), _) => {
-                let d = e.dim(2)?;
-                if d != self.cfg.hidden_size {
-                    return Err(PeftError::bad_input(
-                        "inputs_embeds",
-                        format!("hidden size {}", self.cfg.hidden_size),
-                        d.to_string(),
-                    ));
-                }
-                e.to_dtype(self.dtype)?
-            }
-            (None, Some(ids)) => self.embed_tokens(ids)?,
-            (None, None) => unreachable!("batch_and_len checked the inputs"),
-        };
+        let mut h = crate::blocks::input_embeddings(
+            inputs.inputs_embeds.as_ref(),
+            inputs.input_ids.as_ref(),
+            self.cfg.hidden_size,
+            self.dtype,
+            |ids| self.embed_tokens(ids),
+        )?;
         let positions = match &inputs.position_ids {
             Some(p) if p.dims() == [b, t] => p.clone(),
             Some(p) => {
@@ -260,7 +246,7 @@ impl LlamaModel {
                     format!("{:?}", p.dims()),
                 ))
             }
-            None => self.default_positions(b, t, past)?,
+            None => crate::blocks::default_positions(b, t, past, &self.device)?,
         };
         let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype)?;
         // Layers share a mask unless their sliding windows differ.
@@ -312,22 +298,18 @@ impl AdaptableModel for LlamaModel {
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        crate::check_token_ids(input_ids, self.cfg.vocab_size)?;
-        Ok(self
-            .tree
-            .embedding(self.embed_tokens)
-            .forward(&input_ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?)
+        crate::blocks::lookup(
+            &self.tree,
+            self.embed_tokens,
+            input_ids,
+            self.cfg.vocab_size,
+            self.dtype,
+        )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        self.tree
-            .linear(self.lm_head)
-            .forward(&peft_core::model::keep_last_positions(
-                &h,
-                inputs.logits_to_keep,
-            )?)
+        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -337,7 +319,7 @@ impl AdaptableModel for LlamaModel {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        peft_core::loss::head_cross_entropy(&h, self.tree.linear(self.lm_head).as_ref(), targets)
+        LmHead(self.lm_head).loss(&self.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {
