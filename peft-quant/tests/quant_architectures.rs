@@ -264,3 +264,73 @@ fn a_quantized_config_with_no_quantized_layer_is_refused() {
     );
     assert!(err.contains(&tmp.path().display().to_string()), "{err}");
 }
+
+/// The stored tensors of a safetensors file, sorted by name: (name, dtype, shape, bytes).
+fn stored(path: &std::path::Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `peft quantize` for every architecture: the f32 folder quantized as it loads and written
+/// with `save_quantized_folder` is, tensor for tensor and byte for byte, the folder
+/// transformers wrote, with the same `quantization_config` (BERT's reference names the
+/// classifier in `llm_int8_skip_modules`, which this side skips as an output head).
+#[test]
+fn quantized_folders_are_transformers_bytes_for_every_architecture() {
+    for case in cases() {
+        for (scheme, tag) in [(QuantScheme::NF4, "nf4"), (QuantScheme::INT8, "int8")] {
+            let mut ours = case.quantized_on_load(scheme);
+            let tmp = tempfile::tempdir().unwrap();
+            peft_quant::checkpoint::save_quantized_folder(ours.as_mut(), tmp.path()).unwrap();
+            let folder = fx(&format!("tiny_{}_{tag}", case.arch));
+            let want = stored(&folder.join("model.safetensors"));
+            let got = stored(&tmp.path().join("model.safetensors"));
+            let names = |v: &[(String, String, Vec<usize>, Vec<u8>)]| {
+                v.iter().map(|t| t.0.clone()).collect::<Vec<_>>()
+            };
+            assert_eq!(
+                names(&got),
+                names(&want),
+                "{} {tag}: tensor names",
+                case.arch
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    (&g.1, &g.2),
+                    (&w.1, &w.2),
+                    "{} {tag}: {} dtype/shape",
+                    case.arch,
+                    g.0
+                );
+                assert!(g.3 == w.3, "{} {tag}: {} bytes differ", case.arch, g.0);
+            }
+            let read = |p: std::path::PathBuf| -> serde_json::Value {
+                serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+            };
+            let mut cfg = read(tmp.path().join("config.json"))["quantization_config"].clone();
+            let mut want_cfg = read(folder.join("config.json"))["quantization_config"].clone();
+            if case.arch == "bert" {
+                cfg.as_object_mut().unwrap().remove("llm_int8_skip_modules");
+                want_cfg
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("llm_int8_skip_modules");
+            }
+            assert_eq!(cfg, want_cfg, "{} {tag}: quantization_config", case.arch);
+        }
+    }
+}
