@@ -30,6 +30,7 @@ mod inject;
 pub mod json;
 pub mod layers;
 pub mod loss;
+pub mod low_rank;
 pub mod method;
 pub mod model;
 pub mod module_tree;

@@ -6,6 +6,8 @@
 //! [`PeftError::Unsupported`] error, never silently ignored.
 
 use peft_core::json::{describe, ConfigFields};
+pub use peft_core::low_rank::LowRank;
+use peft_core::low_rank::{take_alpha_pattern, take_rank_pattern, write_patterns};
 use peft_core::{CommonConfig, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
 use serde_json::{Map, Number, Value};
 
@@ -285,26 +287,6 @@ impl LoraConfig {
         self.lora_alpha.as_f64().unwrap_or(8.0)
     }
 
-    /// `(r, alpha)` for the module at `path`, after `rank_pattern`/`alpha_pattern`.
-    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
-        let r = peft_core::targets::pattern_value(&self.rank_pattern, path)
-            .copied()
-            .unwrap_or(self.r);
-        let alpha = peft_core::targets::pattern_value(&self.alpha_pattern, path)
-            .and_then(Number::as_f64)
-            .unwrap_or_else(|| self.alpha());
-        (r, alpha)
-    }
-
-    /// The scaling LoRA applies to `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
-    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
-        if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        }
-    }
-
     fn from_fields(fields: &mut ConfigFields) -> Result<Self> {
         let r = fields.take_usize("r", 8)?;
         if r == 0 {
@@ -326,20 +308,8 @@ impl LoraConfig {
             ));
         }
         let targets = TargetSpec::take_fields(fields, true)?;
-        let rank_pattern = fields
-            .take_number_map("rank_pattern")?
-            .into_iter()
-            .map(|(k, n)| match n.as_u64().filter(|r| *r > 0) {
-                Some(r) => Ok((k, r as usize)),
-                None => Err(PeftError::config_value(
-                    fields.source_name(),
-                    &format!("rank_pattern.{k}"),
-                    "a positive integer rank",
-                    n,
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let alpha_pattern = fields.take_number_map("alpha_pattern")?;
+        let rank_pattern = take_rank_pattern(fields)?;
+        let alpha_pattern = take_alpha_pattern(fields)?;
         let init_lora_weights = parse_init(fields)?;
         let fan_in_fan_out = fields.take_bool("fan_in_fan_out", false)?;
         let use_rslora = fields.take_bool("use_rslora", false)?;
@@ -368,6 +338,25 @@ fn number(x: f64) -> Number {
     }
 }
 
+/// LoRA's rank and alpha settings, resolved per module by core (`rank_and_alpha`, `scaling`).
+impl LowRank for LoraConfig {
+    fn base_rank(&self) -> usize {
+        self.r
+    }
+    fn base_alpha(&self) -> f64 {
+        self.alpha()
+    }
+    fn rank_pattern(&self) -> &[(String, usize)] {
+        &self.rank_pattern
+    }
+    fn alpha_pattern(&self) -> &[(String, Number)] {
+        &self.alpha_pattern
+    }
+    fn rank_stabilized(&self) -> bool {
+        self.use_rslora
+    }
+}
+
 impl MethodConfig for LoraConfig {
     fn peft_type(&self) -> &'static str {
         crate::PEFT_TYPE
@@ -391,24 +380,7 @@ impl MethodConfig for LoraConfig {
         out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
         out.insert("use_rslora".into(), Value::Bool(self.use_rslora));
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
-        out.insert(
-            "rank_pattern".into(),
-            Value::Object(
-                self.rank_pattern
-                    .iter()
-                    .map(|(k, r)| (k.clone(), Value::from(*r)))
-                    .collect(),
-            ),
-        );
-        out.insert(
-            "alpha_pattern".into(),
-            Value::Object(
-                self.alpha_pattern
-                    .iter()
-                    .map(|(k, a)| (k.clone(), Value::Number(a.clone())))
-                    .collect(),
-            ),
-        );
+        write_patterns(&mut out, &self.rank_pattern, &self.alpha_pattern);
         out
     }
 

@@ -17,6 +17,7 @@ use peft_core::{
 
 pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{LoraEmbedding, LoraLinear};
+use peft_core::low_rank::LowRank as _;
 
 /// The `peft_type` this crate registers.
 pub const PEFT_TYPE: &str = "LORA";
