@@ -101,6 +101,37 @@ fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> String {
     ok(&peft(&[&args[..], extra].concat()))
 }
 
+/// `peft train` for one step on `data`, expected to fail: its stderr.
+fn train_fails(model: &Path, data: &Path) -> String {
+    let out = data.with_extension("out");
+    fails(&peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]))
+}
+
+/// `peft eval` of `model` with the adapter in `adapter` on `data` (`extra` flags appended).
+fn run_eval(model: &Path, adapter: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
+    let args = [
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    peft(&[&args[..], extra].concat())
+}
+
 /// Runs `peft logits` on `inputs` (written to a file) and returns the logits; with
 /// `PEFT_KEEP_TRAINED` set, keeps everything for the Python check.
 fn logits_and_keep(
@@ -174,34 +205,14 @@ fn train_seq2seq_on_t5_prompt_completion_jsonl() {
     let l = losses(&out);
     assert_eq!(l.len(), 12);
     assert!(l[11] < 0.9 * l[0], "loss did not fall: {l:?}");
-    let eval = ok(&peft(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = ok(&run_eval(&model, &out, &data, &["--json"]));
     let e: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     assert!(e["loss"].as_f64().unwrap() < l[0], "{eval}");
 
     // Records a seq2seq model cannot learn from are refused with the file and line.
     let bad = tmp.path().join("text.jsonl");
     std::fs::write(&bad, "{\"text\": \"just text\"}\n").unwrap();
-    let err = fails(&peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-        "--out",
-        tmp.path().join("bad").to_str().unwrap(),
-        "--max-steps",
-        "1",
-        "--no-progress",
-    ]));
+    let err = train_fails(&model, &bad);
     assert!(
         err.contains("text.jsonl:1") && err.contains("prompt"),
         "{err}"
@@ -242,18 +253,7 @@ fn train_seq_cls_over_a_bare_bert_encoder_with_num_labels() {
     bert_folder(&model, "BertModel");
     let data = tmp.path().join("one.csv");
     std::fs::write(&data, "text,label\nok,pos\n").unwrap();
-    let err = fails(&peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        tmp.path().join("o").to_str().unwrap(),
-        "--max-steps",
-        "1",
-        "--no-progress",
-    ]));
+    let err = train_fails(&model, &data);
     assert!(err.contains("--num-labels"), "{err}");
     train_classifier("bert_encoder", "BertModel", &["--num-labels", "2"]);
 }
@@ -288,31 +288,14 @@ fn train_classifier(case: &str, architecture: &str, extra: &[&str]) {
     assert_eq!(labels["label2id"], serde_json::json!({"neg": 0, "pos": 1}));
     let l = losses(&out);
     assert!(l[11] < 0.8 * l[0], "loss did not fall: {l:?}");
-    let eval = ok(&peft(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval = ok(&run_eval(&model, &out, &data, &["--json"]));
     let e: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     assert_eq!(e["accuracy"].as_f64(), Some(1.0), "{eval}");
 
     // A label the classes do not know is refused with the file and line.
     let bad = tmp.path().join("bad.csv");
     std::fs::write(&bad, "text,label\nfine,pos\nodd,meh\n").unwrap();
-    let err = fails(&peft(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-    ]));
+    let err = fails(&run_eval(&model, &out, &bad, &[]));
     assert!(err.contains("bad.csv:3") && err.contains("meh"), "{err}");
 
     let ids = Tensor::new(

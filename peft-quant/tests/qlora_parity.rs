@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,7 @@ use peft_core::{AdaptableModel, ModelInputs, PeftModel};
 use peft_quant::checkpoint::save_quantized_folder;
 use peft_quant::{quantize_model, quantized_layers, QuantScheme};
 
+use common::max_diff;
 use peft_lora as _;
 
 fn fx_dir() -> PathBuf {
@@ -38,10 +41,6 @@ fn load_quantized_folder(
     let factory = peft_quant::BnbCheckpoint::for_folder(dir, device)?
         .ok_or_else(|| peft_core::PeftError::InvalidState("no quantization_config".into()))?;
     peft_models::load_model_with(dir, DType::F32.into(), device, vec![Box::new(factory)])
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    peft_quant::merge::max_abs_diff(a, b).unwrap()
 }
 
 fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {
@@ -133,25 +132,6 @@ fn int8_base_and_lora_match_transformers_bitsandbytes_peft() {
     assert!(diff < 1e-4, "int8 + LoRA logits differ by {diff}");
 }
 
-fn st_bytes(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                format!("{:?}", v.dtype()),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 /// Our quantizer on the f32 model writes the very checkpoint transformers wrote, and reading
 /// transformers' checkpoint gives the same model.
 #[test]
@@ -164,16 +144,11 @@ fn quantized_checkpoints_are_bitsandbytes_format_both_ways() {
         let mut ours = quantized(scheme);
         let tmp = tempfile::tempdir().unwrap();
         save_quantized_folder(ours.as_mut(), tmp.path()).unwrap();
-        let want = st_bytes(&fx_dir().join(folder).join("model.safetensors"));
-        let got = st_bytes(&tmp.path().join("model.safetensors"));
-        let names = |v: &[(String, String, Vec<usize>, Vec<u8>)]| {
-            v.iter().map(|t| t.0.clone()).collect::<Vec<_>>()
-        };
-        assert_eq!(names(&got), names(&want), "{folder}: tensor names");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!((&g.1, &g.2), (&w.1, &w.2), "{folder}: {} dtype/shape", g.0);
-            assert!(g.3 == w.3, "{folder}: {} bytes differ", g.0);
-        }
+        common::assert_same_tensors(
+            &tmp.path().join("model.safetensors"),
+            &fx_dir().join(folder).join("model.safetensors"),
+            folder,
+        );
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
                 .unwrap();

@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -19,6 +21,7 @@ use peft_core::loss::{causal_lm_loss, cross_entropy};
 use peft_core::{AdaptableModel, BaseLayerFactory, ModelInputs, PeftModel};
 use peft_quant::{quantized_layers, BnbCheckpoint, QuantScheme, QuantizeOnLoad};
 
+use common::max_diff;
 use peft_lora as _;
 
 fn fx(name: &str) -> PathBuf {
@@ -137,10 +140,6 @@ impl Case {
             }
         }
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    peft_quant::merge::max_abs_diff(a, b).unwrap()
 }
 
 fn cases() -> [Case; 3] {
@@ -265,26 +264,6 @@ fn a_quantized_config_with_no_quantized_layer_is_refused() {
     assert!(err.contains(&tmp.path().display().to_string()), "{err}");
 }
 
-/// The stored tensors of a safetensors file, sorted by name: (name, dtype, shape, bytes).
-fn stored(path: &std::path::Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                format!("{:?}", v.dtype()),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 /// `peft quantize` for every architecture: the f32 folder quantized as it loads and written
 /// with `save_quantized_folder` is, tensor for tensor and byte for byte, the folder
 /// transformers wrote, with the same `quantization_config` (BERT's reference names the
@@ -297,27 +276,12 @@ fn quantized_folders_are_transformers_bytes_for_every_architecture() {
             let tmp = tempfile::tempdir().unwrap();
             peft_quant::checkpoint::save_quantized_folder(ours.as_mut(), tmp.path()).unwrap();
             let folder = fx(&format!("tiny_{}_{tag}", case.arch));
-            let want = stored(&folder.join("model.safetensors"));
-            let got = stored(&tmp.path().join("model.safetensors"));
-            let names = |v: &[(String, String, Vec<usize>, Vec<u8>)]| {
-                v.iter().map(|t| t.0.clone()).collect::<Vec<_>>()
-            };
-            assert_eq!(
-                names(&got),
-                names(&want),
-                "{} {tag}: tensor names",
-                case.arch
+            let what = format!("{} {tag}", case.arch);
+            common::assert_same_tensors(
+                &tmp.path().join("model.safetensors"),
+                &folder.join("model.safetensors"),
+                &what,
             );
-            for (g, w) in got.iter().zip(&want) {
-                assert_eq!(
-                    (&g.1, &g.2),
-                    (&w.1, &w.2),
-                    "{} {tag}: {} dtype/shape",
-                    case.arch,
-                    g.0
-                );
-                assert!(g.3 == w.3, "{} {tag}: {} bytes differ", case.arch, g.0);
-            }
             let read = |p: std::path::PathBuf| -> serde_json::Value {
                 serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
             };

@@ -6,7 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use peft::json::ConfigFields;
 use peft::models::{LlamaConfig, LlamaModel};
 use peft::{
@@ -121,37 +124,16 @@ fn a_layer_that_cannot_merge_leaves_every_layer_unmerged() {
     );
     assert!(model.merged_adapters().is_empty());
     let after = model.forward(&inputs).unwrap();
-    let diff: f32 = (&before - &after)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&before, &after);
     assert_eq!(diff, 0.0, "a failed merge changed the outputs");
     // Disabling the adapters gives the base outputs again: no layer kept merged weights.
     let base_out = {
         let _off = model.disable_adapters();
         model.forward(&inputs).unwrap()
     };
-    let effect: f32 = (&before - &base_out)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let effect = max_abs_diff(&before, &base_out);
     assert!(effect > 1e-3, "the adapter has an effect ({effect})");
     let base_again = model.unload().unwrap().forward(&inputs, None).unwrap();
-    let diff: f32 = (&base_out - &base_again)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&base_out, &base_again);
     assert_eq!(diff, 0.0);
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::fixtures;
+use common::{fixtures, max_abs_diff};
 use peft::{AdaptableModel, ModelInputs};
 
 fn inputs(model: &dyn AdaptableModel) -> ModelInputs {
@@ -60,14 +60,7 @@ fn norm_weights_train_when_a_method_makes_them_vars() {
             assert!(names.contains(path), "{name}: {path} is not a named tensor");
         }
         let logits = model.forward(&inputs(model.as_ref()), None).unwrap();
-        let changed: f32 = (&logits - &before)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let changed = max_abs_diff(&logits, &before);
         assert!(
             changed > 1e-4,
             "{name}: the forward pass does not read the replaced norms ({changed})"

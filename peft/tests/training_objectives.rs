@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff};
 use peft::data::{collate, Example, Target};
-use peft::training::{shift_right, Batch};
+use peft::training::{shift_right, Batch, CausalLmBatch, ClassificationBatch, Seq2SeqBatch};
 use peft::{ModelInputs, PeftModel};
 
 fn case(name: &str) -> HashMap<String, Tensor> {
@@ -50,6 +50,32 @@ fn row(t: &Tensor, i: usize, keep: impl Fn(usize, i64) -> bool) -> Vec<u32> {
         .filter(|&(j, v)| keep(j, v))
         .map(|(_, v)| v as u32)
         .collect()
+}
+
+/// The reference batch's rows as `peft train` examples (padding dropped), each with the target
+/// `target(i)`, collated back into a batch whose ids must be the reference's.
+fn batch_of(d: &HashMap<String, Tensor>, target: impl Fn(usize) -> Target) -> Batch {
+    let mask = &d["attention_mask"];
+    let examples: Vec<Example> = (0..2)
+        .map(|i| Example {
+            ids: row(&d["input_ids"], i, |j, _| row(mask, i, |_, _| true)[j] == 1),
+            learn: Vec::new(),
+            line: i + 1,
+            target: target(i),
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let (Batch::Seq2Seq(Seq2SeqBatch { input_ids, .. })
+    | Batch::Classification(ClassificationBatch { input_ids, .. })
+    | Batch::CausalLm(CausalLmBatch { input_ids, .. })) = &batch;
+    let ids = input_ids
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    assert_eq!(ids, d["input_ids"].to_vec2::<i64>().unwrap());
+    batch
 }
 
 /// Loss, logits and every trainable tensor's gradient against the reference.
@@ -85,28 +111,12 @@ fn check_step(model: &PeftModel, batch: &Batch, logits: &Tensor, d: &HashMap<Str
 fn seq2seq_lora_step_on_t5_matches_peft() {
     let d = case("t5_seq2seq_lora");
     let model = model("t5_tiny", "t5_seq2seq_lora");
-    let mask = &d["attention_mask"];
-    let examples: Vec<Example> = (0..2)
-        .map(|i| Example {
-            ids: row(&d["input_ids"], i, |j, _| row(mask, i, |_, _| true)[j] == 1),
-            learn: Vec::new(),
-            line: i + 1,
-            target: Target::Decoder(row(&d["labels"], i, |_, v| v != -100)),
-        })
-        .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let batch = batch_of(&d, |i| {
+        Target::Decoder(row(&d["labels"], i, |_, v| v != -100))
+    });
     let Batch::Seq2Seq(b) = &batch else {
         panic!("a seq2seq batch")
     };
-    assert_eq!(
-        b.input_ids
-            .to_dtype(DType::I64)
-            .unwrap()
-            .to_vec2::<i64>()
-            .unwrap(),
-        d["input_ids"].to_vec2::<i64>().unwrap()
-    );
     assert_eq!(
         b.labels.to_vec2::<i64>().unwrap(),
         d["labels"].to_vec2::<i64>().unwrap()
@@ -130,29 +140,11 @@ fn seq2seq_lora_step_on_t5_matches_peft() {
 fn seq_cls_lora_step_on_bert_matches_peft() {
     let d = case("bert_seqcls_lora");
     let model = model("bert_seqcls", "bert_seqcls_lora");
-    let mask = &d["attention_mask"];
     let labels = d["labels"].to_vec1::<i64>().unwrap();
-    let examples: Vec<Example> = (0..2)
-        .map(|i| Example {
-            ids: row(&d["input_ids"], i, |j, _| row(mask, i, |_, _| true)[j] == 1),
-            learn: Vec::new(),
-            line: i + 1,
-            target: Target::Class(labels[i] as u32),
-        })
-        .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+    let batch = batch_of(&d, |i| Target::Class(labels[i] as u32));
     let Batch::Classification(b) = &batch else {
         panic!("a classification batch")
     };
-    assert_eq!(
-        b.input_ids
-            .to_dtype(DType::I64)
-            .unwrap()
-            .to_vec2::<i64>()
-            .unwrap(),
-        d["input_ids"].to_vec2::<i64>().unwrap()
-    );
     let inputs = ModelInputs::from_ids(b.input_ids.clone()).with_mask(b.attention_mask.clone());
     let logits = model.forward(&inputs).unwrap();
     check_step(&model, &batch, &logits, &d);
