@@ -57,7 +57,9 @@ pub use method::{
     EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod,
     StoredPrompt,
 };
-pub use model::{AdaptableModel, KvCache, ModelInfo, ModelInputs, ModuleEntry, ModuleKind};
+pub use model::{
+    AdaptableModel, KvCache, ModelCore, ModelInfo, ModelInputs, ModuleEntry, ModuleKind,
+};
 pub use module_tree::{
     BaseLayerFactory, EmbeddingId, LinearId, LinearRole, LinearSpec, ModelBuilder, ModuleTree,
     NormIds, ParamId, Scope, StoredTensor, WeightSource,

@@ -283,20 +283,47 @@ impl KvCache {
     }
 }
 
+/// What every model holds besides its own layout: its facts, the modules it declared, and the
+/// device and dtype of its frozen weights. A model keeps one and hands it to the trait
+/// ([`AdaptableModel::core`]), which derives its accessors from it.
+#[derive(Debug, Clone)]
+pub struct ModelCore {
+    /// Static facts about the model.
+    pub info: ModelInfo,
+    /// The declared modules.
+    pub tree: ModuleTree,
+    /// Device of the frozen weights.
+    pub device: Device,
+    /// Dtype of the frozen weights (the compute dtype).
+    pub dtype: DType,
+}
+
 /// A model whose linear and embedding layers can be adapted by any method.
 ///
 /// Paths are peft's module paths (`model.layers.0.self_attn.q_proj`), which are also the
 /// Hugging Face parameter names minus `.weight`; checkpoint keys derive from them.
 pub trait AdaptableModel: Send + Sync {
+    /// The model's facts, declared modules, device and dtype.
+    fn core(&self) -> &ModelCore;
+
+    /// The same, mutable (methods swap slots through the visitors).
+    fn core_mut(&mut self) -> &mut ModelCore;
+
     /// Static facts about the model.
-    fn info(&self) -> &ModelInfo;
+    fn info(&self) -> &ModelInfo {
+        &self.core().info
+    }
 
     /// The modules the model declared (through [`crate::module_tree::ModelBuilder`]); the
     /// listing, the slot visitors, the named tensors and the parameter count derive from it.
-    fn module_tree(&self) -> &ModuleTree;
+    fn module_tree(&self) -> &ModuleTree {
+        &self.core().tree
+    }
 
     /// The declared modules, mutable (methods swap slots through the visitors).
-    fn module_tree_mut(&mut self) -> &mut ModuleTree;
+    fn module_tree_mut(&mut self) -> &mut ModuleTree {
+        &mut self.core_mut().tree
+    }
 
     /// Every named module in `named_modules()` order (the root excluded).
     fn modules(&self) -> Vec<ModuleEntry> {
@@ -368,10 +395,14 @@ pub trait AdaptableModel: Send + Sync {
     fn config_json(&self) -> Value;
 
     /// Device of the frozen weights.
-    fn device(&self) -> &Device;
+    fn device(&self) -> &Device {
+        &self.core().device
+    }
 
     /// Dtype of the frozen weights.
-    fn dtype(&self) -> DType;
+    fn dtype(&self) -> DType {
+        self.core().dtype
+    }
 
     /// Writes the model as a Hugging Face folder (`config.json` + `model.safetensors`).
     fn save_pretrained(&self, dir: &Path) -> Result<()> {

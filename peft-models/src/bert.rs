@@ -10,8 +10,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
-    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
-    ModelInputs, ModuleTree, NormIds, PeftError, Result, StoredTensor, TaskType, WeightSource,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
+    ModelInfo, ModelInputs, NormIds, PeftError, Result, StoredTensor, TaskType, WeightSource,
 };
 use serde_json::{Map, Value};
 
@@ -160,8 +160,7 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub struct BertModel {
     cfg: BertConfig,
-    info: ModelInfo,
-    tree: ModuleTree,
+    core: ModelCore,
     word: EmbeddingId,
     position: EmbeddingId,
     token_type: EmbeddingId,
@@ -169,8 +168,6 @@ pub struct BertModel {
     layers: Vec<Layer>,
     pooler: Option<LinearId>,
     classifier: Option<LinearId>,
-    device: Device,
-    dtype: DType,
 }
 
 impl BertModel {
@@ -269,8 +266,12 @@ impl BertModel {
         };
         Ok(BertModel {
             cfg,
-            info,
-            tree,
+            core: ModelCore {
+                info,
+                tree,
+                device: device.clone(),
+                dtype,
+            },
             word,
             position,
             token_type,
@@ -278,8 +279,6 @@ impl BertModel {
             layers,
             pooler,
             classifier,
-            device: device.clone(),
-            dtype,
         })
     }
 
@@ -318,7 +317,7 @@ impl BertModel {
         };
         let b = ModelBuilder::with_factories(&mut src, factories);
         let mut model = Self::build(cfg, b, compute, device)?;
-        model.info.name_or_path = Some(dir.display().to_string());
+        model.core.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
 
@@ -341,7 +340,7 @@ impl BertModel {
     }
 
     fn layer_norm(&self, x: &Tensor, n: NormIds) -> Result<Tensor> {
-        let t = &self.tree;
+        let t = &self.core.tree;
         ops::layer_norm(
             x,
             t.param(n.weight),
@@ -358,6 +357,7 @@ impl BertModel {
             .ok_or_else(|| PeftError::InvalidState("this BERT head has no pooler".into()))?;
         let h = self.last_hidden_state(inputs, None)?;
         Ok(self
+            .core
             .tree
             .linear(pooler)
             .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?
@@ -377,7 +377,7 @@ impl BertModel {
             inputs.inputs_embeds.as_ref(),
             inputs.input_ids.as_ref(),
             self.cfg.hidden_size,
-            self.dtype,
+            self.core.dtype,
             |ids| self.embed_tokens(ids),
         )?;
         if past + t > self.cfg.max_position_embeddings {
@@ -389,16 +389,17 @@ impl BertModel {
         }
         let positions = match &inputs.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
-            None => crate::blocks::default_positions(b, t, past, &self.device)?,
+            None => crate::blocks::default_positions(b, t, past, &self.core.device)?,
         };
         let types = match &inputs.token_type_ids {
             Some(tt) => tt.to_dtype(DType::U32)?,
-            None => Tensor::zeros((b, t), DType::U32, &self.device)?,
+            None => Tensor::zeros((b, t), DType::U32, &self.core.device)?,
         };
-        let tree = &self.tree;
+        let tree = &self.core.tree;
         let position = tree.embedding(self.position).forward(&positions)?;
         let token_type = tree.embedding(self.token_type).forward(&types)?;
-        let h = ((words + position.to_dtype(self.dtype)?)? + token_type.to_dtype(self.dtype)?)?;
+        let h = ((words + position.to_dtype(self.core.dtype)?)?
+            + token_type.to_dtype(self.core.dtype)?)?;
         let mut h = self.layer_norm(&h, self.embeddings_norm)?;
         let s = past + t;
         let additive = match &inputs.attention_mask {
@@ -412,7 +413,7 @@ impl BertModel {
                 }
                 ((m.to_dtype(DType::F32)? - 1.0)? * 1.0e30)?.reshape((b, 1, 1, s))?
             }
-            None => Tensor::zeros((b, 1, 1, s), DType::F32, &self.device)?,
+            None => Tensor::zeros((b, 1, 1, s), DType::F32, &self.core.device)?,
         };
         let mask = AttentionMask {
             additive,
@@ -507,31 +508,27 @@ impl<F: FnMut(&str, &[usize]) -> Result<Tensor>> WeightSource for BertWeights<'_
 }
 
 impl AdaptableModel for BertModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn module_tree(&self) -> &ModuleTree {
-        &self.tree
-    }
-
-    fn module_tree_mut(&mut self) -> &mut ModuleTree {
-        &mut self.tree
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::blocks::lookup(
-            &self.tree,
+            &self.core.tree,
             self.word,
             input_ids,
             self.cfg.vocab_size,
-            self.dtype,
+            self.core.dtype,
         )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.last_hidden_state(inputs, cache)?;
-        let t = &self.tree;
+        let t = &self.core.tree;
         match (self.cfg.task_type, self.classifier) {
             (TaskType::SeqCls, Some(classifier)) => {
                 let pooler = self
@@ -547,24 +544,16 @@ impl AdaptableModel for BertModel {
     }
 
     fn config_json(&self) -> Value {
-        let mut v = crate::config_with(&self.cfg.raw, false, self.dtype);
+        let mut v = crate::config_with(&self.cfg.raw, false, self.core.dtype);
         if let Value::Object(m) = &mut v {
             m.insert(
                 "architectures".into(),
-                Value::from(vec![self.info.architecture.clone()]),
+                Value::from(vec![self.core.info.architecture.clone()]),
             );
             if self.classifier.is_some() {
                 m.insert("num_labels".into(), Value::from(self.cfg.num_labels));
             }
         }
         v
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
     }
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
-    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
-    ModelInputs, ModuleTree, NormIds, PeftError, Result, TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
+    ModelInfo, ModelInputs, NormIds, PeftError, Result, TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -109,15 +109,12 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Gpt2Model {
     cfg: Gpt2Config,
-    info: ModelInfo,
-    tree: ModuleTree,
+    core: ModelCore,
     wte: EmbeddingId,
     wpe: EmbeddingId,
     blocks: Vec<Block>,
     ln_f: NormIds,
     lm_head: LinearId,
-    device: Device,
-    dtype: DType,
 }
 
 impl Gpt2Model {
@@ -184,15 +181,17 @@ impl Gpt2Model {
         };
         Ok(Gpt2Model {
             cfg,
-            info,
-            tree,
+            core: ModelCore {
+                info,
+                tree,
+                device: device.clone(),
+                dtype,
+            },
             wte,
             wpe,
             blocks,
             ln_f,
             lm_head,
-            device: device.clone(),
-            dtype,
         })
     }
 
@@ -219,7 +218,7 @@ impl Gpt2Model {
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
         let mut model = Self::build(cfg, b, dtype, device)?;
-        model.info.name_or_path = Some(dir.display().to_string());
+        model.core.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
 
@@ -237,7 +236,7 @@ impl Gpt2Model {
     }
 
     fn norm(&self, x: &Tensor, ln: NormIds) -> Result<Tensor> {
-        let t = &self.tree;
+        let t = &self.core.tree;
         ops::layer_norm(
             x,
             t.param(ln.weight),
@@ -247,7 +246,7 @@ impl Gpt2Model {
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tree.is_tied(self.lm_head)
+        self.core.tree.is_tied(self.lm_head)
     }
 
     /// Runs the blocks and the final layer norm: the hidden states `[B, T, n_embd]`.
@@ -263,12 +262,12 @@ impl Gpt2Model {
             inputs.inputs_embeds.as_ref(),
             inputs.input_ids.as_ref(),
             self.cfg.n_embd,
-            self.dtype,
+            self.core.dtype,
             |ids| self.embed_tokens(ids),
         )?;
         let positions = match &inputs.position_ids {
             Some(p) => p.clone(),
-            None => crate::blocks::default_positions(b, t, past, &self.device)?,
+            None => crate::blocks::default_positions(b, t, past, &self.core.device)?,
         };
         if past + t > self.cfg.n_positions {
             return Err(PeftError::bad_input(
@@ -279,17 +278,18 @@ impl Gpt2Model {
         }
         let mut h = (tokens
             + self
+                .core
                 .tree
                 .embedding(self.wpe)
                 .forward(&positions.to_dtype(DType::U32)?)?
-                .to_dtype(self.dtype)?)?;
+                .to_dtype(self.core.dtype)?)?;
         let mask = ops::causal_mask(
             inputs.attention_mask.as_ref(),
             b,
             t,
             past,
             None,
-            &self.device,
+            &self.core.device,
         )?;
         let (nh, d) = (self.cfg.n_head, self.cfg.n_embd);
         let hd = d / nh;
@@ -299,7 +299,7 @@ impl Gpt2Model {
             1.0
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let tree = &self.tree;
+            let tree = &self.core.tree;
             let a = self.norm(&h, block.ln_1)?;
             let qkv = tree.linear(block.c_attn).forward(&a)?;
             let heads =
@@ -321,31 +321,27 @@ impl Gpt2Model {
 }
 
 impl AdaptableModel for Gpt2Model {
-    fn info(&self) -> &ModelInfo {
-        &self.info
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn module_tree(&self) -> &ModuleTree {
-        &self.tree
-    }
-
-    fn module_tree_mut(&mut self) -> &mut ModuleTree {
-        &mut self.tree
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::blocks::lookup(
-            &self.tree,
+            &self.core.tree,
             self.wte,
             input_ids,
             self.cfg.vocab_size,
-            self.dtype,
+            self.core.dtype,
         )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
+        LmHead(self.lm_head).logits(&self.core.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -355,18 +351,10 @@ impl AdaptableModel for Gpt2Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        LmHead(self.lm_head).loss(&self.tree, &h, targets)
+        LmHead(self.lm_head).loss(&self.core.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {
-        crate::config_with(&self.cfg.raw, self.head_is_tied(), self.dtype)
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+        crate::config_with(&self.cfg.raw, self.head_is_tied(), self.core.dtype)
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, LinearRole, LinearSpec,
-    ModelBuilder, ModelInfo, ModelInputs, ModuleTree, ParamId, PeftError, Result, Scope, TaskType,
+    ModelBuilder, ModelCore, ModelInfo, ModelInputs, ParamId, PeftError, Result, Scope, TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -173,8 +173,7 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct T5Model {
     cfg: T5Config,
-    info: ModelInfo,
-    tree: ModuleTree,
+    core: ModelCore,
     shared: EmbeddingId,
     encoder_embed: EmbeddingId,
     decoder_embed: EmbeddingId,
@@ -183,8 +182,6 @@ pub struct T5Model {
     decoder: Vec<Block>,
     decoder_norm: ParamId,
     lm_head: LinearId,
-    device: Device,
-    dtype: DType,
 }
 
 /// T5's relative position bucket (`_relative_position_bucket`).
@@ -388,8 +385,12 @@ impl T5Model {
         };
         Ok(T5Model {
             cfg,
-            info,
-            tree,
+            core: ModelCore {
+                info,
+                tree,
+                device: device.clone(),
+                dtype,
+            },
             shared,
             encoder_embed,
             decoder_embed,
@@ -398,8 +399,6 @@ impl T5Model {
             decoder,
             decoder_norm,
             lm_head,
-            device: device.clone(),
-            dtype,
         })
     }
 
@@ -425,7 +424,7 @@ impl T5Model {
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
         let mut model = Self::build(cfg, b, dtype, device)?;
-        model.info.name_or_path = Some(dir.display().to_string());
+        model.core.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
 
@@ -479,7 +478,7 @@ impl T5Model {
                 ) as u32);
             }
         }
-        let idx = Tensor::from_vec(buckets, t * s, &self.device)?;
+        let idx = Tensor::from_vec(buckets, t * s, &self.core.device)?;
         let values = table.index_select(&idx, 0)?; // [T*S, H]
         Ok(values
             .reshape((t, s, self.cfg.num_heads))?
@@ -503,7 +502,7 @@ impl T5Model {
         valid: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = q_in.dims3()?;
-        let q = self.heads(self.tree.linear(attn.proj[0]).forward(q_in)?, b, t)?;
+        let q = self.heads(self.core.tree.linear(attn.proj[0]).forward(q_in)?, b, t)?;
         let mask = AttentionMask {
             additive: bias.clone(),
             row_valid: valid.cloned(),
@@ -512,7 +511,7 @@ impl T5Model {
         let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?
             .transpose(1, 2)?
             .reshape((b, t, self.cfg.inner()))?;
-        self.tree.linear(attn.proj[3]).forward(&out)
+        self.core.tree.linear(attn.proj[3]).forward(&out)
     }
 
     /// The self-attention sub-layer both stacks share: pre-norm, attention (keys and values
@@ -529,8 +528,8 @@ impl T5Model {
         let (b, t, _) = h.dims3()?;
         let attn = &block.self_attn;
         let x = self.norm(&h, block.self_norm)?;
-        let k = self.heads(self.tree.linear(attn.proj[1]).forward(&x)?, b, t)?;
-        let v = self.heads(self.tree.linear(attn.proj[2]).forward(&x)?, b, t)?;
+        let k = self.heads(self.core.tree.linear(attn.proj[1]).forward(&x)?, b, t)?;
+        let v = self.heads(self.core.tree.linear(attn.proj[2]).forward(&x)?, b, t)?;
         let (k, v) = ops::cache_kv(k, v, layer, cache)?;
         Ok((h + self.attend(attn, &x, k, v, bias, valid)?)?)
     }
@@ -542,7 +541,7 @@ impl T5Model {
     }
 
     fn ff(&self, ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
-        let t = &self.tree;
+        let t = &self.core.tree;
         let h = ops::activation(&self.cfg.dense_act_fn, &t.linear(ff.wi[0]).forward(x)?)?;
         let h = match ff.wi.get(1) {
             Some(&gate) => (h * t.linear(gate).forward(x)?)?,
@@ -552,7 +551,7 @@ impl T5Model {
     }
 
     fn norm(&self, x: &Tensor, w: ParamId) -> Result<Tensor> {
-        ops::rms_norm(x, self.tree.param(w), self.cfg.layer_norm_epsilon)
+        ops::rms_norm(x, self.core.tree.param(w), self.cfg.layer_norm_epsilon)
     }
 
     /// The relative position table of block 0 of `blocks` (`stack` names it in errors).
@@ -563,7 +562,7 @@ impl T5Model {
             .ok_or_else(|| {
                 PeftError::InvalidState(format!("{stack} block 0 lacks its relative bias"))
             })?;
-        Ok(self.tree.param(id))
+        Ok(self.core.tree.param(id))
     }
 
     /// Additive padding mask `[B, 1, 1, S]` (0 keep, large negative drop), or zeros.
@@ -580,7 +579,7 @@ impl T5Model {
                 let keep = m.to_dtype(DType::F32)?;
                 Ok(((keep - 1.0)? * 1.0e30)?.reshape((b, 1, 1, s))?)
             }
-            None => Ok(Tensor::zeros((b, 1, 1, s), DType::F32, &self.device)?),
+            None => Ok(Tensor::zeros((b, 1, 1, s), DType::F32, &self.core.device)?),
         }
     }
 
@@ -601,7 +600,13 @@ impl T5Model {
 
     /// `ids` (checked against the vocabulary) looked up in `table`, in the model's dtype.
     fn lookup(&self, table: EmbeddingId, ids: &Tensor) -> Result<Tensor> {
-        crate::blocks::lookup(&self.tree, table, ids, self.cfg.vocab_size, self.dtype)
+        crate::blocks::lookup(
+            &self.core.tree,
+            table,
+            ids,
+            self.cfg.vocab_size,
+            self.core.dtype,
+        )
     }
 
     /// Runs the encoder (once per cache) and the decoder: the decoder's final hidden states
@@ -620,7 +625,7 @@ impl T5Model {
                     inputs.inputs_embeds.as_ref(),
                     inputs.input_ids.as_ref(),
                     self.cfg.d_model,
-                    self.dtype,
+                    self.core.dtype,
                     |ids| self.lookup(self.encoder_embed, ids),
                 )?;
                 let h = self.encode(&embeds, inputs.attention_mask.as_ref())?;
@@ -643,7 +648,7 @@ impl T5Model {
             dec_embeds.as_ref(),
             dec_ids.as_ref(),
             self.cfg.d_model,
-            self.dtype,
+            self.core.dtype,
             |ids| self.lookup(self.decoder_embed, ids),
         )?;
         let (b, t, _) = dec.dims3()?;
@@ -656,7 +661,7 @@ impl T5Model {
             t,
             past,
             None,
-            &self.device,
+            &self.core.device,
         )?;
         let position = self.position_bias(table, t, past + t, past, false)?;
         let (self_bias, self_valid) = match &causal {
@@ -680,10 +685,18 @@ impl T5Model {
                     Some((k, v)) => (k.clone(), v.clone()),
                     None => {
                         let k = self
-                            .heads(self.tree.linear(cross.proj[1]).forward(&encoded)?, b, s_enc)?
+                            .heads(
+                                self.core.tree.linear(cross.proj[1]).forward(&encoded)?,
+                                b,
+                                s_enc,
+                            )?
                             .contiguous()?;
                         let v = self
-                            .heads(self.tree.linear(cross.proj[2]).forward(&encoded)?, b, s_enc)?
+                            .heads(
+                                self.core.tree.linear(cross.proj[2]).forward(&encoded)?,
+                                b,
+                                s_enc,
+                            )?
                             .contiguous()?;
                         if let Some(c) = cache.as_deref_mut() {
                             c.set_cross(i, (k.clone(), v.clone()));
@@ -704,16 +717,12 @@ impl T5Model {
 }
 
 impl AdaptableModel for T5Model {
-    fn info(&self) -> &ModelInfo {
-        &self.info
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn module_tree(&self) -> &ModuleTree {
-        &self.tree
-    }
-
-    fn module_tree_mut(&mut self) -> &mut ModuleTree {
-        &mut self.tree
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
@@ -722,7 +731,7 @@ impl AdaptableModel for T5Model {
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
+        LmHead(self.lm_head).logits(&self.core.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -732,12 +741,12 @@ impl AdaptableModel for T5Model {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.decoder_hidden(inputs, cache)?;
-        LmHead(self.lm_head).loss(&self.tree, &h, targets)
+        LmHead(self.lm_head).loss(&self.core.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {
-        let tied = self.tree.is_tied(self.lm_head);
-        let mut v = crate::config_with(&self.cfg.raw, tied, self.dtype);
+        let tied = self.core.tree.is_tied(self.lm_head);
+        let mut v = crate::config_with(&self.cfg.raw, tied, self.core.dtype);
         if let Value::Object(m) = &mut v {
             m.insert(
                 "scale_decoder_outputs".into(),
@@ -749,14 +758,6 @@ impl AdaptableModel for T5Model {
 
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.num_decoder_layers)
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
     }
 }
 

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::{
-    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInfo,
-    ModelInputs, ModuleTree, ParamId, PeftError, Result, TaskType,
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
+    ModelInfo, ModelInputs, ParamId, PeftError, Result, TaskType,
 };
 use serde_json::Value;
 
@@ -36,15 +36,12 @@ struct DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     cfg: LlamaConfig,
-    info: ModelInfo,
-    tree: ModuleTree,
+    core: ModelCore,
     embed_tokens: EmbeddingId,
     layers: Vec<DecoderLayer>,
     norm: ParamId,
     lm_head: LinearId,
     rotary: Rotary,
-    device: Device,
-    dtype: DType,
 }
 
 impl LlamaModel {
@@ -123,15 +120,17 @@ impl LlamaModel {
         let rotary = Rotary::new(cfg.inv_freq(), 1.0, device)?;
         Ok(LlamaModel {
             cfg,
-            info,
-            tree,
+            core: ModelCore {
+                info,
+                tree,
+                device: device.clone(),
+                dtype,
+            },
             embed_tokens,
             layers,
             norm,
             lm_head,
             rotary,
-            device: device.clone(),
-            dtype,
         })
     }
 
@@ -153,7 +152,7 @@ impl LlamaModel {
         let dtype = weights.dtype();
         let b = ModelBuilder::with_factories(&mut weights, factories);
         let mut model = Self::build(cfg, b, dtype, device)?;
-        model.info.name_or_path = Some(dir.display().to_string());
+        model.core.info.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
 
@@ -178,7 +177,7 @@ impl LlamaModel {
 
     /// Sets the name recorded in saved adapter configs (`base_model_name_or_path`).
     pub fn set_name_or_path(&mut self, name: impl Into<String>) {
-        self.info.name_or_path = Some(name.into());
+        self.core.info.name_or_path = Some(name.into());
     }
 
     #[allow(clippy::too_many_arguments)] // one attention call's inputs, all distinct
@@ -198,9 +197,20 @@ impl LlamaModel {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = ops::rope_heads(&self.tree.linear(layer.attn[0]).forward(x)?, nh, cos, sin)?;
-        let k = ops::rope_heads(&self.tree.linear(layer.attn[1]).forward(x)?, nkv, cos, sin)?;
+        let q = ops::rope_heads(
+            &self.core.tree.linear(layer.attn[0]).forward(x)?,
+            nh,
+            cos,
+            sin,
+        )?;
+        let k = ops::rope_heads(
+            &self.core.tree.linear(layer.attn[1]).forward(x)?,
+            nkv,
+            cos,
+            sin,
+        )?;
         let v = self
+            .core
             .tree
             .linear(layer.attn[2])
             .forward(x)?
@@ -210,11 +220,11 @@ impl LlamaModel {
         // Grouped key/value heads are mapped onto query heads inside the attention.
         let out = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.tree.linear(layer.attn[3]).forward(&out)
+        self.core.tree.linear(layer.attn[3]).forward(&out)
     }
 
     fn mlp(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-        let t = &self.tree;
+        let t = &self.core.tree;
         let gate = t.linear(layer.mlp[0]).forward(x)?;
         let up = t.linear(layer.mlp[1]).forward(x)?;
         t.linear(layer.mlp[2])
@@ -234,7 +244,7 @@ impl LlamaModel {
             inputs.inputs_embeds.as_ref(),
             inputs.input_ids.as_ref(),
             self.cfg.hidden_size,
-            self.dtype,
+            self.core.dtype,
             |ids| self.embed_tokens(ids),
         )?;
         let positions = match &inputs.position_ids {
@@ -246,16 +256,22 @@ impl LlamaModel {
                     format!("{:?}", p.dims()),
                 ))
             }
-            None => crate::blocks::default_positions(b, t, past, &self.device)?,
+            None => crate::blocks::default_positions(b, t, past, &self.core.device)?,
         };
-        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.core.dtype)?;
         // Layers share a mask unless their sliding windows differ.
         let mut masks: Vec<(Option<usize>, Option<AttentionMask>)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let w = layer.sliding_window;
             if !masks.iter().any(|(mw, _)| *mw == w) {
-                let m =
-                    ops::causal_mask(inputs.attention_mask.as_ref(), b, t, past, w, &self.device)?;
+                let m = ops::causal_mask(
+                    inputs.attention_mask.as_ref(),
+                    b,
+                    t,
+                    past,
+                    w,
+                    &self.core.device,
+                )?;
                 masks.push((w, m));
             }
             let mask = masks
@@ -264,52 +280,48 @@ impl LlamaModel {
                 .and_then(|(_, m)| m.as_ref());
             let normed = ops::rms_norm(
                 &h,
-                self.tree.param(layer.input_layernorm),
+                self.core.tree.param(layer.input_layernorm),
                 self.cfg.rms_norm_eps,
             )?;
             let attn = self.attention(layer, i, &normed, &cos, &sin, mask, cache.as_deref_mut())?;
             h = (h + attn)?;
             let normed = ops::rms_norm(
                 &h,
-                self.tree.param(layer.post_attention_layernorm),
+                self.core.tree.param(layer.post_attention_layernorm),
                 self.cfg.rms_norm_eps,
             )?;
             h = (&h + self.mlp(layer, &normed)?)?;
         }
-        ops::rms_norm(&h, self.tree.param(self.norm), self.cfg.rms_norm_eps)
+        ops::rms_norm(&h, self.core.tree.param(self.norm), self.cfg.rms_norm_eps)
     }
 
     fn head_is_tied(&self) -> bool {
-        self.tree.is_tied(self.lm_head)
+        self.core.tree.is_tied(self.lm_head)
     }
 }
 
 impl AdaptableModel for LlamaModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn module_tree(&self) -> &ModuleTree {
-        &self.tree
-    }
-
-    fn module_tree_mut(&mut self) -> &mut ModuleTree {
-        &mut self.tree
+    fn core_mut(&mut self) -> &mut ModelCore {
+        &mut self.core
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         crate::blocks::lookup(
-            &self.tree,
+            &self.core.tree,
             self.embed_tokens,
             input_ids,
             self.cfg.vocab_size,
-            self.dtype,
+            self.core.dtype,
         )
     }
 
     fn forward(&self, inputs: &ModelInputs, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        LmHead(self.lm_head).logits(&self.tree, &h, inputs)
+        LmHead(self.lm_head).logits(&self.core.tree, &h, inputs)
     }
 
     fn token_loss(
@@ -319,18 +331,10 @@ impl AdaptableModel for LlamaModel {
         targets: &Tensor,
     ) -> Result<Tensor> {
         let h = self.hidden_states(inputs, cache)?;
-        LmHead(self.lm_head).loss(&self.tree, &h, targets)
+        LmHead(self.lm_head).loss(&self.core.tree, &h, targets)
     }
 
     fn config_json(&self) -> Value {
-        crate::config_with(&self.cfg.raw, self.head_is_tied(), self.dtype)
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+        crate::config_with(&self.cfg.raw, self.head_is_tied(), self.core.dtype)
     }
 }
