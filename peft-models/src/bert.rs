@@ -15,6 +15,7 @@ use peft_core::{
 };
 use serde_json::{Map, Value};
 
+use crate::blocks::{Attention, Mlp, Qkv};
 use crate::ops::{self, AttentionMask};
 use crate::weights::ModelWeights;
 
@@ -150,8 +151,10 @@ impl BertConfig {
 
 #[derive(Debug, Clone, Copy)]
 struct Layer {
-    /// query, key, value, attention.output.dense, intermediate.dense, output.dense
-    linears: [LinearId; 6],
+    /// `attention.self.{query,key,value}` and `attention.output.dense`.
+    attn: Attention,
+    /// `intermediate.dense` and `output.dense`.
+    mlp: Mlp,
     attention_norm: NormIds,
     output_norm: NormIds,
 }
@@ -215,7 +218,21 @@ impl BertModel {
             let output_norm = out.norm("LayerNorm", "LayerNorm", h, true)?;
             out.module("dropout", "Dropout");
             layers.push(Layer {
-                linears: [query, key, value, attn_out, inter, out_dense],
+                attn: Attention {
+                    qkv: Qkv::Separate {
+                        q: query,
+                        k: key,
+                        v: value,
+                    },
+                    o: attn_out,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_attention_heads,
+                    head_dim: h / cfg.num_attention_heads,
+                },
+                mlp: Mlp::Plain {
+                    up: inter,
+                    down: out_dense,
+                },
                 attention_norm,
                 output_norm,
             });
@@ -420,33 +437,15 @@ impl BertModel {
             row_valid: None,
             causal_past: None,
         };
-        let (nh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.hidden_size / self.cfg.num_attention_heads,
-        );
-        let heads =
-            |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
+        let scale = 1.0 / ((self.cfg.hidden_size / self.cfg.num_attention_heads) as f64).sqrt();
         for (i, layer) in self.layers.iter().enumerate() {
-            let [q, k, v, o, inter, out] = layer.linears.map(|id| tree.linear(id));
-            let (kk, vv) = ops::cache_kv(
-                heads(k.forward(&h)?)?,
-                heads(v.forward(&h)?)?,
-                i,
-                cache.as_deref_mut(),
-            )?;
-            let attn = ops::attention(
-                &heads(q.forward(&h)?)?,
-                &kk,
-                &vv,
-                1.0 / (hd as f64).sqrt(),
-                Some(&mask),
-            )?;
-            let attn = attn
-                .transpose(1, 2)?
-                .reshape((b, t, self.cfg.hidden_size))?;
-            let a = self.layer_norm(&(o.forward(&attn)? + &h)?, layer.attention_norm)?;
-            let m = ops::activation(&self.cfg.hidden_act, &inter.forward(&a)?)?;
-            h = self.layer_norm(&(out.forward(&m)? + a)?, layer.output_norm)?;
+            let attn =
+                layer
+                    .attn
+                    .forward(tree, &h, None, scale, Some(&mask), i, cache.as_deref_mut())?;
+            let a = self.layer_norm(&(attn + &h)?, layer.attention_norm)?;
+            let m = layer.mlp.forward(tree, &a, &self.cfg.hidden_act)?;
+            h = self.layer_norm(&(m + a)?, layer.output_norm)?;
         }
         Ok(h)
     }

@@ -1,13 +1,16 @@
-//! The pieces every model composes, written once: the input-embedding resolution (token ids
-//! looked up, or `inputs_embeds` checked), default positions, the language-model head
-//! (`logits_to_keep`, the fused head + loss), and reading a model folder's `config.json`.
-//! Attention, rotary and norm kernels live in [`crate::ops`]; a model's own module tree comes
-//! from [`peft_core::ModelBuilder`].
+//! The pieces every model composes, written once: attention over named projections (separate
+//! or fused q/k/v, rotary or not, grouped-query heads, the key/value cache, cross-attention),
+//! gated and plain feed-forward blocks, the input-embedding resolution (token ids looked up, or
+//! `inputs_embeds` checked), default positions, the language-model head (`logits_to_keep`, the
+//! fused head + loss), and reading a model folder's `config.json`. The kernels live in
+//! [`crate::ops`]; a model's own module tree comes from [`peft_core::ModelBuilder`].
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::{EmbeddingId, LinearId, ModelInputs, ModuleTree, PeftError, Result};
+use peft_core::{EmbeddingId, KvCache, LinearId, ModelInputs, ModuleTree, PeftError, Result};
+
+use crate::ops::AttentionMask;
 use serde_json::{Map, Value};
 
 /// A model folder's `config.json`, parsed, with its path for error messages.
@@ -95,5 +98,184 @@ impl LmHead {
     /// fused head + loss (the `[B, T, V]` logits are never held for a frozen dense head).
     pub fn loss(self, tree: &ModuleTree, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         peft_core::loss::head_cross_entropy(hidden, tree.linear(self.0).as_ref(), targets)
+    }
+}
+
+/// Where an attention layer's queries, keys and values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qkv {
+    /// Three projections (`q_proj`, `k_proj`, `v_proj`; BERT's `query`, `key`, `value`; T5's
+    /// `q`, `k`, `v`).
+    Separate {
+        /// Queries.
+        q: LinearId,
+        /// Keys.
+        k: LinearId,
+        /// Values.
+        v: LinearId,
+    },
+    /// One projection whose output is `[queries | keys | values]` (GPT-2's `c_attn`).
+    Fused(LinearId),
+}
+
+/// An attention layer: its projections (declared by the model under its own names and
+/// containers) and what every model computes with them: the per-head split (rotary embedding
+/// where given), the key/value cache, grouped-query attention and the output projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attention {
+    /// The query, key and value projections.
+    pub qkv: Qkv,
+    /// The output projection.
+    pub o: LinearId,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` with grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// `[B, T, n * head_dim]` as `[B, n, T, head_dim]` (rotated by `rotary`'s cos/sin when
+    /// given).
+    fn split(&self, y: &Tensor, n: usize, rotary: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        match rotary {
+            Some((cos, sin)) => crate::ops::rope_heads(y, n, cos, sin),
+            None => {
+                let (b, t, _) = y.dims3()?;
+                Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?)
+            }
+        }
+    }
+
+    /// The projections of `x`: queries, keys, values, `[B, T, width]` each.
+    fn project(&self, tree: &ModuleTree, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match self.qkv {
+            Qkv::Separate { q, k, v } => (
+                tree.linear(q).forward(x)?,
+                tree.linear(k).forward(x)?,
+                tree.linear(v).forward(x)?,
+            ),
+            Qkv::Fused(qkv) => {
+                let y = tree.linear(qkv).forward(x)?;
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(2, 0, q)?,
+                    y.narrow(2, q, kv)?,
+                    y.narrow(2, q + kv, kv)?,
+                )
+            }
+        })
+    }
+
+    /// Self-attention over `x [B, T, hidden]`: queries, keys and values from `x` (queries and
+    /// keys rotated by `rotary`), keys and values appended to layer `layer` of `cache`, scores
+    /// scaled by `scale` under `mask`, heads joined and projected by `o`.
+    #[allow(clippy::too_many_arguments)] // one attention call's inputs, all distinct
+    pub fn forward(
+        &self,
+        tree: &ModuleTree,
+        x: &Tensor,
+        rotary: Option<(&Tensor, &Tensor)>,
+        scale: f64,
+        mask: Option<&AttentionMask>,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(tree, x)?;
+        let q = self.split(&q, self.heads, rotary)?;
+        let k = self.split(&k, self.kv_heads, rotary)?;
+        let v = self.split(&v, self.kv_heads, None)?;
+        let (k, v) = crate::ops::cache_kv(k, v, layer, cache)?;
+        self.attend_split(tree, q, &k, &v, scale, mask)
+    }
+
+    /// Keys and values of `x` split into heads `[B, kv_heads, S, head_dim]` (cross-attention:
+    /// computed once from the encoder output).
+    pub fn keys_values(&self, tree: &ModuleTree, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.qkv {
+            Qkv::Separate { k, v, .. } => (tree.linear(k).forward(x)?, tree.linear(v).forward(x)?),
+            Qkv::Fused(_) => {
+                let (_, k, v) = self.project(tree, x)?;
+                (k, v)
+            }
+        };
+        Ok((
+            self.split(&k, self.kv_heads, None)?,
+            self.split(&v, self.kv_heads, None)?,
+        ))
+    }
+
+    /// Queries from `x` against given keys and values (cross-attention), projected by `o`.
+    pub fn attend(
+        &self,
+        tree: &ModuleTree,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: Option<&AttentionMask>,
+    ) -> Result<Tensor> {
+        let q = match self.qkv {
+            Qkv::Separate { q, .. } => tree.linear(q).forward(x)?,
+            Qkv::Fused(_) => self.project(tree, x)?.0,
+        };
+        let q = self.split(&q, self.heads, None)?;
+        self.attend_split(tree, q, k, v, scale, mask)
+    }
+
+    fn attend_split(
+        &self,
+        tree: &ModuleTree,
+        q: Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: Option<&AttentionMask>,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        // Grouped key/value heads are mapped onto query heads inside the attention.
+        let out = crate::ops::attention(&q, k, v, scale, mask)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        tree.linear(self.o).forward(&out)
+    }
+}
+
+/// A feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `down(act(gate(x)) * up(x))` (LLaMA's SwiGLU, T5's gated-gelu).
+    Gated {
+        /// The activated projection (`gate_proj`, `wi_0`).
+        gate: LinearId,
+        /// The multiplied projection (`up_proj`, `wi_1`).
+        up: LinearId,
+        /// The output projection (`down_proj`, `wo`).
+        down: LinearId,
+    },
+    /// `down(act(up(x)))` (GPT-2's `c_fc`/`c_proj`, BERT's intermediate/output, T5's `wi`/`wo`).
+    Plain {
+        /// The widening projection.
+        up: LinearId,
+        /// The output projection.
+        down: LinearId,
+    },
+}
+
+impl Mlp {
+    /// The block on `x` with activation `act` (transformers' `ACT2FN` names).
+    pub fn forward(self, tree: &ModuleTree, x: &Tensor, act: &str) -> Result<Tensor> {
+        let h = match self {
+            Mlp::Gated { gate, up, .. } => crate::ops::gated(
+                act,
+                &tree.linear(gate).forward(x)?,
+                &tree.linear(up).forward(x)?,
+            )?,
+            Mlp::Plain { up, .. } => crate::ops::activation(act, &tree.linear(up).forward(x)?)?,
+        };
+        let (Mlp::Gated { down, .. } | Mlp::Plain { down, .. }) = self;
+        tree.linear(down).forward(&h)
     }
 }

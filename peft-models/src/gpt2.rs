@@ -12,7 +12,7 @@ use peft_core::{
 };
 use serde_json::{Map, Value};
 
-use crate::blocks::LmHead;
+use crate::blocks::{Attention, LmHead, Mlp, Qkv};
 use crate::ops;
 use crate::weights::ModelWeights;
 
@@ -98,11 +98,11 @@ impl Gpt2Config {
 #[derive(Debug, Clone, Copy)]
 struct Block {
     ln_1: NormIds,
-    c_attn: LinearId,
-    attn_proj: LinearId,
+    /// `attn.c_attn` (fused q, k, v) and `attn.c_proj`.
+    attn: Attention,
     ln_2: NormIds,
-    c_fc: LinearId,
-    mlp_proj: LinearId,
+    /// `mlp.c_fc` and `mlp.c_proj`.
+    mlp: Mlp,
 }
 
 /// GPT-2 with a language-modelling head.
@@ -148,13 +148,22 @@ impl Gpt2Model {
             let mlp_proj = m.conv1d("c_proj", cfg.n_inner, d)?;
             m.module("act", "NewGELUActivation");
             m.module("dropout", "Dropout");
+            let attn = Attention {
+                qkv: Qkv::Fused(c_attn),
+                o: attn_proj,
+                heads: cfg.n_head,
+                kv_heads: cfg.n_head,
+                head_dim: d / cfg.n_head,
+            };
+            let mlp = Mlp::Plain {
+                up: c_fc,
+                down: mlp_proj,
+            };
             blocks.push(Block {
                 ln_1,
-                c_attn,
-                attn_proj,
+                attn,
                 ln_2,
-                c_fc,
-                mlp_proj,
+                mlp,
             });
         }
         let ln_f = t.norm("ln_f", "LayerNorm", d, true)?;
@@ -291,30 +300,27 @@ impl Gpt2Model {
             None,
             &self.core.device,
         )?;
-        let (nh, d) = (self.cfg.n_head, self.cfg.n_embd);
-        let hd = d / nh;
+        let hd = self.cfg.n_embd / self.cfg.n_head;
         let scale = if self.cfg.scale_attn_weights {
             1.0 / (hd as f64).sqrt()
         } else {
             1.0
         };
+        let tree = &self.core.tree;
         for (i, block) in self.blocks.iter().enumerate() {
-            let tree = &self.core.tree;
             let a = self.norm(&h, block.ln_1)?;
-            let qkv = tree.linear(block.c_attn).forward(&a)?;
-            let heads =
-                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
-            let q = heads(qkv.narrow(2, 0, d)?)?;
-            let k = heads(qkv.narrow(2, d, d)?)?;
-            let v = heads(qkv.narrow(2, 2 * d, d)?)?;
-            let (k, v) = ops::cache_kv(k, v, i, cache.as_deref_mut())?;
-            let attn = ops::attention(&q, &k, &v, scale, mask.as_ref())?
-                .transpose(1, 2)?
-                .reshape((b, t, d))?;
-            h = (h + tree.linear(block.attn_proj).forward(&attn)?)?;
+            let attn = block.attn.forward(
+                tree,
+                &a,
+                None,
+                scale,
+                mask.as_ref(),
+                i,
+                cache.as_deref_mut(),
+            )?;
+            h = (h + attn)?;
             let m = self.norm(&h, block.ln_2)?;
-            let m = ops::activation(&self.cfg.activation, &tree.linear(block.c_fc).forward(&m)?)?;
-            h = (h + tree.linear(block.mlp_proj).forward(&m)?)?;
+            h = (h + block.mlp.forward(tree, &m, &self.cfg.activation)?)?;
         }
         self.norm(&h, self.ln_f)
     }

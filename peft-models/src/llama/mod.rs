@@ -16,7 +16,7 @@ use serde_json::Value;
 
 pub use config::{LlamaConfig, RopeScaling};
 
-use crate::blocks::LmHead;
+use crate::blocks::{Attention, LmHead, Mlp, Qkv};
 use crate::ops::{self, AttentionMask, Rotary};
 use crate::weights::ModelWeights;
 use crate::Precision;
@@ -24,9 +24,9 @@ use crate::Precision;
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     /// q, k, v, o projections.
-    attn: [LinearId; 4],
+    attn: Attention,
     /// gate, up, down projections.
-    mlp: [LinearId; 3],
+    mlp: Mlp,
     input_layernorm: ParamId,
     post_attention_layernorm: ParamId,
     sliding_window: Option<usize>,
@@ -70,19 +70,24 @@ impl LlamaModel {
         for i in 0..cfg.num_hidden_layers {
             let mut l = stack.container(i, layer_cls);
             let mut a = l.container("self_attn", attn_cls);
-            let attn = [
-                a.linear("q_proj", h, q_out, cfg.qkv_bias)?,
-                a.linear("k_proj", h, kv_out, cfg.qkv_bias)?,
-                a.linear("v_proj", h, kv_out, cfg.qkv_bias)?,
-                a.linear("o_proj", q_out, h, cfg.o_bias)?,
-            ];
+            let attn = Attention {
+                qkv: Qkv::Separate {
+                    q: a.linear("q_proj", h, q_out, cfg.qkv_bias)?,
+                    k: a.linear("k_proj", h, kv_out, cfg.qkv_bias)?,
+                    v: a.linear("v_proj", h, kv_out, cfg.qkv_bias)?,
+                },
+                o: a.linear("o_proj", q_out, h, cfg.o_bias)?,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
             let mut f = l.container("mlp", mlp_cls);
             let ffn = cfg.intermediate_size;
-            let mlp = [
-                f.linear("gate_proj", h, ffn, cfg.mlp_bias)?,
-                f.linear("up_proj", h, ffn, cfg.mlp_bias)?,
-                f.linear("down_proj", ffn, h, cfg.mlp_bias)?,
-            ];
+            let mlp = Mlp::Gated {
+                gate: f.linear("gate_proj", h, ffn, cfg.mlp_bias)?,
+                up: f.linear("up_proj", h, ffn, cfg.mlp_bias)?,
+                down: f.linear("down_proj", ffn, h, cfg.mlp_bias)?,
+            };
             f.module("act_fn", "SiLUActivation");
             layers.push(DecoderLayer {
                 attn,
@@ -180,57 +185,6 @@ impl LlamaModel {
         self.core.info.name_or_path = Some(name.into());
     }
 
-    #[allow(clippy::too_many_arguments)] // one attention call's inputs, all distinct
-    fn attention(
-        &self,
-        layer: &DecoderLayer,
-        layer_idx: usize,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&AttentionMask>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let q = ops::rope_heads(
-            &self.core.tree.linear(layer.attn[0]).forward(x)?,
-            nh,
-            cos,
-            sin,
-        )?;
-        let k = ops::rope_heads(
-            &self.core.tree.linear(layer.attn[1]).forward(x)?,
-            nkv,
-            cos,
-            sin,
-        )?;
-        let v = self
-            .core
-            .tree
-            .linear(layer.attn[2])
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let (k, v) = ops::cache_kv(k, v, layer_idx, cache)?;
-        // Grouped key/value heads are mapped onto query heads inside the attention.
-        let out = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.core.tree.linear(layer.attn[3]).forward(&out)
-    }
-
-    fn mlp(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-        let t = &self.core.tree;
-        let gate = t.linear(layer.mlp[0]).forward(x)?;
-        let up = t.linear(layer.mlp[1]).forward(x)?;
-        t.linear(layer.mlp[2])
-            .forward(&ops::gated(&self.cfg.hidden_act, &gate, &up)?)
-    }
-
     /// Runs the decoder stack and returns the final hidden states `[B, T, hidden]`.
     pub fn hidden_states(
         &self,
@@ -283,14 +237,23 @@ impl LlamaModel {
                 self.core.tree.param(layer.input_layernorm),
                 self.cfg.rms_norm_eps,
             )?;
-            let attn = self.attention(layer, i, &normed, &cos, &sin, mask, cache.as_deref_mut())?;
+            let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+            let rotary = Some((&cos, &sin));
+            let tree = &self.core.tree;
+            let attn =
+                layer
+                    .attn
+                    .forward(tree, &normed, rotary, scale, mask, i, cache.as_deref_mut())?;
             h = (h + attn)?;
             let normed = ops::rms_norm(
                 &h,
                 self.core.tree.param(layer.post_attention_layernorm),
                 self.cfg.rms_norm_eps,
             )?;
-            h = (&h + self.mlp(layer, &normed)?)?;
+            h = (&h
+                + layer
+                    .mlp
+                    .forward(&self.core.tree, &normed, &self.cfg.hidden_act)?)?;
         }
         ops::rms_norm(&h, self.core.tree.param(self.norm), self.cfg.rms_norm_eps)
     }
