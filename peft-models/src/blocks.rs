@@ -8,7 +8,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use peft_core::{EmbeddingId, KvCache, LinearId, ModelInputs, ModuleTree, PeftError, Result};
+use peft_core::{
+    AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInputs,
+    ModuleTree, PeftError, Result,
+};
 
 use crate::ops::AttentionMask;
 use serde_json::{Map, Value};
@@ -19,6 +22,35 @@ pub fn read_config(dir: &Path) -> Result<(Map<String, Value>, String)> {
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
     let source = path.display().to_string();
     Ok((peft_core::json::parse_object(&text, &source)?, source))
+}
+
+/// Loads a model from a Hugging Face folder: `config` resolves its `config.json`, `build`
+/// declares the model over the folder's safetensors (names carrying `optional_prefix` are also
+/// found without it) with `factories` asked for the base linear layers; the folder becomes the
+/// model's `name_or_path`.
+pub fn load_folder<C, M: AdaptableModel>(
+    dir: &Path,
+    precision: crate::Precision,
+    device: &Device,
+    factories: Vec<Box<dyn BaseLayerFactory>>,
+    optional_prefix: Option<&str>,
+    config: impl FnOnce(Map<String, Value>, &str) -> Result<C>,
+    build: impl FnOnce(C, ModelBuilder<'_>, DType) -> Result<M>,
+) -> Result<M> {
+    let (map, source) = read_config(dir)?;
+    let cfg = config(map, &source)?;
+    let mut weights = crate::weights::ModelWeights::open(dir, precision, device)?;
+    if let Some(prefix) = optional_prefix {
+        weights = weights.with_optional_prefix(prefix);
+    }
+    let dtype = weights.dtype();
+    let mut model = build(
+        cfg,
+        ModelBuilder::with_factories(&mut weights, factories),
+        dtype,
+    )?;
+    model.core_mut().info.name_or_path = Some(dir.display().to_string());
+    Ok(model)
 }
 
 /// `ids` looked up in embedding `table` (checked against the `vocab_size`), in `dtype`.

@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 
 use crate::blocks::{Attention, LmHead, Mlp, Qkv};
 use crate::ops;
-use crate::weights::ModelWeights;
 
 /// A resolved GPT-2 configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -220,15 +219,15 @@ impl Gpt2Model {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let (map, source) = crate::blocks::read_config(dir)?;
-        let cfg = Gpt2Config::from_map(map, &source)?;
-        let mut weights =
-            ModelWeights::open(dir, dtype, device)?.with_optional_prefix("transformer.");
-        let dtype = weights.dtype();
-        let b = ModelBuilder::with_factories(&mut weights, factories);
-        let mut model = Self::build(cfg, b, dtype, device)?;
-        model.core.info.name_or_path = Some(dir.display().to_string());
-        Ok(model)
+        crate::blocks::load_folder(
+            dir,
+            dtype,
+            device,
+            factories,
+            Some("transformer."),
+            Gpt2Config::from_map,
+            |cfg, b, dtype| Self::build(cfg, b, dtype, device),
+        )
     }
 
     /// A model with random weights, reproducible from `seed`.

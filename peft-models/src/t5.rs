@@ -19,7 +19,6 @@ use serde_json::{Map, Value};
 
 use crate::blocks::LmHead;
 use crate::ops::{self, AttentionMask};
-use crate::weights::ModelWeights;
 
 /// A resolved T5-family configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -418,14 +417,15 @@ impl T5Model {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let (map, source) = crate::blocks::read_config(dir)?;
-        let cfg = T5Config::from_map(map, &source)?;
-        let mut weights = ModelWeights::open(dir, dtype, device)?;
-        let dtype = weights.dtype();
-        let b = ModelBuilder::with_factories(&mut weights, factories);
-        let mut model = Self::build(cfg, b, dtype, device)?;
-        model.core.info.name_or_path = Some(dir.display().to_string());
-        Ok(model)
+        crate::blocks::load_folder(
+            dir,
+            dtype,
+            device,
+            factories,
+            None,
+            T5Config::from_map,
+            |cfg, b, dtype| Self::build(cfg, b, dtype, device),
+        )
     }
 
     /// A model with random weights (normal with the config's `initializer_range`, 0.05 when

@@ -272,9 +272,10 @@ impl BaseLayerFactory for QuantizeOnLoad {
             return Ok(None);
         }
         let dense = spec.dense(src)?;
-        crate::backend::check_device(dense.weight()?.device())?;
+        let weight = dense.weight()?;
+        crate::backend::check_device(weight.device())?;
         let layer = QuantLinear::quantize(
-            &dense.weight()?,
+            &weight,
             dense.bias().cloned(),
             dense.stores_transposed(),
             self.scheme,

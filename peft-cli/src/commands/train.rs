@@ -313,20 +313,28 @@ fn write_labels(out: &Path, labels: &[String]) -> Result<()> {
 pub fn head_classes(num_labels: Option<usize>, adapters: &[PathBuf]) -> Result<Option<usize>> {
     match num_labels {
         Some(n) => Ok(Some(n)),
-        None => labels_file_classes(adapters.first().map(PathBuf::as_path)),
+        None => Ok(read_labels(adapters.first().map(PathBuf::as_path))?.map(|l| l.len())),
     }
 }
 
-/// The number of classes in `adapter`'s `labels.json`, if it has one.
-fn labels_file_classes(adapter: Option<&Path>) -> Result<Option<usize>> {
+/// The class names in `adapter`'s `labels.json` (its `id2label`, index order), if it has one.
+fn read_labels(adapter: Option<&Path>) -> Result<Option<Vec<String>>> {
     let Some(path) = adapter.map(|a| a.join(LABELS_NAME)).filter(|p| p.is_file()) else {
         return Ok(None);
     };
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
         .with_context(|| format!("{}: invalid JSON", path.display()))?;
-    match v.get("id2label").and_then(Value::as_object) {
-        Some(m) if !m.is_empty() => Ok(Some(m.len())),
-        _ => bail!("{}: expected a non-empty `id2label` object", path.display()),
+    let id2label = v.get("id2label");
+    let n = id2label.and_then(Value::as_object).map_or(0, Map::len);
+    match id2label
+        .and_then(|m| names_of(m, n))
+        .filter(|l| !l.is_empty())
+    {
+        Some(labels) => Ok(Some(labels)),
+        None => bail!(
+            "{}: expected an `id2label` object naming classes \"0\" to \"N-1\"",
+            path.display()
+        ),
     }
 }
 
@@ -371,15 +379,14 @@ pub fn objective(
         ),
     }
     let n = info.num_labels.unwrap_or(0);
-    if let Some(path) = adapter.map(|a| a.join(LABELS_NAME)).filter(|p| p.is_file()) {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("{}: invalid JSON", path.display()))?;
-        let labels = v
-            .get("id2label")
-            .and_then(|m| names_of(m, n))
-            .with_context(|| {
-                format!("{}: expected `id2label` naming {n} classes", path.display())
-            })?;
+    if let Some(labels) = read_labels(adapter)? {
+        if labels.len() != n {
+            bail!(
+                "{}: {LABELS_NAME} names {} classes, but the model's head has {n}",
+                adapter.map_or_else(String::new, |a| a.display().to_string()),
+                labels.len()
+            );
+        }
         return Ok(data::Objective::Classification { labels });
     }
     let configured = base

@@ -18,7 +18,6 @@ pub use config::{LlamaConfig, RopeScaling};
 
 use crate::blocks::{Attention, LmHead, Mlp, Qkv};
 use crate::ops::{self, AttentionMask, Rotary};
-use crate::weights::ModelWeights;
 use crate::Precision;
 
 #[derive(Debug, Clone)]
@@ -151,14 +150,15 @@ impl LlamaModel {
         device: &Device,
         factories: Vec<Box<dyn BaseLayerFactory>>,
     ) -> Result<Self> {
-        let (map, source) = crate::blocks::read_config(dir)?;
-        let cfg = LlamaConfig::from_map(map, &source)?;
-        let mut weights = ModelWeights::open(dir, dtype, device)?;
-        let dtype = weights.dtype();
-        let b = ModelBuilder::with_factories(&mut weights, factories);
-        let mut model = Self::build(cfg, b, dtype, device)?;
-        model.core.info.name_or_path = Some(dir.display().to_string());
-        Ok(model)
+        crate::blocks::load_folder(
+            dir,
+            dtype,
+            device,
+            factories,
+            None,
+            LlamaConfig::from_map,
+            |cfg, b, dtype| Self::build(cfg, b, dtype, device),
+        )
     }
 
     /// A model with random weights (normal with std `initializer_range`, norms at one),
