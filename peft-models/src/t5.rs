@@ -17,7 +17,7 @@ use peft_core::{
 };
 use serde_json::{Map, Value};
 
-use crate::blocks::LmHead;
+use crate::blocks::{Attention, LmHead, Mlp, Qkv};
 use crate::ops::{self, AttentionMask};
 
 /// A resolved T5-family configuration.
@@ -145,26 +145,15 @@ impl T5Config {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Attention {
-    /// q, k, v, o
-    proj: [LinearId; 4],
-    relative_bias: Option<ParamId>,
-}
-
-#[derive(Debug, Clone)]
-struct FeedForward {
-    /// `wi` or (`wi_0`, `wi_1`), then `wo`.
-    wi: Vec<LinearId>,
-    wo: LinearId,
-}
-
+/// One `T5Block`: the toolkit's attention and MLP blocks, each behind its pre-norm.
 #[derive(Debug, Clone)]
 struct Block {
     self_attn: Attention,
+    /// Block 0's `relative_attention_bias` table `[buckets, heads]`.
+    relative_bias: Option<ParamId>,
     self_norm: ParamId,
     cross_attn: Option<(Attention, ParamId)>,
-    ff: FeedForward,
+    ff: Mlp,
     ff_norm: ParamId,
 }
 
@@ -223,7 +212,7 @@ impl T5Model {
         j: usize,
         cross: bool,
         relative: bool,
-    ) -> Result<(Attention, ParamId)> {
+    ) -> Result<(Attention, Option<ParamId>, ParamId)> {
         let (d, inner) = (cfg.d_model, cfg.inner());
         let (name, class) = if cross {
             ("EncDecAttention", "T5LayerCrossAttention")
@@ -232,12 +221,12 @@ impl T5Model {
         };
         let mut layer = block.container(j, class);
         let mut a = layer.container(name, "T5Attention");
-        let proj = [
-            a.linear("q", d, inner, false)?,
-            a.linear("k", d, inner, false)?,
-            a.linear("v", d, inner, false)?,
-            a.linear("o", inner, d, false)?,
-        ];
+        let qkv = Qkv::Separate {
+            q: a.linear("q", d, inner, false)?,
+            k: a.linear("k", d, inner, false)?,
+            v: a.linear("v", d, inner, false)?,
+        };
+        let o = a.linear("o", inner, d, false)?;
         let relative_bias = if relative {
             let shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
             Some(
@@ -249,22 +238,19 @@ impl T5Model {
         };
         let norm = layer.norm("layer_norm", "T5LayerNorm", d, false)?.weight;
         layer.module("dropout", "Dropout");
-        Ok((
-            Attention {
-                proj,
-                relative_bias,
-            },
-            norm,
-        ))
+        let attention = Attention {
+            qkv,
+            o,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_heads,
+            head_dim: cfg.d_kv,
+        };
+        Ok((attention, relative_bias, norm))
     }
 
     /// Declares the feed-forward sub-layer (`T5LayerFF` at `<block>.layer.<j>`). `wo` stays
     /// in full precision on quantized bases (transformers' `_keep_in_fp32_modules`).
-    fn ff_layer(
-        cfg: &T5Config,
-        block: &mut Scope<'_, '_>,
-        j: usize,
-    ) -> Result<(FeedForward, ParamId)> {
+    fn ff_layer(cfg: &T5Config, block: &mut Scope<'_, '_>, j: usize) -> Result<(Mlp, ParamId)> {
         let (d, d_ff) = (cfg.d_model, cfg.d_ff);
         let mut layer = block.container(j, "T5LayerFF");
         let class = if cfg.is_gated_act {
@@ -273,15 +259,16 @@ impl T5Model {
             "T5DenseActDense"
         };
         let mut dense = layer.container("DenseReluDense", class);
+        // `act(wi_0(x)) * wi_1(x)` or `act(wi(x))`, then `wo`.
         let wi = if cfg.is_gated_act {
-            vec![
+            (
                 dense.linear("wi_0", d, d_ff, false)?,
-                dense.linear("wi_1", d, d_ff, false)?,
-            ]
+                Some(dense.linear("wi_1", d, d_ff, false)?),
+            )
         } else {
-            vec![dense.linear("wi", d, d_ff, false)?]
+            (dense.linear("wi", d, d_ff, false)?, None)
         };
-        let wo = dense.declare_linear(LinearSpec {
+        let down = dense.declare_linear(LinearSpec {
             path: dense.path("wo"),
             in_features: d_ff,
             out_features: d,
@@ -294,7 +281,11 @@ impl T5Model {
         dense.module("act", "Activation");
         let norm = layer.norm("layer_norm", "T5LayerNorm", d, false)?.weight;
         layer.module("dropout", "Dropout");
-        Ok((FeedForward { wi, wo }, norm))
+        let mlp = match wi {
+            (gate, Some(up)) => Mlp::Gated { gate, up, down },
+            (up, None) => Mlp::Plain { up, down },
+        };
+        Ok((mlp, norm))
     }
 
     /// Declares one stack (`encoder` or `decoder`): its blocks, final norm and dropout.
@@ -313,15 +304,18 @@ impl T5Model {
         for i in 0..layers {
             let mut block = list.container(i, "T5Block");
             let mut sub = block.container("layer", "ModuleList");
-            let (self_attn, self_norm) = Self::attention_layer(cfg, &mut sub, 0, false, i == 0)?;
+            let (self_attn, relative_bias, self_norm) =
+                Self::attention_layer(cfg, &mut sub, 0, false, i == 0)?;
             let cross_attn = if decoder {
-                Some(Self::attention_layer(cfg, &mut sub, 1, true, false)?)
+                let (attn, _, norm) = Self::attention_layer(cfg, &mut sub, 1, true, false)?;
+                Some((attn, norm))
             } else {
                 None
             };
             let (ff, ff_norm) = Self::ff_layer(cfg, &mut sub, if decoder { 2 } else { 1 })?;
             blocks.push(Block {
                 self_attn,
+                relative_bias,
                 self_norm,
                 cross_attn,
                 ff,
@@ -487,67 +481,32 @@ impl T5Model {
             .to_dtype(DType::F32)?)
     }
 
-    fn heads(&self, x: Tensor, b: usize, t: usize) -> Result<Tensor> {
-        Ok(x.reshape((b, t, self.cfg.num_heads, self.cfg.d_kv))?
-            .transpose(1, 2)?)
-    }
-
-    fn attend(
-        &self,
-        attn: &Attention,
-        q_in: &Tensor,
-        k: Tensor,
-        v: Tensor,
-        bias: &Tensor,
-        valid: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = q_in.dims3()?;
-        let q = self.heads(self.core.tree.linear(attn.proj[0]).forward(q_in)?, b, t)?;
-        let mask = AttentionMask {
-            additive: bias.clone(),
-            row_valid: valid.cloned(),
-            causal_past: None,
-        };
-        let out = ops::attention(&q, &k, &v, 1.0, Some(&mask))?
-            .transpose(1, 2)?
-            .reshape((b, t, self.cfg.inner()))?;
-        self.core.tree.linear(attn.proj[3]).forward(&out)
-    }
-
     /// The self-attention sub-layer both stacks share: pre-norm, attention (keys and values
-    /// appended to `cache`'s layer `layer` when decoding with a cache), residual.
+    /// appended to `cache`'s layer `layer` when decoding with a cache; the position bias and
+    /// masks in `mask`, no score scaling), residual.
     fn self_attention(
         &self,
         block: &Block,
         h: Tensor,
-        bias: &Tensor,
-        valid: Option<&Tensor>,
+        mask: &AttentionMask,
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = h.dims3()?;
-        let attn = &block.self_attn;
         let x = self.norm(&h, block.self_norm)?;
-        let k = self.heads(self.core.tree.linear(attn.proj[1]).forward(&x)?, b, t)?;
-        let v = self.heads(self.core.tree.linear(attn.proj[2]).forward(&x)?, b, t)?;
-        let (k, v) = ops::cache_kv(k, v, layer, cache)?;
-        Ok((h + self.attend(attn, &x, k, v, bias, valid)?)?)
+        let y =
+            block
+                .self_attn
+                .forward(&self.core.tree, &x, None, 1.0, Some(mask), layer, cache)?;
+        Ok((h + y)?)
     }
 
     /// The feed-forward sub-layer both stacks share: pre-norm, MLP, residual.
     fn feed_forward(&self, block: &Block, h: Tensor) -> Result<Tensor> {
         let x = self.norm(&h, block.ff_norm)?;
-        Ok((&h + self.ff(&block.ff, &x)?)?)
-    }
-
-    fn ff(&self, ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
-        let t = &self.core.tree;
-        let h = ops::activation(&self.cfg.dense_act_fn, &t.linear(ff.wi[0]).forward(x)?)?;
-        let h = match ff.wi.get(1) {
-            Some(&gate) => (h * t.linear(gate).forward(x)?)?,
-            None => h,
-        };
-        t.linear(ff.wo).forward(&h)
+        let y = block
+            .ff
+            .forward(&self.core.tree, &x, &self.cfg.dense_act_fn)?;
+        Ok((&h + y)?)
     }
 
     fn norm(&self, x: &Tensor, w: ParamId) -> Result<Tensor> {
@@ -558,7 +517,7 @@ impl T5Model {
     fn relative_table(&self, blocks: &[Block], stack: &str) -> Result<&Tensor> {
         let id = blocks
             .first()
-            .and_then(|b| b.self_attn.relative_bias)
+            .and_then(|b| b.relative_bias)
             .ok_or_else(|| {
                 PeftError::InvalidState(format!("{stack} block 0 lacks its relative bias"))
             })?;
@@ -590,9 +549,14 @@ impl T5Model {
         let bias = self
             .position_bias(table, t, t, 0, true)?
             .broadcast_add(&self.padding_additive(mask, b, t)?)?;
+        let mask = AttentionMask {
+            additive: bias,
+            row_valid: None,
+            causal_past: None,
+        };
         let mut h = embeds.clone();
         for (i, block) in self.encoder.iter().enumerate() {
-            h = self.self_attention(block, h, &bias, None, i, None)?;
+            h = self.self_attention(block, h, &mask, i, None)?;
             h = self.feed_forward(block, h)?;
         }
         self.norm(&h, self.encoder_norm)
@@ -664,47 +628,42 @@ impl T5Model {
             &self.core.device,
         )?;
         let position = self.position_bias(table, t, past + t, past, false)?;
-        let (self_bias, self_valid) = match &causal {
-            Some(m) => (position.broadcast_add(&m.additive)?, m.row_valid.clone()),
-            None => (position, None),
+        let self_mask = match causal {
+            Some(m) => AttentionMask {
+                additive: position.broadcast_add(&m.additive)?,
+                row_valid: m.row_valid,
+                causal_past: None,
+            },
+            None => AttentionMask {
+                additive: position,
+                row_valid: None,
+                causal_past: None,
+            },
         };
-        let cross_bias = self.padding_additive(enc_mask.as_ref(), b, s_enc)?;
+        let cross_mask = AttentionMask {
+            additive: self.padding_additive(enc_mask.as_ref(), b, s_enc)?,
+            row_valid: None,
+            causal_past: None,
+        };
+        let tree = &self.core.tree;
         let mut h = dec;
         for (i, block) in self.decoder.iter().enumerate() {
-            h = self.self_attention(
-                block,
-                h,
-                &self_bias,
-                self_valid.as_ref(),
-                i,
-                cache.as_deref_mut(),
-            )?;
+            h = self.self_attention(block, h, &self_mask, i, cache.as_deref_mut())?;
             if let Some((cross, norm)) = &block.cross_attn {
                 let x = self.norm(&h, *norm)?;
+                // Cross-attention keys and values: from the encoder output, once per cache.
                 let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
                     Some((k, v)) => (k.clone(), v.clone()),
                     None => {
-                        let k = self
-                            .heads(
-                                self.core.tree.linear(cross.proj[1]).forward(&encoded)?,
-                                b,
-                                s_enc,
-                            )?
-                            .contiguous()?;
-                        let v = self
-                            .heads(
-                                self.core.tree.linear(cross.proj[2]).forward(&encoded)?,
-                                b,
-                                s_enc,
-                            )?
-                            .contiguous()?;
+                        let (k, v) = cross.keys_values(tree, &encoded)?;
+                        let (k, v) = (k.contiguous()?, v.contiguous()?);
                         if let Some(c) = cache.as_deref_mut() {
                             c.set_cross(i, (k.clone(), v.clone()));
                         }
                         (k, v)
                     }
                 };
-                h = (h + self.attend(cross, &x, k, v, &cross_bias, None)?)?;
+                h = (h + cross.attend(tree, &x, &k, &v, 1.0, Some(&cross_mask))?)?;
             }
             h = self.feed_forward(block, h)?;
         }
