@@ -10,6 +10,7 @@ use std::any::Any;
 use std::fmt::{self, Debug};
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{PeftError, Result};
@@ -73,9 +74,11 @@ impl fmt::Display for TaskType {
 }
 
 /// The fields of peft's `PeftConfig` base class, shared by every method.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CommonConfig {
     /// `task_type` (null allowed).
+    #[serde(skip)]
     pub task_type: Option<TaskType>,
     /// `base_model_name_or_path`.
     pub base_model_name_or_path: Option<String>,
@@ -105,35 +108,17 @@ impl CommonConfig {
         };
         Ok(CommonConfig {
             task_type,
-            base_model_name_or_path: fields.take_opt_string("base_model_name_or_path")?,
-            revision: fields.take_opt_string("revision")?,
-            inference_mode: fields.take_bool("inference_mode", false)?,
-            auto_mapping: match fields.take_raw("auto_mapping") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(v),
-            },
-            peft_version: fields.take_opt_string("peft_version")?,
+            ..fields.take_derived()?
         })
     }
 
     fn write(&self, out: &mut Map<String, Value>) {
-        let opt = |s: &Option<String>| s.clone().map_or(Value::Null, Value::String);
         out.insert(
             "task_type".into(),
             self.task_type
                 .map_or(Value::Null, |t| Value::from(t.as_str())),
         );
-        out.insert(
-            "base_model_name_or_path".into(),
-            opt(&self.base_model_name_or_path),
-        );
-        out.insert("revision".into(), opt(&self.revision));
-        out.insert("inference_mode".into(), Value::Bool(self.inference_mode));
-        out.insert(
-            "auto_mapping".into(),
-            self.auto_mapping.clone().unwrap_or(Value::Null),
-        );
-        out.insert("peft_version".into(), opt(&self.peft_version));
+        json::write_derived(self, out);
     }
 }
 
@@ -153,6 +138,34 @@ impl<T: MethodConfig + Clone> ConfigObject for T {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// Inside `impl MethodConfig for X`, where `X` implements [`LayerMethod`]: writes
+/// `as_layer_method` and `as_layer_method_mut`.
+#[macro_export]
+macro_rules! layer_method_casts {
+    () => {
+        fn as_layer_method(&self) -> Option<&dyn $crate::LayerMethod> {
+            Some(self)
+        }
+        fn as_layer_method_mut(&mut self) -> Option<&mut dyn $crate::LayerMethod> {
+            Some(self)
+        }
+    };
+}
+
+/// Inside `impl MethodConfig for X`, where `X` implements [`PromptMethod`]: writes
+/// `as_prompt_method` and `as_prompt_method_mut`.
+#[macro_export]
+macro_rules! prompt_method_casts {
+    () => {
+        fn as_prompt_method(&self) -> Option<&dyn $crate::PromptMethod> {
+            Some(self)
+        }
+        fn as_prompt_method_mut(&mut self) -> Option<&mut dyn $crate::PromptMethod> {
+            Some(self)
+        }
+    };
 }
 
 /// A method's own configuration (the fields of e.g. peft's `LoraConfig` beyond the shared ones).

@@ -2,6 +2,7 @@
 //! completion from the model (peft's `_prepare_prompt_learning_config`). Prompt tuning,
 //! p-tuning and prefix tuning each embed this struct in their own config.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::TaskType;
@@ -10,7 +11,8 @@ use crate::json::ConfigFields;
 use crate::model::ModelInfo;
 
 /// peft's `PromptLearningConfig` fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PromptLearningConfig {
     /// `num_virtual_tokens` (required, at least 1).
     pub num_virtual_tokens: usize,
@@ -29,16 +31,6 @@ pub struct PromptLearningConfig {
 
 const SOURCE: &str = "adapter config";
 
-fn opt_usize(fields: &mut ConfigFields, key: &str) -> Result<Option<usize>> {
-    match fields.peek(key) {
-        None | Some(Value::Null) => {
-            fields.take_raw(key);
-            Ok(None)
-        }
-        Some(_) => Ok(Some(fields.take_usize(key, 0)?)),
-    }
-}
-
 impl PromptLearningConfig {
     /// A config with `num_virtual_tokens` and every model-dependent field left to the model.
     pub fn new(num_virtual_tokens: usize) -> Self {
@@ -54,17 +46,15 @@ impl PromptLearningConfig {
 
     /// Takes the shared fields from an `adapter_config.json` object.
     pub fn take(fields: &mut ConfigFields) -> Result<Self> {
-        let num_virtual_tokens = match fields.peek("num_virtual_tokens") {
-            None | Some(Value::Null) => {
-                return Err(PeftError::MissingKey {
-                    source_name: fields.source_name().to_string(),
-                    key: "num_virtual_tokens".into(),
-                    expected: "the number of virtual tokens (a positive integer)".into(),
-                })
-            }
-            Some(_) => fields.take_usize("num_virtual_tokens", 0)?,
-        };
-        if num_virtual_tokens == 0 {
+        if fields.peek("num_virtual_tokens").is_none_or(Value::is_null) {
+            return Err(PeftError::MissingKey {
+                source_name: fields.source_name().to_string(),
+                key: "num_virtual_tokens".into(),
+                expected: "the number of virtual tokens (a positive integer)".into(),
+            });
+        }
+        let out: PromptLearningConfig = fields.take_derived()?;
+        if out.num_virtual_tokens == 0 {
             return Err(PeftError::config_value(
                 fields.source_name(),
                 "num_virtual_tokens",
@@ -72,14 +62,6 @@ impl PromptLearningConfig {
                 0,
             ));
         }
-        let out = PromptLearningConfig {
-            num_virtual_tokens,
-            token_dim: opt_usize(fields, "token_dim")?,
-            num_transformer_submodules: opt_usize(fields, "num_transformer_submodules")?,
-            num_attention_heads: opt_usize(fields, "num_attention_heads")?,
-            num_layers: opt_usize(fields, "num_layers")?,
-            modules_to_save: fields.take_opt_string_list("modules_to_save")?,
-        };
         for (key, v) in [
             ("token_dim", out.token_dim),
             ("num_transformer_submodules", out.num_transformer_submodules),
@@ -100,24 +82,7 @@ impl PromptLearningConfig {
 
     /// Writes the shared fields.
     pub fn write(&self, out: &mut Map<String, Value>) {
-        let opt = |v: Option<usize>| v.map_or(Value::Null, Value::from);
-        out.insert(
-            "num_virtual_tokens".into(),
-            Value::from(self.num_virtual_tokens),
-        );
-        out.insert("token_dim".into(), opt(self.token_dim));
-        out.insert(
-            "num_transformer_submodules".into(),
-            opt(self.num_transformer_submodules),
-        );
-        out.insert("num_attention_heads".into(), opt(self.num_attention_heads));
-        out.insert("num_layers".into(), opt(self.num_layers));
-        out.insert(
-            "modules_to_save".into(),
-            self.modules_to_save
-                .clone()
-                .map_or(Value::Null, Value::from),
-        );
+        crate::json::write_derived(self, out);
     }
 
     /// Fills the null fields from the model and checks the rest against it. With `prefix`,

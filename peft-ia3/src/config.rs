@@ -1,10 +1,9 @@
 //! `IA3Config`: peft 0.21's IA3 fields.
 
-use peft_core::json::{describe, ConfigFields};
+use peft_core::json::{describe, write_derived, ConfigFields};
 use peft_core::targets::compile_full_match;
-use peft_core::{
-    CommonConfig, LayerMethod, MethodConfig, PeftError, Result, TargetModules, TargetSpec,
-};
+use peft_core::{CommonConfig, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// `feedforward_modules`: which targets rescale their input rather than their output.
@@ -16,12 +15,16 @@ pub enum FeedforwardModules {
     List(Vec<String>),
 }
 
-/// The IA3 configuration (peft's `IA3Config`).
-#[derive(Debug, Clone, PartialEq)]
+/// The IA3 configuration (peft's `IA3Config`). The plain fields are read and written by serde;
+/// the skipped ones have their own readers (a list or a regex string).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Ia3Config {
     /// Module selection (`target_modules`, `exclude_modules`, `modules_to_save`).
+    #[serde(skip)]
     pub targets: TargetSpec,
     /// `feedforward_modules` (null: the architecture's defaults).
+    #[serde(skip)]
     pub feedforward_modules: Option<FeedforwardModules>,
     /// `fan_in_fan_out` (the layout is read from the layer itself, as peft corrects it).
     pub fan_in_fan_out: bool,
@@ -114,8 +117,7 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
     Ok(Box::new(Ia3Config {
         targets,
         feedforward_modules,
-        fan_in_fan_out: fields.take_bool("fan_in_fan_out", false)?,
-        init_ia3_weights: fields.take_bool("init_ia3_weights", true)?,
+        ..fields.take_derived()?
     }))
 }
 
@@ -135,19 +137,9 @@ impl MethodConfig for Ia3Config {
                 Some(FeedforwardModules::List(names)) => Value::from(names.clone()),
             },
         );
-        out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        out.insert(
-            "init_ia3_weights".into(),
-            Value::Bool(self.init_ia3_weights),
-        );
+        write_derived(self, &mut out);
         out
     }
 
-    fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
-        Some(self)
-    }
-
-    fn as_layer_method_mut(&mut self) -> Option<&mut dyn LayerMethod> {
-        Some(self)
-    }
+    peft_core::layer_method_casts!();
 }

@@ -5,10 +5,11 @@
 //! a value that would change behaviour (DoRA, LoRA bias, LoftQ, ...) is a clear
 //! [`PeftError::Unsupported`] error, never silently ignored.
 
-use peft_core::json::{describe, ConfigFields};
+use peft_core::json::{describe, write_derived, ConfigFields};
 pub use peft_core::low_rank::LowRank;
 use peft_core::low_rank::{take_alpha_pattern, take_rank_pattern, write_patterns};
 use peft_core::{CommonConfig, MethodConfig, PeftError, Result, TargetModules, TargetSpec};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
 /// How LoRA weights are initialised (`init_lora_weights`).
@@ -59,8 +60,10 @@ const OTHER_INITS: &[&str] = &[
     "mica",
 ];
 
-/// The LoRA configuration (peft's `LoraConfig`).
-#[derive(Debug, Clone, PartialEq)]
+/// The LoRA configuration (peft's `LoraConfig`). The plain fields are read and written by
+/// serde; the skipped ones have their own readers (peft's JSON allows several shapes there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LoraConfig {
     /// LoRA rank `r` (default 8).
     pub r: usize,
@@ -70,6 +73,7 @@ pub struct LoraConfig {
     pub lora_dropout: f64,
     /// Module selection: `target_modules`, `exclude_modules`, `layers_to_transform`,
     /// `layers_pattern`, `modules_to_save`.
+    #[serde(skip)]
     pub targets: TargetSpec,
     /// `fan_in_fan_out`: the base stores its weight `[in, out]` (GPT-2's Conv1D). Core reads the
     /// layout from the layer itself, as peft corrects a wrong flag with a warning.
@@ -77,13 +81,17 @@ pub struct LoraConfig {
     /// `use_rslora`: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
     /// `init_lora_weights`.
+    #[serde(skip)]
     pub init_lora_weights: InitLoraWeights,
     /// `rank_pattern`: per-module ranks, first matching key wins (file order).
+    #[serde(skip)]
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, first matching key wins (file order).
+    #[serde(skip)]
     pub alpha_pattern: Vec<(String, Number)>,
     /// peft fields this crate does not implement, at their inert values (written back); every
     /// such field is present, at its default when the file lacked it.
+    #[serde(skip)]
     pub inert: Map<String, Value>,
 }
 
@@ -288,8 +296,8 @@ impl LoraConfig {
     }
 
     fn from_fields(fields: &mut ConfigFields) -> Result<Self> {
-        let r = fields.take_usize("r", 8)?;
-        if r == 0 {
+        let plain: LoraConfig = fields.take_derived()?;
+        if plain.r == 0 {
             return Err(PeftError::config_value(
                 fields.source_name(),
                 "r",
@@ -297,34 +305,26 @@ impl LoraConfig {
                 "0",
             ));
         }
-        let lora_alpha = fields.take_number("lora_alpha", Number::from(8))?;
-        let lora_dropout = fields.take_f64("lora_dropout", 0.0)?;
-        if !(0.0..1.0).contains(&lora_dropout) {
+        if !(0.0..1.0).contains(&plain.lora_dropout) {
             return Err(PeftError::config_value(
                 fields.source_name(),
                 "lora_dropout",
                 "a probability in [0, 1)",
-                lora_dropout,
+                plain.lora_dropout,
             ));
         }
         let targets = TargetSpec::take_fields(fields, true)?;
         let rank_pattern = take_rank_pattern(fields)?;
         let alpha_pattern = take_alpha_pattern(fields)?;
         let init_lora_weights = parse_init(fields)?;
-        let fan_in_fan_out = fields.take_bool("fan_in_fan_out", false)?;
-        let use_rslora = fields.take_bool("use_rslora", false)?;
         let inert = take_inert(fields, &init_lora_weights)?;
         Ok(LoraConfig {
-            r,
-            lora_alpha,
-            lora_dropout,
             targets,
-            fan_in_fan_out,
-            use_rslora,
             init_lora_weights,
             rank_pattern,
             alpha_pattern,
             inert,
+            ..plain
         })
     }
 }
@@ -370,25 +370,12 @@ impl MethodConfig for LoraConfig {
                 self.inert.get(key).cloned().unwrap_or(default),
             );
         }
-        out.insert("r".into(), Value::from(self.r));
-        out.insert("lora_alpha".into(), Value::Number(self.lora_alpha.clone()));
-        out.insert(
-            "lora_dropout".into(),
-            Value::Number(Number::from_f64(self.lora_dropout).unwrap_or(Number::from(0))),
-        );
+        write_derived(self, &mut out);
         self.targets.write_fields(&mut out, true);
-        out.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        out.insert("use_rslora".into(), Value::Bool(self.use_rslora));
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
         write_patterns(&mut out, &self.rank_pattern, &self.alpha_pattern);
         out
     }
 
-    fn as_layer_method(&self) -> Option<&dyn peft_core::LayerMethod> {
-        Some(self)
-    }
-
-    fn as_layer_method_mut(&mut self) -> Option<&mut dyn peft_core::LayerMethod> {
-        Some(self)
-    }
+    peft_core::layer_method_casts!();
 }

@@ -1,21 +1,24 @@
 //! `PrefixTuningConfig`: peft 0.21's prefix-tuning fields.
 
-use peft_core::json::ConfigFields;
-use peft_core::{
-    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
-};
+use peft_core::json::{write_derived, ConfigFields};
+use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// The prefix-tuning configuration (peft's `PrefixTuningConfig`).
-#[derive(Debug, Clone, PartialEq)]
+/// The prefix-tuning configuration (peft's `PrefixTuningConfig`); the plain fields are read
+/// and written by serde.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PrefixTuningConfig {
     /// The shared prompt-learning fields.
+    #[serde(skip)]
     pub prompt: PromptLearningConfig,
     /// `encoder_hidden_size` of the projection MLP (null: `token_dim`).
     pub encoder_hidden_size: Option<usize>,
     /// `prefix_projection`: produce the prefixes through Linear-Tanh-Linear.
     pub prefix_projection: bool,
     /// `init_weights`: null (random) or `"zero"` (the prefixes start at zero).
+    #[serde(skip)]
     pub init_zero: bool,
 }
 
@@ -41,25 +44,15 @@ impl PrefixTuningConfig {
 /// Parses a prefix-tuning config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let prompt = PromptLearningConfig::take(fields)?;
-    let encoder_hidden_size = match fields.peek("encoder_hidden_size") {
-        None | Some(Value::Null) => {
-            fields.take_raw("encoder_hidden_size");
-            None
-        }
-        Some(_) => {
-            let hidden = fields.take_usize("encoder_hidden_size", 0)?;
-            if hidden == 0 {
-                return Err(PeftError::config_value(
-                    fields.source_name(),
-                    "encoder_hidden_size",
-                    "a positive integer or null",
-                    0,
-                ));
-            }
-            Some(hidden)
-        }
-    };
-    let prefix_projection = fields.take_bool("prefix_projection", false)?;
+    let plain: PrefixTuningConfig = fields.take_derived()?;
+    if plain.encoder_hidden_size == Some(0) {
+        return Err(PeftError::config_value(
+            fields.source_name(),
+            "encoder_hidden_size",
+            "a positive integer or null",
+            0,
+        ));
+    }
     let init_zero = match fields.take_opt_string("init_weights")?.as_deref() {
         None => false,
         Some("zero") => true,
@@ -74,9 +67,8 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
     };
     Ok(Box::new(PrefixTuningConfig {
         prompt,
-        encoder_hidden_size,
-        prefix_projection,
         init_zero,
+        ..plain
     }))
 }
 
@@ -88,14 +80,7 @@ impl MethodConfig for PrefixTuningConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         self.prompt.write(&mut out);
-        out.insert(
-            "encoder_hidden_size".into(),
-            self.encoder_hidden_size.map_or(Value::Null, Value::from),
-        );
-        out.insert(
-            "prefix_projection".into(),
-            Value::Bool(self.prefix_projection),
-        );
+        write_derived(self, &mut out);
         out.insert(
             "init_weights".into(),
             if self.init_zero {
@@ -107,11 +92,5 @@ impl MethodConfig for PrefixTuningConfig {
         out
     }
 
-    fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {
-        Some(self)
-    }
-
-    fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
-        Some(self)
-    }
+    peft_core::prompt_method_casts!();
 }

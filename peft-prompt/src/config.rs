@@ -1,15 +1,16 @@
 //! `PromptTuningConfig`: peft 0.21's prompt-tuning fields.
 
-use peft_core::json::ConfigFields;
-use peft_core::{
-    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
-};
+use peft_core::json::{write_derived, ConfigFields};
+use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// `prompt_tuning_init`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PromptTuningInit {
     /// `RANDOM`: normal with std 1 (`nn.Embedding`'s default).
+    #[default]
     Random,
     /// `SAMPLE_VOCAB`: embeddings of random vocabulary tokens.
     SampleVocab,
@@ -17,20 +18,13 @@ pub enum PromptTuningInit {
     Text,
 }
 
-impl PromptTuningInit {
-    fn as_str(self) -> &'static str {
-        match self {
-            PromptTuningInit::Random => "RANDOM",
-            PromptTuningInit::SampleVocab => "SAMPLE_VOCAB",
-            PromptTuningInit::Text => "TEXT",
-        }
-    }
-}
-
-/// The prompt-tuning configuration (peft's `PromptTuningConfig`).
-#[derive(Debug, Clone, PartialEq)]
+/// The prompt-tuning configuration (peft's `PromptTuningConfig`); every field but the shared
+/// ones is read and written by serde.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PromptTuningConfig {
     /// The shared prompt-learning fields.
+    #[serde(skip)]
     pub prompt: PromptLearningConfig,
     /// `prompt_tuning_init`.
     pub prompt_tuning_init: PromptTuningInit,
@@ -65,30 +59,21 @@ impl PromptTuningConfig {
 
 /// Parses a prompt-tuning config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
-    let prompt = PromptLearningConfig::take(fields)?;
-    let init = match fields.take_opt_string("prompt_tuning_init")?.as_deref() {
-        None | Some("RANDOM") => PromptTuningInit::Random,
-        Some("SAMPLE_VOCAB") => PromptTuningInit::SampleVocab,
-        Some("TEXT") => PromptTuningInit::Text,
-        Some(other) => {
-            return Err(PeftError::config_value(
-                fields.source_name(),
-                "prompt_tuning_init",
-                "RANDOM, SAMPLE_VOCAB or TEXT",
-                format!("\"{other}\""),
-            ))
-        }
+    let config = PromptTuningConfig {
+        prompt: PromptLearningConfig::take(fields)?,
+        ..fields.take_derived()?
     };
-    let text = fields.take_opt_string("prompt_tuning_init_text")?;
-    let tokenizer = fields.take_opt_string("tokenizer_name_or_path")?;
-    let kwargs = match fields.take_raw("tokenizer_kwargs") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v),
-    };
-    if init == PromptTuningInit::Text {
+    let kwargs = &config.tokenizer_kwargs;
+    if config.prompt_tuning_init == PromptTuningInit::Text {
         for (key, present) in [
-            ("tokenizer_name_or_path", tokenizer.is_some()),
-            ("prompt_tuning_init_text", text.is_some()),
+            (
+                "tokenizer_name_or_path",
+                config.tokenizer_name_or_path.is_some(),
+            ),
+            (
+                "prompt_tuning_init_text",
+                config.prompt_tuning_init_text.is_some(),
+            ),
         ] {
             if !present {
                 return Err(PeftError::MissingKey {
@@ -109,13 +94,7 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             kwargs.as_ref().map(|k| k.to_string()).unwrap_or_default(),
         ));
     }
-    Ok(Box::new(PromptTuningConfig {
-        prompt,
-        prompt_tuning_init: init,
-        prompt_tuning_init_text: text,
-        tokenizer_name_or_path: tokenizer,
-        tokenizer_kwargs: kwargs,
-    }))
+    Ok(Box::new(config))
 }
 
 impl MethodConfig for PromptTuningConfig {
@@ -126,34 +105,9 @@ impl MethodConfig for PromptTuningConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         self.prompt.write(&mut out);
-        out.insert(
-            "prompt_tuning_init".into(),
-            Value::from(self.prompt_tuning_init.as_str()),
-        );
-        out.insert(
-            "prompt_tuning_init_text".into(),
-            self.prompt_tuning_init_text
-                .clone()
-                .map_or(Value::Null, Value::from),
-        );
-        out.insert(
-            "tokenizer_name_or_path".into(),
-            self.tokenizer_name_or_path
-                .clone()
-                .map_or(Value::Null, Value::from),
-        );
-        out.insert(
-            "tokenizer_kwargs".into(),
-            self.tokenizer_kwargs.clone().unwrap_or(Value::Null),
-        );
+        write_derived(self, &mut out);
         out
     }
 
-    fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {
-        Some(self)
-    }
-
-    fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
-        Some(self)
-    }
+    peft_core::prompt_method_casts!();
 }

@@ -1,26 +1,31 @@
 //! `PromptEncoderConfig`: peft 0.21's p-tuning fields.
 
-use peft_core::json::ConfigFields;
-use peft_core::{
-    CommonConfig, MethodConfig, PeftError, PromptLearningConfig, PromptMethod, Result,
-};
-use serde_json::{Map, Number, Value};
+use peft_core::json::{write_derived, ConfigFields};
+use peft_core::{CommonConfig, MethodConfig, PeftError, PromptLearningConfig, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// `encoder_reparameterization_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum EncoderType {
     /// `MLP`: Linear-ReLU-Linear-ReLU-Linear.
+    #[default]
     Mlp,
     /// `LSTM`: a bidirectional LSTM, then Linear-ReLU-Linear.
     Lstm,
 }
 
-/// The p-tuning configuration (peft's `PromptEncoderConfig`).
-#[derive(Debug, Clone, PartialEq)]
+/// The p-tuning configuration (peft's `PromptEncoderConfig`); every field but the shared ones
+/// is read and written by serde.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PromptEncoderConfig {
     /// The shared prompt-learning fields.
+    #[serde(skip)]
     pub prompt: PromptLearningConfig,
     /// `encoder_reparameterization_type`.
+    #[serde(rename = "encoder_reparameterization_type")]
     pub encoder_type: EncoderType,
     /// `encoder_hidden_size` (null: `token_dim`).
     pub encoder_hidden_size: Option<usize>,
@@ -28,6 +33,12 @@ pub struct PromptEncoderConfig {
     pub encoder_num_layers: usize,
     /// `encoder_dropout` (between LSTM layers, in training).
     pub encoder_dropout: f64,
+}
+
+impl Default for PromptEncoderConfig {
+    fn default() -> Self {
+        PromptEncoderConfig::new(0, EncoderType::Mlp, None)
+    }
 }
 
 impl PromptEncoderConfig {
@@ -49,70 +60,32 @@ impl PromptEncoderConfig {
 
 /// Parses a p-tuning config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
-    let prompt = PromptLearningConfig::take(fields)?;
-    let encoder_type = match fields
-        .take_opt_string("encoder_reparameterization_type")?
-        .as_deref()
-    {
-        None | Some("MLP") => EncoderType::Mlp,
-        Some("LSTM") => EncoderType::Lstm,
-        Some(other) => {
-            return Err(PeftError::config_value(
-                fields.source_name(),
-                "encoder_reparameterization_type",
-                "MLP or LSTM",
-                format!("\"{other}\""),
-            ))
-        }
+    let config = PromptEncoderConfig {
+        prompt: PromptLearningConfig::take(fields)?,
+        ..fields.take_derived()?
     };
-    let encoder_hidden_size = match fields.peek("encoder_hidden_size") {
-        None | Some(Value::Null) => {
-            fields.take_raw("encoder_hidden_size");
-            None
-        }
-        Some(_) => {
-            let hidden = fields.take_usize("encoder_hidden_size", 0)?;
-            if hidden == 0 {
-                return Err(PeftError::config_value(
-                    fields.source_name(),
-                    "encoder_hidden_size",
-                    "a positive integer or null",
-                    0,
-                ));
-            }
-            Some(hidden)
-        }
-    };
-    let encoder_num_layers = fields.take_usize("encoder_num_layers", 2)?;
-    if encoder_num_layers == 0 {
-        return Err(PeftError::config_value(
-            fields.source_name(),
-            "encoder_num_layers",
-            "a positive integer",
-            0,
-        ));
+    let zero =
+        |key: &str, expected: &str| PeftError::config_value(fields.source_name(), key, expected, 0);
+    if config.encoder_hidden_size == Some(0) {
+        return Err(zero("encoder_hidden_size", "a positive integer or null"));
     }
-    if encoder_type == EncoderType::Mlp && encoder_num_layers != 2 {
+    if config.encoder_num_layers == 0 {
+        return Err(zero("encoder_num_layers", "a positive integer"));
+    }
+    if config.encoder_type == EncoderType::Mlp && config.encoder_num_layers != 2 {
         tracing::warn!(
             "for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used."
         );
     }
-    let encoder_dropout = fields.take_f64("encoder_dropout", 0.0)?;
-    if !(0.0..1.0).contains(&encoder_dropout) {
+    if !(0.0..1.0).contains(&config.encoder_dropout) {
         return Err(PeftError::config_value(
             fields.source_name(),
             "encoder_dropout",
             "a probability in [0, 1)",
-            encoder_dropout,
+            config.encoder_dropout,
         ));
     }
-    Ok(Box::new(PromptEncoderConfig {
-        prompt,
-        encoder_type,
-        encoder_hidden_size,
-        encoder_num_layers,
-        encoder_dropout,
-    }))
+    Ok(Box::new(config))
 }
 
 impl MethodConfig for PromptEncoderConfig {
@@ -123,35 +96,9 @@ impl MethodConfig for PromptEncoderConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         let mut out = Map::new();
         self.prompt.write(&mut out);
-        out.insert(
-            "encoder_reparameterization_type".into(),
-            Value::from(match self.encoder_type {
-                EncoderType::Mlp => "MLP",
-                EncoderType::Lstm => "LSTM",
-            }),
-        );
-        out.insert(
-            "encoder_hidden_size".into(),
-            self.encoder_hidden_size.map_or(Value::Null, Value::from),
-        );
-        out.insert(
-            "encoder_num_layers".into(),
-            Value::from(self.encoder_num_layers),
-        );
-        out.insert(
-            "encoder_dropout".into(),
-            Value::Number(
-                Number::from_f64(self.encoder_dropout).unwrap_or_else(|| Number::from(0)),
-            ),
-        );
+        write_derived(self, &mut out);
         out
     }
 
-    fn as_prompt_method(&self) -> Option<&dyn PromptMethod> {
-        Some(self)
-    }
-
-    fn as_prompt_method_mut(&mut self) -> Option<&mut dyn PromptMethod> {
-        Some(self)
-    }
+    peft_core::prompt_method_casts!();
 }

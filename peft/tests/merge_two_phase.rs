@@ -46,12 +46,7 @@ impl MethodConfig for ScaleConfig {
     fn to_json_fields(&self) -> Map<String, Value> {
         Map::new()
     }
-    fn as_layer_method(&self) -> Option<&dyn LayerMethod> {
-        Some(self)
-    }
-    fn as_layer_method_mut(&mut self) -> Option<&mut dyn LayerMethod> {
-        Some(self)
-    }
+    peft::layer_method_casts!();
 }
 
 impl LayerMethod for ScaleConfig {
