@@ -232,6 +232,49 @@ fn train_seq2seq_on_t5_prompt_completion_jsonl() {
     assert_eq!(logits.dims(), &[2, 3, 260]);
 }
 
+/// `--dora`: DoRA adapters train (the loss falls), save `use_dora` and the magnitudes, and read
+/// back through `peft logits`.
+#[test]
+fn train_dora_on_t5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, out) = (tmp.path().join("t5"), tmp.path().join("out"));
+    t5_folder(&model);
+    let data = tmp.path().join("pairs.jsonl");
+    let lines: String = (0..16)
+        .map(|i| format!("{{\"input\": \"twice {i}\", \"target\": \"{}\"}}\n", 2 * i))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    train(
+        &model,
+        &data,
+        &out,
+        &["--dora", "--target-modules", "q,v,o,wi"],
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let saved = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let magnitudes = saved
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector"))
+        .count();
+    // Encoder layers: q, v, o, wi; decoder layers: self- and cross-attention q, v, o, and wi.
+    assert_eq!(magnitudes, 2 * 4 + 2 * 7, "{:?}", saved.keys());
+    let l = losses(&out);
+    assert!(l[11] < 0.9 * l[0], "loss did not fall: {l:?}");
+    let ids = Tensor::new(&[[116i64, 119, 105, 99, 101, 32, 51]], &Device::Cpu).unwrap();
+    let dec = Tensor::new(&[[257i64, 54, 256]], &Device::Cpu).unwrap();
+    let logits = logits_and_keep(
+        "t5_dora",
+        &model,
+        &out,
+        vec![("input_ids", ids), ("decoder_input_ids", dec)],
+    );
+    assert_eq!(logits.dims(), &[1, 3, 260]);
+}
+
 #[test]
 fn train_seq_cls_on_bert_text_label_csv() {
     train_classifier("bert", "BertForSequenceClassification", &[]);

@@ -268,8 +268,9 @@ impl SlotKind for LinearKind {
                 "an attached adapter's method cannot merge it into the base weights".into(),
             ));
         }
+        let base_weight = weight.clone();
         for adapter in adapters {
-            let (w, b) = adapter.merge(&weight, bias.as_ref())?;
+            let (w, b) = adapter.merge(&weight, bias.as_ref(), &base_weight)?;
             weight = w;
             bias = b;
         }
@@ -321,8 +322,9 @@ impl SlotKind for EmbeddingKind {
                 "an attached adapter's method cannot merge it into the table".into(),
             ));
         }
+        let base_weight = weight.clone();
         for adapter in adapters {
-            weight = adapter.merge(&weight)?;
+            weight = adapter.merge(&weight, &base_weight)?;
         }
         // Frozen like a merged linear weight (see `LinearKind::fold`).
         original.with_weight(weight.to_dtype(dtype)?.detach())
@@ -348,7 +350,7 @@ impl LinearLike for AdaptedLinear {
         let mut y = base.forward(&input)?;
         let training = self.state.training();
         for adapter in &running {
-            y = adapter.adapt_output(x, y, training)?;
+            y = adapter.adapt_output(base, x, y, training)?;
         }
         Ok(crate::grad::maybe_detach(y))
     }
@@ -387,7 +389,7 @@ impl EmbeddingLike for AdaptedEmbedding {
         let mut y = base.forward(ids)?;
         let training = self.state.training();
         for adapter in running {
-            y = adapter.adapt_output(ids, y, training)?;
+            y = adapter.adapt_output(base, ids, y, training)?;
         }
         Ok(crate::grad::maybe_detach(y))
     }

@@ -540,6 +540,106 @@ pub fn lowrank_linear_forward(
     )?))
 }
 
+/// `z * scale + bias * (1 - scale)`, `scale` and `bias` `[n]` over `z`'s last dimension `n`:
+/// DoRA's rescaling of a layer's output (peft's `y + (scale - 1) (y - bias) + scale * lora`
+/// with `z = y + lora`), the bias frozen. On the CPU in f32 it is one pass forward and one
+/// backward (`dz = g * scale`, `dscale = sum over rows of g * (z - bias)`), where candle's
+/// broadcast ops keep more tensors and reduce over the leading dimensions in separate passes.
+pub fn scale_features(z: &Tensor, scale: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let n = scale.dim(0)?;
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let fits = cpu_f32(z)
+        && cpu_f32(scale)
+        && scale.rank() == 1
+        && z.dims().last() == Some(&n)
+        && bias.is_none_or(|b| cpu_f32(b) && !b.track_op() && b.dims() == [n]);
+    if !fits {
+        let mut out = z.broadcast_mul(scale)?;
+        if let Some(b) = bias {
+            out = out.broadcast_add(&(b.to_dtype(z.dtype())? * (1.0 - scale)?)?)?;
+        }
+        return Ok(out);
+    }
+    let op = ScaleFeatures {
+        bias: bias.map(Tensor::contiguous).transpose()?,
+    };
+    Ok(z.contiguous()?.apply_op2(&scale.contiguous()?, op)?)
+}
+
+struct ScaleFeatures {
+    bias: Option<Tensor>,
+}
+
+impl candle_core::CustomOp2 for ScaleFeatures {
+    fn name(&self) -> &'static str {
+        "scale-features"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (z, s) = (
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
+        );
+        let n = s.len().max(1);
+        let offset: Vec<f32> = match &self.bias {
+            Some(b) => with_f32s([b], self.name(), |[b]| {
+                Ok(b.iter().zip(s).map(|(b, s)| b * (1.0 - s)).collect())
+            })?,
+            None => vec![0.0; s.len()],
+        };
+        let mut y = vec![0f32; z.len()];
+        for (yr, zr) in y.chunks_mut(n).zip(z.chunks(n)) {
+            for (((y, z), s), o) in yr.iter_mut().zip(zr).zip(s).zip(&offset) {
+                *y = z * s + o;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        z_t: &Tensor,
+        s_t: &Tensor,
+        _y: &Tensor,
+        g_t: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g_t = g_t.contiguous()?;
+        let n = s_t.dim(0)?;
+        let want_dz = z_t.track_op();
+        let bias = match &self.bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        };
+        let mut dz = vec![0f32; if want_dz { z_t.elem_count() } else { 0 }];
+        let mut ds = vec![0f32; n];
+        with_f32s([&g_t, z_t, s_t], self.name(), |[g, z, s]| {
+            for (i, (gr, zr)) in g.chunks(n.max(1)).zip(z.chunks(n.max(1))).enumerate() {
+                for (((d, g), z), b) in ds.iter_mut().zip(gr).zip(zr).zip(&bias) {
+                    *d += g * (z - b);
+                }
+                if want_dz {
+                    let row = &mut dz[i * n..(i + 1) * n];
+                    for ((d, g), s) in row.iter_mut().zip(gr).zip(s) {
+                        *d = g * s;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let dev = g_t.device();
+        let dz = want_dz
+            .then(|| Tensor::from_vec(dz, z_t.shape(), dev))
+            .transpose()?;
+        Ok((dz, Some(Tensor::from_vec(ds, n, dev)?)))
+    }
+}
+
 struct LowRankLinear {
     weight: Tensor,
     bias: Option<Tensor>,

@@ -27,11 +27,19 @@ pub trait LinearAdapter: Send + Sync + Debug {
         Ok(None)
     }
     /// Returns the adapted output given the layer's original input `x` and the output so far.
-    fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
+    /// `base` is the layer the adapters run on (the frozen base, or the base with other
+    /// adapters merged into it), for adapters whose output depends on its weights (DoRA).
+    fn adapt_output(
+        &self,
+        base: &dyn LinearLike,
+        x: &Tensor,
+        y: Tensor,
+        training: bool,
+    ) -> Result<Tensor>;
     /// The base layer's output and this adapter's in one fused computation, when this adapter
     /// is the only one running on the layer and can do better than base-then-adapt (LoRA on a
     /// dense f32 CPU layer); `None` to take the general path. Must equal
-    /// `adapt_output(x, base.forward(x), training)`.
+    /// `adapt_output(base, x, base.forward(x), training)`.
     fn fused_forward(
         &self,
         _base: &dyn LinearLike,
@@ -46,8 +54,16 @@ pub trait LinearAdapter: Send + Sync + Debug {
     fn mergeable(&self) -> bool {
         true
     }
-    /// Folds the adapter into an f32 weight laid out `[out, in]` and its bias.
-    fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)>;
+    /// Folds the adapter into an f32 weight laid out `[out, in]` and its bias. With several
+    /// adapters merged in turn, `weight` already holds the earlier ones; `base_weight` is the
+    /// layer's own weight (f32, `[out, in]`) for adapters whose update depends on it (DoRA's
+    /// weight norm, as peft computes it from the unmerged weight).
+    fn merge(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        base_weight: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)>;
     /// A layer that replaces the base layer outright while this adapter is active (a
     /// `modules_to_save` copy); `None` for adapters that modify the base layer's computation.
     fn replacement(&self) -> Option<&(dyn LinearLike + 'static)> {
@@ -57,15 +73,23 @@ pub trait LinearAdapter: Send + Sync + Debug {
 
 /// The adapter a layer method attaches to one embedding table.
 pub trait EmbeddingAdapter: Send + Sync + Debug {
-    /// Returns the adapted output given the token ids and the base lookup.
-    fn adapt_output(&self, ids: &Tensor, y: Tensor, training: bool) -> Result<Tensor>;
+    /// Returns the adapted output given the token ids and the lookup so far; `base` is the
+    /// table the adapters run on (see [`LinearAdapter::adapt_output`]).
+    fn adapt_output(
+        &self,
+        base: &dyn EmbeddingLike,
+        ids: &Tensor,
+        y: Tensor,
+        training: bool,
+    ) -> Result<Tensor>;
     /// Whether [`EmbeddingAdapter::merge`] can fold this adapter into the table (see
     /// [`LinearAdapter::mergeable`]).
     fn mergeable(&self) -> bool {
         true
     }
-    /// Folds the adapter into an f32 table `[num_embeddings, dim]`.
-    fn merge(&self, weight: &Tensor) -> Result<Tensor>;
+    /// Folds the adapter into an f32 table `[num_embeddings, dim]`; `base_weight` is the
+    /// table's own (unmerged) weight in f32 (see [`LinearAdapter::merge`]).
+    fn merge(&self, weight: &Tensor, base_weight: &Tensor) -> Result<Tensor>;
     /// A table that replaces the base table while this adapter is active (`modules_to_save`).
     fn replacement(&self) -> Option<&(dyn EmbeddingLike + 'static)> {
         None

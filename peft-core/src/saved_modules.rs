@@ -79,10 +79,21 @@ impl LinearLike for LinearCopy {
 }
 
 impl LinearAdapter for LinearCopy {
-    fn adapt_output(&self, x: &Tensor, _y: Tensor, _training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        _base: &dyn LinearLike,
+        x: &Tensor,
+        _y: Tensor,
+        _training: bool,
+    ) -> Result<Tensor> {
         LinearLike::forward(self, x)
     }
-    fn merge(&self, _weight: &Tensor, _bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    fn merge(
+        &self,
+        _weight: &Tensor,
+        _bias: Option<&Tensor>,
+        _base_weight: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let w = if self.transposed {
             self.weight.t()?.contiguous()?
         } else {
@@ -148,10 +159,16 @@ impl EmbeddingLike for EmbeddingCopy {
 }
 
 impl EmbeddingAdapter for EmbeddingCopy {
-    fn adapt_output(&self, ids: &Tensor, _y: Tensor, _training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        _base: &dyn EmbeddingLike,
+        ids: &Tensor,
+        _y: Tensor,
+        _training: bool,
+    ) -> Result<Tensor> {
         EmbeddingLike::forward(self, ids)
     }
-    fn merge(&self, _weight: &Tensor) -> Result<Tensor> {
+    fn merge(&self, _weight: &Tensor, _base_weight: &Tensor) -> Result<Tensor> {
         Ok(self.table.clone())
     }
     fn replacement(&self) -> Option<&(dyn EmbeddingLike + 'static)> {

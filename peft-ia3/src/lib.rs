@@ -119,7 +119,13 @@ impl LinearAdapter for Ia3Linear {
         }
     }
 
-    fn adapt_output(&self, _x: &Tensor, y: Tensor, _training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        _base: &dyn LinearLike,
+        _x: &Tensor,
+        y: Tensor,
+        _training: bool,
+    ) -> Result<Tensor> {
         if self.feedforward {
             Ok(y)
         } else {
@@ -127,7 +133,12 @@ impl LinearAdapter for Ia3Linear {
         }
     }
 
-    fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    fn merge(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        _base_weight: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let w = weight.broadcast_mul(&self.l)?;
         let b = match (self.feedforward, bias) {
             (false, Some(b)) => Some(b.mul(&self.l.flatten_all()?)?),

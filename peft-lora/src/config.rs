@@ -80,6 +80,8 @@ pub struct LoraConfig {
     pub fan_in_fan_out: bool,
     /// `use_rslora`: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// `use_dora`: weight-decomposed LoRA (a trained magnitude per output feature).
+    pub use_dora: bool,
     /// `init_lora_weights`.
     #[serde(skip)]
     pub init_lora_weights: InitLoraWeights,
@@ -104,6 +106,7 @@ impl Default for LoraConfig {
             targets: TargetSpec::default(),
             fan_in_fan_out: false,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
@@ -136,7 +139,6 @@ fn inert_defaults() -> Vec<(&'static str, Value)> {
         ("target_parameters", Value::Null),
         ("trainable_token_indices", Value::Null),
         ("use_bdlora", Value::Null),
-        ("use_dora", Value::Bool(false)),
         ("use_qalora", Value::Bool(false)),
         ("velora_config", Value::Null),
     ]
@@ -193,7 +195,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
         if !ok {
             let reason = match key {
                 "bias" => "only bias=\"none\" is implemented; bias=\"all\"/\"lora_only\" train the base biases",
-                "use_dora" => "DoRA is not implemented yet",
                 "lora_bias" => "a trainable bias on lora_B is not implemented yet",
                 "layer_replication" => "layer replication is not implemented",
                 "target_parameters" => "targeting nn.Parameters directly is not implemented",
@@ -281,6 +282,12 @@ impl LoraConfig {
     /// Sets `use_rslora`.
     pub fn with_rslora(mut self, on: bool) -> Self {
         self.use_rslora = on;
+        self
+    }
+
+    /// Sets `use_dora`.
+    pub fn with_dora(mut self, on: bool) -> Self {
+        self.use_dora = on;
         self
     }
 

@@ -1,11 +1,19 @@
 //! The LoRA layers: `y = base(x) + B(A(dropout(x))) * scaling` on linear layers and
 //! `y = base(ids) + (A^T[ids] B^T) * scaling` on embeddings, with peft's parameter names
 //! (`lora_A.weight`, `lora_B.weight`, `lora_embedding_A`, `lora_embedding_B`) and
-//! initialisations. Nothing here materialises `B @ A` except merging.
+//! initialisations. Plain LoRA materialises `B @ A` only when merging.
+//!
+//! DoRA (`use_dora`) adds a trained magnitude `m` (`lora_magnitude_vector`, one value per output
+//! feature) and rescales the adapted layer by `m / ||W + scaling B A||`, the norm taken per
+//! output feature over the input features and treated as a constant (detached), as peft does:
+//! `y = base(x) + (m/n - 1) (base(x) - bias) + (m/n) B(A(x)) scaling`; with dropout active in
+//! training, `base(x) - bias` is recomputed on the dropped input. The magnitude starts at the
+//! norm, so a fresh DoRA adapter starts as its LoRA does.
 
 use candle_core::{DType, Tensor};
 use peft_core::layers::{
-    embedding_lookup, linear_forward, lowrank_linear_forward, DenseLinear, LinearLike,
+    embedding_lookup, linear_forward, lowrank_linear_forward, scale_features, DenseLinear,
+    EmbeddingLike, LinearLike,
 };
 use peft_core::nn::Dropout;
 use peft_core::{EmbeddingAdapter, Init, LinearAdapter, ParamBuilder, Result};
@@ -19,6 +27,33 @@ pub struct LoraLinear {
     b: Tensor,
     scaling: f64,
     dropout: Dropout,
+    /// DoRA's magnitude `[out]`.
+    magnitude: Option<Tensor>,
+}
+
+/// `t` in f32.
+fn f32(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
+
+/// The norm of each row of a 2-D `w`, detached: DoRA's weight norm (peft's `get_weight_norm`,
+/// `torch.linalg.norm(w, dim=1)`), a constant for the gradient.
+fn row_norm(w: &Tensor) -> Result<Tensor> {
+    Ok(w.detach().sqr()?.sum(1)?.sqrt()?)
+}
+
+/// A linear layer's weight in f32, laid out `[out, in]`.
+fn weight_out_in(base: &dyn LinearLike) -> Result<Tensor> {
+    let w = f32(&base.weight()?)?;
+    Ok(if base.stores_transposed() {
+        w.t()?.contiguous()?
+    } else {
+        w
+    })
 }
 
 impl LoraLinear {
@@ -61,7 +96,67 @@ impl LoraLinear {
             b,
             scaling,
             dropout: Dropout::new(dropout, seed),
+            magnitude: None,
         })
+    }
+
+    /// Makes this a DoRA layer over `base`: builds (or loads) `lora_magnitude_vector` `[out]`
+    /// under `params`, initialised to the weight norm `||W + scaling B A||`.
+    pub fn with_dora(mut self, params: &ParamBuilder, base: &dyn LinearLike) -> Result<Self> {
+        let magnitude = params.get_with(&[base.out_features()], "lora_magnitude_vector", |_| {
+            self.weight_norm(&weight_out_in(base)?)
+        })?;
+        self.magnitude = Some(magnitude);
+        Ok(self)
+    }
+
+    /// DoRA's magnitude `[out]`, if this is a DoRA layer.
+    pub fn magnitude(&self) -> Option<&Tensor> {
+        self.magnitude.as_ref()
+    }
+
+    /// `||weight + scaling B A||` per output feature, detached; `weight` is f32 `[out, in]`.
+    fn weight_norm(&self, weight: &Tensor) -> Result<Tensor> {
+        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling)?;
+        row_norm(&(weight + delta)?)
+    }
+
+    /// DoRA's scale `m / ||W + scaling B A||` `[out]` over `base`'s weight.
+    fn dora_scale(&self, magnitude: &Tensor, base: &dyn LinearLike) -> Result<Tensor> {
+        Ok(magnitude.broadcast_div(&self.weight_norm(&weight_out_in(base)?)?)?)
+    }
+
+    /// `z * scale + bias * (1 - scale)` in f32, back in `dtype`: peft's
+    /// `y + (scale - 1) (y - bias) + scale * lora` with `z = y + lora`, in one pass.
+    fn rescale(z: &Tensor, scale: &Tensor, base: &dyn LinearLike, dtype: DType) -> Result<Tensor> {
+        let bias = base.bias().map(f32).transpose()?;
+        Ok(scale_features(z, scale, bias.as_ref())?.to_dtype(dtype)?)
+    }
+
+    /// The DoRA layer's output (see the module docs).
+    fn dora_output(
+        &self,
+        magnitude: &Tensor,
+        base: &dyn LinearLike,
+        x: &Tensor,
+        y: Tensor,
+        training: bool,
+    ) -> Result<Tensor> {
+        let x = f32(x)?;
+        let x = self.dropout.forward(&x, training)?;
+        let scale = self.dora_scale(magnitude, base)?;
+        let h = (linear_forward(&x, &self.a, false)? * self.scaling)?;
+        let lora = linear_forward(&h, &self.b, false)?;
+        let dtype = y.dtype();
+        let y = f32(&y)?;
+        if self.dropout.is_identity(training) {
+            return Self::rescale(&(y + lora)?, &scale, base, dtype);
+        }
+        // With dropout, peft recomputes the base product on the dropped input.
+        let weight = weight_out_in(base)?;
+        let base_result = linear_forward(&x, &weight, false)?;
+        let dora = (base_result.broadcast_mul(&(&scale - 1.0)?)? + lora.broadcast_mul(&scale)?)?;
+        Ok((y + dora)?.to_dtype(dtype)?)
     }
 
     /// The scaling applied to `B A x`.
@@ -76,7 +171,16 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    fn adapt_output(&self, x: &Tensor, y: Tensor, training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        base: &dyn LinearLike,
+        x: &Tensor,
+        y: Tensor,
+        training: bool,
+    ) -> Result<Tensor> {
+        if let Some(m) = &self.magnitude {
+            return self.dora_output(m, base, x, y, training);
+        }
         let x = if x.dtype() == DType::F32 {
             x.clone()
         } else {
@@ -107,11 +211,33 @@ impl LinearAdapter for LoraLinear {
         if !self.dropout.is_identity(training) {
             return Ok(None);
         }
-        lowrank_linear_forward(x, dense, &self.a, &self.b, self.scaling)
+        let Some(y) = lowrank_linear_forward(x, dense, &self.a, &self.b, self.scaling)? else {
+            return Ok(None);
+        };
+        match &self.magnitude {
+            None => Ok(Some(y)),
+            // DoRA: the fused `W x + bias + scaling B A x`, rescaled.
+            Some(m) => {
+                let scale = self.dora_scale(m, base)?;
+                Ok(Some(Self::rescale(&y, &scale, base, DType::F32)?))
+            }
+        }
     }
 
-    fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        Ok(((weight + self.delta_weight()?)?, bias.cloned()))
+    fn merge(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        base_weight: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let delta = self.delta_weight()?;
+        let merged = (weight + &delta)?;
+        let Some(m) = &self.magnitude else {
+            return Ok((merged, bias.cloned()));
+        };
+        // peft: the norm of the unmerged weight plus this delta; the bias is not rescaled.
+        let factor = m.broadcast_div(&row_norm(&(base_weight + delta)?)?)?;
+        Ok((merged.broadcast_mul(&factor.unsqueeze(1)?)?, bias.cloned()))
     }
 }
 
@@ -124,6 +250,8 @@ pub struct LoraEmbedding {
     b: Tensor,
     scaling: f64,
     padding_idx: Option<usize>,
+    /// DoRA's magnitude `[dim]` (one per embedding feature).
+    magnitude: Option<Tensor>,
 }
 
 impl LoraEmbedding {
@@ -152,12 +280,42 @@ impl LoraEmbedding {
             b,
             scaling,
             padding_idx,
+            magnitude: None,
         })
+    }
+
+    /// Makes this a DoRA embedding over `base`: `lora_magnitude_vector` `[dim]`, initialised to
+    /// the norm of each feature over the vocabulary, `||W^T + scaling B A||` per row.
+    pub fn with_dora(mut self, params: &ParamBuilder, base: &dyn EmbeddingLike) -> Result<Self> {
+        let magnitude =
+            params.get_with(&[base.embedding_dim()], "lora_magnitude_vector", |_| {
+                self.weight_norm(&f32(&base.weight()?)?)
+            })?;
+        self.magnitude = Some(magnitude);
+        Ok(self)
+    }
+
+    /// `scaling * (B A)^T`, shaped like the table `[num_embeddings, dim]`.
+    fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)?.t()? * self.scaling)?)
+    }
+
+    /// `||table^T + scaling B A||` per embedding feature, detached; `table` is f32
+    /// `[num_embeddings, dim]`.
+    fn weight_norm(&self, table: &Tensor) -> Result<Tensor> {
+        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling)?;
+        row_norm(&(table.t()? + delta)?)
     }
 }
 
 impl EmbeddingAdapter for LoraEmbedding {
-    fn adapt_output(&self, ids: &Tensor, y: Tensor, training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        base: &dyn EmbeddingLike,
+        ids: &Tensor,
+        y: Tensor,
+        training: bool,
+    ) -> Result<Tensor> {
         let table = self.a.t()?.contiguous()?;
         let mut after_a = embedding_lookup(&table, ids)?;
         if let (true, Some(pad)) = (training, self.padding_idx) {
@@ -170,6 +328,13 @@ impl EmbeddingAdapter for LoraEmbedding {
             after_a = is_pad.where_cond(&after_a.detach(), &after_a)?;
         }
         let delta = (linear_forward(&after_a, &self.b, false)? * self.scaling)?;
+        if let Some(m) = &self.magnitude {
+            // peft: `scale * y + scale * delta`, scale = m / ||W^T + scaling B A|| per feature.
+            let scale = m.broadcast_div(&self.weight_norm(&f32(&base.weight()?)?)?)?;
+            let out_dtype = y.dtype();
+            let adapted = (f32(&y)? + delta)?.broadcast_mul(&scale)?;
+            return Ok(adapted.to_dtype(out_dtype)?);
+        }
         let delta = if y.dtype() == DType::F32 {
             delta
         } else {
@@ -178,8 +343,13 @@ impl EmbeddingAdapter for LoraEmbedding {
         Ok((y + delta)?)
     }
 
-    fn merge(&self, weight: &Tensor) -> Result<Tensor> {
-        let delta = (self.b.matmul(&self.a)?.t()? * self.scaling)?;
-        Ok((weight + delta)?)
+    fn merge(&self, weight: &Tensor, base_weight: &Tensor) -> Result<Tensor> {
+        let delta = self.delta_weight()?;
+        let merged = (weight + &delta)?;
+        let Some(m) = &self.magnitude else {
+            return Ok(merged);
+        };
+        let factor = m.broadcast_div(&row_norm(&(base_weight + delta)?.t()?)?)?;
+        Ok(merged.broadcast_mul(&factor.unsqueeze(0)?)?)
     }
 }

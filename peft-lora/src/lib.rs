@@ -119,7 +119,7 @@ impl LayerMethod for LoraConfig {
     ) -> Result<Box<dyn LinearAdapter>> {
         self.check_init_for(params)?;
         let (r, alpha) = self.rank_and_alpha(path);
-        Ok(Box::new(LoraLinear::new(
+        let layer = LoraLinear::new(
             params,
             base.in_features(),
             base.out_features(),
@@ -128,7 +128,12 @@ impl LayerMethod for LoraConfig {
             self.lora_dropout,
             &self.init_lora_weights,
             params.seed("lora_dropout"),
-        )?))
+        )?;
+        Ok(Box::new(if self.use_dora {
+            layer.with_dora(params, base)?
+        } else {
+            layer
+        }))
     }
 
     fn wrap_embedding(
@@ -139,7 +144,7 @@ impl LayerMethod for LoraConfig {
     ) -> Result<Box<dyn EmbeddingAdapter>> {
         self.check_init_for(params)?;
         let (r, alpha) = self.rank_and_alpha(path);
-        Ok(Box::new(LoraEmbedding::new(
+        let layer = LoraEmbedding::new(
             params,
             base.num_embeddings(),
             base.embedding_dim(),
@@ -147,6 +152,11 @@ impl LayerMethod for LoraConfig {
             self.scaling(r, alpha),
             &self.init_lora_weights,
             base.padding_idx(),
-        )?))
+        )?;
+        Ok(Box::new(if self.use_dora {
+            layer.with_dora(params, base)?
+        } else {
+            layer
+        }))
     }
 }

@@ -110,7 +110,6 @@ fn malformed_and_incomplete_configs() {
 #[test]
 fn unimplemented_variants_are_refused_not_ignored() {
     for (key, value) in [
-        ("use_dora", "true"),
         ("bias", "\"all\""),
         ("bias", "\"lora_only\""),
         ("lora_bias", "true"),

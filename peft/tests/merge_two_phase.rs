@@ -87,13 +87,24 @@ struct Scale {
 }
 
 impl LinearAdapter for Scale {
-    fn adapt_output(&self, _x: &Tensor, y: Tensor, _training: bool) -> Result<Tensor> {
+    fn adapt_output(
+        &self,
+        _base: &dyn LinearLike,
+        _x: &Tensor,
+        y: Tensor,
+        _training: bool,
+    ) -> Result<Tensor> {
         Ok(y.broadcast_mul(&self.scale)?)
     }
     fn mergeable(&self) -> bool {
         self.mergeable
     }
-    fn merge(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    fn merge(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        _base_weight: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.scale.to_dtype(DType::F32)?;
         Ok((
             weight.broadcast_mul(s)?,

@@ -21,14 +21,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def model():
+def model(dora=False):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=512,
                       tie_word_embeddings=True, attn_implementation="eager")
     base = LlamaForCausalLM(cfg)
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+                      use_dora=dora)
     return get_peft_model(base, lcfg)
 
 
@@ -46,8 +47,8 @@ def median(v):
     return v[len(v) // 2]
 
 
-def train(steps, warmup, bf16=False):
-    m = model()
+def train(steps, warmup, bf16=False, dora=False):
+    m = model(dora)
     m.train()
     trainable, total = m.get_nb_trainable_parameters()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -65,7 +66,7 @@ def train(steps, warmup, bf16=False):
         if step >= warmup:
             times.append(secs)
     s = median(times)
-    return {"side": "pytorch+peft", "mode": "train", "dtype": "bf16-autocast" if bf16 else "f32",
+    return {"side": "pytorch+peft", "mode": "train", "dora": dora, "dtype": "bf16-autocast" if bf16 else "f32",
             "threads": torch.get_num_threads(), "median_step_s": round(s, 4),
             "tokens_per_s": round(4 * 256 / s, 1), "peak_rss_mb": round(peak_rss_mb()), "trainable": trainable,
             "total": total, "first_loss": losses[0], "last_loss": losses[-1], "losses": [round(v, 5) for v in losses]}
@@ -102,10 +103,11 @@ def main():
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--bf16-autocast", action="store_true",
                     help="train under torch.autocast(cpu, bfloat16): bf16 matmuls, f32 weights")
+    ap.add_argument("--dora", action="store_true", help="the same adapter as DoRA (use_dora=True)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.steps, a.warmup, a.bf16_autocast) if a.mode == "train" else infer(a.runs)))
+    print(json.dumps(train(a.steps, a.warmup, a.bf16_autocast, a.dora) if a.mode == "train" else infer(a.runs)))
 
 
 if __name__ == "__main__":

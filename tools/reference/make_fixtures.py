@@ -164,12 +164,15 @@ def param_line(model):
     return buf.getvalue().strip()
 
 
-def make_case(models, model_name, adapter_name, seed):
+def make_case(models, model_name, adapter_name, seed, adapters=None, perturb_more=None):
+    """One (model, adapter) case. `adapters` (default ADAPTERS) maps names to LoraConfig kwargs;
+    `perturb_more(name, param, generator)`, when given, may change any parameter further before
+    saving (make_dora_fixtures.py moves the DoRA magnitudes off their initial norms)."""
     base_dir = os.path.join(ROOT, "models", model_name)
     cls = type(models[model_name])
     base = cls.from_pretrained(base_dir).eval()
     torch.manual_seed(seed)
-    cfg = LoraConfig(**ADAPTERS[adapter_name])
+    cfg = LoraConfig(**(adapters or ADAPTERS)[adapter_name])
     model = get_peft_model(base, cfg)
     # Make every B non-zero even where the init left it zero (gaussian init).
     with torch.no_grad():
@@ -180,6 +183,8 @@ def make_case(models, model_name, adapter_name, seed):
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
             if "modules_to_save" in n:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
+            if perturb_more is not None:
+                perturb_more(n, p, g)
     line = param_line(model)
     adapter_dir = os.path.join(ROOT, "adapters", f"{model_name}__{adapter_name}")
     shutil.rmtree(adapter_dir, ignore_errors=True)

@@ -9,8 +9,9 @@
 //! merged ratios, and peak RSS.
 //!
 //! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]
-//! [--bf16-weights]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen matrices
-//! in bf16 and computes in f32 (`--dtype bf16-weights` of the CLI).
+//! [--bf16-weights] [--dora]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen
+//! matrices in bf16 and computes in f32 (`--dtype bf16-weights` of the CLI); `--dora` trains the
+//! same adapter as DoRA (`use_dora`), for DoRA's overhead over LoRA.
 
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly by design
 
@@ -21,13 +22,15 @@ use peft::models::{LlamaConfig, LlamaModel, Precision};
 use peft::optim::{AdamW, AdamWConfig};
 use peft::{get_peft_model, no_grad, AdapterConfig, ModelInputs, PeftModel};
 
-fn model(precision: Precision) -> PeftModel {
+fn model(precision: Precision, dora: bool) -> PeftModel {
     let mut cfg = LlamaConfig::tiny(32000, 768, 12, 12, 12, 2048);
     cfg.tie_word_embeddings = true;
     let base = LlamaModel::random(cfg, 0, precision, &Device::Cpu).unwrap();
     let config = AdapterConfig::from_json_str(
         r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}"#,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}"#
+            .replace('}', &format!(", \"use_dora\": {dora}}}"))
+            .as_str(),
         "side-by-side",
     )
     .unwrap();
@@ -54,8 +57,8 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn train(steps: usize, warmup: usize, precision: Precision) -> String {
-    let model = model(precision);
+fn train(steps: usize, warmup: usize, precision: Precision, dora: bool) -> String {
+    let model = model(precision, dora);
     model.set_training(true);
     let (trainable, total) = model.parameter_counts();
     let vars = model.trainable_named_vars();
@@ -90,7 +93,7 @@ fn train(steps: usize, warmup: usize, precision: Precision) -> String {
     }
     let step_s = median(times);
     format!(
-        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"dtype\": \"{}\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}, \"losses\": [{}]}}",
+        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"dora\": {dora}, \"dtype\": \"{}\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}, \"losses\": [{}]}}",
         precision_name(precision),
         rayon_threads(),
         (batch * len) as f64 / step_s,
@@ -117,7 +120,7 @@ fn rayon_threads() -> usize {
 }
 
 fn infer(runs: usize, precision: Precision) -> String {
-    let mut model = model(precision);
+    let mut model = model(precision, false);
     model.set_training(false);
     let x = ModelInputs::from_ids(ids(1, 256, 7));
     let _guard = no_grad();
@@ -166,6 +169,7 @@ fn main() {
             arg(&args, "--steps", 5),
             arg(&args, "--warmup", 2),
             precision,
+            args.iter().any(|a| a == "--dora"),
         ),
         "infer" => infer(arg(&args, "--runs", 15), precision),
         other => {

@@ -107,6 +107,9 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// DoRA: weight-decomposed LoRA (`use_dora`), a trained magnitude per output feature.
+    #[arg(long)]
+    pub dora: bool,
     /// Target modules (comma-separated names, `all-linear`, or a regex).
     #[arg(long)]
     pub target_modules: Option<String>,
@@ -234,6 +237,9 @@ fn adapter_config(args: &TrainArgs, task: TaskType) -> Result<AdapterConfig> {
     }
     if let Some(d) = args.lora_dropout {
         obj.insert("lora_dropout".into(), Value::from(d));
+    }
+    if args.dora {
+        obj.insert("use_dora".into(), Value::Bool(true));
     }
     if let Some(t) = &args.target_modules {
         let value = if t.contains(',') {
