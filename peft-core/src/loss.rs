@@ -297,7 +297,7 @@ impl HeadCrossEntropy {
         let name = "head-cross-entropy";
         let (d0, d1) = self.weight.dims2()?;
         let (v, k) = if self.transposed { (d1, d0) } else { (d0, d1) };
-        if x.len() % k.max(1) != 0 {
+        if !x.len().is_multiple_of(k.max(1)) {
             candle_core::bail!("{name}: hidden states of width {k} expected");
         }
         let count = self.rows.len();

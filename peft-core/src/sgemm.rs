@@ -5,7 +5,11 @@
 //! The usual blocked scheme (Goto / BLIS): a `KC x NC` block of the right-hand matrix is packed
 //! into 16-column panels, an `MC x KC` block of the left into 6-row slivers (scaled by `alpha` on
 //! the way), and a 6 x 16 register-tile kernel (12 accumulators, two vector loads and six
-//! broadcasts per step of `k`; 84-94 GFLOP/s a core here against a 97-100 FMA peak) walks them.
+//! broadcasts per step of `k`; 84-94 GFLOP/s a core on an AVX2 EPYC against a 97-100 FMA peak)
+//! walks them. Where the CPU has AVX-512F, a 12 x 32 tile ([`kernel512`]: two slivers by two
+//! panels of the same packs, 24 zmm accumulators) runs every full 12 x 32 block and the AVX2
+//! kernel the edges (96-144 GFLOP/s a core on a 2-core AVX-512 Xeon, against the AVX2 kernel's
+//! 60-72 there).
 //! Threads split the output by columns or rows, each running the whole scheme on its part.
 //!
 //! What it adds over the `gemm` crate: a bf16 right-hand matrix is widened to f32 as its panels
@@ -39,6 +43,27 @@ pub fn available() -> bool {
             && is_x86_feature_detected!("fma")
             && std::env::var_os("PEFT_GEMM_CRATE").is_none()
     })
+}
+
+/// Whether the 12 x 32 AVX-512 tile ([`kernel512`]) runs the full tiles: the CPU has AVX-512F and
+/// `PEFT_SGEMM_AVX2` is unset (set, every tile takes the 6 x 16 AVX2 kernel, for comparing).
+/// On a 2-core AVX-512 VM (Xeon, 2026-12-02) the AVX2 kernel ran the side-by-side job's shapes
+/// at 60-72 GFLOP/s a core against the `gemm` crate's AVX-512 kernels' 96-134. Checked once.
+fn wide() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx512f") && std::env::var_os("PEFT_SGEMM_AVX2").is_none()
+    })
+}
+
+/// Rows and columns of the tiles a thread's share is made of (the thread split's units).
+fn tile_units() -> (usize, usize) {
+    if wide() {
+        (2 * MR, 2 * NR)
+    } else {
+        (MR, NR)
+    }
 }
 
 /// A strided f32 matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -140,15 +165,16 @@ pub unsafe fn sgemm(
         return;
     }
     use rayon::prelude::*;
-    let by_columns = if m < MR * threads * 2 {
+    let (tm, tn) = tile_units();
+    let by_columns = if m < tm * threads * 2 {
         true
-    } else if n < NR * threads * 2 {
+    } else if n < tn * threads * 2 {
         false
     } else {
         m < n
     };
     // Each thread takes a run of whole tiles: columns `[s0, s1)` of dst, or rows.
-    let (total, unit) = if by_columns { (n, NR) } else { (m, MR) };
+    let (total, unit) = if by_columns { (n, tn) } else { (m, tm) };
     let per = total.div_ceil(threads).div_ceil(unit) * unit;
     (0..threads).into_par_iter().for_each(|t| {
         let (s0, s1) = (t * per, ((t + 1) * per).min(total));
@@ -183,10 +209,14 @@ pub unsafe fn sgemm(
     });
 }
 
-/// A 32-byte aligned scratch buffer per thread, reused across calls.
-#[repr(C, align(32))]
+/// Values in a [`Lane`].
+const LANE: usize = 16;
+
+/// A 64-byte aligned scratch buffer per thread, reused across calls (a packed panel's rows are
+/// then whole cache lines, as [`kernel512`]'s loads want).
+#[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Lane([f32; 8]);
+struct Lane([f32; LANE]);
 
 thread_local! {
     static PACKS: std::cell::RefCell<(Vec<Lane>, Vec<Lane>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -215,14 +245,15 @@ unsafe fn sgemm_serial(
     PACKS.with(|packs| {
         let mut packs = packs.borrow_mut();
         let (ap, bp) = &mut *packs;
-        let b_len = KC * NC.min(n.div_ceil(NR) * NR) / 8;
-        let a_len = KC * MC.min(m.div_ceil(MR) * MR) / 8 + 1;
+        let b_len = (KC * NC.min(n.div_ceil(NR) * NR)).div_ceil(LANE);
+        let a_len = (KC * MC.min(m.div_ceil(MR) * MR)).div_ceil(LANE) + 1;
         if bp.len() < b_len {
-            bp.resize(b_len, Lane([0.0; 8]));
+            bp.resize(b_len, Lane([0.0; LANE]));
         }
         if ap.len() < a_len {
-            ap.resize(a_len, Lane([0.0; 8]));
+            ap.resize(a_len, Lane([0.0; LANE]));
         }
+        let wide = wide();
         let ap = ap.as_mut_ptr() as *mut f32;
         let bp = bp.as_mut_ptr() as *mut f32;
         let mut jc = 0;
@@ -241,33 +272,52 @@ unsafe fn sgemm_serial(
                     unsafe { pack_a(mc, kc, a, ic, pc, alpha, ap) };
                     let mut jr = 0;
                     while jr < nc {
-                        let nr = NR.min(nc - jr);
+                        // Two full panels side by side: 12 x 32 tiles where the rows allow.
                         let mut ir = 0;
-                        while ir < mc {
-                            let mr = MR.min(mc - ir);
-                            // SAFETY: the slivers lie in the packs; the tile in dst.
-                            unsafe {
-                                let c = dst.add((ic + ir) * dst_rs + jc + jr);
-                                let ap = ap.add(ir * kc);
-                                let bp = bp.add(jr * kc);
-                                if mr == MR && nr == NR {
-                                    kernel(kc, ap, bp, c, dst_rs, add);
-                                } else {
-                                    let mut tile = [Lane([0.0; 8]); MR * NR / 8];
-                                    let t = tile.as_mut_ptr() as *mut f32;
-                                    kernel(kc, ap, bp, t, NR, false);
-                                    for i in 0..mr {
-                                        for j in 0..nr {
-                                            let v = *t.add(i * NR + j);
-                                            let c = c.add(i * dst_rs + j);
-                                            *c = if add { *c + v } else { v };
-                                        }
-                                    }
-                                }
+                        if wide && nc - jr >= 2 * NR {
+                            while mc - ir >= 2 * MR {
+                                // SAFETY: two slivers and two panels in the packs; the tile
+                                // in dst; the CPU checked by wide().
+                                unsafe {
+                                    kernel512(
+                                        kc,
+                                        ap.add(ir * kc),
+                                        bp.add(jr * kc),
+                                        dst.add((ic + ir) * dst_rs + jc + jr),
+                                        dst_rs,
+                                        add,
+                                    )
+                                };
+                                ir += 2 * MR;
                             }
-                            ir += MR;
                         }
-                        jr += NR;
+                        // The rest of this panel (and of the next one, if it went with it
+                        // above) in 6 x 16 tiles.
+                        let panels = if ir > 0 { 2 } else { 1 };
+                        for q in 0..panels {
+                            let jr = jr + q * NR;
+                            let nr = NR.min(nc - jr);
+                            let mut ir = ir;
+                            while ir < mc {
+                                let mr = MR.min(mc - ir);
+                                // SAFETY: the sliver and panel lie in the packs; the tile in
+                                // dst.
+                                unsafe {
+                                    let c = dst.add((ic + ir) * dst_rs + jc + jr);
+                                    small_tile(
+                                        kc,
+                                        ap.add(ir * kc),
+                                        bp.add(jr * kc),
+                                        c,
+                                        dst_rs,
+                                        add,
+                                        (mr, nr),
+                                    )
+                                };
+                                ir += MR;
+                            }
+                        }
+                        jr += panels * NR;
                     }
                     ic += mc;
                 }
@@ -488,6 +538,88 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
+/// `c[mr, nr] (+)= a_sliver^T b_panel` (the first `mr` rows and `nr` columns of a 6 x 16 tile).
+///
+/// # Safety
+/// As [`kernel`], for an `mr x nr` region of `c`.
+unsafe fn small_tile(
+    kc: usize,
+    ap: *const f32,
+    bp: *const f32,
+    c: *mut f32,
+    rs: usize,
+    add: bool,
+    (mr, nr): (usize, usize),
+) {
+    // SAFETY: the caller's slivers and tile; the tile buffer holds 6 x 16 values.
+    unsafe {
+        if mr == MR && nr == NR {
+            kernel(kc, ap, bp, c, rs, add);
+            return;
+        }
+        let mut tile = [Lane([0.0; LANE]); MR * NR / LANE];
+        let t = tile.as_mut_ptr() as *mut f32;
+        kernel(kc, ap, bp, t, NR, false);
+        for i in 0..mr {
+            for j in 0..nr {
+                let v = *t.add(i * NR + j);
+                let c = c.add(i * rs + j);
+                *c = if add { *c + v } else { v };
+            }
+        }
+    }
+}
+
+/// `c[12, 32] (+)= [a0; a1]^T [b0 b1]` over `kc` steps with AVX-512: two consecutive 6-row
+/// slivers (`a0` at `a`, `a1` `MR * kc` values on) and two consecutive 16-column panels (`b1`
+/// `NR * kc` values after `b0`), 24 accumulators, two vector loads and twelve broadcasts per
+/// step; `c` row stride `rs`.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` holds `2 x kc x MR` values and `b` `2 x kc x NR` (64-byte
+/// aligned); `c` addresses a 12 x 32 tile.
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs: usize, add: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for r in 0..2 * MR {
+            let row = c.add(r * rs);
+            _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(16) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(2 * NR - 1) as *const i8);
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; 2 * MR];
+        let (mut a0, mut a1) = (a, a.add(MR * kc));
+        let (mut b0, mut b1) = (b, b.add(NR * kc));
+        for _ in 0..kc {
+            let v0 = _mm512_load_ps(b0);
+            let v1 = _mm512_load_ps(b1);
+            for r in 0..MR {
+                let x = _mm512_set1_ps(*a0.add(r));
+                acc[r][0] = _mm512_fmadd_ps(x, v0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x, v1, acc[r][1]);
+                let y = _mm512_set1_ps(*a1.add(r));
+                acc[MR + r][0] = _mm512_fmadd_ps(y, v0, acc[MR + r][0]);
+                acc[MR + r][1] = _mm512_fmadd_ps(y, v1, acc[MR + r][1]);
+            }
+            a0 = a0.add(MR);
+            a1 = a1.add(MR);
+            b0 = b0.add(NR);
+            b1 = b1.add(NR);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let c = c.add(r * rs);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if add {
+                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(c));
+                v1 = _mm512_add_ps(v1, _mm512_loadu_ps(c.add(NR)));
+            }
+            _mm512_storeu_ps(c, v0);
+            _mm512_storeu_ps(c.add(NR), v1);
+        }
+    }
+}
+
 /// `c[6, 16] (+)= a_sliver^T b_panel` over `kc` steps; `c` row stride `rs`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs: usize, add: bool) {
@@ -659,9 +791,13 @@ mod tests {
             return;
         }
         let layouts = [Layout::Rows, Layout::Columns, Layout::Strided];
-        // Shapes below, at and above the tile (6 x 16) and block (MC 96, KC 256) sizes.
+        // Shapes below, at and above the tiles (6 x 16; 12 x 32 with AVX-512) and block (MC 96,
+        // KC 256) sizes.
         for &(m, n, k) in &[
             (1, 1, 1),
+            (12, 32, 1),
+            (24, 48, 17),
+            (30, 80, 5),
             (5, 17, 3),
             (6, 16, 8),
             (7, 33, 9),

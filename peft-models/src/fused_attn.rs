@@ -542,7 +542,7 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
     }
     let (b, t, hd) = x.dims3()?;
     let d = hd / heads;
-    if d * heads != hd || d % 2 != 0 || cos.track_op() || sin.track_op() {
+    if d * heads != hd || !d.is_multiple_of(2) || cos.track_op() || sin.track_op() {
         return Ok(None);
     }
     let (Ok(c), Ok(s)) = (

@@ -392,7 +392,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 pub fn reverse_permute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let out = dims[0];
-    if heads == 0 || out % (2 * heads) != 0 {
+    if heads == 0 || !out.is_multiple_of(2 * heads) {
         return Err(PeftError::bad_input(
             "q/k projection rows",
             format!("a multiple of 2 x {heads} heads"),

@@ -453,7 +453,7 @@ fn check_shape(rows: usize, cols: usize, blocksize: usize, what: &str) -> Result
             blocksize.to_string(),
         ));
     }
-    if cols == 0 || rows == 0 || cols % blocksize != 0 {
+    if cols == 0 || rows == 0 || !cols.is_multiple_of(blocksize) {
         return Err(PeftError::bad_input(
             format!("{what} quantization of a [{rows}, {cols}] weight"),
             format!("in_features a multiple of the block size {blocksize}"),

@@ -38,7 +38,7 @@ impl GgmlWeight {
     /// Builds from raw block bytes, row-major.
     pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
         let bs = dtype.block_size();
-        if cols % bs != 0 {
+        if !cols.is_multiple_of(bs) {
             return Err(PeftError::bad_input(
                 format!("{dtype:?} weight [{rows}, {cols}]"),
                 format!("in_features a multiple of the block size {bs}"),
@@ -93,7 +93,7 @@ impl GgmlWeight {
     /// Undoes llama.cpp's q/k permutation for `heads` heads (see
     /// `peft_models::gguf::reverse_permute`), moving whole rows.
     pub fn reverse_permute(&self, heads: usize) -> Result<Self> {
-        if heads == 0 || self.rows % (2 * heads) != 0 {
+        if heads == 0 || !self.rows.is_multiple_of(2 * heads) {
             return Err(PeftError::bad_input(
                 "q/k projection rows",
                 format!("a multiple of 2 x {heads} heads"),

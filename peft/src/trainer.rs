@@ -637,7 +637,12 @@ impl<'a> Trainer<'a> {
             bar.finish_and_clear();
         }
         // A checkpoint at the end too, so a later run with more steps can resume from it.
-        if report.steps_run > 0 && !self.cfg.save_every.is_some_and(|n| n > 0 && total % n == 0) {
+        if report.steps_run > 0
+            && !self
+                .cfg
+                .save_every
+                .is_some_and(|n| n > 0 && total.is_multiple_of(n))
+        {
             self.save_checkpoint(total)?;
         }
         self.model.save_pretrained(&self.out)?;
