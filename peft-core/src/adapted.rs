@@ -378,6 +378,9 @@ impl LinearLike for AdaptedLinear {
     fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Arc<dyn LinearLike>> {
         self.original.with_weights(weight, bias)
     }
+    fn with_bias(&self, bias: Tensor) -> Result<Arc<dyn LinearLike>> {
+        Ok(self.with_original(self.original.with_bias(bias)?))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }

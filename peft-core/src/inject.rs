@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapted::{AdaptedEmbedding, AdaptedLinear};
 use crate::config::{AdapterConfig, TaskType};
 use crate::error::{PeftError, Result};
-use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter};
+use crate::method::{EmbeddingAdapter, LayerMethod, LinearAdapter, TrainedBiases};
 use crate::model::ModuleKind;
 use crate::peft_model::{Adapter, PeftModel};
 use crate::prompt::PromptState;
@@ -29,6 +29,14 @@ const CLASSIFIER_MODULE_NAMES: [&str; 2] = ["classifier", "score"];
 
 /// Checkpoint prefix of `modules_to_save` copies of prompt-learning adapters.
 const PROMPT_MODULES_PREFIX: &str = "base_model.";
+
+/// A base bias an adapter trains: where it lives and its `Var`.
+enum BiasSite {
+    /// The bias of the linear layer at this path.
+    Linear(String, Var),
+    /// A plain parameter (a norm's shift) with this full name.
+    Param(String, Var),
+}
 
 enum Built {
     Linear(Arc<dyn LinearAdapter>),
@@ -164,6 +172,121 @@ impl PeftModel {
             .collect())
     }
 
+    /// The base biases `which` selects (phase 1: nothing changes yet), as `Var`s in a store
+    /// keyed as peft saves them: `<path>.base_layer.bias` for a layer an adapter wraps (this
+    /// one's targets included), `<path>.bias` for other linear layers and norms. A checkpoint's
+    /// values are taken from `store`'s file; the rest start at the base's values (one already
+    /// trained by another adapter is shared, as peft has one parameter). `saved` modules keep
+    /// their own trained copies.
+    #[allow(clippy::type_complexity)]
+    fn trained_biases(
+        &mut self,
+        which: TrainedBiases,
+        wanted: &BTreeSet<&str>,
+        saved: &[String],
+        store: &ParamStore,
+    ) -> Result<Option<(Arc<ParamStore>, Vec<BiasSite>)>> {
+        if which == TrainedBiases::None {
+            return Ok(None);
+        }
+        // (key, site is a linear layer, site path, current value)
+        let mut found: Vec<(String, bool, String, Tensor)> = Vec::new();
+        self.base.visit_linears(&mut |path, slot| {
+            let targeted = wanted.contains(path);
+            if saved.iter().any(|s| s == path) || (which == TrainedBiases::TargetsOnly && !targeted)
+            {
+                return Ok(());
+            }
+            if let Some(b) = slot.bias() {
+                // Fails now, not after attaching, on a layer that cannot take a trained bias.
+                slot.with_bias(b.clone())?;
+                let wrapped = targeted || AdaptedLinear::from_slot(slot).is_some();
+                let key = if wrapped {
+                    format!("{path}.base_layer.bias")
+                } else {
+                    format!("{path}.bias")
+                };
+                found.push((key, true, path.to_string(), b.clone()));
+            }
+            Ok(())
+        })?;
+        if which == TrainedBiases::All {
+            self.base.visit_params(&mut |name, t| {
+                if name == "bias" || name.ends_with(".bias") {
+                    found.push((name.to_string(), false, name.to_string(), t.clone()));
+                }
+                Ok(())
+            })?;
+        }
+        let keys: BTreeSet<&str> = found.iter().map(|(k, ..)| k.as_str()).collect();
+        let loaded: BTreeMap<String, (String, Tensor)> = store
+            .take_source_tensors(|p| keys.contains(p))
+            .into_iter()
+            .map(|(p, key, t)| (p, (key, t)))
+            .collect();
+        let file = store.source_path().unwrap_or_default();
+        let biases = ParamStore::new(0, self.base.device(), BASE_MODEL_PREFIX);
+        let mut sites = Vec::new();
+        for (key, linear, path, current) in found {
+            let value = match loaded.get(&key) {
+                Some((file_key, t)) if t.dims() != current.dims() => {
+                    return Err(PeftError::ShapeMismatch {
+                        path: file.clone(),
+                        key: file_key.clone(),
+                        expected: current.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    })
+                }
+                Some((_, t)) => Some(t.to_dtype(DType::F32)?.to_device(current.device())?),
+                None => None,
+            };
+            let var = if current.is_variable() && current.dtype() == DType::F32 {
+                let var = Var::from_tensor(&current)?;
+                if let Some(v) = value {
+                    var.set(&v)?;
+                }
+                var
+            } else {
+                Var::from_tensor(&match value {
+                    Some(v) => v,
+                    None => current.to_dtype(DType::F32)?,
+                })?
+            };
+            biases.insert_var(&key, var.clone());
+            sites.push(if linear {
+                BiasSite::Linear(path, var)
+            } else {
+                BiasSite::Param(path, var)
+            });
+        }
+        Ok(Some((biases, sites)))
+    }
+
+    /// Puts trained biases into their layers and parameters (phase 2).
+    fn attach_biases(&mut self, sites: &[BiasSite]) -> Result<()> {
+        let mut linears = BTreeMap::new();
+        let mut params = BTreeMap::new();
+        for site in sites {
+            match site {
+                BiasSite::Linear(p, v) => linears.insert(p.as_str(), v),
+                BiasSite::Param(p, v) => params.insert(p.as_str(), v),
+            };
+        }
+        self.base.visit_linears(&mut |path, slot| {
+            if let (Some(var), Some(b)) = (linears.get(path), slot.bias()) {
+                let bias = var.as_tensor().to_dtype(b.dtype())?;
+                *slot = slot.with_bias(bias)?;
+            }
+            Ok(())
+        })?;
+        self.base.visit_params(&mut |name, t| {
+            if let Some(var) = params.get(name) {
+                *t = var.as_tensor().to_dtype(t.dtype())?;
+            }
+            Ok(())
+        })
+    }
+
     fn layer_method(config: &AdapterConfig) -> Result<&dyn LayerMethod> {
         config.method.as_layer_method().ok_or_else(|| {
             PeftError::InvalidState(format!(
@@ -270,6 +393,7 @@ impl PeftModel {
             config,
             params: Arc::clone(&store),
             saved: Some(Arc::clone(&saved_store)),
+            biases: None,
             targets: Vec::new(),
             saved_modules,
             trainable,
@@ -451,15 +575,26 @@ impl PeftModel {
             )));
         }
 
+        let biases =
+            self.trained_biases(method.trained_biases(), &wanted, &saved_modules, &store)?;
+
         // Phase 2: attach.
         self.attach_built(name, &built)?;
         if source.is_file() {
             self.load_base_layer_weights(&store)?;
         }
+        let biases = match biases {
+            Some((biases, sites)) => {
+                self.attach_biases(&sites)?;
+                Some(biases)
+            }
+            None => None,
+        };
         let adapter = Adapter {
             config,
             params: Arc::clone(&store),
             saved: None,
+            biases,
             targets: selected,
             saved_modules,
             trainable,

@@ -36,6 +36,15 @@ pub trait LinearLike: Send + Sync + Debug {
     }
     /// A layer of the same kind holding new weights (used when merging).
     fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Arc<dyn LinearLike>>;
+    /// The same layer with `bias` (of the current bias's shape) in place of its bias, the
+    /// weight kept as stored: how a trained base bias (peft's `bias="all"`) reaches the layer.
+    /// The layer must add the bias with differentiable ops, so that it gets a gradient.
+    fn with_bias(&self, _bias: Tensor) -> Result<Arc<dyn LinearLike>> {
+        Err(PeftError::InvalidState(format!(
+            "a {} layer cannot take a trained bias",
+            std::any::type_name::<Self>()
+        )))
+    }
     /// For downcasting (core recognises its own wrappers this way).
     fn as_any(&self) -> &dyn Any;
 }
@@ -883,6 +892,12 @@ impl LinearLike for DenseLinear {
     }
     fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Arc<dyn LinearLike>> {
         Ok(Arc::new(DenseLinear::build(weight, bias, self.transposed)?))
+    }
+    fn with_bias(&self, bias: Tensor) -> Result<Arc<dyn LinearLike>> {
+        Ok(Arc::new(DenseLinear {
+            bias: Some(bias),
+            ..self.clone()
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -55,7 +55,7 @@ pub use layers::{
 };
 pub use method::{
     EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod,
-    StoredPrompt,
+    StoredPrompt, TrainedBiases,
 };
 pub use model::{
     AdaptableModel, KvCache, ModelCore, ModelInfo, ModelInputs, ModuleEntry, ModuleKind,

@@ -96,6 +96,20 @@ pub trait EmbeddingAdapter: Send + Sync + Debug {
     }
 }
 
+/// Which of the base model's biases an adapter trains and saves with itself (peft's `bias`
+/// field: `"none"`, `"all"`, `"<method>_only"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainedBiases {
+    /// None (`"none"`).
+    #[default]
+    None,
+    /// Every bias of the model (`"all"`): linear layers' and norms', saved under their own
+    /// names (`<path>.base_layer.bias` for a layer an adapter wraps).
+    All,
+    /// The biases of the layers this adapter targets (`"lora_only"` and the like).
+    TargetsOnly,
+}
+
 /// The layer-method interface of a [`MethodConfig`].
 pub trait LayerMethod: MethodConfig {
     /// Which modules the config selects.
@@ -124,6 +138,12 @@ pub trait LayerMethod: MethodConfig {
     /// `_prepare_adapter_config`: model-dependent defaults such as IA3's feed-forward modules).
     fn prepare(&mut self, _info: &ModelInfo, _task_type: Option<TaskType>) -> Result<()> {
         Ok(())
+    }
+
+    /// Which base biases the adapter trains (peft's `bias`); they live in the base model, so
+    /// the last adapter loaded sets them, as in peft, and disabling an adapter keeps them.
+    fn trained_biases(&self) -> TrainedBiases {
+        TrainedBiases::None
     }
 
     /// Builds the adapter for the linear layer at `path`. Parameters come from `params`

@@ -31,6 +31,9 @@ pub struct Adapter {
     pub(crate) params: Arc<ParamStore>,
     /// A prompt adapter's `modules_to_save` copies (layer methods keep them in `params`).
     pub(crate) saved: Option<Arc<ParamStore>>,
+    /// The base biases it trains (peft's `bias="all"` / `"lora_only"`), keyed as peft saves
+    /// them; base parameters, so not counted among the adapter's own.
+    pub(crate) biases: Option<Arc<ParamStore>>,
     pub(crate) targets: Vec<String>,
     pub(crate) saved_modules: Vec<String>,
     pub(crate) trainable: bool,
@@ -46,6 +49,7 @@ impl Adapter {
     pub fn vars(&self) -> Vec<(String, Var)> {
         let mut vars = self.params.vars();
         vars.extend(self.saved.iter().flat_map(|s| s.vars()));
+        vars.extend(self.biases.iter().flat_map(|s| s.vars()));
         vars
     }
     /// The module paths it adapts, in model order.
@@ -80,6 +84,9 @@ impl Adapter {
         };
         if let Some(saved) = &self.saved {
             tensors.extend(saved.checkpoint_tensors()?);
+        }
+        if let Some(biases) = &self.biases {
+            tensors.extend(biases.checkpoint_tensors()?);
         }
         Ok(tensors)
     }

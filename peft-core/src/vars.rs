@@ -291,6 +291,11 @@ impl ParamStore {
             .collect()
     }
 
+    /// Adds `var` at `path` (a parameter made elsewhere, such as a base bias an adapter trains).
+    pub(crate) fn insert_var(&self, path: &str, var: Var) {
+        lock(&self.vars).insert(path.to_string(), var);
+    }
+
     /// Removes every parameter under `prefix` (used to undo a half-built adapter).
     pub fn remove_under(&self, prefix: &str) {
         lock(&self.vars).retain(|k, _| !k.starts_with(prefix));

@@ -2,7 +2,7 @@
 //!
 //! Fields this crate implements are typed. Fields peft knows but this crate does not
 //! implement are accepted only at their inert (default) values and written back as read;
-//! a value that would change behaviour (DoRA, LoRA bias, LoftQ, ...) is a clear
+//! a value that would change behaviour (LoftQ, PiSSA, layer replication, ...) is a clear
 //! [`PeftError::Unsupported`] error, never silently ignored.
 
 use peft_core::json::{describe, write_derived, ConfigFields};
@@ -48,6 +48,21 @@ impl InitLoraWeights {
     }
 }
 
+/// Which base biases a LoRA adapter trains and saves (`bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum LoraBias {
+    /// `"none"`.
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// `"all"`: every bias of the model.
+    #[serde(rename = "all")]
+    All,
+    /// `"lora_only"`: the biases of the layers LoRA adapts.
+    #[serde(rename = "lora_only")]
+    LoraOnly,
+}
+
 /// Inits peft 0.21 knows besides `true`, `false` and `"gaussian"`.
 const OTHER_INITS: &[&str] = &[
     "eva",
@@ -82,6 +97,10 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// `use_dora`: weight-decomposed LoRA (a trained magnitude per output feature).
     pub use_dora: bool,
+    /// `bias`: which base biases are trained and saved with the adapter.
+    pub bias: LoraBias,
+    /// `lora_bias`: `lora_B` has a trained bias (added to `B A x` before the scaling).
+    pub lora_bias: bool,
     /// `init_lora_weights`.
     #[serde(skip)]
     pub init_lora_weights: InitLoraWeights,
@@ -107,6 +126,8 @@ impl Default for LoraConfig {
             fan_in_fan_out: false,
             use_rslora: false,
             use_dora: false,
+            bias: LoraBias::None,
+            lora_bias: false,
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
@@ -123,14 +144,12 @@ fn inert_defaults() -> Vec<(&'static str, Value)> {
     vec![
         ("alora_invocation_tokens", Value::Null),
         ("arrow_config", Value::Null),
-        ("bias", Value::from("none")),
         ("corda_config", Value::Null),
         ("ensure_weight_tying", Value::Bool(false)),
         ("eva_config", Value::Null),
         ("kasa_config", Value::Null),
         ("layer_replication", Value::Null),
         ("loftq_config", Value::Object(Map::new())),
-        ("lora_bias", Value::Bool(false)),
         ("lora_ga_config", Value::Null),
         ("megatron_config", Value::Null),
         ("megatron_core", Value::from("megatron.core")),
@@ -177,7 +196,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
             _ => "",
         };
         let ok = match key {
-            "bias" => value.as_str() == Some("none"),
             "megatron_core" | "qalora_group_size" => true,
             // peft ignores (with a warning) these sub-configs unless the matching init is chosen.
             "eva_config" | "corda_config" | "loftq_config" | "lora_ga_config" => {
@@ -194,8 +212,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
         };
         if !ok {
             let reason = match key {
-                "bias" => "only bias=\"none\" is implemented; bias=\"all\"/\"lora_only\" train the base biases",
-                "lora_bias" => "a trainable bias on lora_B is not implemented yet",
                 "layer_replication" => "layer replication is not implemented",
                 "target_parameters" => "targeting nn.Parameters directly is not implemented",
                 "trainable_token_indices" => "trainable token indices are not implemented",
@@ -291,6 +307,18 @@ impl LoraConfig {
         self
     }
 
+    /// Sets `bias` (which base biases are trained).
+    pub fn with_bias(mut self, bias: LoraBias) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Sets `lora_bias` (a trained bias on `lora_B`).
+    pub fn with_lora_bias(mut self, on: bool) -> Self {
+        self.lora_bias = on;
+        self
+    }
+
     /// Sets `init_lora_weights`.
     pub fn with_init(mut self, init: InitLoraWeights) -> Self {
         self.init_lora_weights = init;
@@ -325,6 +353,23 @@ impl LoraConfig {
         let alpha_pattern = take_alpha_pattern(fields)?;
         let init_lora_weights = parse_init(fields)?;
         let inert = take_inert(fields, &init_lora_weights)?;
+        // peft's LoraConfig.__post_init__ checks.
+        if plain.lora_bias && plain.use_dora {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "lora_bias",
+                "false with use_dora=true (peft does not support lora_bias for DoRA)",
+                "true",
+            ));
+        }
+        if plain.lora_bias && matches!(init_lora_weights, InitLoraWeights::Other(_)) {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "lora_bias",
+                "false unless init_lora_weights is true or false (as peft requires)",
+                "true",
+            ));
+        }
         Ok(LoraConfig {
             targets,
             init_lora_weights,

@@ -29,6 +29,8 @@ pub struct LoraLinear {
     dropout: Dropout,
     /// DoRA's magnitude `[out]`.
     magnitude: Option<Tensor>,
+    /// `lora_B.bias` `[out]` (`lora_bias`), added to `B A x` before the scaling.
+    b_bias: Option<Tensor>,
 }
 
 /// `t` in f32.
@@ -97,7 +99,30 @@ impl LoraLinear {
             scaling,
             dropout: Dropout::new(dropout, seed),
             magnitude: None,
+            b_bias: None,
         })
+    }
+
+    /// Gives `lora_B` a bias (`lora_bias`): `lora_B.bias` `[out]` under `params`, zeros by
+    /// default as peft initialises it, torch's `nn.Linear` bias init (uniform on `±1/sqrt(r)`)
+    /// with `init_lora_weights=false`.
+    pub fn with_lora_bias(mut self, params: &ParamBuilder, init: &InitLoraWeights) -> Result<Self> {
+        let (out, r) = self.b.dims2()?;
+        let init = match init {
+            InitLoraWeights::Random => Init::kaiming_uniform_linear(r),
+            _ => Init::Zeros,
+        };
+        self.b_bias = Some(params.pp("lora_B").get(&[out], "bias", init)?);
+        Ok(self)
+    }
+
+    /// `y + scaling * lora_B.bias` (with `lora_bias`), in `y`'s dtype.
+    fn add_b_bias(&self, y: Tensor) -> Result<Tensor> {
+        let Some(b) = &self.b_bias else {
+            return Ok(y);
+        };
+        let b = (b * self.scaling)?.to_dtype(y.dtype())?;
+        Ok(y.broadcast_add(&b)?)
     }
 
     /// Makes this a DoRA layer over `base`: builds (or loads) `lora_magnitude_vector` `[out]`
@@ -196,7 +221,7 @@ impl LinearAdapter for LoraLinear {
         } else {
             delta.to_dtype(y.dtype())?
         };
-        Ok((y + delta)?)
+        self.add_b_bias((y + delta)?)
     }
 
     fn fused_forward(
@@ -215,7 +240,7 @@ impl LinearAdapter for LoraLinear {
             return Ok(None);
         };
         match &self.magnitude {
-            None => Ok(Some(y)),
+            None => Ok(Some(self.add_b_bias(y)?)),
             // DoRA: the fused `W x + bias + scaling B A x`, rescaled.
             Some(m) => {
                 let scale = self.dora_scale(m, base)?;
@@ -233,7 +258,16 @@ impl LinearAdapter for LoraLinear {
         let delta = self.delta_weight()?;
         let merged = (weight + &delta)?;
         let Some(m) = &self.magnitude else {
-            return Ok((merged, bias.cloned()));
+            let bias = match (&self.b_bias, bias) {
+                (None, bias) => bias.cloned(),
+                (Some(b), Some(bias)) => Some((bias + (b * self.scaling)?)?),
+                (Some(_), None) => {
+                    return Err(peft_core::PeftError::InvalidState(
+                        "cannot merge a LoRA adapter with lora_bias=true into a layer without a bias (peft refuses it too)".into(),
+                    ))
+                }
+            };
+            return Ok((merged, bias));
         };
         // peft: the norm of the unmerged weight plus this delta; the bias is not rescaled.
         let factor = m.broadcast_div(&row_norm(&(base_weight + delta)?)?)?;

@@ -15,7 +15,7 @@ use peft_core::{
     Result, TargetModules, TargetSpec,
 };
 
-pub use config::{InitLoraWeights, LoraConfig};
+pub use config::{InitLoraWeights, LoraBias, LoraConfig};
 pub use layer::{LoraEmbedding, LoraLinear};
 use peft_core::low_rank::LowRank as _;
 
@@ -111,6 +111,14 @@ impl LayerMethod for LoraConfig {
         }
     }
 
+    fn trained_biases(&self) -> peft_core::TrainedBiases {
+        match self.bias {
+            LoraBias::None => peft_core::TrainedBiases::None,
+            LoraBias::All => peft_core::TrainedBiases::All,
+            LoraBias::LoraOnly => peft_core::TrainedBiases::TargetsOnly,
+        }
+    }
+
     fn wrap_linear(
         &self,
         path: &str,
@@ -129,6 +137,16 @@ impl LayerMethod for LoraConfig {
             &self.init_lora_weights,
             params.seed("lora_dropout"),
         )?;
+        let layer = if self.lora_bias {
+            if base.bias().is_none() {
+                tracing::warn!(
+                    "{path}: lora_bias=true on a layer without a bias; the adapter cannot be merged"
+                );
+            }
+            layer.with_lora_bias(params, &self.init_lora_weights)?
+        } else {
+            layer
+        };
         Ok(Box::new(if self.use_dora {
             layer.with_dora(params, base)?
         } else {
@@ -143,6 +161,14 @@ impl LayerMethod for LoraConfig {
         params: &ParamBuilder,
     ) -> Result<Box<dyn EmbeddingAdapter>> {
         self.check_init_for(params)?;
+        if self.lora_bias {
+            return Err(PeftError::UnsupportedModule {
+                path: path.to_string(),
+                kind: "an embedding".into(),
+                method: "LoRA with lora_bias=true".into(),
+                supported: "linear layers (peft refuses lora_bias on embeddings too)".into(),
+            });
+        }
         let (r, alpha) = self.rank_and_alpha(path);
         let layer = LoraEmbedding::new(
             params,

@@ -333,6 +333,12 @@ impl LinearLike for QuantLinear {
             )?)),
         }
     }
+    fn with_bias(&self, bias: Tensor) -> Result<Arc<dyn LinearLike>> {
+        Ok(Arc::new(QuantLinear {
+            bias: Some(bias),
+            ..self.clone()
+        }))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }

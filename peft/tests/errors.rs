@@ -110,9 +110,6 @@ fn malformed_and_incomplete_configs() {
 #[test]
 fn unimplemented_variants_are_refused_not_ignored() {
     for (key, value) in [
-        ("bias", "\"all\""),
-        ("bias", "\"lora_only\""),
-        ("lora_bias", "true"),
         ("layer_replication", "[[0, 1]]"),
         ("target_parameters", "[\"w\"]"),
         ("trainable_token_indices", "[1, 2]"),

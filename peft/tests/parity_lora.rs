@@ -1,6 +1,6 @@
-//! LoRA and DoRA parity with Python peft + transformers on the committed fixtures.
-//! Reference: tools/reference/make_fixtures.py and make_dora_fixtures.py (torch 2.15,
-//! transformers 5.24, peft 0.21.2).
+//! LoRA, DoRA and LoRA-bias parity with Python peft + transformers on the committed fixtures.
+//! Reference: tools/reference/make_fixtures.py, make_dora_fixtures.py and make_bias_fixtures.py
+//! (torch 2.15, transformers 5.24, peft 0.21.2).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -12,9 +12,10 @@ use peft::{ModelInputs, PeftModel};
 
 const TOL: f32 = 1e-4;
 
-/// The LoRA cases (make_fixtures.py) and the DoRA cases (make_dora_fixtures.py).
+/// The LoRA cases (make_fixtures.py), the DoRA cases (make_dora_fixtures.py) and the `bias` /
+/// `lora_bias` cases (make_bias_fixtures.py).
 fn cases() -> Vec<serde_json::Value> {
-    ["cases.json", "dora_cases.json"]
+    ["cases.json", "dora_cases.json", "bias_cases.json"]
         .iter()
         .flat_map(|name| {
             let text = std::fs::read_to_string(fixtures().join(name)).unwrap();

@@ -164,10 +164,12 @@ def param_line(model):
     return buf.getvalue().strip()
 
 
-def make_case(models, model_name, adapter_name, seed, adapters=None, perturb_more=None):
+def make_case(models, model_name, adapter_name, seed, adapters=None, perturb_more=None, trained=None):
     """One (model, adapter) case. `adapters` (default ADAPTERS) maps names to LoraConfig kwargs;
     `perturb_more(name, param, generator)`, when given, may change any parameter further before
-    saving (make_dora_fixtures.py moves the DoRA magnitudes off their initial norms)."""
+    saving (make_dora_fixtures.py moves the DoRA magnitudes off their initial norms);
+    `trained(name)`, when given, says which parameters take gradients (default: the LoRA
+    tensors and modules_to_save copies; make_bias_fixtures.py adds the trained base biases)."""
     base_dir = os.path.join(ROOT, "models", model_name)
     cls = type(models[model_name])
     base = cls.from_pretrained(base_dir).eval()
@@ -221,7 +223,7 @@ def make_case(models, model_name, adapter_name, seed, adapters=None, perturb_mor
             module.p = 0.0
     model.train()
     for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n or "modules_to_save" in n)
+        p.requires_grad_(trained(n) if trained else ("lora_" in n or "modules_to_save" in n))
     labels = INPUT_IDS.masked_fill(ATTENTION_MASK == 0, -100)
     loss = model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK, labels=labels).loss
     loss.backward()
