@@ -606,3 +606,135 @@ fn logits_and_generate_on_every_model_family() {
         stderr(&o)
     );
 }
+
+/// `--adapter NAME=DIR` and `--row-adapters`: each row (or prompt) runs its own adapter, as
+/// peft's `adapter_names=` (tools/reference/make_mixed_fixtures.py, the LLaMA case).
+#[test]
+fn logits_and_generate_with_row_adapters_match_peft_mixed_batches() {
+    let data =
+        candle_core::safetensors::load(fixtures().join("mixed_batch.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &[
+            (
+                "input_ids".to_string(),
+                data["llama_mixed.input_ids"].clone(),
+            ),
+            (
+                "attention_mask".to_string(),
+                data["llama_mixed.attention_mask"].clone(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        &input,
+    )
+    .unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = |name: &str, dir: &str| {
+        format!("{name}={}", fixtures().join("adapters").join(dir).display())
+    };
+    let qv = adapter("qv", "llama_tiny__lora_qv");
+    let embed = adapter("embed", "llama_tiny__lora_embed");
+    let patterns = adapter("patterns", "llama_tiny__lora_patterns");
+    let out = dir.path().join("out.safetensors");
+    let o = peft(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &qv,
+        "--adapter",
+        &embed,
+        "--adapter",
+        &patterns,
+        "--row-adapters",
+        "qv,__base__,embed,qv,patterns",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(max_diff(&got["logits"], &data["llama_mixed.logits"]) <= 1e-4);
+
+    // One prompt per row, left-padded in one batch.
+    let ids: Vec<Vec<u32>> = data["llama_mixed.gen_input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mask: Vec<Vec<u32>> = data["llama_mixed.gen_attention_mask"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let prompts: Vec<String> = ids
+        .iter()
+        .zip(&mask)
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(t, _)| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = data["llama_mixed.generated"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.to_str().unwrap().into(),
+        "--adapter".into(),
+        qv.clone(),
+        "--adapter".into(),
+        embed.clone(),
+        "--adapter".into(),
+        patterns.clone(),
+        "--row-adapters".into(),
+        "embed,patterns,__base__,qv".into(),
+        "--max-new-tokens".into(),
+        want[0].len().to_string(),
+        "--ignore-eos".into(),
+    ];
+    for p in &prompts {
+        args.extend(["--prompt-ids".to_string(), p.clone()]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = peft(&refs);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Vec<u32>> = stdout(&o)
+        .lines()
+        .map(|l| l.split(',').map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(lines, want);
+
+    // A wrong count is one clear error.
+    let o = peft(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &qv,
+        "--row-adapters",
+        "qv,qv",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--row-adapters: 2 names for 5"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -16,12 +16,116 @@ use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot};
 use crate::method::{EmbeddingAdapter, LinearAdapter};
 
+/// The name peft's `adapter_names` uses for rows that run the base model alone.
+pub const BASE_ROWS: &str = "__base__";
+
+/// Which adapter each row of a batch runs (peft's `adapter_names`): the rows grouped by
+/// adapter, so that each adapter runs once per forward pass on its own rows.
+#[derive(Debug)]
+pub struct RowAdapters {
+    rows: usize,
+    /// Adapter name and its rows (`u32` indices), in order of first appearance; base rows are
+    /// in no group.
+    groups: Vec<(String, Tensor)>,
+}
+
+impl RowAdapters {
+    /// The grouping of `names` (one per batch row, [`BASE_ROWS`] for none), indices on
+    /// `device`.
+    pub fn new(names: &[String], device: &candle_core::Device) -> Result<Self> {
+        let mut order: Vec<(String, Vec<u32>)> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if name == BASE_ROWS {
+                continue;
+            }
+            match order.iter_mut().find(|(n, _)| n == name) {
+                Some((_, rows)) => rows.push(i as u32),
+                None => order.push((name.clone(), vec![i as u32])),
+            }
+        }
+        let groups = order
+            .into_iter()
+            .map(|(n, rows)| Ok((n, Tensor::new(rows.as_slice(), device)?)))
+            .collect::<Result<_>>()?;
+        Ok(RowAdapters {
+            rows: names.len(),
+            groups,
+        })
+    }
+
+    /// Rows of the batch.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `y` (the base layer's output for input `x`, both batch-first) with each group's rows
+    /// replaced by what `run(adapter, x_rows, y_rows)` makes of them (`None`: this layer has no
+    /// such adapter, the rows stay). Rows are gathered and put back by index, exactly.
+    fn apply(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        mut run: impl FnMut(&str, &Tensor, Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        if x.dim(0)? != self.rows || y.dim(0)? != self.rows {
+            return Err(PeftError::InvalidState(format!(
+                "adapter_names has {} entries but a layer's input has {} rows (peft requires one name per row)",
+                self.rows,
+                x.dim(0)?
+            )));
+        }
+        if let [(name, idx)] = self.groups.as_slice() {
+            if idx.dim(0)? == self.rows {
+                return Ok(run(name, x, y.clone())?.unwrap_or(y));
+            }
+        }
+        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        let mut pieces = Vec::new();
+        let mut order = Vec::new();
+        let mut covered = vec![false; self.rows];
+        for (name, idx) in &self.groups {
+            let ys = y.index_select(idx, 0)?;
+            let Some(out) = run(name, &x.index_select(idx, 0)?, ys)? else {
+                continue;
+            };
+            for i in idx.to_vec1::<u32>()? {
+                covered[i as usize] = true;
+                order.push(i);
+            }
+            pieces.push(out);
+        }
+        if pieces.is_empty() {
+            return Ok(y);
+        }
+        let rest: Vec<u32> = (0..self.rows as u32)
+            .filter(|&i| !covered[i as usize])
+            .collect();
+        if !rest.is_empty() {
+            let idx = Tensor::new(rest.as_slice(), y.device())?;
+            pieces.push(y.index_select(&idx, 0)?);
+            order.extend(rest);
+        }
+        // Row `order[j]` of the output is row `j` of the stacked pieces.
+        let mut inverse = vec![0u32; self.rows];
+        for (j, &i) in order.iter().enumerate() {
+            inverse[i as usize] = j as u32;
+        }
+        let pieces: Vec<Tensor> = pieces
+            .iter()
+            .map(|p| p.to_dtype(y.dtype()))
+            .collect::<candle_core::Result<_>>()?;
+        let stacked = Tensor::cat(&pieces, 0)?;
+        Ok(stacked.index_select(&Tensor::new(inverse.as_slice(), y.device())?, 0)?)
+    }
+}
+
 /// State shared by every adapted layer of one model.
 #[derive(Debug, Default)]
 pub struct RuntimeState {
     active: RwLock<Vec<String>>,
     disabled: AtomicBool,
     training: AtomicBool,
+    rows: RwLock<Option<Arc<RowAdapters>>>,
 }
 
 impl RuntimeState {
@@ -58,6 +162,17 @@ impl RuntimeState {
     /// Sets training mode.
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Release);
+    }
+    /// The per-row adapters of the forward passes now running, if set.
+    pub fn row_adapters(&self) -> Option<Arc<RowAdapters>> {
+        self.rows.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Sets (or clears) the per-row adapters; returns the previous value.
+    pub fn set_row_adapters(&self, rows: Option<Arc<RowAdapters>>) -> Option<Arc<RowAdapters>> {
+        std::mem::replace(
+            &mut *self.rows.write().unwrap_or_else(|p| p.into_inner()),
+            rows,
+        )
     }
 }
 
@@ -228,6 +343,23 @@ impl<K: SlotKind> Adapted<K> {
         }
         (layer, running)
     }
+
+    /// The mixed-batch plan: the original layer, and the adapter `name` on it (peft ignores the
+    /// active set when `adapter_names` is given). `None` when adapters are disabled.
+    fn mixed(&self) -> Option<(Arc<RowAdapters>, &K::Layer)> {
+        if self.state.disabled() {
+            return None;
+        }
+        let rows = self.state.row_adapters()?;
+        Some((rows, K::layer(&self.original)))
+    }
+
+    fn adapter_named(&self, name: &str) -> Option<&K::Adapter> {
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+    }
 }
 
 impl SlotKind for LinearKind {
@@ -331,8 +463,39 @@ impl SlotKind for EmbeddingKind {
     }
 }
 
+impl AdaptedLinear {
+    /// A mixed batch: the base layer on every row, then each adapter on its own rows.
+    fn mixed_forward(
+        &self,
+        rows: &RowAdapters,
+        base: &dyn LinearLike,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let y = base.forward(x)?;
+        let training = self.state.training();
+        rows.apply(x, y, |name, xs, ys| {
+            let Some(adapter) = self.adapter_named(name) else {
+                return Ok(None);
+            };
+            if let Some(replacement) = adapter.replacement() {
+                return Ok(Some(replacement.forward(xs)?));
+            }
+            let ys = match adapter.adapt_input(xs)? {
+                Some(changed) => base.forward(&changed)?,
+                None => ys,
+            };
+            Ok(Some(adapter.adapt_output(base, xs, ys, training)?))
+        })
+    }
+}
+
 impl LinearLike for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((rows, base)) = self.mixed() {
+            return Ok(crate::grad::maybe_detach(
+                self.mixed_forward(&rows, base, x)?,
+            ));
+        }
         let (base, running) = self.plan();
         let mut input = x.clone();
         let mut input_changed = false;
@@ -388,6 +551,20 @@ impl LinearLike for AdaptedLinear {
 
 impl EmbeddingLike for AdaptedEmbedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        if let Some((rows, base)) = self.mixed() {
+            let y = base.forward(ids)?;
+            let training = self.state.training();
+            let y = rows.apply(ids, y, |name, ids, ys| {
+                let Some(adapter) = self.adapter_named(name) else {
+                    return Ok(None);
+                };
+                Ok(Some(match adapter.replacement() {
+                    Some(replacement) => replacement.forward(ids)?,
+                    None => adapter.adapt_output(base, ids, ys, training)?,
+                }))
+            })?;
+            return Ok(crate::grad::maybe_detach(y));
+        }
         let (base, running) = self.plan();
         let mut y = base.forward(ids)?;
         let training = self.state.training();

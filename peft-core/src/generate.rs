@@ -286,3 +286,163 @@ pub fn greedy_generate_seq2seq(
         on_token,
     )
 }
+
+/// Greedy decoding of a batch of prompts at once, as transformers' `generate` does it:
+/// `input_ids [B, T]` left-padded with `attention_mask [B, T]` (1 on real tokens). A
+/// decoder-only model gets each row's positions counted over its real tokens (the padding
+/// skipped) and the mask grown by one each step; an encoder-decoder encodes the rows once and
+/// decodes all from its `decoder_start_token_id`. A row stops after a token in `stop_tokens`
+/// (later steps still run it, their tokens dropped); decoding ends when every row has stopped
+/// or after `max_new_tokens`. Returns each row's new tokens. Under [`PeftModel::mixed_batch`]
+/// each row decodes with its own adapter.
+pub fn greedy_generate_batch(
+    model: &PeftModel,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    decode_batch(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        stop_tokens,
+        &mut Sampler::greedy(),
+    )
+}
+
+/// [`greedy_generate_batch`] with tokens chosen by `sampler` (one draw per row and step, rows
+/// in order).
+pub fn decode_batch(
+    model: &PeftModel,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    max_new_tokens: usize,
+    stop_tokens: &[u32],
+    sampler: &mut Sampler,
+) -> Result<Vec<Vec<u32>>> {
+    let _no_grad = crate::grad::no_grad();
+    let (b, t) = input_ids.dims2().map_err(|_| {
+        PeftError::bad_input(
+            "generate",
+            "input_ids of shape [batch, length]",
+            format!("{:?}", input_ids.dims()),
+        )
+    })?;
+    if attention_mask.dims() != [b, t] {
+        return Err(PeftError::bad_input(
+            "generate",
+            format!("an attention_mask of shape [{b}, {t}] like input_ids"),
+            format!("{:?}", attention_mask.dims()),
+        ));
+    }
+    if b == 0 || t == 0 {
+        return Err(PeftError::bad_input(
+            "generate",
+            "at least one prompt of at least one token",
+            format!("{:?}", input_ids.dims()),
+        ));
+    }
+    let info = model.base_model().info();
+    let device = model.base_model().device().clone();
+    let mask = attention_mask.to_dtype(DType::U32)?;
+    let rows: Vec<Vec<u32>> = mask.to_vec2()?;
+    if let Some(i) = rows.iter().position(|r| r.iter().all(|&m| m == 0)) {
+        return Err(PeftError::bad_input(
+            "generate",
+            "a real token in every prompt",
+            format!("row {i} is all padding"),
+        ));
+    }
+    let encoder_decoder = info.is_encoder_decoder;
+    let start = if encoder_decoder {
+        Some(info.decoder_start_token_id.ok_or_else(|| {
+            PeftError::bad_input(
+                "generate",
+                "a decoder_start_token_id in the encoder-decoder's config",
+                format!("none for model_type `{}`", info.model_type),
+            )
+        })?)
+    } else {
+        None
+    };
+    // transformers: position = (number of real tokens so far) - 1, padding at position 1.
+    let mut next_pos: Vec<u32> = rows.iter().map(|r| r.iter().sum::<u32>()).collect();
+    let prefill_pos: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| {
+            let mut seen = 0u32;
+            r.iter()
+                .map(move |&m| {
+                    seen += m;
+                    if m == 0 {
+                        1
+                    } else {
+                        seen - 1
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut full_mask = mask.clone();
+    let mut cache = model.new_cache();
+    let mut out = vec![Vec::with_capacity(max_new_tokens); b];
+    let mut done = vec![false; b];
+    let mut next: Option<Tensor> = None;
+    for step in 0..max_new_tokens {
+        let inputs = if let Some(start) = start {
+            let dec = match &next {
+                Some(n) => n.clone(),
+                None => Tensor::full(start, (b, 1), &device)?,
+            };
+            ModelInputs {
+                input_ids: Some(input_ids.clone()),
+                attention_mask: Some(mask.clone()),
+                decoder_input_ids: Some(dec),
+                logits_to_keep: 1,
+                ..Default::default()
+            }
+        } else if step == 0 {
+            ModelInputs {
+                attention_mask: Some(mask.clone()),
+                position_ids: Some(Tensor::from_vec(prefill_pos.clone(), (b, t), &device)?),
+                logits_to_keep: 1,
+                ..ModelInputs::from_ids(input_ids.clone())
+            }
+        } else {
+            full_mask = Tensor::cat(
+                &[&full_mask, &Tensor::ones((b, 1), DType::U32, &device)?],
+                1,
+            )?;
+            let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &device)?;
+            next_pos.iter_mut().for_each(|p| *p += 1);
+            ModelInputs {
+                attention_mask: Some(full_mask.clone()),
+                position_ids: Some(pos),
+                logits_to_keep: 1,
+                ..ModelInputs::from_ids(next.clone().unwrap_or(Tensor::zeros(
+                    (b, 1),
+                    DType::U32,
+                    &device,
+                )?))
+            }
+        };
+        let logits = model.forward_with_cache(&inputs, &mut cache)?;
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+        let mut picked = Vec::with_capacity(b);
+        for (i, row) in out.iter_mut().enumerate() {
+            let token = sampler.pick(&last.get(i)?)?;
+            picked.push(token);
+            if !done[i] {
+                row.push(token);
+                done[i] = stop_tokens.contains(&token);
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        next = Some(Tensor::from_vec(picked, (b, 1), &device)?);
+    }
+    Ok(out)
+}

@@ -65,7 +65,7 @@ pub use module_tree::{
     NormIds, ParamId, Scope, StoredTensor, WeightSource,
 };
 pub use peft_model::{
-    get_peft_model, parameter_line, Adapter, LoadReport, PeftModel, DEFAULT_ADAPTER,
+    get_peft_model, parameter_line, Adapter, LoadReport, MixedBatch, PeftModel, DEFAULT_ADAPTER,
 };
 pub use prompt_config::PromptLearningConfig;
 pub use registry::{MethodRegistration, ParseFn};

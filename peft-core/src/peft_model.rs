@@ -150,6 +150,26 @@ impl Drop for DisabledAdapters<'_> {
     }
 }
 
+/// Runs each batch row with its own adapter until dropped; see [`PeftModel::mixed_batch`].
+#[derive(Debug)]
+pub struct MixedBatch<'a> {
+    model: &'a PeftModel,
+    previous: Option<Arc<crate::adapted::RowAdapters>>,
+}
+
+impl Deref for MixedBatch<'_> {
+    type Target = PeftModel;
+    fn deref(&self) -> &PeftModel {
+        self.model
+    }
+}
+
+impl Drop for MixedBatch<'_> {
+    fn drop(&mut self) {
+        self.model.state.set_row_adapters(self.previous.take());
+    }
+}
+
 /// Formats an integer with thousands separators, as Python's `{:,}`.
 pub fn group_thousands(n: usize) -> String {
     let digits = n.to_string();
@@ -292,6 +312,67 @@ impl PeftModel {
             model: self,
             previous,
         }
+    }
+
+    /// Runs each row of the batches that follow with its own adapter until the returned guard
+    /// is dropped (peft's `adapter_names=` on `forward` and `generate`): `names` has one entry
+    /// per row, an adapter's name or `"__base__"` for the base model alone. Every adapted layer
+    /// runs its base once on the whole batch and each adapter once on its own rows; the active
+    /// adapters do not matter meanwhile. Forward passes, the losses and generation all follow
+    /// it; a batch with another number of rows is an error.
+    ///
+    /// As in peft: not in training mode, not while adapters are merged, only names of loaded
+    /// adapters. Prompt-learning adapters cannot take part (they change the sequence, not a
+    /// layer), nor can one be active. DoRA adapters can, unlike in peft.
+    pub fn mixed_batch<S: AsRef<str>>(&self, names: &[S]) -> Result<MixedBatch<'_>> {
+        let bad = |msg: String| Err(PeftError::InvalidState(msg));
+        if names.is_empty() {
+            return bad("adapter_names is empty: give one name per batch row".into());
+        }
+        if self.state.training() {
+            return bad("cannot pass adapter_names when the model is in training mode (call set_training(false))".into());
+        }
+        if !self.merged.is_empty() {
+            return bad(format!(
+                "cannot pass adapter_names while adapters are merged ({}); call unmerge_adapter first",
+                self.merged.join(", ")
+            ));
+        }
+        if let Some(active) = self.state.active().iter().find(|n| {
+            self.adapters
+                .get(*n)
+                .is_some_and(Adapter::is_prompt_learning)
+        }) {
+            return bad(format!(
+                "the active adapter `{active}` is prompt-learning, which mixed batches cannot apply per row; activate a layer adapter"
+            ));
+        }
+        let names: Vec<String> = names.iter().map(|n| n.as_ref().to_string()).collect();
+        for name in &names {
+            if name == crate::adapted::BASE_ROWS {
+                continue;
+            }
+            match self.adapters.get(name) {
+                None => {
+                    return Err(PeftError::UnknownAdapter {
+                        name: name.clone(),
+                        available: format!("{}, {}", self.adapter_names().join(", "), crate::adapted::BASE_ROWS),
+                    })
+                }
+                Some(a) if a.is_prompt_learning() => {
+                    return bad(format!(
+                        "adapter `{name}` is prompt-learning; mixed batches take layer adapters (LoRA, IA3, ...) only"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let rows = crate::adapted::RowAdapters::new(&names, self.base.device())?;
+        let previous = self.state.set_row_adapters(Some(Arc::new(rows)));
+        Ok(MixedBatch {
+            model: self,
+            previous,
+        })
     }
 
     /// Replaces every adapted slot with what `linear`/`embedding` make of it.

@@ -15,9 +15,9 @@ pub struct EvalArgs {
     /// The base model: a folder, a .gguf file, or a hub id.
     #[arg(long)]
     pub model: String,
-    /// Adapter folders (all active; the first is `default`).
+    /// Adapter folders, `DIR` or `NAME=DIR` (all active; an unnamed first one is `default`).
     #[arg(long)]
-    pub adapter: Vec<PathBuf>,
+    pub adapter: Vec<super::AdapterArg>,
     /// Data file: .jsonl (text | prompt/completion | messages) or .csv.
     #[arg(long)]
     pub data: PathBuf,
@@ -48,10 +48,11 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
     let tok = super::load_tokenizer(&model_path, args.data_args.tokenizer.as_deref())?;
-    let adapter = args.adapter.first().map(PathBuf::as_path);
+    let adapter = args.adapter.first().map(|a| a.dir.as_path());
     // A classifier trained over a bare encoder: its head's classes from --num-labels or the
     // adapter's labels.json.
-    let num_labels = super::train::head_classes(args.num_labels, &args.adapter)?;
+    let num_labels =
+        super::train::head_classes(args.num_labels, &super::adapter_dirs(&args.adapter))?;
     let base = super::load_base_head(
         &model_path,
         super::parse_dtype(&args.dtype)?,

@@ -45,19 +45,24 @@ pub struct GenerateArgs {
     /// Stop after this token id, besides the end-of-sequence tokens (repeatable).
     #[arg(long)]
     pub stop_id: Vec<u32>,
-    /// Adapter folders (all active; the first is `default`).
+    /// Adapter folders, `DIR` or `NAME=DIR` (all active; an unnamed first one is `default`).
     #[arg(long)]
-    pub adapter: Vec<PathBuf>,
-    /// The prompt text.
+    pub adapter: Vec<super::AdapterArg>,
+    /// One adapter name per prompt (`__base__` for none), comma-separated: each prompt is
+    /// continued with its own adapter in one batch (peft's `adapter_names=`).
+    #[arg(long, value_delimiter = ',')]
+    pub row_adapters: Option<Vec<String>>,
+    /// The prompt text; repeat it for a batch (one output line per prompt, left-padded as
+    /// transformers' `generate` does).
     #[arg(
         long,
         conflicts_with = "prompt_ids",
         required_unless_present = "prompt_ids"
     )]
-    pub prompt: Option<String>,
-    /// The prompt as comma-separated token ids (prints ids; no tokenizer needed).
-    #[arg(long, value_delimiter = ',')]
-    pub prompt_ids: Option<Vec<u32>>,
+    pub prompt: Vec<String>,
+    /// The prompt as comma-separated token ids (prints ids; no tokenizer needed); repeatable.
+    #[arg(long)]
+    pub prompt_ids: Vec<String>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -78,16 +83,18 @@ pub struct GenerateArgs {
 /// Generates and streams the continuation.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let model_path = super::resolve_model(&args.model)?;
-    let tokenizer = match &args.prompt {
-        Some(_) => Some(
+    let tokenizer = if args.prompt.is_empty() {
+        None
+    } else {
+        Some(
             super::load_tokenizer(&model_path, args.tokenizer.as_deref())
                 .context("text prompts need a tokenizer (or use --prompt-ids)")?,
-        ),
-        None => None,
+        )
     };
-    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids, &tokenizer) {
-        (Some(text), _, Some(tok)) => {
-            if args.chat {
+    let mut prompts: Vec<Vec<u32>> = Vec::new();
+    if let Some(tok) = &tokenizer {
+        for text in &args.prompt {
+            prompts.push(if args.chat {
                 let mut messages = Vec::new();
                 if let Some(system) = &args.system {
                     messages.push(peft::models::ChatMessage {
@@ -103,11 +110,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 tok.encode(&rendered, false)?
             } else {
                 tok.encode(text, true)?
-            }
+            });
         }
-        (_, Some(ids), _) => ids.clone(),
-        _ => bail!("give --prompt or --prompt-ids"),
-    };
+    }
+    for ids in &args.prompt_ids {
+        let parsed: std::result::Result<Vec<u32>, _> =
+            ids.split(',').map(|t| t.trim().parse::<u32>()).collect();
+        match parsed {
+            Ok(p) if !p.is_empty() => prompts.push(p),
+            _ => bail!("--prompt-ids `{ids}`: expected comma-separated token ids"),
+        }
+    }
+    if prompts.is_empty() {
+        bail!("give --prompt or --prompt-ids");
+    }
+    if let Some(names) = &args.row_adapters {
+        super::row_adapters(names, prompts.len())?;
+    }
     let sampling = peft::generate::SamplingConfig {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -129,6 +148,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     stop_ids.extend(&args.stop_id);
+    if prompts.len() > 1 || args.row_adapters.is_some() {
+        return generate_batch(
+            &model,
+            &prompts,
+            tokenizer.as_ref(),
+            &args,
+            &stop_ids,
+            &mut sampler,
+        );
+    }
+    let prompt = prompts.swap_remove(0);
     let mut generated = Vec::new();
     let mut printed = 0;
     let mut stdout = std::io::stdout().lock();
@@ -198,3 +228,59 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 const STOP: &str = "stop string reached";
+
+/// Several prompts (or per-row adapters): one left-padded batch, one output line per prompt
+/// (text up to the first stop string, or comma-separated ids).
+fn generate_batch(
+    model: &peft::PeftModel,
+    prompts: &[Vec<u32>],
+    tokenizer: Option<&peft::models::TextTokenizer>,
+    args: &GenerateArgs,
+    stop_ids: &[u32],
+    sampler: &mut peft::generate::Sampler,
+) -> Result<()> {
+    let device = model.base_model().device().clone();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = tokenizer
+        .and_then(|t| t.pad_token_id)
+        .or_else(|| stop_ids.first().copied())
+        .unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    let mut mask = Vec::with_capacity(prompts.len() * width);
+    for p in prompts {
+        let n = width - p.len();
+        ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
+        mask.extend(std::iter::repeat_n(0u32, n).chain(std::iter::repeat_n(1u32, p.len())));
+    }
+    let ids = candle_core::Tensor::from_vec(ids, (prompts.len(), width), &device)?;
+    let mask = candle_core::Tensor::from_vec(mask, (prompts.len(), width), &device)?;
+    let run = |m: &peft::PeftModel, sampler: &mut peft::generate::Sampler| {
+        peft::generate::decode_batch(m, &ids, &mask, args.max_new_tokens, stop_ids, sampler)
+    };
+    let rows = match &args.row_adapters {
+        Some(names) => {
+            let mixed = model.mixed_batch(names)?;
+            run(&mixed, sampler)
+        }
+        None => run(model, sampler),
+    }
+    .context("generating")?;
+    let mut stdout = std::io::stdout().lock();
+    for row in rows {
+        match tokenizer {
+            Some(tok) => {
+                let row: Vec<u32> = row.into_iter().filter(|t| !stop_ids.contains(t)).collect();
+                let mut text = tok.decode(&row, true)?;
+                if let Some(pos) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(pos);
+                }
+                writeln!(stdout, "{text}")?;
+            }
+            None => {
+                let ids: Vec<String> = row.iter().map(u32::to_string).collect();
+                writeln!(stdout, "{}", ids.join(","))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -37,8 +37,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     if let Some(model_dir) = &args.model {
         let base = super::load_base(model_dir, candle_core::DType::F32)?;
-        let model = super::with_adapters(base, std::slice::from_ref(&args.adapter), true)
-            .with_context(|| format!("applying the adapter to {}", model_dir.display()))?;
+        let model = super::with_adapters(
+            base,
+            &[super::AdapterArg::unnamed(args.adapter.clone())],
+            true,
+        )
+        .with_context(|| format!("applying the adapter to {}", model_dir.display()))?;
         println!("{}", model.parameter_line());
     }
     Ok(())

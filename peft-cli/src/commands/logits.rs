@@ -17,9 +17,14 @@ pub struct LogitsArgs {
     /// The base model folder (config.json + safetensors).
     #[arg(long)]
     pub model: PathBuf,
-    /// Adapter folders; all are loaded and active together (the first is `default`).
+    /// Adapter folders, `DIR` or `NAME=DIR`; all are loaded and active together (an unnamed
+    /// first one is `default`, later unnamed ones `adapter_1`, ...).
     #[arg(long)]
-    pub adapter: Vec<PathBuf>,
+    pub adapter: Vec<super::AdapterArg>,
+    /// One adapter name per batch row (`__base__` for none): each row runs its own adapter
+    /// (peft's `adapter_names=`).
+    #[arg(long, value_delimiter = ',')]
+    pub row_adapters: Option<Vec<String>>,
     /// Merge the adapters into the base weights before running.
     #[arg(long)]
     pub merge: bool,
@@ -98,7 +103,8 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         }
         None => None,
     };
-    let num_labels = super::train::head_classes(args.num_labels, &args.adapter)?;
+    let num_labels =
+        super::train::head_classes(args.num_labels, &super::adapter_dirs(&args.adapter))?;
     let base = super::load_base_head(
         &args.model,
         dtype,
@@ -148,7 +154,15 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         decoder_attention_mask: optional("decoder_attention_mask")?,
         ..Default::default()
     };
-    let output = model.forward(&inputs)?.to_dtype(DType::F32)?;
+    let output = match &args.row_adapters {
+        Some(names) => {
+            super::row_adapters(names, inputs.batch_and_len()?.0)?;
+            let mixed = model.mixed_batch(names)?;
+            mixed.forward(&inputs)?
+        }
+        None => model.forward(&inputs)?,
+    }
+    .to_dtype(DType::F32)?;
     checkpoint::write_safetensors(&args.out, &[(output_name.to_string(), output.clone())])?;
     println!(
         "wrote {output_name} {:?} to {}",

@@ -66,7 +66,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
     }
     let mut base = super::load_base_quant(&args.model, dtype, args.quant.as_deref())?;
     let quantized = !peft::quant::quantized_layers(base.as_mut())?.is_empty();
-    let model = super::with_adapters(base, std::slice::from_ref(&args.adapter), false)?;
+    let model = super::with_adapters(
+        base,
+        &[super::AdapterArg::unnamed(args.adapter.clone())],
+        false,
+    )?;
     if !quantized {
         let merged = model.merge_and_unload()?;
         merged.save_pretrained(&args.out)?;

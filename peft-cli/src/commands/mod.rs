@@ -171,24 +171,75 @@ fn report_quantized(model: &mut dyn AdaptableModel, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Loads `adapters` onto `base` (the first as `default`, then `adapter_1`, ...) and makes them
-/// all active.
+/// An `--adapter` value: `DIR`, or `NAME=DIR` to choose the adapter's name (an existing path
+/// is always a folder, whatever it contains).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterArg {
+    /// The name given with `NAME=`, if any.
+    pub name: Option<String>,
+    /// The adapter folder.
+    pub dir: PathBuf,
+}
+
+impl AdapterArg {
+    /// A folder loaded under the default naming.
+    pub fn unnamed(dir: PathBuf) -> Self {
+        AdapterArg { name: None, dir }
+    }
+}
+
+impl std::str::FromStr for AdapterArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if Path::new(s).exists() {
+            return Ok(AdapterArg::unnamed(s.into()));
+        }
+        match s.split_once('=') {
+            Some((name, dir))
+                if !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+            {
+                if dir.is_empty() {
+                    return Err(format!("`{s}`: no folder after `{name}=`"));
+                }
+                Ok(AdapterArg {
+                    name: Some(name.to_string()),
+                    dir: dir.into(),
+                })
+            }
+            _ => Ok(AdapterArg::unnamed(s.into())),
+        }
+    }
+}
+
+/// The folders of `adapters`, in order.
+pub fn adapter_dirs(adapters: &[AdapterArg]) -> Vec<PathBuf> {
+    adapters.iter().map(|a| a.dir.clone()).collect()
+}
+
+/// Loads `adapters` onto `base` and makes them all active. Unnamed ones are `default` (the
+/// first), then `adapter_1`, `adapter_2`, ... by position; `NAME=DIR` names one.
 pub fn with_adapters(
     base: Box<dyn AdaptableModel>,
-    adapters: &[std::path::PathBuf],
+    adapters: &[AdapterArg],
     trainable: bool,
 ) -> Result<PeftModel> {
     let mut model = PeftModel::new(base);
-    let mut names = Vec::new();
-    for (i, dir) in adapters.iter().enumerate() {
-        let name = if i == 0 {
-            peft::DEFAULT_ADAPTER.to_string()
-        } else {
-            format!("adapter_{i}")
+    let mut names: Vec<String> = Vec::new();
+    for (i, arg) in adapters.iter().enumerate() {
+        let name = match &arg.name {
+            Some(n) => n.clone(),
+            None if i == 0 => peft::DEFAULT_ADAPTER.to_string(),
+            None => format!("adapter_{i}"),
         };
+        if names.contains(&name) {
+            bail!("--adapter: two adapters are named `{name}`; name them with NAME=DIR");
+        }
         model
-            .load_adapter(dir, &name, trainable)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
+            .load_adapter(&arg.dir, &name, trainable)
+            .with_context(|| format!("loading adapter {}", arg.dir.display()))?;
         names.push(name);
     }
     if !names.is_empty() {
@@ -196,4 +247,16 @@ pub fn with_adapters(
         model.set_adapters(&refs)?;
     }
     Ok(model)
+}
+
+/// `--row-adapters`: one adapter name per batch row (`__base__` for none), checked against
+/// the batch size.
+pub fn row_adapters(names: &[String], rows: usize) -> Result<()> {
+    if names.len() != rows {
+        bail!(
+            "--row-adapters: {} names for {rows} batch rows; give one per row (`__base__` for the base model)",
+            names.len()
+        );
+    }
+    Ok(())
 }
