@@ -24,9 +24,49 @@ pub const BASE_ROWS: &str = "__base__";
 #[derive(Debug)]
 pub struct RowAdapters {
     rows: usize,
-    /// Adapter name and its rows (`u32` indices), in order of first appearance; base rows are
-    /// in no group.
-    groups: Vec<(String, Tensor)>,
+    /// Adapter name, its rows (`u32` indices, on the device and on the host), in order of first
+    /// appearance; base rows are in no group.
+    groups: Vec<(String, Tensor, Vec<u32>)>,
+    /// The put-back when every group runs (a layer holding all the batch's adapters, the common
+    /// case): the rows no group covers and the inverse permutation of the stacked pieces.
+    all_run: Placement,
+}
+
+/// Where the pieces of a mixed output go: the uncovered rows to copy from the base output,
+/// and the index that puts the stacked pieces back in row order.
+#[derive(Debug)]
+struct Placement {
+    rest: Option<Tensor>,
+    inverse: Tensor,
+}
+
+impl Placement {
+    /// The placement when the groups `ran` (in order) replaced their rows.
+    fn new(rows: usize, ran: &[&[u32]], device: &candle_core::Device) -> Result<Self> {
+        let mut covered = vec![false; rows];
+        let mut order = Vec::with_capacity(rows);
+        for idx in ran {
+            for &i in *idx {
+                covered[i as usize] = true;
+                order.push(i);
+            }
+        }
+        let rest: Vec<u32> = (0..rows as u32).filter(|&i| !covered[i as usize]).collect();
+        order.extend(&rest);
+        // Row `order[j]` of the output is row `j` of the stacked pieces.
+        let mut inverse = vec![0u32; rows];
+        for (j, &i) in order.iter().enumerate() {
+            inverse[i as usize] = j as u32;
+        }
+        Ok(Placement {
+            rest: if rest.is_empty() {
+                None
+            } else {
+                Some(Tensor::new(rest.as_slice(), device)?)
+            },
+            inverse: Tensor::new(inverse.as_slice(), device)?,
+        })
+    }
 }
 
 impl RowAdapters {
@@ -43,13 +83,16 @@ impl RowAdapters {
                 None => order.push((name.clone(), vec![i as u32])),
             }
         }
+        let all: Vec<&[u32]> = order.iter().map(|(_, r)| r.as_slice()).collect();
+        let all_run = Placement::new(names.len(), &all, device)?;
         let groups = order
             .into_iter()
-            .map(|(n, rows)| Ok((n, Tensor::new(rows.as_slice(), device)?)))
+            .map(|(n, rows)| Ok((n, Tensor::new(rows.as_slice(), device)?, rows)))
             .collect::<Result<_>>()?;
         Ok(RowAdapters {
             rows: names.len(),
             groups,
+            all_run,
         })
     }
 
@@ -74,48 +117,37 @@ impl RowAdapters {
                 x.dim(0)?
             )));
         }
-        if let [(name, idx)] = self.groups.as_slice() {
-            if idx.dim(0)? == self.rows {
+        if let [(name, _, host)] = self.groups.as_slice() {
+            if host.len() == self.rows {
                 return Ok(run(name, x, y.clone())?.unwrap_or(y));
             }
         }
         let (x, y) = (x.contiguous()?, y.contiguous()?);
         let mut pieces = Vec::new();
-        let mut order = Vec::new();
-        let mut covered = vec![false; self.rows];
-        for (name, idx) in &self.groups {
+        let mut ran: Vec<&[u32]> = Vec::new();
+        for (name, idx, host) in &self.groups {
             let ys = y.index_select(idx, 0)?;
             let Some(out) = run(name, &x.index_select(idx, 0)?, ys)? else {
                 continue;
             };
-            for i in idx.to_vec1::<u32>()? {
-                covered[i as usize] = true;
-                order.push(i);
-            }
-            pieces.push(out);
+            ran.push(host);
+            pieces.push(out.to_dtype(y.dtype())?);
         }
         if pieces.is_empty() {
             return Ok(y);
         }
-        let rest: Vec<u32> = (0..self.rows as u32)
-            .filter(|&i| !covered[i as usize])
-            .collect();
-        if !rest.is_empty() {
-            let idx = Tensor::new(rest.as_slice(), y.device())?;
-            pieces.push(y.index_select(&idx, 0)?);
-            order.extend(rest);
+        let partial;
+        let placement = if ran.len() == self.groups.len() {
+            &self.all_run
+        } else {
+            partial = Placement::new(self.rows, &ran, y.device())?;
+            &partial
+        };
+        if let Some(rest) = &placement.rest {
+            pieces.push(y.index_select(rest, 0)?);
         }
-        // Row `order[j]` of the output is row `j` of the stacked pieces.
-        let mut inverse = vec![0u32; self.rows];
-        for (j, &i) in order.iter().enumerate() {
-            inverse[i as usize] = j as u32;
-        }
-        let pieces: Vec<Tensor> = pieces
-            .iter()
-            .map(|p| p.to_dtype(y.dtype()))
-            .collect::<candle_core::Result<_>>()?;
         let stacked = Tensor::cat(&pieces, 0)?;
-        Ok(stacked.index_select(&Tensor::new(inverse.as_slice(), y.device())?, 0)?)
+        Ok(stacked.index_select(&placement.inverse, 0)?)
     }
 }
 

@@ -9,19 +9,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use peft_core::loss::causal_lm_loss;
-use peft_core::{AdaptableModel, AdapterConfig, ModelInputs, PeftModel};
-use peft_quant::{quantize_model, QuantScheme};
+use peft_core::{AdapterConfig, PeftModel};
+use peft_quant::QuantScheme;
 
-use common::max_diff;
+use common::{fx_dir, inputs, max_diff, quantized, real};
 use peft_lora as _;
-
-fn fx_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn data() -> HashMap<String, Tensor> {
     let mut d =
@@ -32,27 +27,6 @@ fn data() -> HashMap<String, Tensor> {
         d.insert(key.to_string(), batch[key].clone());
     }
     d
-}
-
-fn quantized(scheme: QuantScheme) -> Box<dyn AdaptableModel> {
-    let mut m =
-        peft_models::load_model(&fx_dir().join("tiny_llama"), DType::F32, &Device::Cpu).unwrap();
-    quantize_model(m.as_mut(), scheme, &[]).unwrap();
-    m
-}
-
-fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs::from_ids(d["input_ids"].clone()).with_mask(Some(d["attention_mask"].clone()))
-}
-
-/// Logits at real (unpadded) positions only.
-fn real(logits: &Tensor, d: &HashMap<String, Tensor>) -> Tensor {
-    let mask = d["attention_mask"]
-        .to_dtype(DType::F32)
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap();
-    logits.broadcast_mul(&mask).unwrap()
 }
 
 fn with_qdora(scheme: QuantScheme, trainable: bool) -> PeftModel {

@@ -9,27 +9,19 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::loss::causal_lm_loss;
-use peft_core::{AdaptableModel, ModelInputs, PeftModel};
+use peft_core::{AdaptableModel, PeftModel};
 use peft_quant::checkpoint::save_quantized_folder;
 use peft_quant::{quantize_model, quantized_layers, QuantScheme};
 
-use common::max_diff;
+use common::{f32_model, fx_dir, inputs, max_diff, quantized, real};
 use peft_lora as _;
-
-fn fx_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn data() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fx_dir().join("qlora.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn f32_model() -> Box<dyn AdaptableModel> {
-    peft_models::load_model(&fx_dir().join("tiny_llama"), DType::F32, &Device::Cpu).unwrap()
 }
 
 /// A bitsandbytes folder loaded with its layers kept quantized (the factory route every
@@ -43,33 +35,10 @@ fn load_quantized_folder(
     peft_models::load_model_with(dir, DType::F32.into(), device, vec![Box::new(factory)])
 }
 
-fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs::from_ids(d["input_ids"].clone()).with_mask(Some(d["attention_mask"].clone()))
-}
-
-/// Logits at real (unpadded) positions only: transformers' values at padded query rows are
-/// implementation noise.
-fn real(logits: &Tensor, d: &HashMap<String, Tensor>) -> Tensor {
-    let mask = d["attention_mask"]
-        .to_dtype(DType::F32)
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap();
-    logits.broadcast_mul(&mask).unwrap()
-}
-
 fn with_adapter(base: Box<dyn AdaptableModel>) -> PeftModel {
     let mut m = PeftModel::new(base);
     m.load_adapter(&fx_dir().join("qlora_adapter"), "default", true)
         .unwrap();
-    m
-}
-
-fn quantized(scheme: QuantScheme) -> Box<dyn AdaptableModel> {
-    let mut m = f32_model();
-    let report = quantize_model(m.as_mut(), scheme, &[]).unwrap();
-    assert_eq!(report.layers.len(), 14, "{report}");
-    assert_eq!(report.skipped, vec!["lm_head".to_string()]);
     m
 }
 

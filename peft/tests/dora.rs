@@ -9,8 +9,10 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
-use common::{assert_close, case_inputs, fixtures, load_case};
+use candle_core::{Device, Tensor};
+use common::{
+    adapter_dir, assert_close, assert_saved_like, base, case_inputs, fixtures, load_case,
+};
 use peft::{AdapterConfig, PeftModel};
 
 const CASES: [(&str, &str); 3] = [
@@ -18,21 +20,6 @@ const CASES: [(&str, &str); 3] = [
     ("qwen2_tiny", "dora_rslora"),
     ("gpt2_tiny", "dora_conv1d"),
 ];
-
-fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(
-        &fixtures().join("models").join(model),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn adapter_dir(model: &str, adapter: &str) -> std::path::PathBuf {
-    fixtures()
-        .join("adapters")
-        .join(format!("{model}__{adapter}"))
-}
 
 #[test]
 fn fresh_magnitudes_are_peft_weight_norms() {
@@ -79,28 +66,7 @@ fn saved_dora_adapters_keep_peft_keys_and_reload_with_the_same_outputs() {
         let tmp = tempfile::tempdir().unwrap();
         m.save_pretrained(tmp.path()).unwrap();
 
-        let ours = candle_core::safetensors::load(
-            tmp.path().join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let theirs = candle_core::safetensors::load(
-            adapter_dir(model, adapter).join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut ours_keys: Vec<&String> = ours.keys().collect();
-        let mut their_keys: Vec<&String> = theirs.keys().collect();
-        ours_keys.sort();
-        their_keys.sort();
-        assert_eq!(ours_keys, their_keys, "{name}");
-        for (k, t) in &ours {
-            assert_close(&format!("{name} {k}"), t, &theirs[k], 0.0);
-        }
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
+        let config = assert_saved_like(&name, tmp.path(), &adapter_dir(model, adapter));
         assert_eq!(config["use_dora"], serde_json::Value::Bool(true), "{name}");
 
         let reloaded = PeftModel::from_pretrained(base(model), tmp.path(), false).unwrap();

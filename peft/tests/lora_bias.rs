@@ -8,8 +8,11 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use common::{assert_close, case_inputs, fixtures, load_case, max_abs_diff};
+use candle_core::Device;
+use common::{
+    adapter_dir, assert_close, assert_saved_like, base, case_inputs, fixtures, load_case,
+    max_abs_diff,
+};
 use peft::{AdapterConfig, PeftError, PeftModel};
 
 const CASES: [(&str, &str); 3] = [
@@ -17,21 +20,6 @@ const CASES: [(&str, &str); 3] = [
     ("qwen2_tiny", "bias_lora_only"),
     ("gpt2_tiny", "lora_bias"),
 ];
-
-fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(
-        &fixtures().join("models").join(model),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn adapter_dir(model: &str, adapter: &str) -> std::path::PathBuf {
-    fixtures()
-        .join("adapters")
-        .join(format!("{model}__{adapter}"))
-}
 
 fn config_of(
     model: &str,
@@ -54,28 +42,7 @@ fn saved_bias_adapters_keep_peft_keys_and_values_and_reload() {
             PeftModel::from_pretrained(base(model), &adapter_dir(model, adapter), true).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         m.save_pretrained(tmp.path()).unwrap();
-        let ours = candle_core::safetensors::load(
-            tmp.path().join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let theirs = candle_core::safetensors::load(
-            adapter_dir(model, adapter).join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut ours_keys: Vec<&String> = ours.keys().collect();
-        let mut their_keys: Vec<&String> = theirs.keys().collect();
-        ours_keys.sort();
-        their_keys.sort();
-        assert_eq!(ours_keys, their_keys, "{name}");
-        for (k, t) in &ours {
-            assert_close(&format!("{name} {k}"), t, &theirs[k], 0.0);
-        }
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
+        let config = assert_saved_like(&name, tmp.path(), &adapter_dir(model, adapter));
         let want: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(adapter_dir(model, adapter).join("adapter_config.json"))
                 .unwrap(),

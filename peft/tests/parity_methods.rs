@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, load_case};
+use common::{assert_close, base, fixtures, load_case};
 use peft::training::{causal_lm_batch_loss, CausalLmBatch};
 use peft::{checkpoint, AdapterConfig, ModelInputs, PeftModel};
 use serde_json::Value;
@@ -27,15 +27,6 @@ fn names(case: &Value) -> (String, String) {
         case["model"].as_str().unwrap().to_string(),
         case["method"].as_str().unwrap().to_string(),
     )
-}
-
-fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(
-        &fixtures().join("models").join(model),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 /// The adapter's config as a user would create it: trainable, and with the fixture's

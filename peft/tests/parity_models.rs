@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::{assert_close, fixtures, load_case};
+use common::{assert_close, base, fixtures, load_case};
 use peft::{checkpoint, AdapterConfig, PeftModel};
 use serde_json::Value;
 
@@ -36,15 +36,6 @@ fn runnable() -> Vec<(String, String, String)> {
     }
     assert!(out.len() >= 25, "{} runnable cases", out.len());
     out
-}
-
-fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
-    peft::models::load_model(
-        &fixtures().join("models").join(model),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 /// The loss the generator used for each task.

@@ -20,7 +20,6 @@ Writes under peft-quant/tests/fixtures/:
                         nf4.init.<saved key>: the magnitudes of a fresh default-init DoRA adapter
                         on the NF4 base (the dequantized weights' row norms)
 """
-import json
 import os
 import shutil
 
@@ -34,6 +33,8 @@ bnb_modules.has_avx512bf16 = lambda: False
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from make_quant_fixtures import save_adapter
 
 OUT = os.path.join("peft-quant", "tests", "fixtures")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,13 +80,7 @@ def main():
                 p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
     adapter_dir = os.path.join(OUT, "qdora_adapter")
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    pm.save_pretrained(adapter_dir)
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    with open(cfg_path) as f:
-        saved = json.load(f)
-    saved["base_model_name_or_path"] = "tiny_llama"
-    with open(cfg_path, "w") as f:
-        f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    save_adapter(pm, adapter_dir)
 
     pm.train()
     out = pm(input_ids=ids, attention_mask=mask, labels=labels)

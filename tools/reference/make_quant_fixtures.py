@@ -170,6 +170,18 @@ def blockwise():
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(OUT, "blockwise.safetensors"))
 
 
+def save_adapter(pm, adapter_dir, base="tiny_llama"):
+    """peft's save_pretrained, with the base named as the committed fixture folder (not the
+    temporary path it was loaded from) and the config written with sorted keys."""
+    pm.save_pretrained(adapter_dir)
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(cfg_path) as f:
+        saved = json.load(f)
+    saved["base_model_name_or_path"] = base
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
 def tiny_models():
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -213,13 +225,7 @@ def tiny_models():
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
             pm = get_peft_model(q, lcfg)
             shutil.rmtree(adapter_dir, ignore_errors=True)
-            pm.save_pretrained(adapter_dir)
-            cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-            with open(cfg_path) as f:
-                saved = json.load(f)
-            saved["base_model_name_or_path"] = "tiny_llama"
-            with open(cfg_path, "w") as f:
-                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            save_adapter(pm, adapter_dir)
             out = pm(input_ids=input_ids, attention_mask=mask, labels=labels)
             out.loss.backward()
             tensors["nf4.adapted"] = out.logits.detach()

@@ -52,3 +52,43 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let d = max_abs_diff(a, b);
     assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
 }
+
+/// Loads the committed fixture model `models/<name>` in f32 on the CPU.
+pub fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
+    peft::models::load_model(
+        &fixtures().join("models").join(model),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The committed adapter `adapters/<model>__<adapter>` (saved by Python peft).
+pub fn adapter_dir(model: &str, adapter: &str) -> PathBuf {
+    fixtures()
+        .join("adapters")
+        .join(format!("{model}__{adapter}"))
+}
+
+/// Asserts the adapter file saved in `ours` holds exactly the keys of the one in `theirs`,
+/// each tensor bit-for-bit equal, and returns the config saved in `ours`.
+pub fn assert_saved_like(
+    what: &str,
+    ours: &std::path::Path,
+    theirs: &std::path::Path,
+) -> serde_json::Value {
+    let load = |dir: &std::path::Path| {
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (ours_t, theirs_t) = (load(ours), load(theirs));
+    let mut ours_keys: Vec<&String> = ours_t.keys().collect();
+    let mut their_keys: Vec<&String> = theirs_t.keys().collect();
+    ours_keys.sort();
+    their_keys.sort();
+    assert_eq!(ours_keys, their_keys, "{what}");
+    for (k, t) in &ours_t {
+        assert_close(&format!("{what} {k}"), t, &theirs_t[k], 0.0);
+    }
+    serde_json::from_str(&std::fs::read_to_string(ours.join("adapter_config.json")).unwrap())
+        .unwrap()
+}
