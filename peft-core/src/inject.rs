@@ -301,9 +301,23 @@ impl PeftModel {
     pub(crate) fn inject(
         &mut self,
         name: &str,
+        config: AdapterConfig,
+        source: Source,
+        trainable: bool,
+    ) -> Result<Vec<String>> {
+        self.inject_as(name, config, source, trainable, true)
+    }
+
+    /// [`PeftModel::inject`]; `add_heads` false leaves `modules_to_save` as the config has it
+    /// (a combined adapter's config already lists the classifier heads, and peft's
+    /// `add_weighted_adapter` injects through the tuner, which does not add them again).
+    pub(crate) fn inject_as(
+        &mut self,
+        name: &str,
         mut config: AdapterConfig,
         source: Source,
         trainable: bool,
+        add_heads: bool,
     ) -> Result<Vec<String>> {
         if self.adapters.contains_key(name) {
             return Err(PeftError::AdapterExists(name.to_string()));
@@ -312,10 +326,12 @@ impl PeftModel {
         // heads are always trained and saved in full.
         // For prompt-learning adapters peft adds them twice (in the model's constructor and in
         // its add_adapter), and saves the list so; keep the files identical.
-        if matches!(
-            config.common.task_type,
-            Some(TaskType::SeqCls | TaskType::TokenCls)
-        ) {
+        if add_heads
+            && matches!(
+                config.common.task_type,
+                Some(TaskType::SeqCls | TaskType::TokenCls)
+            )
+        {
             let mut modules = config
                 .method
                 .modules_to_save()

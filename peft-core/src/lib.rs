@@ -22,6 +22,7 @@
 pub mod adapted;
 pub mod alloc;
 pub mod checkpoint;
+pub mod combine;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -29,6 +30,7 @@ pub mod grad;
 mod inject;
 pub mod json;
 pub mod layers;
+pub mod linalg;
 pub mod loss;
 pub mod low_rank;
 pub mod method;
@@ -47,6 +49,7 @@ pub mod training;
 pub mod vars;
 pub mod vmath;
 
+pub use combine::{Combination, CombinationType, CombinePart, MajoritySign};
 pub use config::{AdapterConfig, CommonConfig, ConfigObject, MethodConfig, TaskType};
 pub use error::{PeftError, Result};
 pub use grad::{is_grad_enabled, no_grad, NoGrad};

@@ -4,10 +4,12 @@
 //! key/value prefixes. Core does the rest: target matching, the walk over the model, injecting
 //! prompts, counting, saving, loading, merging.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use candle_core::Tensor;
 
+use crate::combine::{Combination, CombinePart};
 use crate::config::{MethodConfig, TaskType};
 use crate::error::{PeftError, Result};
 use crate::layers::{EmbeddingLike, LinearLike};
@@ -144,6 +146,39 @@ pub trait LayerMethod: MethodConfig {
     /// the last adapter loaded sets them, as in peft, and disabling an adapter keeps them.
     fn trained_biases(&self) -> TrainedBiases {
         TrainedBiases::None
+    }
+
+    /// The config of an adapter combining adapters of this method whose configs are `inputs`
+    /// (this one first), for [`crate::PeftModel::add_weighted_adapter`]: resolve
+    /// `how.kind` (the method's default when `None`), check the inputs can be combined that
+    /// way, and return the new config (ranks, targets: peft's `_check_add_weighted_adapter`).
+    /// By default the method cannot combine.
+    fn combined_config(
+        &self,
+        _inputs: &[&dyn MethodConfig],
+        _how: &mut Combination,
+    ) -> Result<Box<dyn MethodConfig>> {
+        Err(PeftError::InvalidState(format!(
+            "{} adapters cannot be combined (the method has no weighted combination)",
+            self.peft_type()
+        )))
+    }
+
+    /// The combined adapter's values at the module `path`, called on the combined config:
+    /// `parts` are the inputs that adapt the module, `target` the new adapter's parameters
+    /// there as injected (by name relative to the module). Returns new values for some or all
+    /// of them, shaped as in `target`.
+    fn combine_module(
+        &self,
+        path: &str,
+        _parts: &[CombinePart<'_>],
+        _target: &BTreeMap<String, Tensor>,
+        _how: &Combination,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        Err(PeftError::InvalidState(format!(
+            "{path}: {} adapters cannot be combined",
+            self.peft_type()
+        )))
     }
 
     /// Builds the adapter for the linear layer at `path`. Parameters come from `params`

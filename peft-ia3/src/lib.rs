@@ -187,6 +187,98 @@ impl LayerMethod for Ia3Config {
         Ok(())
     }
 
+    fn combined_config(
+        &self,
+        inputs: &[&dyn peft_core::MethodConfig],
+        how: &mut peft_core::Combination,
+    ) -> Result<Box<dyn peft_core::MethodConfig>> {
+        match how.kind {
+            None | Some(peft_core::CombinationType::Linear) => {
+                how.kind = Some(peft_core::CombinationType::Linear)
+            }
+            Some(other) => {
+                return Err(PeftError::InvalidState(format!(
+                    "IA3 adapters combine linearly only (peft's IA3 add_weighted_adapter has no combination_type); got {other}"
+                )))
+            }
+        }
+        let configs = inputs
+            .iter()
+            .map(|c| {
+                c.as_any()
+                    .downcast_ref::<Ia3Config>()
+                    .ok_or_else(|| PeftError::InvalidState(format!("{} is not IA3", c.peft_type())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let labels: Vec<String> = (0..configs.len()).map(|i| format!("#{i}")).collect();
+        let targets: Vec<(&str, Option<&TargetModules>)> = labels
+            .iter()
+            .zip(&configs)
+            .map(|(l, c)| (l.as_str(), c.targets.target_modules.as_ref()))
+            .collect();
+        let mut new = configs[0].clone();
+        new.targets.target_modules = Some(peft_core::combine::union_target_modules(
+            &targets,
+            "target_modules",
+        )?);
+        let mut list: Option<Vec<String>> = None;
+        let mut regexes = Vec::new();
+        for (label, c) in labels.iter().zip(&configs) {
+            match &c.feedforward_modules {
+                Some(FeedforwardModules::List(names)) if regexes.is_empty() => {
+                    let all = list.get_or_insert_with(Vec::new);
+                    for n in names {
+                        if !all.contains(n) {
+                            all.push(n.clone());
+                        }
+                    }
+                }
+                Some(FeedforwardModules::Regex(r)) if list.is_none() => {
+                    regexes.push(format!("({r})"))
+                }
+                _ => {
+                    return Err(PeftError::InvalidState(format!(
+                        "all IA3 adapters must give feedforward_modules the same way (a list or a regex) to be combined; adapter {label} differs"
+                    )))
+                }
+            }
+        }
+        new.feedforward_modules = Some(match list {
+            Some(names) => FeedforwardModules::List(names),
+            None => FeedforwardModules::Regex(regexes.join("|")),
+        });
+        Ok(Box::new(new))
+    }
+
+    /// peft: `ia3_l = Σ w_i ia3_l_i` over the adapters that adapt the module.
+    fn combine_module(
+        &self,
+        _path: &str,
+        parts: &[peft_core::CombinePart<'_>],
+        target: &std::collections::BTreeMap<String, Tensor>,
+        _how: &peft_core::Combination,
+    ) -> Result<std::collections::BTreeMap<String, Tensor>> {
+        let current = target.get("ia3_l").ok_or_else(|| {
+            PeftError::InvalidState("the combined adapter has no ia3_l here".into())
+        })?;
+        let mut sum = current.zeros_like()?;
+        for part in parts {
+            let l = part.params.get("ia3_l").ok_or_else(|| {
+                PeftError::InvalidState(format!("adapter `{}` has no ia3_l here", part.adapter))
+            })?;
+            if l.dims() != current.dims() {
+                return Err(PeftError::InvalidState(format!(
+                    "adapter `{}`: ia3_l is {:?} here but the combined one is {:?} (a feed-forward module in one adapter and not in another?)",
+                    part.adapter,
+                    l.dims(),
+                    current.dims()
+                )));
+            }
+            sum = (sum + (l.to_dtype(DType::F32)? * part.weight)?)?;
+        }
+        Ok([("ia3_l".to_string(), sum)].into_iter().collect())
+    }
+
     fn wrap_linear(
         &self,
         path: &str,

@@ -6,6 +6,7 @@
 //! the per-architecture default targets) and registers `peft_type` `LORA` with `peft-core`'s
 //! registry; core does the matching, injection, counting, saving, loading and merging.
 
+pub mod combine;
 pub mod config;
 pub mod layer;
 
@@ -117,6 +118,24 @@ impl LayerMethod for LoraConfig {
             LoraBias::All => peft_core::TrainedBiases::All,
             LoraBias::LoraOnly => peft_core::TrainedBiases::TargetsOnly,
         }
+    }
+
+    fn combined_config(
+        &self,
+        inputs: &[&dyn peft_core::MethodConfig],
+        how: &mut peft_core::Combination,
+    ) -> Result<Box<dyn peft_core::MethodConfig>> {
+        combine::combined_config(inputs, how)
+    }
+
+    fn combine_module(
+        &self,
+        path: &str,
+        parts: &[peft_core::CombinePart<'_>],
+        target: &std::collections::BTreeMap<String, candle_core::Tensor>,
+        how: &peft_core::Combination,
+    ) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+        combine::combine_module(path, parts, target, how)
     }
 
     fn wrap_linear(

@@ -1,0 +1,436 @@
+//! Small dense linear algebra on the host, in f64: the truncated singular value decomposition
+//! that adapter arithmetic needs (peft's `torch.linalg.svd` in `add_weighted_adapter`).
+//!
+//! [`svd`] is a one-sided Jacobi SVD (Hestenes): it orthogonalises the columns of the matrix
+//! (of its transpose when that is narrower) by plane rotations until every pair is orthogonal
+//! to machine precision, so the singular values and vectors are accurate to ~1e-15 relative,
+//! at `O(sweeps · m · n²)` cost. The rotations of one round of a round-robin ordering touch
+//! disjoint columns and run in parallel. [`svd_of_product`] decomposes `B @ A` for thin
+//! factors without forming the product: QR of both factors, then the small core, which is
+//! exact and costs `O((m + n) k²)`.
+//!
+//! Singular vectors are defined up to sign (and up to rotation within repeated singular values),
+//! so two libraries agree on `U diag(S) Vᵀ` and on `S`, not on the factors themselves.
+
+use rayon::prelude::*;
+
+/// A row-major dense matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows * cols` values, row after row.
+    pub data: Vec<f64>,
+}
+
+impl Matrix {
+    /// A matrix of zeros.
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Matrix {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    /// Wraps row-major values; `data.len()` must be `rows * cols`.
+    pub fn from_vec(rows: usize, cols: usize, data: Vec<f64>) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data length");
+        Matrix { rows, cols, data }
+    }
+
+    /// Element `(i, j)`.
+    pub fn at(&self, i: usize, j: usize) -> f64 {
+        self.data[i * self.cols + j]
+    }
+
+    /// The transpose.
+    pub fn t(&self) -> Matrix {
+        let mut out = Matrix::zeros(self.cols, self.rows);
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                out.data[j * self.rows + i] = self.data[i * self.cols + j];
+            }
+        }
+        out
+    }
+
+    /// `self @ other`.
+    pub fn matmul(&self, other: &Matrix) -> Matrix {
+        assert_eq!(self.cols, other.rows, "matmul inner dimensions");
+        let mut out = Matrix::zeros(self.rows, other.cols);
+        out.data
+            .par_chunks_mut(other.cols.max(1))
+            .enumerate()
+            .for_each(|(i, row)| {
+                for k in 0..self.cols {
+                    let a = self.data[i * self.cols + k];
+                    if a == 0.0 {
+                        continue;
+                    }
+                    let b = &other.data[k * other.cols..(k + 1) * other.cols];
+                    for (o, b) in row.iter_mut().zip(b) {
+                        *o += a * b;
+                    }
+                }
+            });
+        out
+    }
+
+    fn column(&self, j: usize) -> Vec<f64> {
+        (0..self.rows).map(|i| self.at(i, j)).collect()
+    }
+
+    fn from_columns(rows: usize, columns: &[Vec<f64>]) -> Matrix {
+        let mut out = Matrix::zeros(rows, columns.len());
+        for (j, c) in columns.iter().enumerate() {
+            for (i, v) in c.iter().enumerate() {
+                out.data[i * columns.len() + j] = *v;
+            }
+        }
+        out
+    }
+}
+
+/// A thin singular value decomposition `M = U diag(s) Vt`, singular values descending.
+#[derive(Debug, Clone)]
+pub struct Svd {
+    /// `[m, k]` left singular vectors (orthonormal columns, or zero columns for zero `s`).
+    pub u: Matrix,
+    /// `k = min(m, n)` singular values, descending.
+    pub s: Vec<f64>,
+    /// `[k, n]` right singular vectors as rows.
+    pub vt: Matrix,
+}
+
+impl Svd {
+    /// Keeps the first `rank` triplets (all of them if there are fewer) and returns
+    /// `(U_r diag(s_r), Vt_r)`: the `[m, r]` and `[r, n]` factors of the best rank-`r`
+    /// approximation, as peft's `U @ torch.diag(S)` and `Vh`.
+    pub fn truncated_factors(&self, rank: usize) -> (Matrix, Matrix) {
+        let r = rank.min(self.s.len());
+        let (m, n) = (self.u.rows, self.vt.cols);
+        let mut us = Matrix::zeros(m, r);
+        for i in 0..m {
+            for j in 0..r {
+                us.data[i * r + j] = self.u.at(i, j) * self.s[j];
+            }
+        }
+        let vt = Matrix::from_vec(r, n, self.vt.data[..r * n].to_vec());
+        (us, vt)
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Rotates columns `(p, q)` of the working matrix (and of `V`) so that they become orthogonal;
+/// returns whether a rotation was needed.
+fn rotate(p: &mut [f64], q: &mut [f64], vp: &mut [f64], vq: &mut [f64]) -> bool {
+    let alpha = dot(p, p);
+    let beta = dot(q, q);
+    let gamma = dot(p, q);
+    // Orthogonal to working precision (a tolerance of a few ulps, or sweeps may never end).
+    if gamma == 0.0 || gamma.abs() <= 4.0 * f64::EPSILON * (alpha * beta).sqrt() {
+        return false;
+    }
+    let zeta = (beta - alpha) / (2.0 * gamma);
+    // The smaller root of t^2 + 2 zeta t - 1 = 0 (zeta = 0 gives t = 1: signum(0.0) is 1).
+    let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+    let c = 1.0 / (1.0 + t * t).sqrt();
+    let s = c * t;
+    for (x, y) in p.iter_mut().zip(q.iter_mut()) {
+        let (a, b) = (*x, *y);
+        *x = c * a - s * b;
+        *y = s * a + c * b;
+    }
+    for (x, y) in vp.iter_mut().zip(vq.iter_mut()) {
+        let (a, b) = (*x, *y);
+        *x = c * a - s * b;
+        *y = s * a + c * b;
+    }
+    true
+}
+
+/// The round-robin pairs of round `round` over `n` (even) slots: every pair of slots meets in
+/// exactly one of `n - 1` rounds, and the pairs of a round are disjoint.
+fn round_pairs(n: usize, round: usize) -> Vec<(usize, usize)> {
+    let slot = |k: usize| -> usize {
+        if k == 0 {
+            0
+        } else {
+            1 + (k - 1 + round) % (n - 1)
+        }
+    };
+    (0..n / 2).map(|k| (slot(k), slot(n - 1 - k))).collect()
+}
+
+/// Two columns of a round (their indices, the working columns, `V`'s columns), taken out of
+/// the matrix so that the pairs of a round rotate in parallel.
+type PairWork = (usize, usize, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// One-sided Jacobi on the columns of `[m, n]` with `n <= m`: returns the orthogonalised
+/// columns (`U diag(s)`) and `V`'s columns.
+fn jacobi_columns(m: &Matrix) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let n = m.cols;
+    let mut cols: Vec<Vec<f64>> = (0..n).map(|j| m.column(j)).collect();
+    let mut v: Vec<Vec<f64>> = (0..n)
+        .map(|j| {
+            let mut e = vec![0.0; n];
+            e[j] = 1.0;
+            e
+        })
+        .collect();
+    if n < 2 {
+        return (cols, v);
+    }
+    // An odd count gets an empty dummy slot.
+    let slots = n + n % 2;
+    for _sweep in 0..80 {
+        let mut rotated = false;
+        for round in 0..slots - 1 {
+            let pairs: Vec<(usize, usize)> = round_pairs(slots, round)
+                .into_iter()
+                .filter(|&(a, b)| a < n && b < n)
+                .map(|(a, b)| (a.min(b), a.max(b)))
+                .collect();
+            let mut work: Vec<PairWork> = pairs
+                .iter()
+                .map(|&(a, b)| {
+                    (
+                        a,
+                        b,
+                        std::mem::take(&mut cols[a]),
+                        std::mem::take(&mut cols[b]),
+                        std::mem::take(&mut v[a]),
+                        std::mem::take(&mut v[b]),
+                    )
+                })
+                .collect();
+            let any = work
+                .par_iter_mut()
+                .map(|(_, _, p, q, vp, vq)| rotate(p, q, vp, vq))
+                .reduce(|| false, |x, y| x || y);
+            rotated |= any;
+            for (a, b, p, q, vp, vq) in work {
+                cols[a] = p;
+                cols[b] = q;
+                v[a] = vp;
+                v[b] = vq;
+            }
+        }
+        if !rotated {
+            break;
+        }
+    }
+    (cols, v)
+}
+
+/// The thin SVD of `m` (`[rows, cols]`), singular values descending.
+pub fn svd(m: &Matrix) -> Svd {
+    if m.cols > m.rows {
+        // M^T = V S U^T.
+        let t = svd(&m.t());
+        return Svd {
+            u: t.vt.t(),
+            s: t.s,
+            vt: t.u.t(),
+        };
+    }
+    let (cols, v) = jacobi_columns(m);
+    let norms: Vec<f64> = cols.iter().map(|c| dot(c, c).sqrt()).collect();
+    let mut order: Vec<usize> = (0..cols.len()).collect();
+    order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
+    let u_cols: Vec<Vec<f64>> = order
+        .iter()
+        .map(|&j| {
+            let s = norms[j];
+            if s > 0.0 {
+                cols[j].iter().map(|x| x / s).collect()
+            } else {
+                vec![0.0; m.rows]
+            }
+        })
+        .collect();
+    let v_cols: Vec<Vec<f64>> = order.iter().map(|&j| v[j].clone()).collect();
+    Svd {
+        u: Matrix::from_columns(m.rows, &u_cols),
+        s: order.iter().map(|&j| norms[j]).collect(),
+        vt: Matrix::from_columns(m.cols, &v_cols).t(),
+    }
+}
+
+/// Thin QR of `[m, k]` (`k <= m`) by modified Gram-Schmidt, run twice for orthogonality:
+/// `(Q [m, k], R [k, k])` with `M = Q R`. A column dependent on the earlier ones gets a zero
+/// column in `Q` and a zero row in `R`, so the product still holds exactly.
+fn thin_qr(m: &Matrix) -> (Matrix, Matrix) {
+    let k = m.cols;
+    let mut q: Vec<Vec<f64>> = (0..k).map(|j| m.column(j)).collect();
+    let mut r = Matrix::zeros(k, k);
+    let scale = q
+        .iter()
+        .map(|c| dot(c, c).sqrt())
+        .fold(0.0f64, f64::max)
+        .max(f64::MIN_POSITIVE);
+    for j in 0..k {
+        for _pass in 0..2 {
+            for i in 0..j {
+                let proj = dot(&q[i], &q[j]);
+                let (head, tail) = q.split_at_mut(j);
+                for (x, y) in tail[0].iter_mut().zip(&head[i]) {
+                    *x -= proj * y;
+                }
+                r.data[i * k + j] += proj;
+            }
+        }
+        let norm = dot(&q[j], &q[j]).sqrt();
+        if norm <= 1e-13 * scale {
+            q[j].iter_mut().for_each(|x| *x = 0.0);
+            // The remainder is noise: the column is (numerically) in the span of earlier ones.
+        } else {
+            q[j].iter_mut().for_each(|x| *x /= norm);
+            r.data[j * k + j] = norm;
+        }
+    }
+    (Matrix::from_columns(m.rows, &q), r)
+}
+
+/// The SVD of `b @ a` (`b: [m, k]`, `a: [k, n]`) without forming the `[m, n]` product when
+/// `k` is smaller than both sides: `b = Q1 R1`, `aᵀ = Q2 R2`, so `b a = Q1 (R1 R2ᵀ) Q2ᵀ` and the
+/// SVD of the `[k, k]` core gives the rest. Returns at most `k` triplets.
+pub fn svd_of_product(b: &Matrix, a: &Matrix) -> Svd {
+    assert_eq!(b.cols, a.rows, "factor inner dimensions");
+    let k = b.cols;
+    if k >= b.rows || k >= a.cols {
+        return svd(&b.matmul(a));
+    }
+    let (q1, r1) = thin_qr(b);
+    let (q2, r2) = thin_qr(&a.t());
+    let core = svd(&r1.matmul(&r2.t()));
+    Svd {
+        u: q1.matmul(&core.u),
+        s: core.s,
+        vt: core.vt.matmul(&q2.t()),
+    }
+}
+
+/// `torch.quantile(values, q)` with its default linear interpolation (`q` in `[0, 1]`).
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let pos = q * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    let frac = pos - lo as f64;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Matrix::from_vec(
+            rows,
+            cols,
+            (0..rows * cols)
+                .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+                .collect(),
+        )
+    }
+
+    fn max_diff(a: &Matrix, b: &Matrix) -> f64 {
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn reconstruct(s: &Svd) -> Matrix {
+        let (us, vt) = s.truncated_factors(s.s.len());
+        us.matmul(&vt)
+    }
+
+    fn assert_orthonormal_columns(m: &Matrix) {
+        let g = m.t().matmul(m);
+        for i in 0..g.rows {
+            for j in 0..g.cols {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!(
+                    (g.at(i, j) - want).abs() < 1e-12,
+                    "gram[{i},{j}] = {}",
+                    g.at(i, j)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn jacobi_svd_reconstructs_tall_wide_and_odd_shapes() {
+        for (m, n, seed) in [(7, 5, 1), (5, 9, 2), (6, 6, 3), (1, 4, 4), (13, 1, 5)] {
+            let a = random(m, n, seed);
+            let s = svd(&a);
+            assert_eq!(s.s.len(), m.min(n));
+            assert!(s.s.windows(2).all(|w| w[0] >= w[1]), "{:?}", s.s);
+            assert!(max_diff(&reconstruct(&s), &a) < 1e-12);
+            assert_orthonormal_columns(&s.u);
+            assert_orthonormal_columns(&s.vt.t());
+        }
+    }
+
+    #[test]
+    fn truncation_is_the_best_low_rank_approximation() {
+        // Eckart-Young: the error of the rank-r truncation in Frobenius norm is the norm of
+        // the dropped singular values.
+        let a = random(9, 7, 11);
+        let s = svd(&a);
+        let (us, vt) = s.truncated_factors(3);
+        let approx = us.matmul(&vt);
+        let err: f64 = a
+            .data
+            .iter()
+            .zip(&approx.data)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum();
+        let dropped: f64 = s.s[3..].iter().map(|x| x * x).sum();
+        assert!((err - dropped).abs() < 1e-10, "{err} vs {dropped}");
+    }
+
+    #[test]
+    fn product_svd_matches_the_dense_one_and_handles_rank_deficient_factors() {
+        let b = random(20, 4, 21);
+        let mut a = random(4, 15, 22);
+        let dense = svd(&b.matmul(&a));
+        let thin = svd_of_product(&b, &a);
+        for (x, y) in thin.s.iter().zip(&dense.s) {
+            assert!((x - y).abs() < 1e-12);
+        }
+        assert!(max_diff(&reconstruct(&thin), &b.matmul(&a)) < 1e-12);
+        // A repeated row of `a` (and a zero factor) make the factors rank deficient.
+        for j in 0..15 {
+            a.data[15 + j] = a.data[j];
+        }
+        let thin = svd_of_product(&b, &a);
+        assert!(max_diff(&reconstruct(&thin), &b.matmul(&a)) < 1e-12);
+        let zero = Matrix::zeros(20, 4);
+        assert!(svd_of_product(&zero, &a).s.iter().all(|s| *s == 0.0));
+    }
+
+    #[test]
+    fn quantile_interpolates_like_torch() {
+        let v = [3.0, 1.0, 2.0, 4.0];
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 4.0);
+        assert!((quantile(&v, 0.5) - 2.5).abs() < 1e-15);
+        assert!((quantile(&v, 0.9) - 3.7).abs() < 1e-12);
+    }
+}
