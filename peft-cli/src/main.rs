@@ -1,5 +1,5 @@
 //! The `peft` command line: list methods, inspect adapters, compute logits (the parity
-//! interface), merge adapters into a model folder, and run the offline demo.
+//! interface), combine adapters, merge adapters into a model folder, and run the offline demo.
 //! Results go to stdout, diagnostics to stderr; errors exit non-zero with one line.
 
 mod commands;
@@ -47,6 +47,8 @@ enum Command {
     Train(Box<commands::train::TrainArgs>),
     /// Loss and perplexity of a model (and adapters) on a data file.
     Eval(commands::eval::EvalArgs),
+    /// Combine adapters into a new one (peft's add_weighted_adapter: svd, cat, ties, dare, ...).
+    Combine(commands::combine::CombineArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(commands::merge::MergeArgs),
     /// Write a quantized (int8 / NF4 / FP4) copy of a model in the bitsandbytes checkpoint format.
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Combine(args) => commands::combine::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Demo(args) => commands::demo::run(args),

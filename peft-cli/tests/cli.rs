@@ -738,3 +738,98 @@ fn logits_and_generate_with_row_adapters_match_peft_mixed_batches() {
         stderr(&o)
     );
 }
+
+/// `peft combine` writes peft's combined adapter: `cat` of two LoRA adapters with a negative
+/// weight, then `peft logits` with it matches peft's logits (fixtures from
+/// tools/reference/make_combine_fixtures.py); bad requests fail with one line naming the flag.
+#[test]
+fn combine_writes_the_adapter_peft_combines() {
+    let data = candle_core::safetensors::load(fixtures().join("combine.safetensors"), &Device::Cpu)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &[
+            ("input_ids".to_string(), data["input_ids"].clone()),
+            ("attention_mask".to_string(), data["attention_mask"].clone()),
+        ]
+        .into_iter()
+        .collect(),
+        &input,
+    )
+    .unwrap();
+    let model = fixtures().join("models/llama_tiny");
+    let adapter = |name: &str| {
+        fixtures()
+            .join("adapters")
+            .join(name)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let (qv, qvo, embed) = (
+        adapter("llama_tiny__lora_qv"),
+        adapter("llama_tiny__lora_qvo"),
+        adapter("llama_tiny__lora_embed"),
+    );
+    let out = dir.path().join("combined");
+    let o = peft(&[
+        "combine",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &qv,
+        "--adapter",
+        &qvo,
+        "--adapter",
+        &embed,
+        "--weights",
+        "0.6,0.5,-0.3",
+        "--type",
+        "cat",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("r = 12"), "{}", stdout(&o));
+    let logits = dir.path().join("logits.safetensors");
+    let o = peft(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        logits.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = candle_core::safetensors::load(&logits, &Device::Cpu).unwrap();
+    assert!(max_diff(&got["logits"], &data["cat.logits"]) <= 1e-4);
+
+    for (args, needle) in [
+        (vec!["--weights", "1.0"], "--weights"),
+        (
+            vec!["--weights", "1,1", "--type", "average"],
+            "combination_type",
+        ),
+        (vec!["--weights", "1,1", "--type", "ties"], "density"),
+    ] {
+        let mut all = vec![
+            "combine",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            &qv,
+            "--adapter",
+            &qvo,
+        ];
+        all.extend(args);
+        all.extend(["--out", out.to_str().unwrap()]);
+        let o = peft(&all);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains(needle) && err.lines().count() == 1, "{err}");
+    }
+}

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use peft_core::combine::{host_values, merge_values, union_target_modules, Merge};
-use peft_core::linalg::{quantile, svd, svd_of_product, Matrix};
+use peft_core::linalg::{quantile, svd_of_product, svd_top, Matrix};
 use peft_core::low_rank::LowRank;
 use peft_core::{Combination, CombinationType, CombinePart, MethodConfig, PeftError, Result};
 
@@ -341,7 +341,7 @@ fn svd_combination(
             how.majority_sign_method,
             &mut |i| how.rng(path, i as u64),
         )?;
-        svd(&matrix(&merged, rows, cols))
+        svd_top(&matrix(&merged, rows, cols), new_rank)
     };
     let (mut us, mut vt) = decomposition.truncated_factors(new_rank);
     if let Some(q) = how.svd_clamp {

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the helpers they share.
 
+pub mod combine;
 pub mod count;
 pub mod demo;
 pub mod eval;
