@@ -238,6 +238,16 @@ fn inspect_prints_config_tensors_and_parameter_line() {
         text.contains("trainable params: 1,792 || all params: 79,936 || trainable%: 2.2418"),
         "{text}"
     );
+    // peft's get_layer_status / get_model_status.
+    assert!(
+        text.contains("  model.model.layers.0.self_attn.q_proj  lora.Linear  adapters [default]  active [default]  merged []  requires_grad {default=true}"),
+        "{text}"
+    );
+    let json_start = text.find("model status:\n").unwrap() + "model status:\n".len();
+    let status: serde_json::Value = serde_json::from_str(&text[json_start..]).unwrap();
+    assert_eq!(status["adapter_model_type"], "LoraModel");
+    assert_eq!(status["num_adapter_layers"], 4);
+    assert_eq!(status["trainable_params"], 1792);
 }
 
 #[test]

@@ -307,6 +307,13 @@ impl<K: SlotKind> Adapted<K> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// Whether adapter `name` here is a full copy of the layer (`modules_to_save`) rather than
+    /// a change to it.
+    pub fn is_copy(&self, name: &str) -> bool {
+        self.adapter_named(name)
+            .is_some_and(|a| K::replacement(a).is_some())
+    }
+
     /// Names of the adapters folded into the base weights.
     pub fn merged_names(&self) -> &[String] {
         self.merged

@@ -36,6 +36,11 @@ pub trait LinearLike: Send + Sync + Debug {
     }
     /// A layer of the same kind holding new weights (used when merging).
     fn with_weights(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Arc<dyn LinearLike>>;
+    /// peft's `quantization_backend` name for a quantized layer (`"bnb 4bit"`, `"bnb 8bit"`);
+    /// `None` for a dense one.
+    fn quantization_backend(&self) -> Option<&'static str> {
+        None
+    }
     /// The same layer with `bias` (of the current bias's shape) in place of its bias, the
     /// weight kept as stored: how a trained base bias (peft's `bias="all"`) reaches the layer.
     /// The layer must add the bias with differentiable ops, so that it gets a gradient.

@@ -44,6 +44,7 @@ pub mod registry;
 pub mod saved_modules;
 #[cfg(target_arch = "x86_64")]
 pub mod sgemm;
+pub mod status;
 pub mod targets;
 pub mod training;
 pub mod vars;

@@ -181,6 +181,19 @@ pub trait LayerMethod: MethodConfig {
         )))
     }
 
+    /// The name of peft's tuner model class for this method (`get_model_status`'s
+    /// `adapter_model_type`): `<PEFT_TYPE>Model` by default (`IA3Model`).
+    fn tuner_class_name(&self) -> String {
+        format!("{}Model", self.peft_type())
+    }
+
+    /// peft's layer class as `get_layer_status` reports it (`module_type`, the start of the
+    /// layer's repr): `Linear` / `Embedding` by default (IA3's layers print so); LoRA's print
+    /// `lora.Linear` / `lora.Embedding`.
+    fn layer_class_name(&self, embedding: bool) -> String {
+        if embedding { "Embedding" } else { "Linear" }.to_string()
+    }
+
     /// Builds the adapter for the linear layer at `path`. Parameters come from `params`
     /// (names relative to the module, e.g. `lora_A.weight`), which either initialises them or
     /// loads them from a checkpoint.

@@ -254,6 +254,16 @@ impl ModuleTree {
             .collect()
     }
 
+    /// Each linear slot and its path, in declaration order, read-only.
+    pub fn linear_slots(&self) -> impl Iterator<Item = (&str, &LinearSlot)> {
+        self.linears.iter().map(|e| (e.path.as_str(), &e.slot))
+    }
+
+    /// Each embedding slot and its path, in declaration order, read-only.
+    pub fn embedding_slots(&self) -> impl Iterator<Item = (&str, &EmbeddingSlot)> {
+        self.embeddings.iter().map(|e| (e.path.as_str(), &e.slot))
+    }
+
     /// Calls `f` with each linear slot and its path, in declaration order.
     pub fn visit_linears(
         &mut self,

@@ -120,6 +120,19 @@ impl LayerMethod for LoraConfig {
         }
     }
 
+    fn tuner_class_name(&self) -> String {
+        "LoraModel".into()
+    }
+
+    fn layer_class_name(&self, embedding: bool) -> String {
+        if embedding {
+            "lora.Embedding"
+        } else {
+            "lora.Linear"
+        }
+        .to_string()
+    }
+
     fn combined_config(
         &self,
         inputs: &[&dyn peft_core::MethodConfig],

@@ -279,6 +279,15 @@ impl CustomOp1 for QMatmul {
 }
 
 impl LinearLike for QuantLinear {
+    fn quantization_backend(&self) -> Option<&'static str> {
+        Some(match self.scheme {
+            Some(QuantScheme::Int8 { .. }) => "bnb 8bit",
+            Some(QuantScheme::FourBit { .. }) => "bnb 4bit",
+            // A GGUF file's own block formats (peft has no such backend).
+            None => "gguf",
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::backend::check_device(x.device())?;
         let in_dtype = x.dtype();

@@ -1,4 +1,6 @@
-//! `peft inspect ADAPTER_DIR [--model MODEL_DIR]`: an adapter's config and tensors.
+//! `peft inspect ADAPTER_DIR [--model MODEL_DIR]`: an adapter's config and tensors; with a
+//! model, also peft's parameter line, `get_layer_status` (one line per adapted layer) and
+//! `get_model_status` (as JSON, the form of peft's `dataclasses.asdict`).
 
 use std::path::PathBuf;
 
@@ -12,7 +14,8 @@ use peft::{checkpoint, AdapterConfig};
 pub struct InspectArgs {
     /// The adapter folder (adapter_config.json + adapter_model.safetensors).
     pub adapter: PathBuf,
-    /// A base model folder: also print the trainable-parameter line as peft does.
+    /// A base model folder: also print the trainable-parameter line as peft does, the status of
+    /// every adapted layer and of the model (peft's get_layer_status / get_model_status).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -44,6 +47,45 @@ pub fn run(args: InspectArgs) -> Result<()> {
         )
         .with_context(|| format!("applying the adapter to {}", model_dir.display()))?;
         println!("{}", model.parameter_line());
+        if model
+            .active_adapters()
+            .iter()
+            .any(|n| model.adapter(n).is_ok_and(|a| !a.is_prompt_learning()))
+        {
+            println!("layer status:");
+            for l in model.get_layer_status()? {
+                let grads: Vec<String> = l
+                    .requires_grad
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", l_flag(*v)))
+                    .collect();
+                println!(
+                    "  {}  {}  adapters [{}]  active [{}]  merged [{}]  requires_grad {{{}}}{}",
+                    l.name,
+                    l.module_type,
+                    l.available_adapters.join(", "),
+                    l.active_adapters.join(", "),
+                    l.merged_adapters.join(", "),
+                    grads.join(", "),
+                    l.quantization_backend
+                        .map(|q| format!("  quantized {q}"))
+                        .unwrap_or_default()
+                );
+            }
+            println!("model status:");
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&model.get_model_status()?.to_json())?
+            );
+        }
     }
     Ok(())
+}
+
+fn l_flag(f: peft::status::Flag) -> &'static str {
+    match f {
+        peft::status::Flag::True => "true",
+        peft::status::Flag::False => "false",
+        peft::status::Flag::Irregular => "irregular",
+    }
 }
