@@ -307,6 +307,11 @@ impl<K: SlotKind> Adapted<K> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// The adapter attached here under `name`.
+    pub fn adapter(&self, name: &str) -> Option<&K::Adapter> {
+        self.adapter_named(name)
+    }
+
     /// Whether adapter `name` here is a full copy of the layer (`modules_to_save`) rather than
     /// a change to it.
     pub fn is_copy(&self, name: &str) -> bool {

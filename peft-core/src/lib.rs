@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod grad;
+mod hotswap;
 mod inject;
 pub mod json;
 pub mod layers;

@@ -66,6 +66,12 @@ pub trait LinearAdapter: Send + Sync + Debug {
         bias: Option<&Tensor>,
         base_weight: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)>;
+    /// After a hot-swap wrote new values into this adapter's parameters
+    /// ([`crate::PeftModel::hotswap_adapter`]): take the settings that are not parameters for
+    /// the module `path` from the new `config` (LoRA's scaling from its rank and alpha there).
+    fn hotswap_settings(&self, _path: &str, _config: &dyn MethodConfig) -> Result<()> {
+        Ok(())
+    }
     /// A layer that replaces the base layer outright while this adapter is active (a
     /// `modules_to_save` copy); `None` for adapters that modify the base layer's computation.
     fn replacement(&self) -> Option<&(dyn LinearLike + 'static)> {
@@ -92,6 +98,10 @@ pub trait EmbeddingAdapter: Send + Sync + Debug {
     /// Folds the adapter into an f32 table `[num_embeddings, dim]`; `base_weight` is the
     /// table's own (unmerged) weight in f32 (see [`LinearAdapter::merge`]).
     fn merge(&self, weight: &Tensor, base_weight: &Tensor) -> Result<Tensor>;
+    /// See [`LinearAdapter::hotswap_settings`].
+    fn hotswap_settings(&self, _path: &str, _config: &dyn MethodConfig) -> Result<()> {
+        Ok(())
+    }
     /// A table that replaces the base table while this adapter is active (`modules_to_save`).
     fn replacement(&self) -> Option<&(dyn EmbeddingLike + 'static)> {
         None
@@ -192,6 +202,24 @@ pub trait LayerMethod: MethodConfig {
     /// `lora.Linear` / `lora.Embedding`.
     fn layer_class_name(&self, embedding: bool) -> String {
         if embedding { "Embedding" } else { "Linear" }.to_string()
+    }
+
+    /// Whether an adapter of this config can be hot-swapped for one of config `new`
+    /// ([`crate::PeftModel::hotswap_adapter`]; peft's `check_hotswap_configs_compatible`: the
+    /// settings that change outputs besides the weights must agree). `resized` lists the
+    /// modules whose new parameters were zero-padded (a smaller rank) or zero-filled (absent)
+    /// to the loaded shapes. Returns the config the swapped adapter is saved with: one that
+    /// reloads to the same outputs (LoRA: the loaded rank and an alpha that keeps the new
+    /// scaling on resized modules). By default the method cannot be hot-swapped.
+    fn hotswap_config(
+        &self,
+        _new: &dyn MethodConfig,
+        _resized: &[String],
+    ) -> Result<Box<dyn MethodConfig>> {
+        Err(PeftError::InvalidState(format!(
+            "hot-swapping supports LoRA adapters only (as in peft), not {}",
+            self.peft_type()
+        )))
     }
 
     /// Builds the adapter for the linear layer at `path`. Parameters come from `params`

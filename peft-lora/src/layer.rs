@@ -10,6 +10,8 @@
 //! training, `base(x) - bias` is recomputed on the dropped input. The magnitude starts at the
 //! norm, so a fresh DoRA adapter starts as its LoRA does.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Tensor};
 use peft_core::layers::{
     embedding_lookup, linear_forward, lowrank_linear_forward, scale_features, DenseLinear,
@@ -25,12 +27,45 @@ use crate::config::InitLoraWeights;
 pub struct LoraLinear {
     a: Tensor,
     b: Tensor,
-    scaling: f64,
+    scaling: Scaling,
     dropout: Dropout,
     /// DoRA's magnitude `[out]`.
     magnitude: Option<Tensor>,
     /// `lora_B.bias` `[out]` (`lora_bias`), added to `B A x` before the scaling.
     b_bias: Option<Tensor>,
+}
+
+/// The scaling of `B A x`: fixed by the config, but replaceable in place by a hot-swap
+/// ([`LinearAdapter::hotswap_settings`]) while the layer is shared with the model.
+#[derive(Debug)]
+struct Scaling(AtomicU64);
+
+impl Scaling {
+    fn new(s: f64) -> Self {
+        Scaling(AtomicU64::new(s.to_bits()))
+    }
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    fn set(&self, s: f64) {
+        self.0.store(s.to_bits(), Ordering::Relaxed)
+    }
+}
+
+/// The scaling the LoRA config gives the module at `path`.
+fn scaling_for(path: &str, config: &dyn peft_core::MethodConfig) -> Result<f64> {
+    use peft_core::low_rank::LowRank;
+    let lora = config
+        .as_any()
+        .downcast_ref::<crate::config::LoraConfig>()
+        .ok_or_else(|| {
+            peft_core::PeftError::InvalidState(format!(
+                "{path}: cannot take the settings of a {} config",
+                config.peft_type()
+            ))
+        })?;
+    let (r, alpha) = lora.rank_and_alpha(path);
+    Ok(lora.scaling(r, alpha))
 }
 
 /// `t` in f32.
@@ -96,7 +131,7 @@ impl LoraLinear {
         Ok(LoraLinear {
             a,
             b,
-            scaling,
+            scaling: Scaling::new(scaling),
             dropout: Dropout::new(dropout, seed),
             magnitude: None,
             b_bias: None,
@@ -121,7 +156,7 @@ impl LoraLinear {
         let Some(b) = &self.b_bias else {
             return Ok(y);
         };
-        let b = (b * self.scaling)?.to_dtype(y.dtype())?;
+        let b = (b * self.scaling.get())?.to_dtype(y.dtype())?;
         Ok(y.broadcast_add(&b)?)
     }
 
@@ -142,7 +177,7 @@ impl LoraLinear {
 
     /// `||weight + scaling B A||` per output feature, detached; `weight` is f32 `[out, in]`.
     fn weight_norm(&self, weight: &Tensor) -> Result<Tensor> {
-        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling)?;
+        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling.get())?;
         row_norm(&(weight + delta)?)
     }
 
@@ -170,7 +205,7 @@ impl LoraLinear {
         let x = f32(x)?;
         let x = self.dropout.forward(&x, training)?;
         let scale = self.dora_scale(magnitude, base)?;
-        let h = (linear_forward(&x, &self.a, false)? * self.scaling)?;
+        let h = (linear_forward(&x, &self.a, false)? * self.scaling.get())?;
         let lora = linear_forward(&h, &self.b, false)?;
         let dtype = y.dtype();
         let y = f32(&y)?;
@@ -186,16 +221,21 @@ impl LoraLinear {
 
     /// The scaling applied to `B A x`.
     pub fn scaling(&self) -> f64 {
-        self.scaling
+        self.scaling.get()
     }
 
     /// `(B @ A) * scaling`, shaped `[out, in]`.
     pub fn delta_weight(&self) -> Result<Tensor> {
-        Ok((self.b.matmul(&self.a)? * self.scaling)?)
+        Ok((self.b.matmul(&self.a)? * self.scaling.get())?)
     }
 }
 
 impl LinearAdapter for LoraLinear {
+    fn hotswap_settings(&self, path: &str, config: &dyn peft_core::MethodConfig) -> Result<()> {
+        self.scaling.set(scaling_for(path, config)?);
+        Ok(())
+    }
+
     fn adapt_output(
         &self,
         base: &dyn LinearLike,
@@ -214,7 +254,7 @@ impl LinearAdapter for LoraLinear {
         let x = self.dropout.forward(&x, training)?;
         // Scale the rank-r intermediate, not the [.., out] delta: one small temporary instead
         // of a full-width one (and its gradient).
-        let h = (linear_forward(&x, &self.a, false)? * self.scaling)?;
+        let h = (linear_forward(&x, &self.a, false)? * self.scaling.get())?;
         let delta = linear_forward(&h, &self.b, false)?;
         let delta = if y.dtype() == DType::F32 {
             delta
@@ -236,7 +276,8 @@ impl LinearAdapter for LoraLinear {
         if !self.dropout.is_identity(training) {
             return Ok(None);
         }
-        let Some(y) = lowrank_linear_forward(x, dense, &self.a, &self.b, self.scaling)? else {
+        let Some(y) = lowrank_linear_forward(x, dense, &self.a, &self.b, self.scaling.get())?
+        else {
             return Ok(None);
         };
         match &self.magnitude {
@@ -260,7 +301,7 @@ impl LinearAdapter for LoraLinear {
         let Some(m) = &self.magnitude else {
             let bias = match (&self.b_bias, bias) {
                 (None, bias) => bias.cloned(),
-                (Some(b), Some(bias)) => Some((bias + (b * self.scaling)?)?),
+                (Some(b), Some(bias)) => Some((bias + (b * self.scaling.get())?)?),
                 (Some(_), None) => {
                     return Err(peft_core::PeftError::InvalidState(
                         "cannot merge a LoRA adapter with lora_bias=true into a layer without a bias (peft refuses it too)".into(),
@@ -282,7 +323,7 @@ pub struct LoraEmbedding {
     a: Tensor,
     /// `[dim, r]`
     b: Tensor,
-    scaling: f64,
+    scaling: Scaling,
     padding_idx: Option<usize>,
     /// DoRA's magnitude `[dim]` (one per embedding feature).
     magnitude: Option<Tensor>,
@@ -312,7 +353,7 @@ impl LoraEmbedding {
         Ok(LoraEmbedding {
             a,
             b,
-            scaling,
+            scaling: Scaling::new(scaling),
             padding_idx,
             magnitude: None,
         })
@@ -331,18 +372,23 @@ impl LoraEmbedding {
 
     /// `scaling * (B A)^T`, shaped like the table `[num_embeddings, dim]`.
     fn delta_weight(&self) -> Result<Tensor> {
-        Ok((self.b.matmul(&self.a)?.t()? * self.scaling)?)
+        Ok((self.b.matmul(&self.a)?.t()? * self.scaling.get())?)
     }
 
     /// `||table^T + scaling B A||` per embedding feature, detached; `table` is f32
     /// `[num_embeddings, dim]`.
     fn weight_norm(&self, table: &Tensor) -> Result<Tensor> {
-        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling)?;
+        let delta = (self.b.detach().matmul(&self.a.detach())? * self.scaling.get())?;
         row_norm(&(table.t()? + delta)?)
     }
 }
 
 impl EmbeddingAdapter for LoraEmbedding {
+    fn hotswap_settings(&self, path: &str, config: &dyn peft_core::MethodConfig) -> Result<()> {
+        self.scaling.set(scaling_for(path, config)?);
+        Ok(())
+    }
+
     fn adapt_output(
         &self,
         base: &dyn EmbeddingLike,
@@ -361,7 +407,7 @@ impl EmbeddingAdapter for LoraEmbedding {
             let is_pad = is_pad.broadcast_as(after_a.shape())?;
             after_a = is_pad.where_cond(&after_a.detach(), &after_a)?;
         }
-        let delta = (linear_forward(&after_a, &self.b, false)? * self.scaling)?;
+        let delta = (linear_forward(&after_a, &self.b, false)? * self.scaling.get())?;
         if let Some(m) = &self.magnitude {
             // peft: `scale * y + scale * delta`, scale = m / ||W^T + scaling B A|| per feature.
             let scale = m.broadcast_div(&self.weight_norm(&f32(&base.weight()?)?)?)?;

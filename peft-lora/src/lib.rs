@@ -133,6 +133,62 @@ impl LayerMethod for LoraConfig {
         .to_string()
     }
 
+    fn hotswap_config(
+        &self,
+        new: &dyn peft_core::MethodConfig,
+        resized: &[String],
+    ) -> Result<Box<dyn peft_core::MethodConfig>> {
+        let new = new.as_any().downcast_ref::<LoraConfig>().ok_or_else(|| {
+            PeftError::InvalidState(format!(
+                "Incompatible PEFT types found: LORA and {}",
+                new.peft_type()
+            ))
+        })?;
+        // peft's CONFIG_KEYS_TO_CHECK for LoRA: what changes outputs besides the weights.
+        let old_json = peft_core::MethodConfig::to_json_fields(self);
+        let new_json = peft_core::MethodConfig::to_json_fields(new);
+        for key in ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"] {
+            if old_json.get(key) != new_json.get(key) {
+                return Err(PeftError::InvalidState(format!(
+                    "Configs are incompatible for hot-swapping: for {key}, {} != {}",
+                    old_json.get(key).cloned().unwrap_or_default(),
+                    new_json.get(key).cloned().unwrap_or_default()
+                )));
+            }
+        }
+        // A module padded (or zero-filled) to the loaded rank keeps the new adapter's scaling:
+        // record the loaded rank and the alpha that gives that scaling at it, so that the saved
+        // adapter reloads to the same outputs.
+        let mut swapped = new.clone();
+        let mut ranks = Vec::new();
+        let mut alphas = Vec::new();
+        for path in resized {
+            let loaded_rank = &self.rank_and_alpha(path).0;
+            let (r, alpha) = new.rank_and_alpha(path);
+            if r == *loaded_rank {
+                continue;
+            }
+            let scaling = new.scaling(r, alpha);
+            let alpha_at = if new.use_rslora {
+                scaling * (*loaded_rank as f64).sqrt()
+            } else {
+                scaling * *loaded_rank as f64
+            };
+            ranks.push((path.clone(), *loaded_rank));
+            alphas.push((
+                path.clone(),
+                serde_json::Number::from_f64(alpha_at).ok_or_else(|| {
+                    PeftError::InvalidState(format!("{path}: alpha {alpha_at} is not finite"))
+                })?,
+            ));
+        }
+        ranks.append(&mut swapped.rank_pattern);
+        alphas.append(&mut swapped.alpha_pattern);
+        swapped.rank_pattern = ranks;
+        swapped.alpha_pattern = alphas;
+        Ok(Box::new(swapped))
+    }
+
     fn combined_config(
         &self,
         inputs: &[&dyn peft_core::MethodConfig],
