@@ -266,7 +266,7 @@ pub fn svd(m: &Matrix) -> Svd {
 /// Thin QR of `[m, k]` (`k <= m`) by modified Gram-Schmidt, run twice for orthogonality:
 /// `(Q [m, k], R [k, k])` with `M = Q R`. A column dependent on the earlier ones gets a zero
 /// column in `Q` and a zero row in `R`, so the product still holds exactly.
-fn thin_qr(m: &Matrix) -> (Matrix, Matrix) {
+pub fn thin_qr(m: &Matrix) -> (Matrix, Matrix) {
     let k = m.cols;
     let mut q: Vec<Vec<f64>> = (0..k).map(|j| m.column(j)).collect();
     let mut r = Matrix::zeros(k, k);

@@ -49,7 +49,8 @@ impl Init {
         }
     }
 
-    fn sample(&self, n: usize, rng: &mut StdRng) -> Vec<f32> {
+    /// `n` values drawn from this initialisation.
+    pub fn sample(&self, n: usize, rng: &mut StdRng) -> Vec<f32> {
         match *self {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],

@@ -21,6 +21,10 @@ pub enum InitLoraWeights {
     Random,
     /// `"gaussian"`: A normal with std `1/r`, B zero.
     Gaussian,
+    /// `"orthogonal"`: A and B random with `B A = 0` (the rows of an orthogonal `r x r` matrix
+    /// split between them), so the adapter starts as a no-op with neither factor zero; the
+    /// rank must be even.
+    Orthogonal,
     /// Another peft initialisation (`"pissa"`, `"olora"`, `"eva"`, ...), kept as written. Only
     /// those that leave the base weights alone can be loaded from a checkpoint; none can
     /// initialise a fresh adapter here.
@@ -34,6 +38,7 @@ impl InitLoraWeights {
             InitLoraWeights::Default => Value::Bool(true),
             InitLoraWeights::Random => Value::Bool(false),
             InitLoraWeights::Gaussian => Value::from("gaussian"),
+            InitLoraWeights::Orthogonal => Value::from("orthogonal"),
             InitLoraWeights::Other(s) => Value::from(s.as_str()),
         }
     }
@@ -235,6 +240,7 @@ fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
         Some(Value::String(s)) if s.eq_ignore_ascii_case("gaussian") => {
             Ok(InitLoraWeights::Gaussian)
         }
+        Some(Value::String(s)) if s == "orthogonal" => Ok(InitLoraWeights::Orthogonal),
         Some(Value::String(s))
             if OTHER_INITS.contains(&s.as_str())
                 || s.starts_with("pissa")

@@ -68,6 +68,71 @@ fn scaling_for(path: &str, config: &dyn peft_core::MethodConfig) -> Result<f64> 
     Ok(lora.scaling(r, alpha))
 }
 
+/// peft's `orthogonal_init`: `Q` from the QR of an `r x r` normal matrix, `A = (N_a Q_odd)ᵀ`
+/// (`N_a`: `[in, r/2]` normal, `Q_odd`: rows 0, 2, ...) and `B = N_bᵀ Q_even` (`N_b`:
+/// `[r/2, out]`, `Q_even`: rows 1, 3, ...): the rows of `Q` are orthonormal, so `B A = 0`.
+/// Loaded from a checkpoint, the saved factors are used as they are.
+fn orthogonal_factors(
+    params: &ParamBuilder,
+    in_features: usize,
+    out_features: usize,
+    r: usize,
+) -> Result<(Tensor, Tensor)> {
+    use peft_core::linalg::{thin_qr, Matrix};
+    use peft_core::rand::SeedableRng;
+    if !r.is_multiple_of(2) && !params.is_loading() {
+        return Err(peft_core::PeftError::InvalidState(format!(
+            "{}: orthogonal initialization requires the LoRA rank to be even, got {r} instead",
+            params.path("")
+        )));
+    }
+    let normal = Init::Normal {
+        mean: 0.0,
+        std: 1.0,
+    };
+    let q = {
+        let mut rng = peft_core::rand::rngs::StdRng::seed_from_u64(params.seed("orthogonal"));
+        let x = normal.sample(r * r, &mut rng);
+        thin_qr(&Matrix::from_vec(
+            r,
+            r,
+            x.iter().map(|v| *v as f64).collect(),
+        ))
+        .0
+    };
+    let half = r / 2;
+    let rows = |parity: usize| -> Matrix {
+        let picked: Vec<f64> = (0..half)
+            .flat_map(|i| (0..r).map(move |j| (2 * i + parity, j)))
+            .map(|(i, j)| q.at(i, j))
+            .collect();
+        Matrix::from_vec(half, r, picked)
+    };
+    let to_tensor = |m: &Matrix, device: &candle_core::Device| -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            m.data.iter().map(|v| *v as f32).collect::<Vec<f32>>(),
+            (m.rows, m.cols),
+            device,
+        )?)
+    };
+    let device = params.device().clone();
+    let a = params
+        .pp("lora_A")
+        .get_with(&[r, in_features], "weight", |rng| {
+            let n = normal.sample(in_features * half, rng);
+            let n = Matrix::from_vec(in_features, half, n.iter().map(|v| *v as f64).collect());
+            to_tensor(&n.matmul(&rows(0)).t(), &device)
+        })?;
+    let b = params
+        .pp("lora_B")
+        .get_with(&[out_features, r], "weight", |rng| {
+            let n = normal.sample(half * out_features, rng);
+            let n = Matrix::from_vec(half, out_features, n.iter().map(|v| *v as f64).collect());
+            to_tensor(&n.t().matmul(&rows(1)), &device)
+        })?;
+    Ok((a, b))
+}
+
 /// `t` in f32.
 fn f32(t: &Tensor) -> Result<Tensor> {
     Ok(if t.dtype() == DType::F32 {
@@ -106,8 +171,19 @@ impl LoraLinear {
         init: &InitLoraWeights,
         seed: u64,
     ) -> Result<Self> {
+        if *init == InitLoraWeights::Orthogonal {
+            let (a, b) = orthogonal_factors(params, in_features, out_features, r)?;
+            return Ok(LoraLinear {
+                a,
+                b,
+                scaling: Scaling::new(scaling),
+                dropout: Dropout::new(dropout, seed),
+                magnitude: None,
+                b_bias: None,
+            });
+        }
         let (init_a, init_b) = match init {
-            InitLoraWeights::Default | InitLoraWeights::Other(_) => {
+            InitLoraWeights::Default | InitLoraWeights::Other(_) | InitLoraWeights::Orthogonal => {
                 (Init::kaiming_uniform_linear(in_features), Init::Zeros)
             }
             InitLoraWeights::Gaussian => (

@@ -79,7 +79,7 @@ impl LoraConfig {
                          `path_initial_model_for_weight_conversion` to get a plain LoRA checkpoint"
                             .into()
                     } else {
-                        "only true, false and \"gaussian\" can initialise a new adapter here".into()
+                        "only true, false, \"gaussian\" and \"orthogonal\" can initialise a new adapter here".into()
                     },
                 });
             }
