@@ -19,6 +19,21 @@ fn peft(args: &[&str]) -> Output {
         .expect("run peft")
 }
 
+/// Writes the `input_ids` and `attention_mask` of a fixture into `dir/in.safetensors` (what
+/// `peft logits --input` reads).
+fn write_inputs(
+    data: &std::collections::HashMap<String, Tensor>,
+    dir: &std::path::Path,
+) -> PathBuf {
+    let input = dir.join("in.safetensors");
+    let picked: std::collections::HashMap<String, Tensor> = ["input_ids", "attention_mask"]
+        .iter()
+        .map(|k| (k.to_string(), data[*k].clone()))
+        .collect();
+    candle_core::safetensors::save(&picked, &input).unwrap();
+    input
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -52,18 +67,7 @@ fn logits_match_the_reference_unmerged_and_merged() {
     let case = fixtures().join("cases/llama_tiny__lora_patterns.safetensors");
     let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.safetensors");
-    candle_core::safetensors::save(
-        &[
-            ("input_ids", data["input_ids"].clone()),
-            ("attention_mask", data["attention_mask"].clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
-        &input,
-    )
-    .unwrap();
+    let input = write_inputs(&data, dir.path());
     let model = fixtures().join("models/llama_tiny");
     let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
     for (merge, expected) in [(false, "logits_adapted"), (true, "logits_merged")] {
@@ -102,17 +106,7 @@ fn bf16_weights_dtype_runs_and_bad_dtypes_are_refused() {
     let case = fixtures().join("cases/llama_tiny__lora_patterns.safetensors");
     let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.safetensors");
-    candle_core::safetensors::save(
-        &[
-            ("input_ids".to_string(), data["input_ids"].clone()),
-            ("attention_mask".to_string(), data["attention_mask"].clone()),
-        ]
-        .into_iter()
-        .collect(),
-        &input,
-    )
-    .unwrap();
+    let input = write_inputs(&data, dir.path());
     let model = fixtures().join("models/llama_tiny");
     let adapter = fixtures().join("adapters/llama_tiny__lora_patterns");
     let out = dir.path().join("out.safetensors");
@@ -757,17 +751,7 @@ fn combine_writes_the_adapter_peft_combines() {
     let data = candle_core::safetensors::load(fixtures().join("combine.safetensors"), &Device::Cpu)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.safetensors");
-    candle_core::safetensors::save(
-        &[
-            ("input_ids".to_string(), data["input_ids"].clone()),
-            ("attention_mask".to_string(), data["attention_mask"].clone()),
-        ]
-        .into_iter()
-        .collect(),
-        &input,
-    )
-    .unwrap();
+    let input = write_inputs(&data, dir.path());
     let model = fixtures().join("models/llama_tiny");
     let adapter = |name: &str| {
         fixtures()

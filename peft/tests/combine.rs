@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, fixtures};
-use peft::{Combination, CombinationType, MajoritySign, ModelInputs, PeftModel};
+use peft::{Combination, CombinationType, MajoritySign, PeftModel};
 
 fn data() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("combine.safetensors"), &Device::Cpu).unwrap()
@@ -65,14 +65,6 @@ fn combination_of(case: &serde_json::Value) -> Combination {
             .as_str()
             .map_or(MajoritySign::Total, |s| MajoritySign::parse(s).unwrap()),
         seed: 0,
-    }
-}
-
-fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs {
-        input_ids: Some(d["input_ids"].clone()),
-        attention_mask: Some(d["attention_mask"].clone()),
-        ..Default::default()
     }
 }
 
@@ -198,7 +190,7 @@ fn combined_adapters_match_peft() {
 
         // The outputs with the combined adapter active (a clamp depends on the singular
         // vectors' signs, LAPACK's in peft: checked on peft's own factors below).
-        let logits = m.forward(&inputs(&d)).unwrap();
+        let logits = m.forward(&common::case_inputs(&d)).unwrap();
         if !clamped {
             assert_close(name, &logits, &d[&format!("{name}.logits")], 1e-4);
         }
@@ -208,7 +200,7 @@ fn combined_adapters_match_peft() {
         again.load_adapter(dir.path(), "combined", false).unwrap();
         assert_close(
             &format!("{name} reloaded"),
-            &again.forward(&inputs(&d)).unwrap(),
+            &again.forward(&common::case_inputs(&d)).unwrap(),
             &logits,
             1e-5,
         );

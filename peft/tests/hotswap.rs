@@ -12,18 +12,10 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use common::{adapter_dir, assert_close, fixtures};
-use peft::{ModelInputs, PeftModel};
+use peft::PeftModel;
 
 fn data() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("hotswap.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn inputs(d: &HashMap<String, Tensor>) -> ModelInputs {
-    ModelInputs {
-        input_ids: Some(d["input_ids"].clone()),
-        attention_mask: Some(d["attention_mask"].clone()),
-        ..Default::default()
-    }
 }
 
 fn loaded() -> PeftModel {
@@ -47,7 +39,7 @@ fn hotswapped_adapters_run_as_peft_and_keep_their_parameters() {
             "default",
         )
         .unwrap();
-        let logits = m.forward(&inputs(&d)).unwrap();
+        let logits = m.forward(&common::case_inputs(&d)).unwrap();
         assert_close(name, &logits, &d[&format!("{name}.logits")], 1e-4);
         // The same parameters (an optimizer holding them sees the new values), same shapes.
         let after = m.adapter("default").unwrap().vars();
@@ -67,7 +59,7 @@ fn hotswapped_adapters_run_as_peft_and_keep_their_parameters() {
             PeftModel::from_pretrained(common::base("llama_tiny"), dir.path(), false).unwrap();
         assert_close(
             &format!("{name} reloaded"),
-            &again.forward(&inputs(&d)).unwrap(),
+            &again.forward(&common::case_inputs(&d)).unwrap(),
             &logits,
             1e-5,
         );
@@ -78,7 +70,7 @@ fn hotswapped_adapters_run_as_peft_and_keep_their_parameters() {
 fn hotswap_refusals_leave_the_adapter_as_it_was() {
     let d = data();
     let mut m = loaded();
-    let reference = m.forward(&inputs(&d)).unwrap();
+    let reference = m.forward(&common::case_inputs(&d)).unwrap();
     // An adapter of a module the loaded one lacks: qv_r2 plus an o_proj factor.
     let extra = tempfile::tempdir().unwrap();
     let src = adapter_dir("llama_tiny", "lora_qv_r2");
@@ -111,7 +103,12 @@ fn hotswap_refusals_leave_the_adapter_as_it_was() {
         let adapter = adapter.as_str();
         let e = m.hotswap_adapter(&dir, "default").unwrap_err().to_string();
         assert!(e.contains(needle), "{adapter}: {e}");
-        assert_close(adapter, &m.forward(&inputs(&d)).unwrap(), &reference, 0.0);
+        assert_close(
+            adapter,
+            &m.forward(&common::case_inputs(&d)).unwrap(),
+            &reference,
+            0.0,
+        );
     }
     let e = m
         .hotswap_adapter(&adapter_dir("llama_tiny", "lora_qv_r2"), "other")
