@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
@@ -32,6 +32,24 @@ fn write_inputs(
         .collect();
     candle_core::safetensors::save(&picked, &input).unwrap();
     input
+}
+
+/// `peft logits --model MODEL --adapter ADAPTER --input INPUT --out OUT`, which must succeed;
+/// returns the `logits` it wrote.
+fn logits_of(model: &Path, adapter: &Path, input: &Path, out: &Path) -> Tensor {
+    let o = peft(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    candle_core::safetensors::load(out, &Device::Cpu).unwrap()["logits"].clone()
 }
 
 fn stdout(o: &Output) -> String {
@@ -348,32 +366,12 @@ fn logits_with_prompt_learning_adapters() {
         let case = fixtures().join(format!("cases/llama_tiny__{method}.safetensors"));
         let data = candle_core::safetensors::load(&case, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in.safetensors");
-        let tensors = [
-            ("input_ids".to_string(), data["input_ids"].clone()),
-            ("attention_mask".to_string(), data["attention_mask"].clone()),
-        ];
-        candle_core::safetensors::save(&tensors.into_iter().collect(), &input).unwrap();
+        let input = write_inputs(&data, dir.path());
         let out = dir.path().join("out.safetensors");
         let model = fixtures().join("models/llama_tiny");
         let adapter = fixtures().join(format!("adapters/llama_tiny__{method}"));
-        let o = peft(&[
-            "logits",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        assert!(
-            max_diff(&got["logits"], &data["logits_adapted"]) <= 1e-4,
-            "{method}"
-        );
+        let got = logits_of(&model, &adapter, &input, &out);
+        assert!(max_diff(&got, &data["logits_adapted"]) <= 1e-4, "{method}");
         let o = peft(&[
             "logits",
             "--model",
@@ -786,21 +784,8 @@ fn combine_writes_the_adapter_peft_combines() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("r = 12"), "{}", stdout(&o));
-    let logits = dir.path().join("logits.safetensors");
-    let o = peft(&[
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        logits.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let got = candle_core::safetensors::load(&logits, &Device::Cpu).unwrap();
-    assert!(max_diff(&got["logits"], &data["cat.logits"]) <= 1e-4);
+    let got = logits_of(&model, &out, &input, &dir.path().join("logits.safetensors"));
+    assert!(max_diff(&got, &data["cat.logits"]) <= 1e-4);
 
     for (args, needle) in [
         (vec!["--weights", "1.0"], "--weights"),

@@ -379,15 +379,16 @@ pub fn merge_values(
 }
 
 /// The union of the inputs' `target_modules` as peft forms it for a combined adapter: lists
-/// are united (first-seen order), regexes joined as `(a)|(b)`; a mix is refused.
+/// are united (first-seen order), regexes joined as `(a)|(b)`; a mix is refused. `inputs` are
+/// in the order of the adapters combined; `key` names the field in errors.
 pub fn union_target_modules(
-    inputs: &[(&str, Option<&crate::targets::TargetModules>)],
+    inputs: &[Option<&crate::targets::TargetModules>],
     key: &str,
 ) -> Result<crate::targets::TargetModules> {
     use crate::targets::TargetModules;
     let mut list: Option<Vec<String>> = None;
     let mut regexes: Vec<String> = Vec::new();
-    for (adapter, t) in inputs {
+    for (i, t) in inputs.iter().enumerate() {
         match t {
             Some(TargetModules::List(names)) if regexes.is_empty() => {
                 let all = list.get_or_insert_with(Vec::new);
@@ -400,7 +401,7 @@ pub fn union_target_modules(
             Some(TargetModules::Regex(r)) if list.is_none() => regexes.push(format!("({r})")),
             other => {
                 return Err(PeftError::InvalidState(format!(
-                    "all adapters must give `{key}` the same way (a list or a regex string) to be combined; `{adapter}` has {}",
+                    "all adapters must give `{key}` the same way (a list or a regex string) to be combined; adapter #{i} of the combination has {}",
                     match other {
                         Some(TargetModules::List(_)) => "a list where others have a regex".to_string(),
                         Some(TargetModules::Regex(_)) => "a regex where others have a list".to_string(),
@@ -535,29 +536,24 @@ impl PeftModel {
         let method = new.config.method.as_layer_method().ok_or_else(|| {
             PeftError::InvalidState("combined adapter is not a layer method".into())
         })?;
-        let module_params = |adapter: &crate::peft_model::Adapter, path: &str| {
-            let prefix = format!("{path}.");
-            adapter
-                .params
-                .vars()
-                .into_iter()
-                .filter_map(|(p, v)| {
-                    p.strip_prefix(&prefix)
-                        .map(|rest| (rest.to_string(), v.as_tensor().clone()))
-                })
-                .collect::<BTreeMap<String, Tensor>>()
-        };
+        let inputs = adapters
+            .iter()
+            .map(|a| {
+                let input = self.adapter(a)?;
+                Ok((input, input.params_by_module()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut targets = new.params_by_module();
         let mut updates = Vec::new();
         for path in &new.targets {
             let mut parts = Vec::new();
-            for (a, w) in adapters.iter().zip(weights) {
-                let input = self.adapter(a)?;
+            for ((a, w), (input, params)) in adapters.iter().zip(weights).zip(&inputs) {
                 if input.targets.iter().any(|t| t == path) {
                     parts.push(CombinePart {
                         adapter: a,
                         config: &*input.config.method,
                         weight: *w,
-                        params: module_params(input, path),
+                        params: params.get(path).cloned().unwrap_or_default(),
                     });
                 }
             }
@@ -567,7 +563,7 @@ impl PeftModel {
                     adapters.join(", ")
                 )));
             }
-            let target = module_params(new, path);
+            let target = targets.remove(path).unwrap_or_default();
             let values = method
                 .combine_module(path, &parts, &target, how)
                 .map_err(|e| PeftError::InvalidState(format!("{path}: {e}")))?;

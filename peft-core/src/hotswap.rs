@@ -91,14 +91,6 @@ impl PeftModel {
                 unexpected.join(", ")
             )));
         }
-        let module_of = |param: &str| -> Option<String> {
-            adapter
-                .targets
-                .iter()
-                .filter(|t| param.starts_with(&format!("{t}.")))
-                .max_by_key(|t| t.len())
-                .cloned()
-        };
         // Phase 1: every new value, checked.
         let mut values = Vec::new();
         // Modules whose new parameters were padded or zero-filled to the loaded shapes.
@@ -110,14 +102,14 @@ impl PeftModel {
                     continue; // peft leaves a modules_to_save copy the file lacks alone
                 }
                 None => {
-                    resized.extend(module_of(path));
+                    resized.extend(adapter.module_of(path).map(str::to_string));
                     var.zeros_like()?
                 }
                 Some((_, t)) if t.dims() == old => t.to_dtype(DType::F32)?,
                 Some((_, t))
                     if t.rank() == old.len() && t.dims().iter().zip(old).all(|(n, o)| n <= o) =>
                 {
-                    resized.extend(module_of(path));
+                    resized.extend(adapter.module_of(path).map(str::to_string));
                     pad_to(&t.to_dtype(DType::F32)?, old)?
                 }
                 Some((key, t)) => {

@@ -68,6 +68,32 @@ impl Adapter {
     pub fn num_params(&self) -> usize {
         self.params.num_params() + self.saved.as_ref().map_or(0, |s| s.num_params())
     }
+    /// The adapted module a parameter path belongs to (the longest target it starts with).
+    pub(crate) fn module_of(&self, param: &str) -> Option<&str> {
+        self.targets
+            .iter()
+            .filter(|t| {
+                param
+                    .strip_prefix(t.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+            })
+            .max_by_key(|t| t.len())
+            .map(String::as_str)
+    }
+    /// Its parameters grouped by adapted module, each by name relative to the module
+    /// (`lora_A.weight`).
+    pub(crate) fn params_by_module(&self) -> BTreeMap<String, BTreeMap<String, Tensor>> {
+        let mut out: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        for (path, var) in self.params.vars() {
+            if let Some(module) = self.module_of(&path) {
+                let name = path[module.len() + 1..].to_string();
+                out.entry(module.to_string())
+                    .or_default()
+                    .insert(name, var.as_tensor().clone());
+            }
+        }
+        out
+    }
     /// Whether this is a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning).
     pub fn is_prompt_learning(&self) -> bool {
         self.prompt.is_some()

@@ -22,19 +22,15 @@ pub enum Flag {
 }
 
 impl Flag {
+    /// `True` if all are true, `False` if none is (or there are none), else `Irregular`.
     fn of(values: impl IntoIterator<Item = Flag>) -> Flag {
-        let set: BTreeSet<u8> = values
-            .into_iter()
-            .map(|f| match f {
-                Flag::True => 1,
-                Flag::False => 0,
-                Flag::Irregular => 2,
-            })
-            .collect();
-        match set.into_iter().collect::<Vec<_>>().as_slice() {
-            [1] => Flag::True,
-            [0] | [] => Flag::False,
-            _ => Flag::Irregular,
+        let values: Vec<Flag> = values.into_iter().collect();
+        if values.iter().all(|v| *v == Flag::False) {
+            Flag::False
+        } else if values.iter().all(|v| *v == Flag::True) {
+            Flag::True
+        } else {
+            Flag::Irregular
         }
     }
 
@@ -46,11 +42,20 @@ impl Flag {
         }
     }
 
+    /// `true`, `false` or `irregular`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::True => "true",
+            Flag::False => "false",
+            Flag::Irregular => "irregular",
+        }
+    }
+
     fn to_json(self) -> Value {
         match self {
             Flag::True => Value::Bool(true),
             Flag::False => Value::Bool(false),
-            Flag::Irregular => Value::from("irregular"),
+            Flag::Irregular => Value::from(self.as_str()),
         }
     }
 }
@@ -192,46 +197,43 @@ impl PeftModel {
     /// adapters have no layers: an error, as in peft.
     pub fn get_layer_status(&self) -> Result<Vec<LayerStatus>> {
         self.require_layer_adapters("get_layer_status")?;
+        let tree = self.base.module_tree();
         let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
-        let mut visit = |path: &str,
-                         embedding: bool,
-                         names: Vec<String>,
-                         copies: Vec<String>,
-                         merged: &[String],
-                         quantization| {
-            slots.insert(
-                path.to_string(),
-                Slot {
-                    path: path.to_string(),
-                    embedding,
-                    adapters: names,
-                    copies,
-                    merged: merged.to_vec(),
-                    quantization,
-                },
-            );
-        };
-        let base: &dyn crate::model::AdaptableModel = self.base.as_ref();
-        for (path, slot) in base.module_tree().linear_slots() {
+        for (path, slot) in tree.linear_slots() {
             if let Some(a) = AdaptedLinear::from_slot(slot) {
-                let names = a.adapter_names();
-                let copies = names.iter().filter(|n| a.is_copy(n)).cloned().collect();
-                let quantization = a.original().quantization_backend();
-                visit(path, false, names, copies, a.merged_names(), quantization);
+                let adapters = a.adapter_names();
+                let copies = adapters.iter().filter(|n| a.is_copy(n)).cloned().collect();
+                let slot = Slot {
+                    path: path.to_string(),
+                    embedding: false,
+                    adapters,
+                    copies,
+                    merged: a.merged_names().to_vec(),
+                    quantization: a.original().quantization_backend(),
+                };
+                slots.insert(path.to_string(), slot);
             }
         }
-        for (path, slot) in base.module_tree().embedding_slots() {
+        for (path, slot) in tree.embedding_slots() {
             if let Some(a) = AdaptedEmbedding::from_slot(slot) {
-                let names = a.adapter_names();
-                let copies = names.iter().filter(|n| a.is_copy(n)).cloned().collect();
-                visit(path, true, names, copies, a.merged_names(), None);
+                let adapters = a.adapter_names();
+                let copies = adapters.iter().filter(|n| a.is_copy(n)).cloned().collect();
+                let slot = Slot {
+                    path: path.to_string(),
+                    embedding: true,
+                    adapters,
+                    copies,
+                    merged: a.merged_names().to_vec(),
+                    quantization: None,
+                };
+                slots.insert(path.to_string(), slot);
             }
         }
         let active = self.state.active();
         let enabled = !self.state.disabled();
         let device = self.device_type();
         let mut out = Vec::new();
-        let order: Vec<String> = base.modules().into_iter().map(|m| m.path).collect();
+        let order: Vec<String> = self.base.modules().into_iter().map(|m| m.path).collect();
         let mut ordered: Vec<Slot> = Vec::new();
         for path in &order {
             if let Some(s) = slots.remove(path) {

@@ -210,42 +210,33 @@ impl LayerMethod for Ia3Config {
                     .ok_or_else(|| PeftError::InvalidState(format!("{} is not IA3", c.peft_type())))
             })
             .collect::<Result<Vec<_>>>()?;
-        let labels: Vec<String> = (0..configs.len()).map(|i| format!("#{i}")).collect();
-        let targets: Vec<(&str, Option<&TargetModules>)> = labels
+        let union = peft_core::combine::union_target_modules;
+        let targets: Vec<Option<&TargetModules>> = configs
             .iter()
-            .zip(&configs)
-            .map(|(l, c)| (l.as_str(), c.targets.target_modules.as_ref()))
+            .map(|c| c.targets.target_modules.as_ref())
             .collect();
         let mut new = configs[0].clone();
-        new.targets.target_modules = Some(peft_core::combine::union_target_modules(
-            &targets,
-            "target_modules",
-        )?);
-        let mut list: Option<Vec<String>> = None;
-        let mut regexes = Vec::new();
-        for (label, c) in labels.iter().zip(&configs) {
-            match &c.feedforward_modules {
-                Some(FeedforwardModules::List(names)) if regexes.is_empty() => {
-                    let all = list.get_or_insert_with(Vec::new);
-                    for n in names {
-                        if !all.contains(n) {
-                            all.push(n.clone());
-                        }
-                    }
-                }
-                Some(FeedforwardModules::Regex(r)) if list.is_none() => {
-                    regexes.push(format!("({r})"))
-                }
-                _ => {
-                    return Err(PeftError::InvalidState(format!(
-                        "all IA3 adapters must give feedforward_modules the same way (a list or a regex) to be combined; adapter {label} differs"
-                    )))
-                }
+        new.targets.target_modules = Some(union(&targets, "target_modules")?);
+        // feedforward_modules unite as target_modules do (a list, or a regex).
+        let feedforward: Vec<Option<TargetModules>> = configs
+            .iter()
+            .map(|c| {
+                c.feedforward_modules.as_ref().map(|f| match f {
+                    FeedforwardModules::List(names) => TargetModules::List(names.clone()),
+                    FeedforwardModules::Regex(r) => TargetModules::Regex(r.clone()),
+                })
+            })
+            .collect();
+        let feedforward: Vec<Option<&TargetModules>> =
+            feedforward.iter().map(Option::as_ref).collect();
+        new.feedforward_modules = Some(match union(&feedforward, "feedforward_modules")? {
+            TargetModules::Regex(r) => FeedforwardModules::Regex(r),
+            TargetModules::List(names) => FeedforwardModules::List(names),
+            TargetModules::AllLinear => {
+                return Err(PeftError::InvalidState(
+                    "feedforward_modules cannot be \"all-linear\"".into(),
+                ))
             }
-        }
-        new.feedforward_modules = Some(match list {
-            Some(names) => FeedforwardModules::List(names),
-            None => FeedforwardModules::Regex(regexes.join("|")),
         });
         Ok(Box::new(new))
     }

@@ -69,14 +69,11 @@ pub(crate) fn combined_config(
         }
         ranks[0]
     };
-    let targets: Vec<(String, Option<&peft_core::TargetModules>)> = configs
+    let targets: Vec<Option<&peft_core::TargetModules>> = configs
         .iter()
-        .enumerate()
-        .map(|(i, c)| (format!("#{i}"), c.targets.target_modules.as_ref()))
+        .map(|c| c.targets.target_modules.as_ref())
         .collect();
-    let named: Vec<(&str, Option<&peft_core::TargetModules>)> =
-        targets.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-    let target_modules = union_target_modules(&named, "target_modules")?;
+    let target_modules = union_target_modules(&targets, "target_modules")?;
     let mut new = configs[0].clone();
     new.r = new_rank;
     new.lora_alpha = serde_json::Number::from(new_rank);

@@ -196,13 +196,12 @@ fn combined_adapters_match_peft() {
         }
 
         // Saved here, loaded back: the same outputs.
-        let mut again = PeftModel::new(common::base(case["model"].as_str().unwrap()));
-        again.load_adapter(dir.path(), "combined", false).unwrap();
-        assert_close(
-            &format!("{name} reloaded"),
-            &again.forward(&common::case_inputs(&d)).unwrap(),
+        common::assert_reloads_to(
+            name,
+            case["model"].as_str().unwrap(),
+            dir.path(),
+            &common::case_inputs(&d),
             &logits,
-            1e-5,
         );
     }
 }

@@ -55,13 +55,12 @@ fn hotswapped_adapters_run_as_peft_and_keep_their_parameters() {
         // Saved as swapped, reloaded: the same outputs.
         let dir = tempfile::tempdir().unwrap();
         m.save_adapter("default", dir.path()).unwrap();
-        let again =
-            PeftModel::from_pretrained(common::base("llama_tiny"), dir.path(), false).unwrap();
-        assert_close(
-            &format!("{name} reloaded"),
-            &again.forward(&common::case_inputs(&d)).unwrap(),
+        common::assert_reloads_to(
+            name,
+            "llama_tiny",
+            dir.path(),
+            &common::case_inputs(&d),
             &logits,
-            1e-5,
         );
     }
 }

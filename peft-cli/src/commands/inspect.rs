@@ -57,7 +57,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 let grads: Vec<String> = l
                     .requires_grad
                     .iter()
-                    .map(|(k, v)| format!("{k}={}", l_flag(*v)))
+                    .map(|(k, v)| format!("{k}={}", v.as_str()))
                     .collect();
                 println!(
                     "  {}  {}  adapters [{}]  active [{}]  merged [{}]  requires_grad {{{}}}{}",
@@ -80,12 +80,4 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn l_flag(f: peft::status::Flag) -> &'static str {
-    match f {
-        peft::status::Flag::True => "true",
-        peft::status::Flag::False => "false",
-        peft::status::Flag::Irregular => "irregular",
-    }
 }

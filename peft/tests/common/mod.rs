@@ -63,6 +63,24 @@ pub fn base(model: &str) -> Box<dyn peft::AdaptableModel> {
     .unwrap()
 }
 
+/// Loads the adapter saved in `dir` onto a fresh fixture model `model` and asserts it gives
+/// `logits` on `inputs` (to 1e-5): a saved adapter reloads to the outputs it was saved with.
+pub fn assert_reloads_to(
+    what: &str,
+    model: &str,
+    dir: &std::path::Path,
+    inputs: &peft::ModelInputs,
+    logits: &Tensor,
+) {
+    let again = peft::PeftModel::from_pretrained(base(model), dir, false).unwrap();
+    assert_close(
+        &format!("{what} reloaded"),
+        &again.forward(inputs).unwrap(),
+        logits,
+        1e-5,
+    );
+}
+
 /// The committed adapter `adapters/<model>__<adapter>` (saved by Python peft).
 pub fn adapter_dir(model: &str, adapter: &str) -> PathBuf {
     fixtures()
