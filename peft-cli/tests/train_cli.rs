@@ -180,3 +180,91 @@ fn train_resume_eval_generate() {
     let o3 = peft(&[&["train"][..], &common[..], &["--method", "nope"][..]].concat());
     assert!(!o3.status.success() && String::from_utf8_lossy(&o3.stderr).contains("LORA"));
 }
+
+#[test]
+fn pissa_training_converts_to_a_plain_lora() {
+    use candle_core::{DType, Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    model_folder(&model, 32, 48);
+    let data = tmp.path().join("data.jsonl");
+    let lines: String = (0..8)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"pissa line {i} keeps {} singular values\"}}\n",
+                i * 3
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = tmp.path().join("out");
+    let text = ok(&peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "64",
+        "--set",
+        "init_lora_weights=pissa",
+        "--target-modules",
+        "q_proj,v_proj,down_proj",
+        "--convert-to-lora",
+        "--no-progress",
+    ]));
+    assert!(text.contains("converted to a plain LoRA"), "{text}");
+    let config = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(config(&out)["init_lora_weights"], "pissa");
+    assert_eq!(
+        config(&out.join("initial_adapter"))["init_lora_weights"],
+        true
+    );
+    let converted = config(&out.join("converted"));
+    assert_eq!(converted["init_lora_weights"], true);
+    assert_eq!(converted["r"], 16);
+    // The PiSSA adapter (over the residual it recomputes) and the converted one (over the
+    // original base) compute the same function.
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 99, 7, 12, 3]], &Device::Cpu).unwrap();
+    let inputs = peft::ModelInputs::from_ids(ids);
+    let logits = |adapter: &std::path::Path| {
+        let base = peft::models::load_model(&model, DType::F32, &Device::Cpu).unwrap();
+        peft::PeftModel::from_pretrained(base, adapter, false)
+            .unwrap()
+            .forward(&inputs)
+            .unwrap()
+    };
+    let (a, b) = (logits(&out), logits(&out.join("converted")));
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "converted adapter differs by {diff}");
+    let plain = peft::models::load_model(&model, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&inputs, None)
+        .unwrap();
+    // Training moved the model.
+    let moved = (logits(&out) - &plain)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 1e-4);
+}

@@ -474,6 +474,9 @@ impl PeftModel {
         let state = Arc::clone(&self.state);
         self.base.visit_linears(&mut |path, slot| {
             if let Some(Built::Linear(adapter)) = built.get(path) {
+                if let Some(weight) = adapter.take_rewritten_base() {
+                    *slot = with_base_weight(slot, weight)?;
+                }
                 *slot = AdaptedLinear::attach(slot, name, Arc::clone(adapter), &state);
             }
             Ok(())
@@ -619,4 +622,21 @@ impl PeftModel {
         self.register(name, adapter);
         Ok(vec![store])
     }
+}
+
+/// `slot` with its base layer's weight replaced by `weight` (stored layout, any float dtype;
+/// converted to the layer's dtype, requantized for a quantized layer), the bias kept: how an
+/// initialisation that rewrites the base (PiSSA, OLoRA) reaches the model.
+fn with_base_weight(
+    slot: &crate::layers::LinearSlot,
+    weight: Tensor,
+) -> Result<crate::layers::LinearSlot> {
+    let original = AdaptedLinear::from_slot(slot).map_or(slot, |a| a.original());
+    let dtype = original.weight()?.dtype();
+    let rewritten =
+        original.with_weights(weight.to_dtype(dtype)?.detach(), original.bias().cloned())?;
+    Ok(match AdaptedLinear::from_slot(slot) {
+        Some(adapted) => adapted.with_original(rewritten),
+        None => rewritten,
+    })
 }

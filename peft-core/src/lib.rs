@@ -59,8 +59,8 @@ pub use layers::{
     DenseEmbedding, DenseLinear, EmbeddingLike, EmbeddingSlot, LinearLike, LinearSlot,
 };
 pub use method::{
-    EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind, PromptMethod,
-    StoredPrompt, TrainedBiases,
+    ConvertedAdapter, EmbeddingAdapter, LayerMethod, LinearAdapter, PromptEncoder, PromptKind,
+    PromptMethod, StoredPrompt, TrainedBiases,
 };
 pub use model::{
     AdaptableModel, KvCache, ModelCore, ModelInfo, ModelInputs, ModuleEntry, ModuleKind,

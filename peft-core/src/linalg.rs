@@ -388,6 +388,111 @@ pub fn svd_top(m: &Matrix, rank: usize) -> Svd {
     svd(m)
 }
 
+/// The first `rank` steps of a Householder QR of `m` (`[rows, cols]`, `rank <= min(rows,
+/// cols)`): `(Q [rows, rank], R [rank, cols])`, the leading columns of `Q` and rows of `R` of
+/// the full factorisation `M = Q R`, with LAPACK's sign convention (`geqrf`'s reflectors:
+/// `R[k][k] = -sign(pivot) · ||column||`), so the factors equal `torch.linalg.qr`'s rather
+/// than agreeing only up to sign (peft's OLoRA takes them as the adapter's factors).
+pub fn householder_qr_leading(m: &Matrix, rank: usize) -> (Matrix, Matrix) {
+    let (rows, cols) = (m.rows, m.cols);
+    assert!(rank <= rows.min(cols), "QR rank above min(rows, cols)");
+    let mut a = m.clone();
+    // Reflector k: H = I - tau v vᵀ on rows k.., v[0] = 1.
+    let mut reflectors: Vec<(f64, Vec<f64>)> = Vec::with_capacity(rank);
+    for k in 0..rank {
+        let alpha = a.at(k, k);
+        let xnorm = ((k + 1)..rows)
+            .map(|i| a.at(i, k).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if xnorm == 0.0 {
+            // dlarfg: H = I, the pivot stays as it is.
+            reflectors.push((0.0, Vec::new()));
+            continue;
+        }
+        // Fortran's SIGN(1, alpha): +1 for a zero pivot.
+        let sign = if alpha < 0.0 { -1.0 } else { 1.0 };
+        let beta = -sign * alpha.hypot(xnorm);
+        let tau = (beta - alpha) / beta;
+        let scale = 1.0 / (alpha - beta);
+        let mut v = vec![1.0; rows - k];
+        for i in (k + 1)..rows {
+            v[i - k] = a.at(i, k) * scale;
+        }
+        a.data[k * cols + k] = beta;
+        for i in (k + 1)..rows {
+            a.data[i * cols + k] = 0.0;
+        }
+        for j in (k + 1)..cols {
+            let w: f64 = (k..rows).map(|i| v[i - k] * a.at(i, j)).sum::<f64>() * tau;
+            for i in k..rows {
+                a.data[i * cols + j] -= w * v[i - k];
+            }
+        }
+        reflectors.push((tau, v));
+    }
+    let mut r = Matrix::zeros(rank, cols);
+    for i in 0..rank {
+        for j in i..cols {
+            r.data[i * cols + j] = a.at(i, j);
+        }
+    }
+    // Q's leading columns: H_1 ... H_rank applied to the first `rank` unit vectors (dorg2r).
+    let mut q = Matrix::zeros(rows, rank);
+    for i in 0..rank {
+        q.data[i * rank + i] = 1.0;
+    }
+    for (k, (tau, v)) in reflectors.iter().enumerate().rev() {
+        if *tau == 0.0 {
+            continue;
+        }
+        for j in 0..rank {
+            let w: f64 = (k..rows).map(|i| v[i - k] * q.at(i, j)).sum::<f64>() * tau;
+            for i in k..rows {
+                q.data[i * rank + j] -= w * v[i - k];
+            }
+        }
+    }
+    (q, r)
+}
+
+/// `torch.svd_lowrank(m, q, niter)` (Halko et al.'s randomized SVD, algorithm 5, as torch
+/// runs it): a Gaussian `[n, q]` sketch drawn from `normal`, `niter` power iterations with a
+/// QR after each product, then the SVD of the projected `[q, ·]` block. The result is an
+/// approximation whose quality depends on the spectrum and on `niter`, as in torch; with a
+/// different random stream it is not torch's approximation, only one as good.
+pub fn svd_lowrank(m: &Matrix, q: usize, niter: usize, mut normal: impl FnMut() -> f64) -> Svd {
+    let q = q.min(m.rows).min(m.cols);
+    let basis = |a: &Matrix, normal: &mut dyn FnMut() -> f64| -> Matrix {
+        let at = a.t();
+        let sketch = Matrix::from_vec(a.cols, q, (0..a.cols * q).map(|_| normal()).collect());
+        let mut basis = thin_qr(&a.matmul(&sketch)).0;
+        for _ in 0..niter {
+            basis = thin_qr(&at.matmul(&basis)).0;
+            basis = thin_qr(&a.matmul(&basis)).0;
+        }
+        basis
+    };
+    if m.rows < m.cols || m.cols > q {
+        // Decompose through the transpose, as torch does: Q spans Mᵀ's range, M Q = U S Vhᵀ.
+        let basis = basis(&m.t(), &mut normal);
+        let small = svd(&m.matmul(&basis));
+        Svd {
+            u: small.u,
+            s: small.s,
+            vt: basis.matmul(&small.vt.t()).t(),
+        }
+    } else {
+        let basis = basis(m, &mut normal);
+        let small = svd(&basis.t().matmul(m));
+        Svd {
+            u: basis.matmul(&small.u),
+            s: small.s,
+            vt: small.vt,
+        }
+    }
+}
+
 /// `torch.quantile(values, q)` with its default linear interpolation (`q` in `[0, 1]`).
 pub fn quantile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -455,6 +560,47 @@ mod tests {
             assert!(max_diff(&reconstruct(&s), &a) < 1e-12);
             assert_orthonormal_columns(&s.u);
             assert_orthonormal_columns(&s.vt.t());
+        }
+    }
+
+    #[test]
+    fn householder_qr_factors_and_follows_lapacks_signs() {
+        for (m, n, seed) in [(9, 6, 31), (5, 8, 32), (7, 7, 33)] {
+            let a = random(m, n, seed);
+            let k = m.min(n);
+            let (q, r) = householder_qr_leading(&a, k);
+            assert!(max_diff(&q.matmul(&r), &a) < 1e-12);
+            assert_orthonormal_columns(&q);
+            // geqrf: R's diagonal has the opposite sign of the pivot it replaced (the first
+            // pivot is the matrix's own first element).
+            assert_eq!(r.at(0, 0).signum(), -a.at(0, 0).signum());
+            for i in 0..k {
+                for j in 0..i {
+                    assert_eq!(r.at(i, j), 0.0);
+                }
+            }
+            // The leading steps are the leading rows and columns of the full factorisation.
+            let (q2, r2) = householder_qr_leading(&a, 2);
+            assert!(max_diff(&r2, &Matrix::from_vec(2, n, r.data[..2 * n].to_vec())) < 1e-13);
+            let q_lead: Vec<f64> = (0..m).flat_map(|i| [q.at(i, 0), q.at(i, 1)]).collect();
+            assert!(max_diff(&q2, &Matrix::from_vec(m, 2, q_lead)) < 1e-13);
+        }
+    }
+
+    #[test]
+    fn randomized_svd_recovers_a_low_rank_matrix() {
+        // An exactly rank-3 matrix: the randomized SVD with q = 3 finds it (any sketch spans
+        // the range), in both of torch's branches (tall and wide).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+        for (m, n) in [(12, 8), (8, 12)] {
+            let a = random(m, 3, 42).matmul(&random(3, n, 43));
+            let s = svd_lowrank(&a, 3, 2, || rng.random::<f64>() - 0.5);
+            assert_eq!(s.s.len(), 3);
+            assert!(max_diff(&reconstruct(&s), &a) < 1e-10);
+            let exact = svd(&a);
+            for (x, y) in s.s.iter().zip(&exact.s) {
+                assert!((x - y).abs() < 1e-10);
+            }
         }
     }
 

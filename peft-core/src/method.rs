@@ -72,6 +72,15 @@ pub trait LinearAdapter: Send + Sync + Debug {
     fn hotswap_settings(&self, _path: &str, _config: &dyn MethodConfig) -> Result<()> {
         Ok(())
     }
+    /// A new weight for the base layer that this adapter's initialisation computed (LoRA's
+    /// PiSSA and OLoRA move the leading part of the weight into the adapter and leave the
+    /// residual), in the layer's stored layout, f32. Core writes it into the base layer when it
+    /// attaches the adapter (quantized layers are requantized), once: the first call hands the
+    /// weight over, later calls return `None`. The base stays rewritten when the adapter is
+    /// disabled or deleted, as in peft.
+    fn take_rewritten_base(&self) -> Option<Tensor> {
+        None
+    }
     /// A layer that replaces the base layer outright while this adapter is active (a
     /// `modules_to_save` copy); `None` for adapters that modify the base layer's computation.
     fn replacement(&self) -> Option<&(dyn LinearLike + 'static)> {
@@ -121,6 +130,10 @@ pub enum TrainedBiases {
     /// The biases of the layers this adapter targets (`"lora_only"` and the like).
     TargetsOnly,
 }
+
+/// An adapter converted by [`LayerMethod::convert_from_initial`]: its config and checkpoint
+/// tensors.
+pub type ConvertedAdapter = (Box<dyn MethodConfig>, Vec<(String, Tensor)>);
 
 /// The layer-method interface of a [`MethodConfig`].
 pub trait LayerMethod: MethodConfig {
@@ -218,6 +231,34 @@ pub trait LayerMethod: MethodConfig {
     ) -> Result<Box<dyn MethodConfig>> {
         Err(PeftError::InvalidState(format!(
             "hot-swapping supports LoRA adapters only (as in peft), not {}",
+            self.peft_type()
+        )))
+    }
+
+    /// For [`crate::PeftModel::save_adapter_converted`] (peft's `save_pretrained(...,
+    /// path_initial_model_for_weight_conversion=...)`): this config with the initialisation
+    /// reset to the one that leaves the base alone (LoRA: `init_lora_weights=true`), as peft
+    /// writes it to the initial adapter's folder. By default the method cannot be converted.
+    fn conversion_initial_config(&self) -> Result<Box<dyn MethodConfig>> {
+        Err(PeftError::InvalidState(format!(
+            "{} adapters cannot be converted against an initial adapter (peft converts \
+             PiSSA/OLoRA LoRA adapters only)",
+            self.peft_type()
+        )))
+    }
+
+    /// Converts an adapter trained over a base its initialisation rewrote (PiSSA, OLoRA) into
+    /// one over the original base: `trained` are the adapter's checkpoint tensors (peft's
+    /// keys), `initial` those saved right after initialisation. Returns the converted
+    /// adapter's config and tensors (LoRA: `ΔW = B A - B₀ A₀ = [B | -B₀] [A ; A₀]`, rank and
+    /// alpha doubled).
+    fn convert_from_initial(
+        &self,
+        _trained: &[(String, Tensor)],
+        _initial: &[(String, Tensor)],
+    ) -> Result<ConvertedAdapter> {
+        Err(PeftError::InvalidState(format!(
+            "{} adapters cannot be converted against an initial adapter",
             self.peft_type()
         )))
     }

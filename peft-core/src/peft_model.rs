@@ -706,4 +706,49 @@ impl PeftModel {
         checkpoint::write_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &tensors)?;
         checkpoint::write_atomic(&dir.join(CONFIG_NAME), config.to_json_string().as_bytes())
     }
+
+    /// Saves adapter `name` into `dir` converted to a plain adapter over the original base
+    /// weights (peft's `save_pretrained(dir, path_initial_model_for_weight_conversion=
+    /// initial_dir)`): for an initialisation that rewrote the base (PiSSA, OLoRA), the trained
+    /// factors are joined with the initial ones saved in `initial_dir` right after the adapter
+    /// was created, so that the result applies to the unmodified base model (LoRA: rank and
+    /// alpha doubled). As peft does, the initial folder's config is rewritten with the
+    /// initialisation reset (`init_lora_weights: true`), so it reloads over an original base.
+    pub fn save_adapter_converted(&self, name: &str, dir: &Path, initial_dir: &Path) -> Result<()> {
+        let adapter = self.adapter(name)?;
+        let method = adapter.config.method.as_layer_method().ok_or_else(|| {
+            PeftError::InvalidState(format!(
+                "adapter `{name}` ({}) is not a layer method; only LoRA adapters can be converted",
+                adapter.config.peft_type()
+            ))
+        })?;
+        let initial_config = AdapterConfig {
+            method: method.conversion_initial_config()?,
+            ..adapter.config.clone()
+        };
+        let initial_file = checkpoint::adapter_weights_file(initial_dir)?;
+        let initial = checkpoint::read_adapter_weights(&initial_file, self.base.device())?;
+        let mut trained = adapter.checkpoint_tensors()?;
+        trained.extend(self.embedding_base_tensors(adapter)?);
+        let (converted_method, mut tensors) = method.convert_from_initial(&trained, &initial)?;
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let converted = AdapterConfig {
+            method: converted_method,
+            ..adapter.config.clone()
+        }
+        .for_saving(self.base.info().name_or_path.as_deref());
+        let base_name = self.base.info().name_or_path.as_deref();
+        checkpoint::write_atomic(
+            &initial_dir.join(CONFIG_NAME),
+            initial_config
+                .for_saving(base_name)
+                .to_json_string()
+                .as_bytes(),
+        )?;
+        checkpoint::write_safetensors(&dir.join(checkpoint::WEIGHTS_NAME), &tensors)?;
+        checkpoint::write_atomic(
+            &dir.join(CONFIG_NAME),
+            converted.to_json_string().as_bytes(),
+        )
+    }
 }

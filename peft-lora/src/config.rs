@@ -25,7 +25,17 @@ pub enum InitLoraWeights {
     /// split between them), so the adapter starts as a no-op with neither factor zero; the
     /// rank must be even.
     Orthogonal,
-    /// Another peft initialisation (`"pissa"`, `"olora"`, `"eva"`, ...), kept as written. Only
+    /// `"pissa"` / `"pissa_niter_N"`: A and B from the leading singular triplets of the base
+    /// weight (exact, or a randomized SVD with `N` power iterations), the base keeping the
+    /// residual (PiSSA).
+    Pissa {
+        /// `N` of `pissa_niter_N`; `None` for the exact SVD.
+        niter: Option<usize>,
+    },
+    /// `"olora"`: A and B from the QR decomposition of the base weight, the base keeping the
+    /// residual (OLoRA).
+    Olora,
+    /// Another peft initialisation (`"eva"`, `"loftq"`, `"corda"`, ...), kept as written. Only
     /// those that leave the base weights alone can be loaded from a checkpoint; none can
     /// initialise a fresh adapter here.
     Other(String),
@@ -39,8 +49,16 @@ impl InitLoraWeights {
             InitLoraWeights::Random => Value::Bool(false),
             InitLoraWeights::Gaussian => Value::from("gaussian"),
             InitLoraWeights::Orthogonal => Value::from("orthogonal"),
+            InitLoraWeights::Pissa { niter: None } => Value::from("pissa"),
+            InitLoraWeights::Pissa { niter: Some(n) } => Value::from(format!("pissa_niter_{n}")),
+            InitLoraWeights::Olora => Value::from("olora"),
             InitLoraWeights::Other(s) => Value::from(s.as_str()),
         }
+    }
+
+    /// Whether the initialisation rewrites the base weight (PiSSA, OLoRA).
+    pub fn rewrites_base(&self) -> bool {
+        matches!(self, InitLoraWeights::Pissa { .. } | InitLoraWeights::Olora)
     }
 
     /// Whether an adapter saved with this init can be loaded: the init only chose starting
@@ -241,6 +259,22 @@ fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
             Ok(InitLoraWeights::Gaussian)
         }
         Some(Value::String(s)) if s == "orthogonal" => Ok(InitLoraWeights::Orthogonal),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("olora") => Ok(InitLoraWeights::Olora),
+        Some(Value::String(s)) if s == "pissa" => Ok(InitLoraWeights::Pissa { niter: None }),
+        Some(Value::String(s)) if s.starts_with("pissa") => {
+            // peft: "pissa_niter_[number of iters]", else a ValueError.
+            match s.split("_niter_").collect::<Vec<_>>()[..] {
+                ["pissa", n] if n.parse::<usize>().is_ok() => Ok(InitLoraWeights::Pissa {
+                    niter: n.parse().ok(),
+                }),
+                _ => Err(PeftError::config_value(
+                    fields.source_name(),
+                    "init_lora_weights",
+                    "\"pissa\" or \"pissa_niter_[number of iters]\"",
+                    format!("\"{s}\""),
+                )),
+            }
+        }
         Some(Value::String(s))
             if OTHER_INITS.contains(&s.as_str())
                 || s.starts_with("pissa")
@@ -368,13 +402,29 @@ impl LoraConfig {
                 "true",
             ));
         }
-        if plain.lora_bias && matches!(init_lora_weights, InitLoraWeights::Other(_)) {
+        if plain.lora_bias
+            && !matches!(
+                init_lora_weights,
+                InitLoraWeights::Default | InitLoraWeights::Random
+            )
+        {
             return Err(PeftError::config_value(
                 fields.source_name(),
                 "lora_bias",
                 "false unless init_lora_weights is true or false (as peft requires)",
                 "true",
             ));
+        }
+        if plain.use_rslora
+            && (!rank_pattern.is_empty() || !alpha_pattern.is_empty())
+            && init_lora_weights.rewrites_base()
+        {
+            tracing::warn!(
+                "{}: rsLoRA with rank_pattern/alpha_pattern and {}: the adapter cannot be \
+                 converted to a plain LoRA after training (as in peft)",
+                fields.source_name(),
+                init_lora_weights.to_json()
+            );
         }
         Ok(LoraConfig {
             targets,

@@ -11,6 +11,7 @@
 //! norm, so a fresh DoRA adapter starts as its LoRA does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use peft_core::layers::{
@@ -33,6 +34,8 @@ pub struct LoraLinear {
     magnitude: Option<Tensor>,
     /// `lora_B.bias` `[out]` (`lora_bias`), added to `B A x` before the scaling.
     b_bias: Option<Tensor>,
+    /// The base weight PiSSA/OLoRA left (stored layout), until core writes it into the base.
+    rewritten: Mutex<Option<Tensor>>,
 }
 
 /// The scaling of `B A x`: fixed by the config, but replaceable in place by a hot-swap
@@ -133,6 +136,126 @@ fn orthogonal_factors(
     Ok((a, b))
 }
 
+fn poisoned() -> peft_core::PeftError {
+    peft_core::PeftError::InvalidState("a LoRA layer's lock was poisoned".into())
+}
+
+/// The starting factors of an initialisation that decomposes the base weight `W` (`[out, in]`,
+/// f32), and the residual left in the base, in the layer's stored layout:
+///
+/// - PiSSA (`"pissa"`, peft's `pissa_init`): the `r` leading singular triplets of `W`,
+///   `A = sqrt(S/scaling) Vᵀ`, `B = U sqrt(S/scaling)`, so `scaling B A` is the best rank-`r`
+///   approximation of `W`; `"pissa_niter_N"` takes the triplets from a randomized SVD with `N`
+///   power iterations (`torch.svd_lowrank`).
+/// - OLoRA (`"olora"`, `olora_init`): `W = Q R`, `B = Q[:, :r]`, `A = R[:r]` (LAPACK's signs,
+///   as torch's QR gives them).
+///
+/// Both leave `W - scaling B A`, computed in f32 as peft does.
+fn decompose(
+    path: &str,
+    init: &InitLoraWeights,
+    base: &dyn LinearLike,
+    r: usize,
+    scaling: f64,
+    seed: u64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    use peft_core::linalg::{householder_qr_leading, svd_lowrank, svd_top, Matrix};
+    use peft_core::rand::SeedableRng;
+    let refuse = |reason: String| peft_core::PeftError::Unsupported {
+        source_name: path.to_string(),
+        key: "init_lora_weights".into(),
+        value: init.to_json().to_string(),
+        reason,
+    };
+    let (out, inp) = (base.out_features(), base.in_features());
+    if r > out.min(inp) {
+        return Err(refuse(format!(
+            "the rank {r} is above min(out, in) = {} of the [{out}, {inp}] weight it decomposes",
+            out.min(inp)
+        )));
+    }
+    let weight = weight_out_in(base)?;
+    let w = Matrix::from_vec(
+        out,
+        inp,
+        weight
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    );
+    let device = weight.device().clone();
+    let tensor = |m: &Matrix| -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            m.data.iter().map(|v| *v as f32).collect::<Vec<f32>>(),
+            (m.rows, m.cols),
+            &device,
+        )?)
+    };
+    let (a, b) = match init {
+        InitLoraWeights::Pissa { niter } => {
+            if let Some(backend) = base.quantization_backend() {
+                return Err(refuse(format!(
+                    "PiSSA needs a float32/16 base weight, not a {backend} one (peft: \"initialize \
+                     PiSSA under float32, float16, or bfloat16\", then quantize the residual)"
+                )));
+            }
+            let svd = match niter {
+                None => svd_top(&w, r),
+                Some(n) => {
+                    let mut rng = peft_core::rand::rngs::StdRng::seed_from_u64(seed);
+                    let normal = Init::Normal {
+                        mean: 0.0,
+                        std: 1.0,
+                    };
+                    svd_lowrank(&w, r, *n, || f64::from(normal.sample(1, &mut rng)[0]))
+                }
+            };
+            let root: Vec<f64> = svd.s[..r].iter().map(|s| (s / scaling).sqrt()).collect();
+            let a = Matrix::from_vec(
+                r,
+                inp,
+                (0..r * inp)
+                    .map(|k| root[k / inp] * svd.vt.at(k / inp, k % inp))
+                    .collect(),
+            );
+            let b = Matrix::from_vec(
+                out,
+                r,
+                (0..out * r)
+                    .map(|k| svd.u.at(k / r, k % r) * root[k % r])
+                    .collect(),
+            );
+            (tensor(&a)?, tensor(&b)?)
+        }
+        InitLoraWeights::Olora => {
+            if base.stores_transposed() {
+                return Err(refuse(
+                    "OLoRA decomposes the weight as stored, which for a Conv1D ([in, out]) layer \
+                     gives factors of the wrong shapes (peft fails there too)"
+                        .into(),
+                ));
+            }
+            let (q, rr) = householder_qr_leading(&w, r);
+            (tensor(&rr)?, tensor(&q)?)
+        }
+        _ => {
+            return Err(peft_core::PeftError::InvalidState(format!(
+                "{path}: {} does not decompose the base weight",
+                init.to_json()
+            )))
+        }
+    };
+    let residual = (&weight - (b.matmul(&a)? * scaling)?)?;
+    let residual = if base.stores_transposed() {
+        residual.t()?.contiguous()?
+    } else {
+        residual
+    };
+    Ok((a, b, residual))
+}
+
 /// `t` in f32.
 fn f32(t: &Tensor) -> Result<Tensor> {
     Ok(if t.dtype() == DType::F32 {
@@ -180,12 +303,15 @@ impl LoraLinear {
                 dropout: Dropout::new(dropout, seed),
                 magnitude: None,
                 b_bias: None,
+                rewritten: Mutex::new(None),
             });
         }
         let (init_a, init_b) = match init {
-            InitLoraWeights::Default | InitLoraWeights::Other(_) | InitLoraWeights::Orthogonal => {
-                (Init::kaiming_uniform_linear(in_features), Init::Zeros)
-            }
+            InitLoraWeights::Default
+            | InitLoraWeights::Other(_)
+            | InitLoraWeights::Orthogonal
+            | InitLoraWeights::Pissa { .. }
+            | InitLoraWeights::Olora => (Init::kaiming_uniform_linear(in_features), Init::Zeros),
             InitLoraWeights::Gaussian => (
                 Init::Normal {
                     mean: 0.0,
@@ -211,7 +337,62 @@ impl LoraLinear {
             dropout: Dropout::new(dropout, seed),
             magnitude: None,
             b_bias: None,
+            rewritten: Mutex::new(None),
         })
+    }
+
+    /// A layer whose initialisation decomposes `base`'s weight `W` (PiSSA, OLoRA: see
+    /// [`decompose`]): `lora_A`/`lora_B` start as the leading factors and the base keeps the
+    /// residual `W - scaling B A`, so the adapted layer starts out computing `W x`. Loading a
+    /// checkpoint, the saved factors replace the starting ones but the base is rewritten with
+    /// the residual of the starting ones, as peft does (it reruns the initialisation).
+    #[allow(clippy::too_many_arguments)] // mirrors `new`
+    pub fn decomposed(
+        params: &ParamBuilder,
+        path: &str,
+        base: &dyn LinearLike,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: &InitLoraWeights,
+        seed: u64,
+    ) -> Result<Self> {
+        let (a0, b0, residual) = decompose(path, init, base, r, scaling, params.seed("pissa"))?;
+        if params.is_loading() && matches!(init, InitLoraWeights::Pissa { niter: Some(_) }) {
+            tracing::warn!(
+                "{path}: init_lora_weights={}: the base residual is recomputed from a new random \
+                 sketch, so it is not the one the adapter was trained on (as in peft); save the \
+                 adapter with a conversion to plain LoRA to reload it exactly",
+                init.to_json()
+            );
+        }
+        let a = params
+            .pp("lora_A")
+            .get_with(&[r, base.in_features()], "weight", |_| Ok(a0.clone()))?;
+        let b = params
+            .pp("lora_B")
+            .get_with(&[base.out_features(), r], "weight", |_| Ok(b0.clone()))?;
+        Ok(LoraLinear {
+            a,
+            b,
+            scaling: Scaling::new(scaling),
+            dropout: Dropout::new(dropout, seed),
+            magnitude: None,
+            b_bias: None,
+            rewritten: Mutex::new(Some(residual)),
+        })
+    }
+
+    /// `base` with the weight this layer's initialisation left in it, if it rewrites the base
+    /// (what DoRA's magnitude is initialised over, as peft initialises DoRA after PiSSA).
+    pub fn rewritten_base(&self, base: &dyn LinearLike) -> Result<Option<Arc<dyn LinearLike>>> {
+        let pending = self.rewritten.lock().map_err(|_| poisoned())?.clone();
+        pending
+            .map(|w| {
+                let dtype = base.weight()?.dtype();
+                base.with_weights(w.to_dtype(dtype)?, base.bias().cloned())
+            })
+            .transpose()
     }
 
     /// Gives `lora_B` a bias (`lora_bias`): `lora_B.bias` `[out]` under `params`, zeros by
@@ -307,6 +488,10 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
+    fn take_rewritten_base(&self) -> Option<Tensor> {
+        self.rewritten.lock().ok().and_then(|mut w| w.take())
+    }
+
     fn hotswap_settings(&self, path: &str, config: &dyn peft_core::MethodConfig) -> Result<()> {
         self.scaling.set(scaling_for(path, config)?);
         Ok(())

@@ -8,6 +8,7 @@
 
 pub mod combine;
 pub mod config;
+pub mod convert;
 pub mod layer;
 
 use peft_core::layers::{EmbeddingLike, LinearLike};
@@ -75,11 +76,22 @@ impl LoraConfig {
                     key: "init_lora_weights".into(),
                     value: format!("\"{name}\""),
                     reason: if params.is_loading() {
-                        "this initialisation rewrites the base weights; save the adapter from peft with \
-                         `path_initial_model_for_weight_conversion` to get a plain LoRA checkpoint"
+                        "this initialisation rewrites the base weights in a way not reproduced here; save the \
+                         adapter from peft with `path_initial_model_for_weight_conversion` to get a plain LoRA checkpoint"
                             .into()
                     } else {
-                        "only true, false, \"gaussian\" and \"orthogonal\" can initialise a new adapter here".into()
+                        match name.as_str() {
+                            "eva" => "EVA initialises A from activations of training data (peft's \
+                                      `initialize_lora_eva_weights` over a data loader), which is not \
+                                      implemented; initialise in peft and load the adapter"
+                                .into(),
+                            "loftq" => "LoftQ (quantization-aware initialisation) is not implemented; \
+                                        initialise with peft's `replace_lora_weights_loftq` and load the adapter"
+                                .into(),
+                            _ => "only true, false, \"gaussian\", \"orthogonal\", \"pissa\", \
+                                  \"pissa_niter_N\" and \"olora\" can initialise a new adapter here"
+                                .into(),
+                        }
                     },
                 });
             }
@@ -189,6 +201,18 @@ impl LayerMethod for LoraConfig {
         Ok(Box::new(swapped))
     }
 
+    fn conversion_initial_config(&self) -> Result<Box<dyn peft_core::MethodConfig>> {
+        Ok(convert::initial_config(self))
+    }
+
+    fn convert_from_initial(
+        &self,
+        trained: &[(String, candle_core::Tensor)],
+        initial: &[(String, candle_core::Tensor)],
+    ) -> Result<peft_core::ConvertedAdapter> {
+        convert::convert(self, trained, initial)
+    }
+
     fn combined_config(
         &self,
         inputs: &[&dyn peft_core::MethodConfig],
@@ -215,16 +239,29 @@ impl LayerMethod for LoraConfig {
     ) -> Result<Box<dyn LinearAdapter>> {
         self.check_init_for(params)?;
         let (r, alpha) = self.rank_and_alpha(path);
-        let layer = LoraLinear::new(
-            params,
-            base.in_features(),
-            base.out_features(),
-            r,
-            self.scaling(r, alpha),
-            self.lora_dropout,
-            &self.init_lora_weights,
-            params.seed("lora_dropout"),
-        )?;
+        let layer = if self.init_lora_weights.rewrites_base() {
+            LoraLinear::decomposed(
+                params,
+                path,
+                base,
+                r,
+                self.scaling(r, alpha),
+                self.lora_dropout,
+                &self.init_lora_weights,
+                params.seed("lora_dropout"),
+            )?
+        } else {
+            LoraLinear::new(
+                params,
+                base.in_features(),
+                base.out_features(),
+                r,
+                self.scaling(r, alpha),
+                self.lora_dropout,
+                &self.init_lora_weights,
+                params.seed("lora_dropout"),
+            )?
+        };
         let layer = if self.lora_bias {
             if base.bias().is_none() {
                 tracing::warn!(
@@ -236,7 +273,11 @@ impl LayerMethod for LoraConfig {
             layer
         };
         Ok(Box::new(if self.use_dora {
-            layer.with_dora(params, base)?
+            // peft initialises DoRA's magnitude after PiSSA/OLoRA, over the residual.
+            match layer.rewritten_base(base)? {
+                Some(residual) => layer.with_dora(params, residual.as_ref())?,
+                None => layer.with_dora(params, base)?,
+            }
         } else {
             layer
         }))

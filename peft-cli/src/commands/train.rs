@@ -110,6 +110,12 @@ pub struct TrainArgs {
     /// DoRA: weight-decomposed LoRA (`use_dora`), a trained magnitude per output feature.
     #[arg(long)]
     pub dora: bool,
+    /// For an initialisation that rewrites the base weights (`--set init_lora_weights=pissa`,
+    /// `pissa_niter_N`, `olora`): save the initial adapter to `<out>/initial_adapter` before
+    /// training and, after it, the trained adapter converted to a plain LoRA over the original
+    /// base to `<out>/converted` (peft's `path_initial_model_for_weight_conversion`).
+    #[arg(long)]
+    pub convert_to_lora: bool,
     /// Target modules (comma-separated names, `all-linear`, or a regex).
     #[arg(long)]
     pub target_modules: Option<String>,
@@ -463,6 +469,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let eval = eval_ds.map(|e| data::sequences(&e, opts.packing, opts.max_len));
     let model = get_peft_model(base, config, args.seed)?;
     eprintln!("{}", model.parameter_line());
+    let initial_dir = args.out.join("initial_adapter");
+    if args.convert_to_lora {
+        // The fresh adapter (the same on a resumed run: the initialisation is seeded).
+        model.save_adapter("default", &initial_dir)?;
+    }
     eprintln!(
         "train: {} sequences ({} target tokens){}",
         train.len(),
@@ -515,6 +526,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .unwrap_or_default()
     );
     println!("adapter written to {}", args.out.display());
+    if args.convert_to_lora {
+        let converted = args.out.join("converted");
+        model.save_adapter_converted("default", &converted, &initial_dir)?;
+        println!(
+            "converted to a plain LoRA over the original base: {}",
+            converted.display()
+        );
+    }
     if let Some(mb) = peft::alloc::peak_rss_mb() {
         println!("peak resident memory {mb:.0} MB");
     }
