@@ -91,11 +91,14 @@ pub(crate) fn combined_config(
             );
             new.init_lora_weights = InitLoraWeights::Default;
         }
-        InitLoraWeights::Other(name) => {
+        init @ (InitLoraWeights::Other(_)
+        | InitLoraWeights::Pissa { .. }
+        | InitLoraWeights::Olora) => {
             // peft would run that initialisation again (PiSSA, OLoRA, ... rewrite the base
-            // weights); the combination is a plain LoRA on the unchanged base.
+            // weights); the combination is a plain LoRA on the base as it is.
             tracing::warn!(
-                "the first adapter's init_lora_weights \"{name}\" is not repeated for the combined adapter (init_lora_weights=true)"
+                "the first adapter's init_lora_weights {} is not repeated for the combined adapter (init_lora_weights=true)",
+                init.to_json()
             );
             new.init_lora_weights = InitLoraWeights::Default;
         }
