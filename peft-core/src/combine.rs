@@ -479,6 +479,12 @@ impl PeftModel {
                     input.config.peft_type()
                 )));
             }
+            if input.config.method.trainable_token_indices().is_some() {
+                return Err(PeftError::InvalidState(format!(
+                    "adapter `{a}` trains token rows (trainable_token_indices), which a weighted \
+                     combination has no rule for; combine adapters without them"
+                )));
+            }
             if input.config.peft_type() != first.config.peft_type() {
                 return Err(PeftError::InvalidState(format!(
                     "cannot combine adapters of different methods: `{}` is {} but `{a}` is {}",

@@ -199,6 +199,11 @@ pub trait MethodConfig: ConfigObject + Debug + Send + Sync + 'static {
         self.as_prompt_method()
             .and_then(|p| p.prompt_config().modules_to_save.as_deref())
     }
+    /// `trainable_token_indices`: embedding rows (or output-head features) trained beside the
+    /// adapter ([`crate::tokens`]); `None` for none.
+    fn trainable_token_indices(&self) -> Option<&crate::tokens::TokenIndices> {
+        None
+    }
     /// Replaces `modules_to_save` (core adds classification heads as peft does).
     fn set_modules_to_save(&mut self, modules: Option<Vec<String>>) {
         if let Some(layer) = self.as_layer_method_mut() {

@@ -55,6 +55,14 @@ impl PeftModel {
             ))
         })?;
         let new_config = AdapterConfig::from_path(dir)?;
+        for (which, config) in [("loaded", &adapter.config), ("new", &new_config)] {
+            if config.method.trainable_token_indices().is_some() {
+                return Err(PeftError::InvalidState(format!(
+                    "cannot hot-swap adapter `{name}`: the {which} adapter trains token rows \
+                     (trainable_token_indices), which hot-swapping does not cover"
+                )));
+            }
+        }
         if new_config.peft_type() != adapter.config.peft_type() {
             return Err(PeftError::InvalidState(format!(
                 "Incompatible PEFT types found: {} and {}",

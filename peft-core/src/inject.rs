@@ -469,6 +469,133 @@ impl PeftModel {
         Ok(paths)
     }
 
+    /// The trainable-token adapters of `trainable_token_indices` (see [`crate::tokens`]), as
+    /// peft places them: a list targets the input embedding; an object names modules (path
+    /// suffixes, each must match one); a head tied to the input embedding shares its trained
+    /// rows unless it is named with other indices. A module already copied by
+    /// `modules_to_save` or adapted by the method is refused (peft's wrapper would bypass it).
+    fn build_token_adapters(
+        &mut self,
+        tokens: &crate::tokens::TokenIndices,
+        root: &ParamBuilder,
+        built: &mut BTreeMap<String, Built>,
+        wanted: &BTreeSet<&str>,
+    ) -> Result<()> {
+        use crate::tokens::{TokenColumns, TokenIndices, TokenRows};
+        let info = self.base.info().clone();
+        let requests: Vec<(String, Vec<usize>)> = match tokens {
+            TokenIndices::Input(ids) => {
+                let path = info
+                    .input_embedding
+                    .clone()
+                    .ok_or_else(|| PeftError::MissingKey {
+                        source_name: "adapter config".into(),
+                        key: "trainable_token_indices".into(),
+                        expected: format!(
+                            "an object naming the embedding: {} has no input embedding",
+                            info.architecture
+                        ),
+                    })?;
+                vec![(path, ids.clone())]
+            }
+            TokenIndices::Named(map) => map.clone(),
+        };
+        let mut linears: Vec<String> = Vec::new();
+        self.base.visit_linears(&mut |path, _| {
+            linears.push(path.to_string());
+            Ok(())
+        })?;
+        let mut embeddings: Vec<String> = Vec::new();
+        self.base.visit_embeddings(&mut |path, _| {
+            embeddings.push(path.to_string());
+            Ok(())
+        })?;
+        // Each request's modules, embeddings and linears apart.
+        let mut rows_for: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut columns_for: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (name, ids) in &requests {
+            let mut found = false;
+            for (paths, into) in [(&embeddings, &mut rows_for), (&linears, &mut columns_for)] {
+                for path in paths.iter().filter(|p| p.ends_with(name.as_str())) {
+                    if built.contains_key(path) {
+                        return Err(PeftError::InvalidState(format!(
+                            "The embedding layer is already marked to be trained fully, either specify \
+                             `modules_to_save=[..., \"{name}\", ...]` or `trainable_tokens={{'{name}': x}}` \
+                             but not both ({path})"
+                        )));
+                    }
+                    if wanted.contains(path.as_str()) {
+                        return Err(PeftError::InvalidState(format!(
+                            "{path} is both a target of the adapter and of trainable_token_indices; \
+                             peft's trainable tokens would bypass the adapter there"
+                        )));
+                    }
+                    into.insert(path.clone(), ids.clone());
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(PeftError::MissingKey {
+                    source_name: "adapter config".into(),
+                    key: format!("trainable_token_indices.{name}"),
+                    expected: "an embedding or linear module of the model with that name".into(),
+                });
+            }
+        }
+        // Heads tied to a trained input embedding share its rows (unless named with others).
+        let tied_source = info
+            .input_embedding
+            .clone()
+            .filter(|e| info.tie_word_embeddings && rows_for.contains_key(e));
+        let mut tied_heads = Vec::new();
+        if let Some(source) = &tied_source {
+            let ids = &rows_for[source];
+            for head in &info.output_heads {
+                match columns_for.get(head) {
+                    Some(own) if own == ids => {
+                        columns_for.remove(head);
+                        tied_heads.push(head.clone());
+                    }
+                    Some(_) => {}
+                    None if linears.contains(head) => {
+                        if wanted.contains(head.as_str()) || built.contains_key(head) {
+                            return Err(PeftError::InvalidState(format!(
+                                "{head} is tied to the trained input embedding {source} and also adapted; \
+                                 peft's tied trainable tokens would bypass that adapter"
+                            )));
+                        }
+                        tied_heads.push(head.clone());
+                    }
+                    None => {}
+                }
+            }
+        }
+        let mut sources: BTreeMap<String, Arc<TokenRows>> = BTreeMap::new();
+        self.base.visit_embeddings(&mut |path, slot| {
+            if let Some(ids) = rows_for.get(path) {
+                let base = AdaptedEmbedding::from_slot(slot).map_or(&*slot, |a| a.original());
+                let rows = Arc::new(TokenRows::new(&root.pp(path), base.as_ref(), ids.clone())?);
+                sources.insert(path.to_string(), Arc::clone(&rows));
+                built.insert(path.to_string(), Built::Embedding(rows));
+            }
+            Ok(())
+        })?;
+        self.base.visit_linears(&mut |path, slot| {
+            let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
+            if let Some(ids) = columns_for.get(path) {
+                let cols = TokenColumns::new(&root.pp(path), base.as_ref(), ids.clone())?;
+                built.insert(path.to_string(), Built::Linear(Arc::new(cols)));
+            } else if let (true, Some(source)) = (
+                tied_heads.iter().any(|h| h == path),
+                tied_source.as_ref().and_then(|s| sources.get(s)),
+            ) {
+                let cols = TokenColumns::tied(path, base.as_ref(), source)?;
+                built.insert(path.to_string(), Built::Linear(Arc::new(cols)));
+            }
+            Ok(())
+        })
+    }
+
     /// Phase 2 of an injection: attaches every built adapter under `name`.
     fn attach_built(&mut self, name: &str, built: &BTreeMap<String, Built>) -> Result<()> {
         let state = Arc::clone(&self.state);
@@ -572,6 +699,9 @@ impl PeftModel {
             &root,
             &mut built,
         )?;
+        if let Some(tokens) = config.method.trainable_token_indices() {
+            self.build_token_adapters(tokens, &root, &mut built, &wanted)?;
+        }
         self.base.visit_linears(&mut |path, slot| {
             if wanted.contains(path) {
                 let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());

@@ -41,12 +41,14 @@ pub mod nn;
 pub mod peft_model;
 pub mod prompt;
 pub mod prompt_config;
+pub mod quantizers;
 pub mod registry;
 pub mod saved_modules;
 #[cfg(target_arch = "x86_64")]
 pub mod sgemm;
 pub mod status;
 pub mod targets;
+pub mod tokens;
 pub mod training;
 pub mod vars;
 pub mod vmath;

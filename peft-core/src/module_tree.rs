@@ -233,10 +233,13 @@ impl ModuleTree {
     /// replaced it).
     pub fn is_tied(&self, id: LinearId) -> bool {
         let entry = &self.linears[id.0];
-        entry
-            .tied
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &entry.slot))
+        // Still the shared layer, or the shared layer with adapters attached (its weight is
+        // still the embedding's).
+        entry.tied.as_ref().is_some_and(|t| {
+            Arc::ptr_eq(t, &entry.slot)
+                || crate::adapted::AdaptedLinear::from_slot(&entry.slot)
+                    .is_some_and(|a| Arc::ptr_eq(t, a.original()))
+        })
     }
 
     /// Every declared module in `named_modules()` order.

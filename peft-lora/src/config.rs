@@ -35,7 +35,16 @@ pub enum InitLoraWeights {
     /// `"olora"`: A and B from the QR decomposition of the base weight, the base keeping the
     /// residual (OLoRA).
     Olora,
-    /// Another peft initialisation (`"eva"`, `"loftq"`, `"corda"`, ...), kept as written. Only
+    /// `"loftq"` with `loftq_config` `{loftq_bits, loftq_iter}`: the base weight becomes its
+    /// quantized-dequantized form `Q` and `B A` the rank-`r` SVD of `W - Q`, alternated
+    /// `loftq_iter` times (LoftQ); NF4 (4 bits) or int8 (8 bits).
+    Loftq {
+        /// `loftq_bits`: 4 (NF4) or 8 (int8).
+        bits: u8,
+        /// `loftq_iter`: alternations (at least 1).
+        iters: usize,
+    },
+    /// Another peft initialisation (`"eva"`, `"corda"`, ...), kept as written. Only
     /// those that leave the base weights alone can be loaded from a checkpoint; none can
     /// initialise a fresh adapter here.
     Other(String),
@@ -52,13 +61,17 @@ impl InitLoraWeights {
             InitLoraWeights::Pissa { niter: None } => Value::from("pissa"),
             InitLoraWeights::Pissa { niter: Some(n) } => Value::from(format!("pissa_niter_{n}")),
             InitLoraWeights::Olora => Value::from("olora"),
+            InitLoraWeights::Loftq { .. } => Value::from("loftq"),
             InitLoraWeights::Other(s) => Value::from(s.as_str()),
         }
     }
 
-    /// Whether the initialisation rewrites the base weight (PiSSA, OLoRA).
+    /// Whether the initialisation rewrites the base weight (PiSSA, OLoRA, LoftQ).
     pub fn rewrites_base(&self) -> bool {
-        matches!(self, InitLoraWeights::Pissa { .. } | InitLoraWeights::Olora)
+        matches!(
+            self,
+            InitLoraWeights::Pissa { .. } | InitLoraWeights::Olora | InitLoraWeights::Loftq { .. }
+        )
     }
 
     /// Whether an adapter saved with this init can be loaded: the init only chose starting
@@ -133,6 +146,9 @@ pub struct LoraConfig {
     /// `alpha_pattern`: per-module alphas, first matching key wins (file order).
     #[serde(skip)]
     pub alpha_pattern: Vec<(String, Number)>,
+    /// `trainable_token_indices`: embedding rows trained beside the adapter.
+    #[serde(skip)]
+    pub trainable_token_indices: Option<peft_core::tokens::TokenIndices>,
     /// peft fields this crate does not implement, at their inert values (written back); every
     /// such field is present, at its default when the file lacked it.
     #[serde(skip)]
@@ -154,6 +170,7 @@ impl Default for LoraConfig {
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
+            trainable_token_indices: None,
             inert: inert_defaults()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
@@ -179,7 +196,6 @@ fn inert_defaults() -> Vec<(&'static str, Value)> {
         ("monteclora_config", Value::Null),
         ("qalora_group_size", Value::from(16)),
         ("target_parameters", Value::Null),
-        ("trainable_token_indices", Value::Null),
         ("use_bdlora", Value::Null),
         ("use_qalora", Value::Bool(false)),
         ("velora_config", Value::Null),
@@ -237,7 +253,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
             let reason = match key {
                 "layer_replication" => "layer replication is not implemented",
                 "target_parameters" => "targeting nn.Parameters directly is not implemented",
-                "trainable_token_indices" => "trainable token indices are not implemented",
                 "alora_invocation_tokens" => "activated LoRA (aLoRA) is not implemented",
                 "use_qalora" => "QALoRA needs a GPTQ base, which is not implemented",
                 "ensure_weight_tying" => "tying adapters of tied embeddings is not implemented",
@@ -251,6 +266,56 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
     Ok(inert)
 }
 
+/// LoftQ's bits and iterations from `loftq_config`, checked as peft checks them.
+fn loftq_settings(source: &str, inert: &Map<String, Value>) -> Result<InitLoraWeights> {
+    let config = inert
+        .get("loftq_config")
+        .and_then(Value::as_object)
+        .filter(|o| !o.is_empty())
+        .ok_or_else(|| PeftError::MissingKey {
+            source_name: source.to_string(),
+            key: "loftq_config".into(),
+            expected: "`loftq_config` must be specified when `init_lora_weights` is 'loftq' \
+                       ({\"loftq_bits\": 4, \"loftq_iter\": 1})"
+                .into(),
+        })?;
+    let int = |key: &str, default: u64| -> Result<u64> {
+        match config.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                PeftError::config_value(
+                    source,
+                    &format!("loftq_config.{key}"),
+                    "a positive integer",
+                    describe(v),
+                )
+            }),
+        }
+    };
+    let bits = int("loftq_bits", 4)?;
+    if bits != 4 && bits != 8 {
+        return Err(PeftError::config_value(
+            source,
+            "loftq_config.loftq_bits",
+            "4 (NF4) or 8 (int8): only nf4 and int8 quantization is supported",
+            bits,
+        ));
+    }
+    let iters = int("loftq_iter", 1)?;
+    if iters == 0 {
+        return Err(PeftError::config_value(
+            source,
+            "loftq_config.loftq_iter",
+            "at least 1 (number of iterations must be greater than 0)",
+            iters,
+        ));
+    }
+    Ok(InitLoraWeights::Loftq {
+        bits: bits as u8,
+        iters: iters as usize,
+    })
+}
+
 fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
     match fields.take_raw("init_lora_weights") {
         None | Some(Value::Bool(true)) => Ok(InitLoraWeights::Default),
@@ -261,6 +326,8 @@ fn parse_init(fields: &mut ConfigFields) -> Result<InitLoraWeights> {
         Some(Value::String(s)) if s == "orthogonal" => Ok(InitLoraWeights::Orthogonal),
         Some(Value::String(s)) if s.eq_ignore_ascii_case("olora") => Ok(InitLoraWeights::Olora),
         Some(Value::String(s)) if s == "pissa" => Ok(InitLoraWeights::Pissa { niter: None }),
+        // The bits and iterations come from `loftq_config` (read with the other sub-configs).
+        Some(Value::String(s)) if s == "loftq" => Ok(InitLoraWeights::Loftq { bits: 4, iters: 1 }),
         Some(Value::String(s)) if s.starts_with("pissa") => {
             // peft: "pissa_niter_[number of iters]", else a ValueError.
             match s.split("_niter_").collect::<Vec<_>>()[..] {
@@ -392,7 +459,21 @@ impl LoraConfig {
         let rank_pattern = take_rank_pattern(fields)?;
         let alpha_pattern = take_alpha_pattern(fields)?;
         let init_lora_weights = parse_init(fields)?;
-        let inert = take_inert(fields, &init_lora_weights)?;
+        let trainable_token_indices = match fields.take_raw("trainable_token_indices") {
+            Some(v) => peft_core::tokens::TokenIndices::from_json(fields.source_name(), &v)?,
+            None => None,
+        };
+        let mut inert = take_inert(fields, &init_lora_weights)?;
+        let init_lora_weights = match init_lora_weights {
+            InitLoraWeights::Loftq { .. } => loftq_settings(fields.source_name(), &inert)?,
+            other => {
+                // peft empties a loftq_config that its init does not use.
+                if inert.get("loftq_config").is_some_and(|v| !is_off(v)) {
+                    inert.insert("loftq_config".into(), Value::Object(Map::new()));
+                }
+                other
+            }
+        };
         // peft's LoraConfig.__post_init__ checks.
         if plain.lora_bias && plain.use_dora {
             return Err(PeftError::config_value(
@@ -428,6 +509,7 @@ impl LoraConfig {
         }
         Ok(LoraConfig {
             targets,
+            trainable_token_indices,
             init_lora_weights,
             rank_pattern,
             alpha_pattern,
@@ -481,8 +563,18 @@ impl MethodConfig for LoraConfig {
         write_derived(self, &mut out);
         self.targets.write_fields(&mut out, true);
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
+        out.insert(
+            "trainable_token_indices".into(),
+            self.trainable_token_indices
+                .as_ref()
+                .map_or(Value::Null, |t| t.to_json()),
+        );
         write_patterns(&mut out, &self.rank_pattern, &self.alpha_pattern);
         out
+    }
+
+    fn trainable_token_indices(&self) -> Option<&peft_core::tokens::TokenIndices> {
+        self.trainable_token_indices.as_ref()
     }
 
     peft_core::layer_method_casts!();

@@ -240,6 +240,24 @@ fn decompose(
             let (q, rr) = householder_qr_leading(&w, r);
             (tensor(&rr)?, tensor(&q)?)
         }
+        InitLoraWeights::Loftq { bits, iters } => {
+            if let Some(backend) = base.quantization_backend() {
+                return Err(refuse(format!(
+                    "LoftQ quantizes the base itself: pass the full-precision model, not a {backend} \
+                     one (as peft requires)"
+                )));
+            }
+            if base.stores_transposed() {
+                return Err(refuse(
+                    "LoftQ decomposes the weight as stored, which for a Conv1D ([in, out]) layer \
+                     gives factors of the wrong shapes (peft fails there too)"
+                        .into(),
+                ));
+            }
+            let (a, b, q) = loftq(&w, r, *bits, *iters)?;
+            // The base becomes the dequantized weight, not W - scaling B A.
+            return Ok((tensor(&a)?, tensor(&b)?, tensor(&q)?));
+        }
         _ => {
             return Err(peft_core::PeftError::InvalidState(format!(
                 "{path}: {} does not decompose the base weight",
@@ -254,6 +272,71 @@ fn decompose(
         residual
     };
     Ok((a, b, residual))
+}
+
+/// peft's `loftq_init` on `w` (`[out, in]`): `iters` alternations of `Q = dequant(quant(W -
+/// L R))` and `L R = ` the rank-`r` SVD of `W - Q` (`L = U sqrt(S)`, `R = sqrt(S) Vᵀ`, no
+/// division by the scaling), starting from `L R = 0`. Returns `(A = R, B = L, Q)`.
+fn loftq(
+    w: &peft_core::linalg::Matrix,
+    r: usize,
+    bits: u8,
+    iters: usize,
+) -> Result<(
+    peft_core::linalg::Matrix,
+    peft_core::linalg::Matrix,
+    peft_core::linalg::Matrix,
+)> {
+    use peft_core::linalg::{svd_top, Matrix};
+    let quantizer = if bits == 4 { "nf4-nodq" } else { "int8" };
+    let (rows, cols) = (w.rows, w.cols);
+    let mut target: Vec<f32> = w.data.iter().map(|v| *v as f32).collect();
+    let mut result = None;
+    for i in 0..iters {
+        let q = peft_core::quantizers::round_trip(quantizer, &target, rows, cols)?;
+        let residual = Matrix::from_vec(
+            rows,
+            cols,
+            w.data
+                .iter()
+                .zip(&q)
+                .map(|(w, q)| w - f64::from(*q))
+                .collect(),
+        );
+        let svd = svd_top(&residual, r);
+        let root: Vec<f64> = svd.s[..r].iter().map(|s| s.sqrt()).collect();
+        let l = Matrix::from_vec(
+            rows,
+            r,
+            (0..rows * r)
+                .map(|k| svd.u.at(k / r, k % r) * root[k % r])
+                .collect(),
+        );
+        let rt = Matrix::from_vec(
+            r,
+            cols,
+            (0..r * cols)
+                .map(|k| root[k / cols] * svd.vt.at(k / cols, k % cols))
+                .collect(),
+        );
+        if i + 1 < iters {
+            let lr = l.matmul(&rt);
+            target = w
+                .data
+                .iter()
+                .zip(&lr.data)
+                .map(|(w, p)| (w - p) as f32)
+                .collect();
+        }
+        result = Some((
+            rt,
+            l,
+            Matrix::from_vec(rows, cols, q.iter().map(|v| f64::from(*v)).collect()),
+        ));
+    }
+    result.ok_or_else(|| {
+        peft_core::PeftError::InvalidState("LoftQ needs at least one iteration".into())
+    })
 }
 
 /// `t` in f32.
@@ -311,7 +394,10 @@ impl LoraLinear {
             | InitLoraWeights::Other(_)
             | InitLoraWeights::Orthogonal
             | InitLoraWeights::Pissa { .. }
-            | InitLoraWeights::Olora => (Init::kaiming_uniform_linear(in_features), Init::Zeros),
+            | InitLoraWeights::Olora
+            | InitLoraWeights::Loftq { .. } => {
+                (Init::kaiming_uniform_linear(in_features), Init::Zeros)
+            }
             InitLoraWeights::Gaussian => (
                 Init::Normal {
                     mean: 0.0,

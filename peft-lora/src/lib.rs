@@ -290,6 +290,14 @@ impl LayerMethod for LoraConfig {
         params: &ParamBuilder,
     ) -> Result<Box<dyn EmbeddingAdapter>> {
         self.check_init_for(params)?;
+        if matches!(self.init_lora_weights, InitLoraWeights::Loftq { .. }) {
+            return Err(PeftError::UnsupportedModule {
+                path: path.to_string(),
+                kind: "an embedding".into(),
+                method: "LoRA with init_lora_weights=\"loftq\"".into(),
+                supported: "linear layers (peft's LoftQ fails on embeddings)".into(),
+            });
+        }
         if self.lora_bias {
             return Err(PeftError::UnsupportedModule {
                 path: path.to_string(),

@@ -33,3 +33,43 @@ pub use int8::Int8Rowwise;
 pub use kernel::QuantWeight;
 pub use linear::{QuantLinear, QuantScheme};
 pub use model::{quantize_model, quantized_layers, QuantReport};
+
+/// A quantize-dequantize round trip of one scheme, for [`peft_core::quantizers`].
+fn round_trip(
+    scheme: QuantScheme,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+) -> peft_core::Result<Vec<f32>> {
+    let q = scheme.quantize(values, rows, cols)?;
+    let mut out = vec![0f32; rows * cols];
+    q.dequantize_into(0..rows, 0..cols, &mut out);
+    Ok(out)
+}
+
+/// bitsandbytes' NF4 of a whole tensor, flattened (blocks of 64 may span rows, the last may be
+/// partial), as `Params4bit(..., compress_statistics=False)` quantizes it.
+fn round_trip_nf4(values: &[f32], _rows: usize, _cols: usize) -> peft_core::Result<Vec<f32>> {
+    let code = FourBit::Nf4.code();
+    let (q, absmax) = blockwise::quantize_blockwise(values, &code, 64);
+    Ok(q.iter()
+        .enumerate()
+        .map(|(i, &c)| code[usize::from(c)] * absmax[i / 64])
+        .collect())
+}
+
+fn round_trip_int8(values: &[f32], rows: usize, cols: usize) -> peft_core::Result<Vec<f32>> {
+    round_trip(QuantScheme::Int8 { threshold: 0.0 }, values, rows, cols)
+}
+
+peft_core::register_quantizer!(peft_core::quantizers::QuantizerRegistration {
+    name: "nf4-nodq",
+    description: "bitsandbytes NF4, blocks of 64, f32 block maxima (no double quantization)",
+    round_trip: round_trip_nf4,
+});
+
+peft_core::register_quantizer!(peft_core::quantizers::QuantizerRegistration {
+    name: "int8",
+    description: "bitsandbytes int8, per-row absmax scales (LLM.int8's weight format)",
+    round_trip: round_trip_int8,
+});
