@@ -204,6 +204,11 @@ pub trait MethodConfig: ConfigObject + Debug + Send + Sync + 'static {
     fn trainable_token_indices(&self) -> Option<&crate::tokens::TokenIndices> {
         None
     }
+    /// `layer_replication`: the base's layer stack rebuilt from these `[start, end)` ranges
+    /// before the adapter is injected ([`crate::replicate`]); `None` for none.
+    fn layer_replication(&self) -> Option<&[(usize, usize)]> {
+        None
+    }
     /// Replaces `modules_to_save` (core adds classification heads as peft does).
     fn set_modules_to_save(&mut self, modules: Option<Vec<String>>) {
         if let Some(layer) = self.as_layer_method_mut() {

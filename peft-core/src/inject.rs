@@ -596,6 +596,32 @@ impl PeftModel {
         })
     }
 
+    /// Replicates the base's layers for an adapter with `layer_replication` (peft's
+    /// `replicate_layers`, run when the adapter is injected): once per model, before any
+    /// adapter is attached; a second adapter must ask for the same replication.
+    fn replicate_base_layers(&mut self, map: &[(usize, usize)]) -> Result<()> {
+        match &self.replicated {
+            Some(done) if done == map => return Ok(()),
+            Some(done) => {
+                return Err(PeftError::InvalidState(format!(
+                    "the base's layers are already replicated as {done:?}; an adapter asking for \
+                     {map:?} cannot be added to this model"
+                )))
+            }
+            None => {}
+        }
+        if !self.adapters.is_empty() {
+            return Err(PeftError::InvalidState(format!(
+                "layer_replication {map:?} renumbers the base's layers, which the adapters already \
+                 loaded ({}) are attached to; add the replicating adapter first",
+                self.adapters.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        self.base.replicate_layers(map)?;
+        self.replicated = Some(map.to_vec());
+        Ok(())
+    }
+
     /// Phase 2 of an injection: attaches every built adapter under `name`.
     fn attach_built(&mut self, name: &str, built: &BTreeMap<String, Built>) -> Result<()> {
         let state = Arc::clone(&self.state);
@@ -623,6 +649,9 @@ impl PeftModel {
         source: &Source,
         trainable: bool,
     ) -> Result<Vec<Arc<ParamStore>>> {
+        if let Some(map) = config.method.layer_replication() {
+            self.replicate_base_layers(map)?;
+        }
         let store = source.store(self.base.device(), BASE_MODEL_PREFIX);
         let info = self.base.info().clone();
         let modules = self.base.modules();

@@ -43,6 +43,7 @@ pub mod prompt;
 pub mod prompt_config;
 pub mod quantizers;
 pub mod registry;
+pub mod replicate;
 pub mod saved_modules;
 #[cfg(target_arch = "x86_64")]
 pub mod sgemm;

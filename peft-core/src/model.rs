@@ -376,6 +376,17 @@ pub trait AdaptableModel: Send + Sync {
         Ok(crate::loss::cross_entropy(&logits.reshape((rows, v))?, targets)?.0)
     }
 
+    /// Rebuilds the stack of transformer layers from ranges of it (peft's `layer_replication`,
+    /// see [`crate::replicate`]): copies share their source's frozen weights and are
+    /// renumbered. By default the architecture cannot.
+    fn replicate_layers(&mut self, _map: &[(usize, usize)]) -> Result<()> {
+        Err(PeftError::InvalidState(format!(
+            "{} does not support layer replication (peft replicates LLaMA-, BERT- and \
+             Falcon-style layer stacks)",
+            self.info().architecture
+        )))
+    }
+
     /// A cache suited to this model.
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.info().num_layers)

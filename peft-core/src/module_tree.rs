@@ -157,13 +157,13 @@ pub trait BaseLayerFactory {
 
 /// Handle of a linear layer in a [`ModuleTree`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinearId(usize);
+pub struct LinearId(pub(crate) usize);
 /// Handle of an embedding in a [`ModuleTree`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EmbeddingId(usize);
+pub struct EmbeddingId(pub(crate) usize);
 /// Handle of a plain parameter (a norm scale, a bias, a position table) in a [`ModuleTree`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParamId(usize);
+pub struct ParamId(pub(crate) usize);
 
 /// A norm layer's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,7 +308,8 @@ impl ModuleTree {
         })
     }
 
-    /// Parameters, each distinct tensor once (a tied head is its embedding's table).
+    /// Parameters, each distinct tensor once (a tied head is its embedding's table; replicated
+    /// layers share their source's weights).
     pub fn num_parameters(&self) -> usize {
         let embeddings: usize = self
             .embeddings
@@ -316,12 +317,65 @@ impl ModuleTree {
             .filter(|e| e.alias_of.is_none())
             .map(|e| e.slot.num_embeddings() * e.slot.embedding_dim())
             .sum();
+        let mut seen_layers = std::collections::HashSet::new();
         let linears: usize = (0..self.linears.len())
             .filter(|&i| !self.is_tied(LinearId(i)))
+            .filter(|&i| {
+                let slot = &self.linears[i].slot;
+                let shared =
+                    crate::adapted::AdaptedLinear::from_slot(slot).map_or(slot, |a| a.original());
+                seen_layers.insert(Arc::as_ptr(shared) as *const () as usize)
+            })
             .map(|i| self.linears[i].slot.num_params())
             .sum();
-        let params: usize = self.params.iter().map(|(_, t)| t.elem_count()).sum();
+        let mut seen_params = std::collections::HashSet::new();
+        let params: usize = self
+            .params
+            .iter()
+            .filter(|(_, t)| seen_params.insert(t.id()))
+            .map(|(_, t)| t.elem_count())
+            .sum();
         embeddings + linears + params
+    }
+
+    /// Rebuilds every list with the layers under `prefix` replaced by copies of `sources`
+    /// (see [`crate::replicate`]); returns the linear, embedding and parameter id maps.
+    pub(crate) fn rebuild_layers(
+        &mut self,
+        prefix: &str,
+        sources: &[usize],
+    ) -> (
+        crate::replicate::IdMap,
+        crate::replicate::IdMap,
+        crate::replicate::IdMap,
+    ) {
+        use crate::replicate::rebuild;
+        let (modules, _) = rebuild(&self.modules, prefix, sources, |m| &m.0, |m, p| m.0 = p);
+        let (linears, lmap) = rebuild(
+            &self.linears,
+            prefix,
+            sources,
+            |e| &e.path,
+            |e, p| e.path = p,
+        );
+        let (mut embeddings, emap) = rebuild(
+            &self.embeddings,
+            prefix,
+            sources,
+            |e| &e.path,
+            |e, p| e.path = p,
+        );
+        for e in &mut embeddings {
+            if let Some(alias) = e.alias_of {
+                e.alias_of = emap.outer.get(&alias.0).map(|&i| EmbeddingId(i));
+            }
+        }
+        let (params, pmap) = rebuild(&self.params, prefix, sources, |p| &p.0, |p, n| p.0 = n);
+        self.modules = modules;
+        self.linears = linears;
+        self.embeddings = embeddings;
+        self.params = params;
+        (lmap, emap, pmap)
     }
 
     /// The tensors under their Hugging Face names, tied weights once.

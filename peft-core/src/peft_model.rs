@@ -131,6 +131,8 @@ pub struct PeftModel {
     pub(crate) adapters: BTreeMap<String, Adapter>,
     pub(crate) state: Arc<RuntimeState>,
     pub(crate) merged: Vec<String>,
+    /// The layer replication applied to the base (`layer_replication`), if any.
+    pub(crate) replicated: Option<Vec<(usize, usize)>>,
 }
 
 impl std::fmt::Debug for PeftModel {
@@ -231,6 +233,7 @@ impl PeftModel {
             adapters: BTreeMap::new(),
             state: Arc::new(RuntimeState::default()),
             merged: Vec::new(),
+            replicated: None,
         }
     }
 

@@ -146,6 +146,9 @@ pub struct LoraConfig {
     /// `alpha_pattern`: per-module alphas, first matching key wins (file order).
     #[serde(skip)]
     pub alpha_pattern: Vec<(String, Number)>,
+    /// `layer_replication`: `[start, end)` ranges the base's layer stack is rebuilt from.
+    #[serde(skip)]
+    pub layer_replication: Option<Vec<(usize, usize)>>,
     /// `trainable_token_indices`: embedding rows trained beside the adapter.
     #[serde(skip)]
     pub trainable_token_indices: Option<peft_core::tokens::TokenIndices>,
@@ -171,6 +174,7 @@ impl Default for LoraConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             trainable_token_indices: None,
+            layer_replication: None,
             inert: inert_defaults()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
@@ -188,7 +192,6 @@ fn inert_defaults() -> Vec<(&'static str, Value)> {
         ("ensure_weight_tying", Value::Bool(false)),
         ("eva_config", Value::Null),
         ("kasa_config", Value::Null),
-        ("layer_replication", Value::Null),
         ("loftq_config", Value::Object(Map::new())),
         ("lora_ga_config", Value::Null),
         ("megatron_config", Value::Null),
@@ -251,7 +254,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
         };
         if !ok {
             let reason = match key {
-                "layer_replication" => "layer replication is not implemented",
                 "target_parameters" => "targeting nn.Parameters directly is not implemented",
                 "alora_invocation_tokens" => "activated LoRA (aLoRA) is not implemented",
                 "use_qalora" => "QALoRA needs a GPTQ base, which is not implemented",
@@ -264,6 +266,29 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
         inert.insert(key.to_string(), value);
     }
     Ok(inert)
+}
+
+/// `layer_replication`: a list of `[start, end]` pairs.
+fn parse_layer_replication(source: &str, v: &Value) -> Result<Vec<(usize, usize)>> {
+    let bad = || {
+        PeftError::config_value(
+            source,
+            "layer_replication",
+            "a list of [start, end] layer ranges, e.g. [[0, 4], [2, 5]]",
+            describe(v),
+        )
+    };
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|pair| match pair.as_array().map(Vec::as_slice) {
+            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+                (Some(a), Some(b)) => Ok((a as usize, b as usize)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 /// LoftQ's bits and iterations from `loftq_config`, checked as peft checks them.
@@ -463,6 +488,10 @@ impl LoraConfig {
             Some(v) => peft_core::tokens::TokenIndices::from_json(fields.source_name(), &v)?,
             None => None,
         };
+        let layer_replication = match fields.take_raw("layer_replication") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_layer_replication(fields.source_name(), &v)?),
+        };
         let mut inert = take_inert(fields, &init_lora_weights)?;
         let init_lora_weights = match init_lora_weights {
             InitLoraWeights::Loftq { .. } => loftq_settings(fields.source_name(), &inert)?,
@@ -510,6 +539,7 @@ impl LoraConfig {
         Ok(LoraConfig {
             targets,
             trainable_token_indices,
+            layer_replication,
             init_lora_weights,
             rank_pattern,
             alpha_pattern,
@@ -564,6 +594,12 @@ impl MethodConfig for LoraConfig {
         self.targets.write_fields(&mut out, true);
         out.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
         out.insert(
+            "layer_replication".into(),
+            self.layer_replication.as_ref().map_or(Value::Null, |m| {
+                Value::from(m.iter().map(|&(a, b)| vec![a, b]).collect::<Vec<_>>())
+            }),
+        );
+        out.insert(
             "trainable_token_indices".into(),
             self.trainable_token_indices
                 .as_ref()
@@ -571,6 +607,10 @@ impl MethodConfig for LoraConfig {
         );
         write_patterns(&mut out, &self.rank_pattern, &self.alpha_pattern);
         out
+    }
+
+    fn layer_replication(&self) -> Option<&[(usize, usize)]> {
+        self.layer_replication.as_deref()
     }
 
     fn trainable_token_indices(&self) -> Option<&peft_core::tokens::TokenIndices> {

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use peft_core::replicate::LayerRemap;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelInputs,
     ModuleTree, PeftError, Result,
@@ -168,6 +169,23 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The same block in replicated layer `layer` ([`peft_core::replicate`]).
+    pub fn remapped(&self, remap: &LayerRemap, layer: usize) -> Result<Self> {
+        let l = |id| remap.layer_linear(layer, id);
+        Ok(Attention {
+            qkv: match self.qkv {
+                Qkv::Separate { q, k, v } => Qkv::Separate {
+                    q: l(q)?,
+                    k: l(k)?,
+                    v: l(v)?,
+                },
+                Qkv::Fused(id) => Qkv::Fused(l(id)?),
+            },
+            o: l(self.o)?,
+            ..*self
+        })
+    }
+
     /// `[B, T, n * head_dim]` as `[B, n, T, head_dim]` (rotated by `rotary`'s cos/sin when
     /// given).
     fn split(&self, y: &Tensor, n: usize, rotary: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
@@ -297,6 +315,22 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    /// The same block in replicated layer `layer` ([`peft_core::replicate`]).
+    pub fn remapped(&self, remap: &LayerRemap, layer: usize) -> Result<Self> {
+        let l = |id| remap.layer_linear(layer, id);
+        Ok(match *self {
+            Mlp::Gated { gate, up, down } => Mlp::Gated {
+                gate: l(gate)?,
+                up: l(up)?,
+                down: l(down)?,
+            },
+            Mlp::Plain { up, down } => Mlp::Plain {
+                up: l(up)?,
+                down: l(down)?,
+            },
+        })
+    }
+
     /// The block on `x` with activation `act` (transformers' `ACT2FN` names).
     pub fn forward(self, tree: &ModuleTree, x: &Tensor, act: &str) -> Result<Tensor> {
         let h = match self {

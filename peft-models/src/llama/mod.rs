@@ -268,6 +268,44 @@ impl AdaptableModel for LlamaModel {
         &self.core
     }
 
+    fn replicate_layers(&mut self, map: &[(usize, usize)]) -> Result<()> {
+        let remap = self
+            .core
+            .tree
+            .replicate_layers("model.layers", self.layers.len(), map)?;
+        let layers = remap
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(j, &src)| {
+                let l = &self.layers[src];
+                Ok(DecoderLayer {
+                    attn: l.attn.remapped(&remap, j)?,
+                    mlp: l.mlp.remapped(&remap, j)?,
+                    input_layernorm: remap.layer_param(j, l.input_layernorm)?,
+                    post_attention_layernorm: remap.layer_param(j, l.post_attention_layernorm)?,
+                    sliding_window: l.sliding_window,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_tokens = remap.embedding(self.embed_tokens)?;
+        self.norm = remap.param(self.norm)?;
+        self.lm_head = remap.linear(self.lm_head)?;
+        self.cfg.sliding_windows = remap
+            .sources
+            .iter()
+            .map(|&s| self.cfg.sliding_windows.get(s).copied().flatten())
+            .collect();
+        self.layers = layers;
+        let n = self.layers.len();
+        self.cfg.num_hidden_layers = n;
+        self.cfg
+            .raw
+            .insert("num_hidden_layers".into(), Value::from(n));
+        self.core.info.num_layers = n;
+        Ok(())
+    }
+
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
     }
