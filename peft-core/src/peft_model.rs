@@ -333,6 +333,39 @@ impl PeftModel {
         Ok(())
     }
 
+    /// peft's `set_adapter(names, inference_mode)`: activates `names` and, as peft does, makes
+    /// exactly them trainable (frozen with `inference_mode`), every other adapter frozen.
+    /// [`PeftModel::set_adapters`] activates without changing which adapters train.
+    pub fn set_adapters_with_mode(&mut self, names: &[&str], inference_mode: bool) -> Result<()> {
+        self.set_adapters(names)?;
+        for (name, adapter) in self.adapters.iter_mut() {
+            adapter.trainable = !inference_mode && names.contains(&name.as_str());
+        }
+        Ok(())
+    }
+
+    /// peft's `set_requires_grad(adapter_names, requires_grad)`: makes the adapters `names`
+    /// trainable or frozen, the others unchanged. Like peft, refused for prompt-learning
+    /// adapters.
+    pub fn set_requires_grad(&mut self, names: &[&str], requires_grad: bool) -> Result<()> {
+        for n in names {
+            let adapter = self.adapter(n)?;
+            if adapter.is_prompt_learning() {
+                return Err(PeftError::InvalidState(format!(
+                    "Setting `requires_grad` is not supported for prompt learning methods like {} \
+                     (adapter `{n}`)",
+                    adapter.config.peft_type()
+                )));
+            }
+        }
+        for n in names {
+            if let Some(a) = self.adapters.get_mut(*n) {
+                a.trainable = requires_grad;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs with every adapter bypassed until the returned guard is dropped
     /// (peft's `with model.disable_adapter():`).
     pub fn disable_adapters(&self) -> DisabledAdapters<'_> {

@@ -60,3 +60,28 @@ fn two_active_adapters_train_together_as_in_peft() {
         );
     }
 }
+
+#[test]
+fn set_adapter_modes_switch_what_trains_as_peft() {
+    // Two adapters loaded frozen (peft: `is_trainable=False`), then peft's
+    // `set_adapter("second", inference_mode=False)`: exactly that one trains.
+    let dir = common::adapter_dir("llama_tiny", "lora_qv");
+    let mut m = peft::PeftModel::from_pretrained(common::base("llama_tiny"), &dir, false).unwrap();
+    m.load_adapter(&dir, "second", false).unwrap();
+    assert!(m.trainable_vars().is_empty());
+    m.set_adapters_with_mode(&["second"], false).unwrap();
+    assert!(m.adapter("second").unwrap().is_trainable());
+    assert!(!m.adapter("default").unwrap().is_trainable());
+    let n = m.adapter("second").unwrap().vars().len();
+    assert_eq!(m.trainable_vars().len(), n);
+    // inference_mode=True freezes the activated adapter too.
+    m.set_adapters_with_mode(&["default", "second"], true)
+        .unwrap();
+    assert!(m.trainable_vars().is_empty());
+    // set_requires_grad flips only the named adapters.
+    m.set_requires_grad(&["default"], true).unwrap();
+    assert!(m.adapter("default").unwrap().is_trainable());
+    assert!(!m.adapter("second").unwrap().is_trainable());
+    assert_eq!(m.trainable_vars().len(), n);
+    assert!(m.set_requires_grad(&["missing"], true).is_err());
+}
