@@ -66,6 +66,24 @@ impl LayerRemap {
     pub fn layer_param(&self, layer: usize, id: ParamId) -> Result<ParamId> {
         Ok(ParamId(self.params.get(Some(layer), id.0, "parameter")?))
     }
+    /// A norm outside the layers.
+    pub fn norm(&self, ids: crate::module_tree::NormIds) -> Result<crate::module_tree::NormIds> {
+        Ok(crate::module_tree::NormIds {
+            weight: self.param(ids.weight)?,
+            bias: ids.bias.map(|b| self.param(b)).transpose()?,
+        })
+    }
+    /// A norm of new layer `layer`'s source layer, in that layer.
+    pub fn layer_norm(
+        &self,
+        layer: usize,
+        ids: crate::module_tree::NormIds,
+    ) -> Result<crate::module_tree::NormIds> {
+        Ok(crate::module_tree::NormIds {
+            weight: self.layer_param(layer, ids.weight)?,
+            bias: self.layer_opt_param(layer, ids.bias)?,
+        })
+    }
     /// The id, in new layer `layer`, of an optional parameter.
     pub fn layer_opt_param(&self, layer: usize, id: Option<ParamId>) -> Result<Option<ParamId>> {
         id.map(|id| self.layer_param(layer, id)).transpose()

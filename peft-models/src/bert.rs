@@ -511,6 +511,42 @@ impl AdaptableModel for BertModel {
         &self.core
     }
 
+    fn replicate_layers(&mut self, map: &[(usize, usize)]) -> Result<()> {
+        let prefix = format!("{}encoder.layer", self.cfg.prefix());
+        let remap = self
+            .core
+            .tree
+            .replicate_layers(&prefix, self.layers.len(), map)?;
+        let layers = remap
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(j, &src)| {
+                let l = &self.layers[src];
+                Ok(Layer {
+                    attn: l.attn.remapped(&remap, j)?,
+                    mlp: l.mlp.remapped(&remap, j)?,
+                    attention_norm: remap.layer_norm(j, l.attention_norm)?,
+                    output_norm: remap.layer_norm(j, l.output_norm)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.word = remap.embedding(self.word)?;
+        self.position = remap.embedding(self.position)?;
+        self.token_type = remap.embedding(self.token_type)?;
+        self.embeddings_norm = remap.norm(self.embeddings_norm)?;
+        self.pooler = self.pooler.map(|p| remap.linear(p)).transpose()?;
+        self.classifier = self.classifier.map(|c| remap.linear(c)).transpose()?;
+        self.layers = layers;
+        let n = self.layers.len();
+        self.cfg.num_hidden_layers = n;
+        self.cfg
+            .raw
+            .insert("num_hidden_layers".into(), Value::from(n));
+        self.core.info.num_layers = n;
+        Ok(())
+    }
+
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
     }

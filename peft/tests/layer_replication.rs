@@ -188,3 +188,37 @@ fn bad_replications_are_refused() {
     )
     .unwrap();
 }
+
+#[test]
+fn bert_encoder_layers_replicate_as_peft() {
+    let d = candle_core::safetensors::load(
+        fixtures().join("replication_bert.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("replication_bert.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = adapter_dir("bert_seqcls", "replicate");
+    let m = PeftModel::from_pretrained(base("bert_seqcls"), &dir, false).unwrap();
+    assert_eq!(
+        m.base_model().info().num_layers as u64,
+        meta["num_layers"].as_u64().unwrap()
+    );
+    // The trainable count of an inference load is 0 here; peft printed the training model's.
+    let (_, all) = m.parameter_counts();
+    assert!(meta["parameter_line"].as_str().unwrap().contains(&format!(
+        "all params: {}",
+        peft::peft_model::group_thousands(all)
+    )));
+    assert_close(
+        "bert replicated",
+        &m.forward(&case_inputs(&d)).unwrap(),
+        &d["logits"],
+        1e-4,
+    );
+    let out = tempfile::tempdir().unwrap();
+    m.save_pretrained(out.path()).unwrap();
+    common::assert_saved_like("bert replicated", out.path(), &dir);
+}

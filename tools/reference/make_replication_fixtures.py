@@ -12,6 +12,9 @@ For each case <c> writes under peft/tests/fixtures/:
                              <c>.merged (merge_and_unload), <c>.loss (labels = ids, padding at
                              -100) and <c>.grad.<saved key> for every trainable tensor
   replication.json           per case: model, parameter line, layer count after replication
+  replication_bert.safetensors, replication_bert.json: BERT (BertForSequenceClassification,
+                             bert.encoder.layer) with replicated layers: input_ids /
+                             attention_mask, logits (eval) and the parameter line
 """
 import contextlib
 import io
@@ -22,7 +25,7 @@ import shutil
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 ROOT = os.path.join("peft", "tests", "fixtures")
 IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
@@ -80,6 +83,21 @@ def main():
         tensors[f"{case}.merged"] = logits(pm.merge_and_unload())
         cases[case] = {"model": model, "parameter_line": line, "num_layers": layers}
         print(case, layers, line)
+    # BERT: peft replicates bert.encoder.layer.
+    torch.manual_seed(66)
+    bert = AutoModelForSequenceClassification.from_pretrained(os.path.join(ROOT, "models", "bert_seqcls")).eval()
+    cfg = dict(r=2, lora_alpha=3, target_modules=["query", "value"], layer_replication=[[0, 2], [0, 1]],
+               task_type="SEQ_CLS", init_lora_weights=False)
+    pm = get_peft_model(bert, LoraConfig(**cfg)).eval()
+    out = os.path.join(ROOT, "adapters", "bert_seqcls__replicate")
+    shutil.rmtree(out, ignore_errors=True)
+    pm.save_pretrained(out)
+    bert_tensors = {"input_ids": IDS, "attention_mask": MASK, "logits": logits(pm)}
+    save_file(bert_tensors, os.path.join(ROOT, "replication_bert.safetensors"))
+    with open(os.path.join(ROOT, "replication_bert.json"), "w") as f:
+        json.dump({"parameter_line": param_line(pm),
+                   "num_layers": pm.base_model.model.config.num_hidden_layers}, f, indent=2)
+    print("bert", param_line(pm))
     save_file(tensors, os.path.join(ROOT, "replication.safetensors"))
     with open(os.path.join(ROOT, "replication.json"), "w") as f:
         json.dump(cases, f, indent=2)
