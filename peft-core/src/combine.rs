@@ -479,6 +479,12 @@ impl PeftModel {
                     input.config.peft_type()
                 )));
             }
+            if input.params.has_aliases() {
+                return Err(PeftError::InvalidState(format!(
+                    "adapter `{a}` has adapters tied across layers (ensure_weight_tying), which a \
+                     weighted combination would untie; combine adapters without them"
+                )));
+            }
             if input.config.method.trainable_token_indices().is_some() {
                 return Err(PeftError::InvalidState(format!(
                     "adapter `{a}` trains token rows (trainable_token_indices), which a weighted \

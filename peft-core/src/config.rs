@@ -209,6 +209,11 @@ pub trait MethodConfig: ConfigObject + Debug + Send + Sync + 'static {
     fn layer_replication(&self) -> Option<&[(usize, usize)]> {
         None
     }
+    /// `ensure_weight_tying`: an adapter on an output head tied to the input embedding is tied
+    /// to the embedding's adapter ([`crate::LayerMethod::wrap_tied_linear`]).
+    fn ensure_weight_tying(&self) -> bool {
+        false
+    }
     /// Replaces `modules_to_save` (core adds classification heads as peft does).
     fn set_modules_to_save(&mut self, modules: Option<Vec<String>>) {
         if let Some(layer) = self.as_layer_method_mut() {

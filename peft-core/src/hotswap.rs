@@ -55,6 +55,12 @@ impl PeftModel {
             ))
         })?;
         let new_config = AdapterConfig::from_path(dir)?;
+        if adapter.params.has_aliases() {
+            return Err(PeftError::InvalidState(format!(
+                "cannot hot-swap adapter `{name}`: it has adapters tied across layers \
+                 (ensure_weight_tying), which hot-swapping does not cover"
+            )));
+        }
         for (which, config) in [("loaded", &adapter.config), ("new", &new_config)] {
             if config.method.trainable_token_indices().is_some() {
                 return Err(PeftError::InvalidState(format!(

@@ -153,21 +153,26 @@ impl PeftModel {
             return Ok(Vec::new());
         }
         let info = self.base.info();
-        let wanted: Vec<String> = info
+        let named: BTreeMap<String, Tensor> = self.base.named_tensors()?.into_iter().collect();
+        let tied = self.base.module_tree().tied_heads();
+        let embedding_weight = info
+            .input_embedding
+            .as_ref()
+            .and_then(|e| named.get(&format!("{e}.weight")));
+        Ok(info
             .input_embedding
             .iter()
             .chain(info.output_heads.iter())
             .filter(|p| adapter.targets.contains(p))
-            .map(|p| format!("{p}.weight"))
-            .collect();
-        Ok(self
-            .base
-            .named_tensors()?
-            .into_iter()
-            .filter(|(n, _)| wanted.contains(n))
-            .map(|(n, t)| {
-                let path = n.trim_end_matches(".weight");
-                (format!("{BASE_MODEL_PREFIX}{path}{BASE_LAYER_SUFFIX}"), t)
+            .filter_map(|p| {
+                // A tied head is saved once with the embedding; peft writes it under both.
+                let t = named
+                    .get(&format!("{p}.weight"))
+                    .or_else(|| embedding_weight.filter(|_| tied.contains(p)))?;
+                Some((
+                    format!("{BASE_MODEL_PREFIX}{p}{BASE_LAYER_SUFFIX}"),
+                    t.clone(),
+                ))
             })
             .collect())
     }
@@ -680,7 +685,7 @@ impl PeftModel {
                 resolve_target_modules(&requested, &modules, &info.output_heads, condense);
             method.target_spec_mut().target_modules = Some(resolved);
         }
-        let selected = {
+        let mut selected = {
             let method = Self::layer_method(&config)?;
             let spec = method.target_spec();
             let targets = spec
@@ -688,6 +693,25 @@ impl PeftModel {
                 .clone()
                 .unwrap_or(TargetModules::AllLinear);
             select_targets(spec, &targets, &modules, &info.output_heads)?
+        };
+        let tied_heads = if config.method.ensure_weight_tying() {
+            let saved_heads: Vec<String> = info
+                .output_heads
+                .iter()
+                .filter(|h| store.source_has_module(h))
+                .cloned()
+                .collect();
+            let tied = self.base.module_tree().tied_heads();
+            tie_targets(
+                &mut config,
+                &mut selected,
+                &info,
+                &tied,
+                &modules,
+                &saved_heads,
+            )?
+        } else {
+            Vec::new()
         };
         // peft corrects `fan_in_fan_out` to each targeted layer's weight layout, in the config too.
         let mut layouts = Vec::new();
@@ -747,6 +771,29 @@ impl PeftModel {
             }
             Ok(())
         })?;
+        if let Some(embedding) = info
+            .input_embedding
+            .as_deref()
+            .filter(|_| !tied_heads.is_empty())
+        {
+            self.base.visit_linears(&mut |path, slot| {
+                if tied_heads.iter().any(|h| h == path) {
+                    let base = AdaptedLinear::from_slot(slot).map_or(&*slot, |a| a.original());
+                    let adapter = method.wrap_tied_linear(path, base.as_ref(), embedding, &root)?;
+                    built.insert(path.to_string(), Built::Linear(Arc::from(adapter)));
+                }
+                Ok(())
+            })?;
+        }
+        let selected: Vec<String> = {
+            // The tied heads are adapted too (in model order, for the status and the saved keys).
+            let all: BTreeSet<&String> = selected.iter().chain(&tied_heads).collect();
+            modules
+                .iter()
+                .filter(|m| all.contains(&m.path))
+                .map(|m| m.path.clone())
+                .collect()
+        };
         if let Some(missing) = selected.iter().find(|p| !built.contains_key(p.as_str())) {
             return Err(PeftError::InvalidState(format!(
                 "module `{missing}` is listed by the model but exposes no adaptable slot"
@@ -798,4 +845,92 @@ fn with_base_weight(
         Some(adapted) => adapted.with_original(rewritten),
         None => rewritten,
     })
+}
+
+/// `ensure_weight_tying` (peft's `_check_tied_modules` / `_add_targets_to_tie`): when the model
+/// ties its output head to the input embedding and the targets name a tied layer (peft looks for
+/// `embed_tokens` or `lm_head` among them), the heads are taken out of the ordinary targets and
+/// the embedding put in (also in the saved `target_modules`, as peft rewrites them); the
+/// returned heads get adapters tied to the embedding's. Loading, a checkpoint that holds a head's
+/// parameters (`saved_heads`) ties it too: peft 0.21 saves a GPT-2 adapter with `target_modules`
+/// naming `wte` only and reloads it without the head's adapter, which would not reproduce the
+/// saved model. Otherwise nothing changes, with peft's warnings.
+fn tie_targets(
+    config: &mut AdapterConfig,
+    selected: &mut Vec<String>,
+    info: &crate::model::ModelInfo,
+    tied: &[String],
+    modules: &[crate::model::ModuleEntry],
+    saved_heads: &[String],
+) -> Result<Vec<String>> {
+    let embedding = match (&info.input_embedding, info.tie_word_embeddings) {
+        (Some(e), true) => e.clone(),
+        _ => {
+            tracing::warn!(
+                "You have requested `ensure_weight_tying`, but no tied modules were found in the model"
+            );
+            return Ok(Vec::new());
+        }
+    };
+    let last = |p: &str| p.rsplit('.').next().unwrap_or(p).to_string();
+    let names_tied_layer = selected.iter().any(|p| {
+        (tied.contains(p) || *p == embedding)
+            && matches!(last(p).as_str(), "embed_tokens" | "lm_head")
+    });
+    let heads: Vec<String> = if names_tied_layer || saved_heads.iter().any(|h| tied.contains(h)) {
+        tied.to_vec()
+    } else {
+        Vec::new()
+    };
+    if heads.is_empty() {
+        if !selected.contains(&embedding) {
+            tracing::warn!(
+                "You have requested `ensure_weight_tying`, but no tied modules are added in either \
+                 `modules_to_save` or `target_modules`"
+            );
+        }
+        return Ok(Vec::new());
+    }
+    selected.retain(|p| !heads.contains(p));
+    if !selected.contains(&embedding) {
+        selected.push(embedding.clone());
+        let order: BTreeMap<&str, usize> = modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.path.as_str(), i))
+            .collect();
+        selected.sort_by_key(|p| order.get(p.as_str()).copied().unwrap_or(usize::MAX));
+    }
+    let peft_type = config.peft_type();
+    let method = config
+        .method
+        .as_layer_method_mut()
+        .ok_or_else(|| PeftError::InvalidState(format!("{peft_type} is not a layer method")))?;
+    let spec = method.target_spec_mut();
+    spec.target_modules = match spec.target_modules.take() {
+        Some(TargetModules::List(names)) => {
+            // peft drops the first entry naming each tied head and adds the embedding's path.
+            let mut names = names;
+            for head in &heads {
+                let names_head = |m: &String| {
+                    head == m
+                        || head.ends_with(&format!(".{m}"))
+                        || head.starts_with(&format!("{m}."))
+                };
+                if let Some(i) = names.iter().position(names_head) {
+                    names.remove(i);
+                }
+            }
+            if !names.contains(&embedding) {
+                names.push(embedding.clone());
+            }
+            Some(TargetModules::List(names))
+        }
+        Some(TargetModules::Regex(r)) => Some(TargetModules::Regex(format!(
+            "(?:{r}|^{}$)",
+            fancy_regex::escape(&embedding)
+        ))),
+        other => other,
+    };
+    Ok(heads)
 }

@@ -273,6 +273,27 @@ pub trait LayerMethod: MethodConfig {
         params: &ParamBuilder,
     ) -> Result<Box<dyn LinearAdapter>>;
 
+    /// With `ensure_weight_tying`: builds the adapter of the output head at `path` whose weight
+    /// is the input embedding `embedding`'s table, tied to the embedding's adapter (which core
+    /// builds too, under `root.pp(embedding)`): it reads the embedding adapter's parameters and
+    /// registers its own names as aliases ([`ParamBuilder::alias`]), as peft's tied LoRA
+    /// (`lora_A = lora_embedding_Bᵀ`, `lora_B = lora_embedding_Aᵀ`). By default the method
+    /// cannot tie.
+    fn wrap_tied_linear(
+        &self,
+        path: &str,
+        _base: &dyn LinearLike,
+        _embedding: &str,
+        _root: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        Err(PeftError::UnsupportedModule {
+            path: path.to_string(),
+            kind: "an output head tied to the input embedding".into(),
+            method: format!("{} with ensure_weight_tying=true", self.peft_type()),
+            supported: "untied layers (the method cannot tie adapters)".into(),
+        })
+    }
+
     /// Builds the adapter for the embedding at `path`; by default the method cannot.
     fn wrap_embedding(
         &self,

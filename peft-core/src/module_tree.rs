@@ -242,6 +242,16 @@ impl ModuleTree {
         })
     }
 
+    /// The paths of the heads built tied to an embedding's table (`lm_head` with
+    /// `tie_word_embeddings`).
+    pub fn tied_heads(&self) -> Vec<String> {
+        self.linears
+            .iter()
+            .filter(|e| e.tied.is_some())
+            .map(|e| e.path.clone())
+            .collect()
+    }
+
     /// Every declared module in `named_modules()` order.
     pub fn modules(&self) -> Vec<ModuleEntry> {
         self.modules

@@ -610,7 +610,20 @@ impl PeftModel {
 
     /// `(trainable, all)` parameter counts as peft computes them: all = base + every adapter.
     pub fn parameter_counts(&self) -> (usize, usize) {
-        let trainable: usize = self.trainable_vars().iter().map(|v| v.elem_count()).sum();
+        let active = self.state.active();
+        // Tied adapters' aliases count as trainable too, as peft counts both layers' factors.
+        let aliases: usize = self
+            .adapters
+            .iter()
+            .filter(|(name, a)| a.trainable && active.contains(name))
+            .map(|(_, a)| a.params.alias_params())
+            .sum();
+        let trainable: usize = self
+            .trainable_vars()
+            .iter()
+            .map(|v| v.elem_count())
+            .sum::<usize>()
+            + aliases;
         let adapters: usize = self.adapters.values().map(Adapter::num_params).sum();
         (trainable, self.base.num_parameters() + adapters)
     }

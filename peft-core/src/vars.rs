@@ -93,6 +93,9 @@ struct TensorSource {
 #[derive(Debug)]
 pub struct ParamStore {
     vars: Mutex<BTreeMap<String, Var>>,
+    /// Parameters saved and counted under a second name that read another one (tied
+    /// adapters): alias path -> (source path, transposed).
+    aliases: Mutex<BTreeMap<String, (String, bool)>>,
     source: Mutex<Option<TensorSource>>,
     key_prefix: String,
     seed: u64,
@@ -113,6 +116,7 @@ impl ParamStore {
     pub fn new(seed: u64, device: &Device, key_prefix: &str) -> Arc<Self> {
         Arc::new(ParamStore {
             vars: Mutex::new(BTreeMap::new()),
+            aliases: Mutex::new(BTreeMap::new()),
             source: Mutex::new(None),
             key_prefix: key_prefix.to_string(),
             seed,
@@ -140,6 +144,7 @@ impl ParamStore {
             .collect();
         Arc::new(ParamStore {
             vars: Mutex::new(BTreeMap::new()),
+            aliases: Mutex::new(BTreeMap::new()),
             source: Mutex::new(Some(TensorSource {
                 path: path.to_path_buf(),
                 tensors,
@@ -274,14 +279,40 @@ impl ParamStore {
             .collect()
     }
 
-    /// Total number of parameter values.
+    /// Total number of parameter values, aliases included (peft counts a tied adapter's
+    /// parameters on both layers).
     pub fn num_params(&self) -> usize {
-        lock(&self.vars).values().map(|v| v.elem_count()).sum()
+        let own: usize = lock(&self.vars).values().map(|v| v.elem_count()).sum();
+        own + self.alias_params()
     }
 
-    /// The tensors as saved: checkpoint keys (prefix + path) and F32 values.
+    /// Values counted under aliases ([`ParamBuilder::alias`]).
+    pub fn alias_params(&self) -> usize {
+        let vars = lock(&self.vars);
+        lock(&self.aliases)
+            .values()
+            .filter_map(|(source, _)| vars.get(source))
+            .map(|v| v.elem_count())
+            .sum()
+    }
+
+    /// Whether the checkpoint being loaded holds a parameter under the module `prefix`.
+    pub fn source_has_module(&self, prefix: &str) -> bool {
+        let dotted = format!("{prefix}.");
+        lock(&self.source)
+            .as_ref()
+            .is_some_and(|s| s.tensors.keys().any(|k| k.starts_with(&dotted)))
+    }
+
+    /// Whether some parameters are aliases of others (tied adapters).
+    pub fn has_aliases(&self) -> bool {
+        !lock(&self.aliases).is_empty()
+    }
+
+    /// The tensors as saved: checkpoint keys (prefix + path) and F32 values, aliases included.
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        lock(&self.vars)
+        let vars = lock(&self.vars);
+        let mut out = vars
             .iter()
             .map(|(k, v)| {
                 Ok((
@@ -289,7 +320,18 @@ impl ParamStore {
                     v.as_tensor().to_dtype(DType::F32)?,
                 ))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        for (alias, (source, transposed)) in lock(&self.aliases).iter() {
+            let Some(var) = vars.get(source) else {
+                return Err(PeftError::InvalidState(format!(
+                    "parameter `{alias}` aliases `{source}`, which does not exist"
+                )));
+            };
+            let t = var.as_tensor().to_dtype(DType::F32)?;
+            let t = if *transposed { t.t()?.contiguous()? } else { t };
+            out.push((format!("{}{alias}", self.key_prefix), t));
+        }
+        Ok(out)
     }
 
     /// Adds `var` at `path` (a parameter made elsewhere, such as a base bias an adapter trains).
@@ -349,6 +391,38 @@ impl ParamBuilder {
     ) -> Result<Tensor> {
         self.store
             .get_or_create_with(&self.path(name), shape, &mut init)
+    }
+
+    /// Saves and counts the existing parameter `source` (a full path) under `name` here as
+    /// well, transposed if `transposed` (a tied adapter reading another layer's factors, as
+    /// peft ties them). When loading, the checkpoint's tensor under `name` is taken as read
+    /// (it holds the same values); a differing one is reported.
+    pub fn alias(&self, name: &str, source: &str, transposed: bool) -> Result<()> {
+        let path = self.path(name);
+        if let Some(src) = lock(&self.store.source).as_mut() {
+            if let Some((key, saved)) = src.tensors.get(&path).cloned() {
+                src.used.insert(path.clone());
+                let vars = lock(&self.store.vars);
+                if let Some(var) = vars.get(source) {
+                    let want = var.as_tensor().to_dtype(DType::F32)?;
+                    let want = if transposed { want.t()? } else { want };
+                    let same = saved.dims() == want.dims()
+                        && (saved.to_dtype(DType::F32)?.to_device(want.device())? - &want)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?
+                            <= 1e-6;
+                    if !same {
+                        tracing::warn!(
+                            "{}: `{key}` is tied to `{source}` but holds other values; the tied values are used",
+                            src.path.display()
+                        );
+                    }
+                }
+            }
+        }
+        lock(&self.store.aliases).insert(path, (source.to_string(), transposed));
+        Ok(())
     }
 
     /// A seed for auxiliary randomness (such as dropout) of the module at this path, derived

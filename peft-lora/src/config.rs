@@ -137,6 +137,9 @@ pub struct LoraConfig {
     pub bias: LoraBias,
     /// `lora_bias`: `lora_B` has a trained bias (added to `B A x` before the scaling).
     pub lora_bias: bool,
+    /// `ensure_weight_tying`: LoRA on an output head tied to the input embedding is tied to
+    /// the embedding's LoRA (`lora_A = lora_embedding_Bᵀ`, `lora_B = lora_embedding_Aᵀ`).
+    pub ensure_weight_tying: bool,
     /// `init_lora_weights`.
     #[serde(skip)]
     pub init_lora_weights: InitLoraWeights,
@@ -170,6 +173,7 @@ impl Default for LoraConfig {
             use_dora: false,
             bias: LoraBias::None,
             lora_bias: false,
+            ensure_weight_tying: false,
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
@@ -189,7 +193,6 @@ fn inert_defaults() -> Vec<(&'static str, Value)> {
         ("alora_invocation_tokens", Value::Null),
         ("arrow_config", Value::Null),
         ("corda_config", Value::Null),
-        ("ensure_weight_tying", Value::Bool(false)),
         ("eva_config", Value::Null),
         ("kasa_config", Value::Null),
         ("loftq_config", Value::Object(Map::new())),
@@ -257,7 +260,6 @@ fn take_inert(fields: &mut ConfigFields, init: &InitLoraWeights) -> Result<Map<S
                 "target_parameters" => "targeting nn.Parameters directly is not implemented",
                 "alora_invocation_tokens" => "activated LoRA (aLoRA) is not implemented",
                 "use_qalora" => "QALoRA needs a GPTQ base, which is not implemented",
-                "ensure_weight_tying" => "tying adapters of tied embeddings is not implemented",
                 "megatron_config" => "Megatron parallel layers are not supported",
                 _ => "this LoRA variant is not implemented",
             };
@@ -607,6 +609,10 @@ impl MethodConfig for LoraConfig {
         );
         write_patterns(&mut out, &self.rank_pattern, &self.alpha_pattern);
         out
+    }
+
+    fn ensure_weight_tying(&self) -> bool {
+        self.ensure_weight_tying
     }
 
     fn layer_replication(&self) -> Option<&[(usize, usize)]> {

@@ -481,6 +481,20 @@ impl LoraLinear {
             .transpose()
     }
 
+    /// A layer over factors made elsewhere (`a: [r, in]`, `b: [out, r]`): a head tied to an
+    /// embedding's LoRA reads that adapter's (transposed) parameters.
+    pub fn from_factors(a: Tensor, b: Tensor, scaling: f64, dropout: f64, seed: u64) -> Self {
+        LoraLinear {
+            a,
+            b,
+            scaling: Scaling::new(scaling),
+            dropout: Dropout::new(dropout, seed),
+            magnitude: None,
+            b_bias: None,
+            rewritten: Mutex::new(None),
+        }
+    }
+
     /// Gives `lora_B` a bias (`lora_bias`): `lora_B.bias` `[out]` under `params`, zeros by
     /// default as peft initialises it, torch's `nn.Linear` bias init (uniform on `±1/sqrt(r)`)
     /// with `init_lora_weights=false`.
@@ -687,6 +701,25 @@ impl LoraEmbedding {
         init: &InitLoraWeights,
         padding_idx: Option<usize>,
     ) -> Result<Self> {
+        let (a, b) = Self::factors(params, num_embeddings, dim, r, init)?;
+        Ok(LoraEmbedding {
+            a,
+            b,
+            scaling: Scaling::new(scaling),
+            padding_idx,
+            magnitude: None,
+        })
+    }
+
+    /// Builds (or loads) `lora_embedding_A` `[r, vocab]` and `lora_embedding_B` `[dim, r]`
+    /// under `params` (A zero and B normal, as peft; both normal with `init_lora_weights=false`).
+    pub fn factors(
+        params: &ParamBuilder,
+        num_embeddings: usize,
+        dim: usize,
+        r: usize,
+        init: &InitLoraWeights,
+    ) -> Result<(Tensor, Tensor)> {
         let normal = Init::Normal {
             mean: 0.0,
             std: 1.0,
@@ -695,15 +728,10 @@ impl LoraEmbedding {
             InitLoraWeights::Random => (normal, normal),
             _ => (Init::Zeros, normal),
         };
-        let a = params.get(&[r, num_embeddings], "lora_embedding_A", init_a)?;
-        let b = params.get(&[dim, r], "lora_embedding_B", init_b)?;
-        Ok(LoraEmbedding {
-            a,
-            b,
-            scaling: Scaling::new(scaling),
-            padding_idx,
-            magnitude: None,
-        })
+        Ok((
+            params.get(&[r, num_embeddings], "lora_embedding_A", init_a)?,
+            params.get(&[dim, r], "lora_embedding_B", init_b)?,
+        ))
     }
 
     /// Makes this a DoRA embedding over `base`: `lora_magnitude_vector` `[dim]`, initialised to

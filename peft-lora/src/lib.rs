@@ -283,6 +283,52 @@ impl LayerMethod for LoraConfig {
         }))
     }
 
+    fn wrap_tied_linear(
+        &self,
+        path: &str,
+        base: &dyn LinearLike,
+        embedding: &str,
+        root: &ParamBuilder,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let params = root.pp(path);
+        self.check_init_for(&params)?;
+        if self.use_dora || self.lora_bias || self.init_lora_weights.rewrites_base() {
+            return Err(PeftError::UnsupportedModule {
+                path: path.to_string(),
+                kind: "an output head tied to the input embedding".into(),
+                method: "LoRA with ensure_weight_tying and DoRA, lora_bias or a decomposing init"
+                    .into(),
+                supported: "plain LoRA factors (peft ties lora_A and lora_B only)".into(),
+            });
+        }
+        let (r, alpha) = self.rank_and_alpha(path);
+        let (r_embedding, _) = self.rank_and_alpha(embedding);
+        if r != r_embedding {
+            return Err(PeftError::InvalidState(format!(
+                "{path} is tied to {embedding} but their ranks differ ({r} vs {r_embedding}); \
+                 tied adapters share their factors"
+            )));
+        }
+        let emb = root.pp(embedding);
+        // The embedding's factors (created here or by its own adapter: the same parameters).
+        let (a_e, b_e) = LoraEmbedding::factors(
+            &emb,
+            base.out_features(),
+            base.in_features(),
+            r,
+            &self.init_lora_weights,
+        )?;
+        params.alias("lora_A.weight", &emb.path("lora_embedding_B"), true)?;
+        params.alias("lora_B.weight", &emb.path("lora_embedding_A"), true)?;
+        Ok(Box::new(LoraLinear::from_factors(
+            b_e.t()?.contiguous()?,
+            a_e.t()?.contiguous()?,
+            self.scaling(r, alpha),
+            self.lora_dropout,
+            params.seed("lora_dropout"),
+        )))
+    }
+
     fn wrap_embedding(
         &self,
         path: &str,
