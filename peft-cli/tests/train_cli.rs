@@ -244,27 +244,12 @@ fn pissa_training_converts_to_a_plain_lora() {
             .unwrap()
     };
     let (a, b) = (logits(&out), logits(&out.join("converted")));
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_diff(&a, &b);
     assert!(diff < 1e-4, "converted adapter differs by {diff}");
     let plain = peft::models::load_model(&model, DType::F32, &Device::Cpu)
         .unwrap()
         .forward(&inputs, None)
         .unwrap();
     // Training moved the model.
-    let moved = (logits(&out) - &plain)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert!(moved.to_scalar::<f32>().unwrap() > 1e-4);
+    assert!(common::max_diff(&logits(&out), &plain) > 1e-4);
 }

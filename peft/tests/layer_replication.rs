@@ -11,19 +11,16 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
-use common::{adapter_dir, assert_close, base, case_inputs, fixtures};
+use candle_core::Tensor;
+use common::{adapter_dir, assert_close, base, case_inputs};
 use peft::{get_peft_model, AdapterConfig, PeftModel};
 
 fn data() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("replication.safetensors"), &Device::Cpu)
-        .unwrap()
+    common::fixture_tensors("replication")
 }
 
 fn cases() -> Vec<(String, serde_json::Value)> {
-    let text = std::fs::read_to_string(fixtures().join("replication.json")).unwrap();
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
-    map.into_iter().collect()
+    common::fixture_cases("replication")
 }
 
 #[test]
@@ -59,31 +56,8 @@ fn replicated_layers_run_train_merge_and_count_as_peft() {
         m.save_pretrained(dir.path()).unwrap();
         let saved = common::assert_saved_like(&case, dir.path(), &adapter_dir(model, &case));
         assert!(saved["layer_replication"].is_array(), "{case}");
-        let batch = peft::training::CausalLmBatch::from_ids(
-            d["input_ids"].clone(),
-            Some(d["attention_mask"].clone()),
-        )
-        .unwrap();
-        let loss = peft::training::causal_lm_batch_loss(&m, &batch).unwrap();
-        assert_close(
-            &format!("{case} loss"),
-            &loss.reshape(1).unwrap(),
-            &d[&format!("{case}.loss")],
-            1e-4,
-        );
-        let grads = loss.backward().unwrap();
-        let vars = m.adapter("default").unwrap().vars();
-        let reference = d
-            .keys()
-            .filter(|k| k.starts_with(&format!("{case}.grad.")))
-            .count();
-        assert_eq!(vars.len(), reference, "{case}: trainable tensors");
-        for (path, var) in vars {
-            let key = format!("{case}.grad.base_model.model.{path}");
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{case}: no gradient for {path}"));
-            assert_close(&key, got, &d[&key], 1e-4);
+        for (path, got, want) in common::training_step(&case, &m, &d) {
+            assert_close(&format!("{case} grad {path}"), &got, &want.unwrap(), 1e-4);
         }
         // Merged: peft adds each copy's delta in place into the weight the copies share, so its
         // merged model gives every copy the sum of all their deltas and computes something else
@@ -112,14 +86,8 @@ fn a_fresh_replicating_adapter_runs_the_replicated_base() {
     let d = data();
     for (case, meta) in cases() {
         let model = meta["model"].as_str().unwrap();
-        let mut json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(adapter_dir(model, &case).join("adapter_config.json"))
-                .unwrap(),
-        )
-        .unwrap();
-        json["init_lora_weights"] = serde_json::Value::Bool(true);
-        json["inference_mode"] = serde_json::Value::Bool(false);
-        let config = AdapterConfig::from_value(json, "test config").unwrap();
+        let config =
+            common::saved_config_with(model, &case, serde_json::json!({"init_lora_weights": true}));
         let m = get_peft_model(base(model), config, 3).unwrap();
         assert_close(
             &format!("{case} fresh"),
@@ -191,13 +159,9 @@ fn bad_replications_are_refused() {
 
 #[test]
 fn bert_encoder_layers_replicate_as_peft() {
-    let d = candle_core::safetensors::load(
-        fixtures().join("replication_bert.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let d = common::fixture_tensors("replication_bert");
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("replication_bert.json")).unwrap(),
+        &std::fs::read_to_string(common::fixtures().join("replication_bert.json")).unwrap(),
     )
     .unwrap();
     let dir = adapter_dir("bert_seqcls", "replicate");

@@ -10,12 +10,12 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::{assert_close, base, case_inputs, fixtures, max_abs_diff};
 use peft::{get_peft_model, AdapterConfig};
 
 fn data() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("loftq.safetensors"), &Device::Cpu).unwrap()
+    common::fixture_tensors("loftq")
 }
 
 fn config(kwargs: &serde_json::Value) -> AdapterConfig {
@@ -34,13 +34,7 @@ fn loftq_quantizes_the_base_and_fits_the_error_as_peft() {
     assert_eq!(cases.len(), 3);
     for (case, kwargs) in &cases {
         let m = get_peft_model(base("llama_tiny"), config(kwargs), 1).unwrap();
-        let vars: HashMap<String, Tensor> = m
-            .adapter("default")
-            .unwrap()
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
+        let vars = common::adapter_tensors(&m, "default");
         let prefix = format!("{case}.delta.");
         let modules: Vec<String> = d
             .keys()

@@ -13,8 +13,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
-use common::{adapter_dir, assert_close, base, case_inputs, fixtures};
+use candle_core::Tensor;
+use common::{adapter_dir, assert_close, base, case_inputs};
 use peft::{get_peft_model, AdapterConfig, PeftModel};
 
 /// (case, model, whether the factors equal peft's: OLoRA's QR has LAPACK's signs; PiSSA's
@@ -27,7 +27,7 @@ const CASES: &[(&str, &str, bool)] = &[
 ];
 
 fn data() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("pissa.safetensors"), &Device::Cpu).unwrap()
+    common::fixture_tensors("pissa")
 }
 
 /// A fresh adapter with the config peft used (the trained adapter's, which names the init).
@@ -51,13 +51,7 @@ fn fresh_adapters_decompose_the_base_as_peft() {
             1e-4,
         );
         // The factors (and scaling B A) of every adapted module.
-        let vars: HashMap<String, Tensor> = m
-            .adapter("default")
-            .unwrap()
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
+        let vars = common::adapter_tensors(&m, "default");
         let prefix = format!("{case}.residual.");
         let modules: Vec<String> = d
             .keys()
@@ -123,45 +117,11 @@ fn a_training_step_matches_peft() {
     let d = data();
     for &(case, model, exact_factors) in CASES {
         let m = fresh(case, model);
-        let batch = peft::training::CausalLmBatch::from_ids(
-            d["input_ids"].clone(),
-            Some(d["attention_mask"].clone()),
-        )
-        .unwrap();
-        let loss = peft::training::causal_lm_batch_loss(&m, &batch).unwrap();
-        assert_close(
-            &format!("{case} loss"),
-            &loss.reshape(1).unwrap(),
-            &d[&format!("{case}.loss")],
-            1e-4,
-        );
-        let grads = loss.backward().unwrap();
-        let vars = m.adapter("default").unwrap().vars();
-        let reference = d
-            .keys()
-            .filter(|k| k.starts_with(&format!("{case}.grad.")))
-            .count();
-        assert_eq!(vars.len(), reference, "{case}: trainable tensors");
-        for (path, var) in vars {
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{case}: no gradient for {path}"));
-            let norm = got
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm.is_finite() && norm > 0.0,
-                "{case} {path}: gradient norm {norm}"
-            );
+        for (path, got, want) in common::training_step(case, &m, &d) {
             // PiSSA's factors differ from peft's by a sign per singular pair, and so do their
             // gradients; OLoRA's are the same.
             if exact_factors {
-                let key = format!("{case}.grad.base_model.model.{path}");
-                assert_close(&format!("{case} {key}"), got, &d[&key], 1e-4);
+                assert_close(&format!("{case} grad {path}"), &got, &want.unwrap(), 1e-4);
             }
         }
     }

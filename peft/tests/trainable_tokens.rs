@@ -11,18 +11,16 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
-use common::{adapter_dir, assert_close, base, case_inputs, fixtures};
+use candle_core::Tensor;
+use common::{adapter_dir, assert_close, base, case_inputs};
 use peft::{get_peft_model, AdapterConfig, PeftModel};
 
 fn data() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("tokens.safetensors"), &Device::Cpu).unwrap()
+    common::fixture_tensors("tokens")
 }
 
 fn cases() -> Vec<(String, serde_json::Value)> {
-    let text = std::fs::read_to_string(fixtures().join("tokens.json")).unwrap();
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
-    map.into_iter().collect()
+    common::fixture_cases("tokens")
 }
 
 #[test]
@@ -61,31 +59,8 @@ fn trained_tokens_run_merge_and_count_as_peft() {
         );
         // One training step: the loss and the gradient of every trainable tensor (a tied head's
         // gradient reaches the embedding's rows).
-        let batch = peft::training::CausalLmBatch::from_ids(
-            d["input_ids"].clone(),
-            Some(d["attention_mask"].clone()),
-        )
-        .unwrap();
-        let loss = peft::training::causal_lm_batch_loss(&m, &batch).unwrap();
-        assert_close(
-            &format!("{case} loss"),
-            &loss.reshape(1).unwrap(),
-            &d[&format!("{case}.loss")],
-            1e-4,
-        );
-        let grads = loss.backward().unwrap();
-        let vars = m.adapter("default").unwrap().vars();
-        let reference = d
-            .keys()
-            .filter(|k| k.starts_with(&format!("{case}.grad.")))
-            .count();
-        assert_eq!(vars.len(), reference, "{case}: trainable tensors");
-        for (path, var) in vars {
-            let key = format!("{case}.grad.base_model.model.{path}");
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{case}: no gradient for {path}"));
-            assert_close(&key, got, &d[&key], 1e-4);
+        for (path, got, want) in common::training_step(&case, &m, &d) {
+            assert_close(&format!("{case} grad {path}"), &got, &want.unwrap(), 1e-4);
         }
         // Merged into the base: the rows written into the table (and the tied head).
         let merged = m.merge_and_unload().unwrap();
@@ -122,22 +97,10 @@ fn fresh_tokens_start_as_the_base_rows() {
     for (case, meta) in cases() {
         let model = meta["model"].as_str().unwrap();
         // The saved config with LoRA's default init (B zero).
-        let mut json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(adapter_dir(model, &case).join("adapter_config.json"))
-                .unwrap(),
-        )
-        .unwrap();
-        json["init_lora_weights"] = serde_json::Value::Bool(true);
-        json["inference_mode"] = serde_json::Value::Bool(false);
-        let config = AdapterConfig::from_value(json, "test config").unwrap();
+        let config =
+            common::saved_config_with(model, &case, serde_json::json!({"init_lora_weights": true}));
         let m = get_peft_model(base(model), config, 5).unwrap();
-        let vars: HashMap<String, Tensor> = m
-            .adapter("default")
-            .unwrap()
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
+        let vars = common::adapter_tensors(&m, "default");
         let prefix = format!("{case}.fresh.base_model.model.");
         let mut n = 0;
         for (key, want) in d.iter().filter(|(k, _)| k.starts_with(&prefix)) {

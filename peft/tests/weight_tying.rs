@@ -11,18 +11,16 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
-use common::{adapter_dir, assert_close, base, case_inputs, fixtures};
+use candle_core::Tensor;
+use common::{adapter_dir, assert_close, base, case_inputs};
 use peft::{get_peft_model, AdapterConfig, PeftModel};
 
 fn data() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("tying.safetensors"), &Device::Cpu).unwrap()
+    common::fixture_tensors("tying")
 }
 
 fn cases() -> Vec<(String, serde_json::Value)> {
-    let text = std::fs::read_to_string(fixtures().join("tying.json")).unwrap();
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
-    map.into_iter().collect()
+    common::fixture_cases("tying")
 }
 
 fn sorted_targets(config: &serde_json::Value) -> Vec<String> {
@@ -62,35 +60,19 @@ fn tied_adapters_run_count_and_save_as_peft() {
         // One step: the loss, and each factor's gradient. peft's tied factors are two leaves
         // over one storage, each with its gradient; here they are one parameter, whose gradient
         // is the sum (the embedding's factor plus the transposed head's).
-        let batch = peft::training::CausalLmBatch::from_ids(
-            d["input_ids"].clone(),
-            Some(d["attention_mask"].clone()),
-        )
-        .unwrap();
-        let loss = peft::training::causal_lm_batch_loss(&m, &batch).unwrap();
-        assert_close(
-            &format!("{case} loss"),
-            &loss.reshape(1).unwrap(),
-            &d[&format!("{case}.loss")],
-            1e-4,
-        );
-        let grads = loss.backward().unwrap();
         let prefix = format!("{case}.grad.base_model.model.");
-        for (path, var) in m.adapter("default").unwrap().vars() {
-            let got = grads.get(var.as_tensor()).unwrap();
-            let own = d[&format!("{prefix}{path}")].clone();
-            let head = |name: &str| {
-                d.get(&format!("{prefix}lm_head.{name}"))
-                    .map(|g| g.t().unwrap())
-            };
+        let head = |name: &str| d[&format!("{prefix}lm_head.{name}")].t().unwrap();
+        // The head's two factors are the embedding's (tied views in peft).
+        for (path, got, own) in common::training_step_tied(&case, &m, &d, 2) {
+            let own = own.unwrap();
             let want = if path.ends_with("lora_embedding_B") {
-                (own + head("lora_A.weight").unwrap()).unwrap()
+                (own + head("lora_A.weight")).unwrap()
             } else if path.ends_with("lora_embedding_A") {
-                (own + head("lora_B.weight").unwrap()).unwrap()
+                (own + head("lora_B.weight")).unwrap()
             } else {
                 own
             };
-            assert_close(&format!("{case} grad {path}"), got, &want, 1e-4);
+            assert_close(&format!("{case} grad {path}"), &got, &want, 1e-4);
         }
         // Merged: each layer takes its own delta. peft merges both in place into the weight the
         // two layers share, doubling it, so its merged model is not its unmerged one.

@@ -50,3 +50,17 @@ pub fn model_folder(dir: &Path, hidden: usize, ffn: usize) {
     let tc = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
 }
+
+/// Largest absolute difference of two tensors of the same shape.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

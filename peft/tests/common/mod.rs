@@ -110,3 +110,106 @@ pub fn assert_saved_like(
     serde_json::from_str(&std::fs::read_to_string(ours.join("adapter_config.json")).unwrap())
         .unwrap()
 }
+
+/// The tensors of the fixture file `<name>.safetensors`.
+pub fn fixture_tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(format!("{name}.safetensors")), &Device::Cpu)
+        .unwrap()
+}
+
+/// The cases of the fixture file `<name>.json` (an object: case name -> metadata).
+pub fn fixture_cases(name: &str) -> Vec<(String, serde_json::Value)> {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+    map.into_iter().collect()
+}
+
+/// The config saved with the committed adapter `adapters/<model>__<adapter>`, with `edits`
+/// (JSON fields) applied, for training: what a fresh adapter of that kind starts from.
+pub fn saved_config_with(
+    model: &str,
+    adapter: &str,
+    edits: serde_json::Value,
+) -> peft::AdapterConfig {
+    let path = adapter_dir(model, adapter).join("adapter_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["inference_mode"] = serde_json::Value::Bool(false);
+    for (k, v) in edits.as_object().unwrap() {
+        json[k] = v.clone();
+    }
+    peft::AdapterConfig::from_value(json, &path.display().to_string()).unwrap()
+}
+
+/// One causal-LM step of `m` on the fixture batch (`input_ids`, `attention_mask`): asserts the
+/// loss equals `<case>.loss` (to 1e-4), that the fixture holds one `<case>.grad.*` per
+/// trainable tensor (plus `tied` for tensors peft keeps as tied views of others) and that every
+/// one got a finite, non-zero gradient; returns each trainable tensor's path, its gradient and
+/// the reference `<case>.grad.base_model.model.<path>`.
+pub fn training_step_tied(
+    case: &str,
+    m: &peft::PeftModel,
+    d: &std::collections::HashMap<String, Tensor>,
+    tied: usize,
+) -> Vec<(String, Tensor, Option<Tensor>)> {
+    let batch = peft::training::CausalLmBatch::from_ids(
+        d["input_ids"].clone(),
+        Some(d["attention_mask"].clone()),
+    )
+    .unwrap();
+    let loss = peft::training::causal_lm_batch_loss(m, &batch).unwrap();
+    assert_close(
+        &format!("{case} loss"),
+        &loss.reshape(1).unwrap(),
+        &d[&format!("{case}.loss")],
+        1e-4,
+    );
+    let grads = loss.backward().unwrap();
+    let vars = m.adapter("default").unwrap().vars();
+    let prefix = format!("{case}.grad.");
+    let reference = d.keys().filter(|k| k.starts_with(&prefix)).count();
+    assert_eq!(vars.len() + tied, reference, "{case}: trainable tensors");
+    vars.into_iter()
+        .map(|(path, var)| {
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {path}"))
+                .clone();
+            let norm = got
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{case} {path}: gradient norm {norm}"
+            );
+            let want = d.get(&format!("{prefix}base_model.model.{path}")).cloned();
+            (path, got, want)
+        })
+        .collect()
+}
+
+/// [`training_step_tied`] for an adapter without tied tensors.
+pub fn training_step(
+    case: &str,
+    m: &peft::PeftModel,
+    d: &std::collections::HashMap<String, Tensor>,
+) -> Vec<(String, Tensor, Option<Tensor>)> {
+    training_step_tied(case, m, d, 0)
+}
+
+/// The parameters of adapter `name` by path (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+pub fn adapter_tensors(
+    m: &peft::PeftModel,
+    name: &str,
+) -> std::collections::HashMap<String, Tensor> {
+    m.adapter(name)
+        .unwrap()
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect()
+}
