@@ -505,16 +505,9 @@ impl PeftModel {
             }
             TokenIndices::Named(map) => map.clone(),
         };
-        let mut linears: Vec<String> = Vec::new();
-        self.base.visit_linears(&mut |path, _| {
-            linears.push(path.to_string());
-            Ok(())
-        })?;
-        let mut embeddings: Vec<String> = Vec::new();
-        self.base.visit_embeddings(&mut |path, _| {
-            embeddings.push(path.to_string());
-            Ok(())
-        })?;
+        let tree = self.base.module_tree();
+        let linears: Vec<String> = tree.linear_slots().map(|(p, _)| p.to_string()).collect();
+        let embeddings: Vec<String> = tree.embedding_slots().map(|(p, _)| p.to_string()).collect();
         // Each request's modules, embeddings and linears apart.
         let mut rows_for: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut columns_for: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -695,20 +688,15 @@ impl PeftModel {
             select_targets(spec, &targets, &modules, &info.output_heads)?
         };
         let tied_heads = if config.method.ensure_weight_tying() {
-            let saved_heads: Vec<String> = info
-                .output_heads
-                .iter()
-                .filter(|h| store.source_has_module(h))
-                .cloned()
-                .collect();
             let tied = self.base.module_tree().tied_heads();
+            let head_saved = tied.iter().any(|h| store.source_has_module(h));
             tie_targets(
                 &mut config,
                 &mut selected,
                 &info,
                 &tied,
                 &modules,
-                &saved_heads,
+                head_saved,
             )?
         } else {
             Vec::new()
@@ -838,9 +826,7 @@ fn with_base_weight(
     weight: Tensor,
 ) -> Result<crate::layers::LinearSlot> {
     let original = AdaptedLinear::from_slot(slot).map_or(slot, |a| a.original());
-    let dtype = original.weight()?.dtype();
-    let rewritten =
-        original.with_weights(weight.to_dtype(dtype)?.detach(), original.bias().cloned())?;
+    let rewritten = crate::layers::with_stored_weight(original.as_ref(), &weight)?;
     Ok(match AdaptedLinear::from_slot(slot) {
         Some(adapted) => adapted.with_original(rewritten),
         None => rewritten,
@@ -851,8 +837,8 @@ fn with_base_weight(
 /// ties its output head to the input embedding and the targets name a tied layer (peft looks for
 /// `embed_tokens` or `lm_head` among them), the heads are taken out of the ordinary targets and
 /// the embedding put in (also in the saved `target_modules`, as peft rewrites them); the
-/// returned heads get adapters tied to the embedding's. Loading, a checkpoint that holds a head's
-/// parameters (`saved_heads`) ties it too: peft 0.21 saves a GPT-2 adapter with `target_modules`
+/// returned heads get adapters tied to the embedding's. Loading, a checkpoint that holds a tied
+/// head's parameters (`head_saved`) ties it too: peft 0.21 saves a GPT-2 adapter with `target_modules`
 /// naming `wte` only and reloads it without the head's adapter, which would not reproduce the
 /// saved model. Otherwise nothing changes, with peft's warnings.
 fn tie_targets(
@@ -861,7 +847,7 @@ fn tie_targets(
     info: &crate::model::ModelInfo,
     tied: &[String],
     modules: &[crate::model::ModuleEntry],
-    saved_heads: &[String],
+    head_saved: bool,
 ) -> Result<Vec<String>> {
     let embedding = match (&info.input_embedding, info.tie_word_embeddings) {
         (Some(e), true) => e.clone(),
@@ -877,7 +863,7 @@ fn tie_targets(
         (tied.contains(p) || *p == embedding)
             && matches!(last(p).as_str(), "embed_tokens" | "lm_head")
     });
-    let heads: Vec<String> = if names_tied_layer || saved_heads.iter().any(|h| tied.contains(h)) {
+    let heads: Vec<String> = if names_tied_layer || head_saved {
         tied.to_vec()
     } else {
         Vec::new()

@@ -79,6 +79,14 @@ pub type LinearSlot = Arc<dyn LinearLike>;
 /// A swappable embedding layer.
 pub type EmbeddingSlot = Arc<dyn EmbeddingLike>;
 
+/// `base` holding `weight` instead of its own (stored layout, any float dtype: converted to the
+/// stored weight's dtype, requantized for a quantized layer), detached, the bias kept: how an
+/// initialisation that rewrites the base weight (PiSSA, OLoRA, LoftQ) reaches the layer.
+pub fn with_stored_weight(base: &dyn LinearLike, weight: &Tensor) -> Result<LinearSlot> {
+    let dtype = base.weight()?.dtype();
+    base.with_weights(weight.to_dtype(dtype)?.detach(), base.bias().cloned())
+}
+
 /// Multiplies `x [.., in]` by `w^T` where `w` is `[out, in]` (or by `w` when it is stored
 /// `[in, out]`), flattening the leading dimensions into one matmul.
 pub fn linear_forward(

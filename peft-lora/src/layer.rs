@@ -474,10 +474,7 @@ impl LoraLinear {
     pub fn rewritten_base(&self, base: &dyn LinearLike) -> Result<Option<Arc<dyn LinearLike>>> {
         let pending = self.rewritten.lock().map_err(|_| poisoned())?.clone();
         pending
-            .map(|w| {
-                let dtype = base.weight()?.dtype();
-                base.with_weights(w.to_dtype(dtype)?, base.bias().cloned())
-            })
+            .map(|w| peft_core::layers::with_stored_weight(base, &w))
             .transpose()
     }
 
