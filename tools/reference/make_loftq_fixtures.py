@@ -21,6 +21,7 @@ and peft/tests/fixtures/loftq.json: per case, the LoraConfig kwargs.
 import inspect
 import json
 import os
+import sys
 import textwrap
 
 import torch
@@ -32,9 +33,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-ROOT = os.path.join("peft", "tests", "fixtures")
-IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import ROOT, IDS, MASK  # noqa: E402
+
 
 CASES = {
     # NF4, one pass (Q = dequant(quant(W)), B A = the rank-r SVD of W - Q); scaling 2

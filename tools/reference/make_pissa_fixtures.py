@@ -27,16 +27,16 @@ For each case <c> (model, LoraConfig), writes under peft/tests/fixtures/:
                             fresh model and the gradient of each factor
 """
 import os
+import sys
 import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
-ROOT = os.path.join("peft", "tests", "fixtures")
-IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import ROOT, IDS, MASK, base, logits  # noqa: E402
+
 
 CASES = [
     # exact SVD; square, tall (up) and wide (down, v) weights; rank and alpha patterns
@@ -59,18 +59,9 @@ CASES = [
 ]
 
 
-def base(model):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "models", model)).eval()
-
-
 def saved_key(name):
     name = name.replace(".default.weight", ".weight").replace(".default", "")
     return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits.float().contiguous()
 
 
 def main():

@@ -16,20 +16,19 @@ For each case <c> writes under peft/tests/fixtures/:
                              bert.encoder.layer) with replicated layers: input_ids /
                              attention_mask, logits (eval) and the parameter line
 """
-import contextlib
-import io
 import json
 import os
+import sys
 import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
-ROOT = os.path.join("peft", "tests", "fixtures")
-IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import ROOT, IDS, MASK, base, param_line, logits  # noqa: E402
+
 
 CASES = [
     # [0, 1] then layer 1 again: 3 layers
@@ -40,22 +39,6 @@ CASES = [
     ("replicate_reorder", "llama3_rope_tied", dict(r=4, lora_alpha=6, target_modules=["k_proj", "o_proj"],
                                               layer_replication=[[1, 2], [0, 2]])),
 ]
-
-
-def base(model):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "models", model)).eval()
-
-
-def param_line(model):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
-    return buf.getvalue().strip()
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits.float().contiguous()
 
 
 def main():

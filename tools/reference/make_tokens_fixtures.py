@@ -16,20 +16,18 @@ For each case <c> writes under peft/tests/fixtures/:
                            the base rows)
   tokens.json              per case: model, parameter line, saved keys
 """
-import contextlib
-import io
 import json
 import os
+import sys
 import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-ROOT = os.path.join("peft", "tests", "fixtures")
-IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import ROOT, IDS, MASK, base, param_line, logits  # noqa: E402
+
 
 CASES = [
     # a list: the input embedding (LLaMA, untied head)
@@ -47,24 +45,8 @@ CASES = [
 ]
 
 
-def base(model):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "models", model)).eval()
-
-
-def param_line(model):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
-    return buf.getvalue().strip()
-
-
 def saved_key(name):
     return name.replace(".default.weight", ".weight").replace(".trainable_tokens_delta.default", ".trainable_tokens_delta")
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits.float().contiguous()
 
 
 def main():

@@ -17,20 +17,18 @@ For each case <c> writes under peft/tests/fixtures/:
 
 peft 0.21 itself does not reload these adapters as saved (see the note in main()).
 """
-import contextlib
-import io
 import json
 import os
+import sys
 import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
-ROOT = os.path.join("peft", "tests", "fixtures")
-IDS = torch.tensor([[1, 17, 45, 99, 3, 64, 127, 8], [1, 5, 9, 2, 120, 33, 7, 61]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_common import ROOT, IDS, MASK, base, param_line, logits  # noqa: E402
+
 
 CASES = [
     # GPT-2 (wte tied to lm_head): the head targeted, the embedding added by peft
@@ -40,22 +38,6 @@ CASES = [
     ("tied_both", "llama3_rope_tied", dict(r=4, lora_alpha=6, target_modules=["q_proj", "embed_tokens", "lm_head"],
                                             ensure_weight_tying=True)),
 ]
-
-
-def base(model):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "models", model)).eval()
-
-
-def param_line(model):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        model.print_trainable_parameters()
-    return buf.getvalue().strip()
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits.float().contiguous()
 
 
 def saved_key(name):
