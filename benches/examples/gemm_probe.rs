@@ -12,7 +12,7 @@ use std::time::Instant;
 #[cfg(target_arch = "x86_64")]
 use half::bf16;
 #[cfg(target_arch = "x86_64")]
-use peft::sgemm::{sgemm, Operand, Rhs};
+use peft::kernels::sgemm::{sgemm, Operand, Rhs};
 
 #[cfg(not(target_arch = "x86_64"))]
 fn main() {
@@ -37,7 +37,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[cfg(target_arch = "x86_64")]
 fn main() {
     assert!(
-        peft::sgemm::available(),
+        peft::kernels::sgemm::available(),
         "sgemm needs AVX2 and FMA (and PEFT_GEMM_CRATE unset)"
     );
     let threads = rayon::current_num_threads();

@@ -45,14 +45,11 @@ pub mod quantizers;
 pub mod registry;
 pub mod replicate;
 pub mod saved_modules;
-#[cfg(target_arch = "x86_64")]
-pub mod sgemm;
 pub mod status;
 pub mod targets;
 pub mod tokens;
 pub mod training;
 pub mod vars;
-pub mod vmath;
 
 pub use combine::{Combination, CombinationType, CombinePart, MajoritySign};
 pub use config::{AdapterConfig, CommonConfig, ConfigObject, MethodConfig, TaskType};
@@ -79,6 +76,9 @@ pub use prompt_config::PromptLearningConfig;
 pub use registry::{MethodRegistration, ParseFn};
 pub use targets::{LayerIndices, TargetModules, TargetSpec};
 pub use vars::{Init, ParamBuilder, ParamStore};
+
+/// The fused CPU kernels and the portable-path switch (`PEFT_KERNELS=portable`).
+pub use peft_kernels as kernels;
 
 /// Re-exported so method crates can register without depending on `inventory` themselves.
 pub use inventory;

@@ -1,13 +1,12 @@
 //! Training objectives, written with differentiable candle ops only.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{PeftError, Result};
 use crate::layers::{DenseLinear, LinearLike};
 
 /// The label value ignored by the loss (as in transformers).
-pub const IGNORE_INDEX: i64 = -100;
+pub use peft_kernels::loss::IGNORE_INDEX;
 
 /// Mean token cross-entropy of `logits [N, V]` against `targets [N]` (I64, `-100` ignored),
 /// computed in f32. Returns `(loss, counted_tokens)`; with no counted token the loss is 0.
@@ -22,16 +21,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize
     check_target_shape(targets, n)?;
     let logits = logits.to_dtype(DType::F32)?;
     let targets = targets.to_dtype(DType::I64)?;
-    if !logits.device().is_cpu() {
+    // Validated on every path (a bad id would index out of range in the chain's gather).
+    let t = target_ids(&targets, v)?;
+    if !peft_kernels::fused_f32(&[&logits]) {
         return cross_entropy_chain(&logits, &targets);
     }
-    let t = target_ids(&targets, v)?;
     let count = t.iter().filter(|&&x| x != IGNORE_INDEX).count();
-    let op = FusedCrossEntropy {
-        targets: std::sync::Arc::new(t),
-        count,
-    };
-    Ok((logits.contiguous()?.apply_op1(op)?, count))
+    match peft_kernels::loss::cross_entropy(&logits, std::sync::Arc::new(t), count)? {
+        Some(loss) => Ok((loss, count)),
+        None => cross_entropy_chain(&logits, &targets),
+    }
 }
 
 /// Cross-entropy targets must be one per row: `[n]`.
@@ -62,7 +61,8 @@ fn target_ids(targets: &Tensor, v: usize) -> Result<Vec<i64>> {
     Ok(t)
 }
 
-/// The op-chain version (log_softmax, gather, masked mean), used off the CPU.
+/// The op-chain version (log_softmax, gather, masked mean): the portable path, used off the
+/// CPU and under `PEFT_KERNELS=portable`.
 fn cross_entropy_chain(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
     let keep = targets.ne(IGNORE_INDEX)?;
     let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
@@ -76,93 +76,6 @@ fn cross_entropy_chain(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usi
     let masked = (picked * keep.to_dtype(DType::F32)?)?;
     let loss = (masked.sum_all()?.neg()? / (count.max(1) as f64))?;
     Ok((loss, count))
-}
-
-/// Fused cross-entropy over contiguous f32 `[N, V]` logits (see [`cross_entropy`]).
-struct FusedCrossEntropy {
-    targets: std::sync::Arc<Vec<i64>>,
-    count: usize,
-}
-
-impl CustomOp1 for FusedCrossEntropy {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
-        let n = self.targets.len();
-        let v = x.len().checked_div(n).unwrap_or(0);
-        let total: f64 = x
-            .par_chunks(v.max(1))
-            .zip(self.targets.par_iter())
-            .filter(|(_, &t)| t != IGNORE_INDEX)
-            .map_init(Vec::new, |scratch: &mut Vec<f32>, (row, &t)| {
-                scratch.clear();
-                scratch.extend_from_slice(row);
-                let (max, sum) = crate::vmath::exp_minus_max(scratch);
-                f64::from(max + sum.ln() - row[t as usize])
-            })
-            .sum();
-        let loss = (total / self.count.max(1) as f64) as f32;
-        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let scale = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.count.max(1) as f32;
-        let op = FusedCrossEntropyGrad {
-            targets: std::sync::Arc::clone(&self.targets),
-            scale,
-        };
-        Ok(Some(arg.apply_op1_no_bwd(&op)?))
-    }
-}
-
-/// The gradient of [`FusedCrossEntropy`]: `scale * (softmax(row) - onehot(target))`, zero
-/// rows for ignored targets.
-struct FusedCrossEntropyGrad {
-    targets: std::sync::Arc<Vec<i64>>,
-    scale: f32,
-}
-
-impl CustomOp1 for FusedCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
-        let n = self.targets.len();
-        let v = x.len().checked_div(n).unwrap_or(0);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(v.max(1))
-            .zip(x.par_chunks(v.max(1)))
-            .zip(self.targets.par_iter())
-            .for_each(|((g, row), &t)| {
-                if t == IGNORE_INDEX {
-                    return;
-                }
-                g.copy_from_slice(row);
-                let (_, sum) = crate::vmath::exp_minus_max(g);
-                let k = self.scale / sum;
-                g.iter_mut().for_each(|o| *o *= k);
-                g[t as usize] -= self.scale;
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
 }
 
 /// transformers' causal-LM loss: logits `[B, T, V]` predict labels `[B, T]` shifted left by
@@ -241,172 +154,40 @@ fn head_cross_entropy_in_chunks(
     let n = hidden.elem_count() / h.max(1);
     let fused = head.as_any().downcast_ref::<DenseLinear>().filter(|d| {
         let (w, bias, _) = d.parts();
-        let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-        cpu_f32(hidden)
-            && w.device().is_cpu()
-            && matches!(w.dtype(), DType::F32 | DType::BF16)
-            && !w.track_op()
-            && bias.is_none_or(|x| cpu_f32(x) && !x.track_op())
+        peft_kernels::fused_f32(&[hidden])
+            && peft_kernels::gemm::is_frozen_cpu_matrix(w)
+            && bias.is_none_or(|x| peft_kernels::fused_f32(&[x]) && !x.track_op())
             && head.in_features() == h
     });
-    let Some(dense) = fused else {
+    let unfused = || -> Result<Tensor> {
         let logits = head.forward(hidden)?;
         let v = logits.dim(candle_core::D::Minus1)?;
-        return Ok(cross_entropy(&logits.reshape((n, v))?, targets)?.0);
+        Ok(cross_entropy(&logits.reshape((n, v))?, targets)?.0)
+    };
+    let Some(dense) = fused else {
+        return unfused();
     };
     let v = head.out_features();
     check_target_shape(targets, n)?;
-    let targets = target_ids(targets, v)?;
-    let rows: Vec<(usize, usize)> = targets
+    let ids = target_ids(targets, v)?;
+    let rows: Vec<(usize, usize)> = ids
         .iter()
         .enumerate()
         .filter(|(_, &x)| x != IGNORE_INDEX)
         .map(|(i, &x)| (i, x as usize))
         .collect();
     let (weight, bias, transposed) = dense.parts();
-    let op = HeadCrossEntropy {
-        weight: weight.contiguous()?,
-        bias: bias.cloned(),
+    match peft_kernels::loss::head_cross_entropy(
+        hidden,
+        weight,
+        bias,
         transposed,
         rows,
-        chunk_rows: (chunk_elems / v.max(1)).max(1),
-        with_grad: crate::grad::is_grad_enabled() && hidden.track_op(),
-        grad: std::sync::Mutex::new(None),
-    };
-    Ok(hidden.contiguous()?.apply_op1(op)?)
-}
-
-/// The fused head + cross-entropy of [`head_cross_entropy`]: the input is `hidden`, the loss
-/// the mean over `rows` (`(row of hidden, target)`) of `logsumexp(z) - z[target]` with
-/// `z = hidden[row] op(W) + bias`.
-struct HeadCrossEntropy {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    transposed: bool,
-    rows: Vec<(usize, usize)>,
-    chunk_rows: usize,
-    with_grad: bool,
-    /// The gradient of the loss with respect to `hidden`, written by the forward when
-    /// `with_grad`.
-    grad: std::sync::Mutex<Option<Tensor>>,
-}
-
-impl HeadCrossEntropy {
-    /// The loss, and (when `want_grad`) the gradient with respect to `x` (`[N, H]` flat).
-    fn pass(&self, x: &[f32], want_grad: bool) -> candle_core::Result<(f32, Option<Vec<f32>>)> {
-        let name = "head-cross-entropy";
-        let (d0, d1) = self.weight.dims2()?;
-        let (v, k) = if self.transposed { (d1, d0) } else { (d0, d1) };
-        if !x.len().is_multiple_of(k.max(1)) {
-            candle_core::bail!("{name}: hidden states of width {k} expected");
-        }
-        let count = self.rows.len();
-        let mut grad = want_grad.then(|| vec![0f32; x.len()]);
-        let c = self.chunk_rows.min(count.max(1));
-        let mut xin = vec![0f32; c * k];
-        let mut z = vec![0f32; c * v];
-        let mut dx = if want_grad {
-            vec![0f32; c * k]
-        } else {
-            Vec::new()
-        };
-        let inv_count = 1.0 / count.max(1) as f32;
-        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-        let mut total = 0f64;
-        for chunk in self.rows.chunks(c) {
-            let m = chunk.len();
-            for (dst, &(r, _)) in xin.chunks_mut(k).zip(chunk) {
-                dst.copy_from_slice(&x[r * k..(r + 1) * k]);
-            }
-            let z = &mut z[..m * v];
-            crate::layers::frozen_product(
-                &self.weight,
-                self.transposed,
-                &xin[..m * k],
-                m,
-                z,
-                false,
-                name,
-            )?;
-            total += z
-                .par_chunks_mut(v)
-                .zip(chunk.par_iter())
-                .map(|(row, &(_, target))| {
-                    if let Some(b) = &bias {
-                        row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-                    }
-                    let picked = row[target];
-                    let (max, sum) = crate::vmath::exp_minus_max(row);
-                    if want_grad {
-                        let s = inv_count / sum;
-                        row.iter_mut().for_each(|o| *o *= s);
-                        row[target] -= inv_count;
-                    }
-                    f64::from(max + sum.ln() - picked)
-                })
-                .sum::<f64>();
-            if let Some(grad) = grad.as_mut() {
-                let dx = &mut dx[..m * k];
-                crate::layers::frozen_product(
-                    &self.weight,
-                    !self.transposed,
-                    z,
-                    m,
-                    dx,
-                    false,
-                    name,
-                )?;
-                for (src, &(r, _)) in dx.chunks(k).zip(chunk) {
-                    grad[r * k..(r + 1) * k].copy_from_slice(src);
-                }
-            }
-        }
-        Ok(((total / count.max(1) as f64) as f32, grad))
-    }
-}
-
-impl CustomOp1 for HeadCrossEntropy {
-    fn name(&self) -> &'static str {
-        "head-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::layers::cpu_f32_slice(storage, layout, self.name())?;
-        let (loss, grad) = self.pass(x, self.with_grad)?;
-        if let Some(g) = grad {
-            let g = Tensor::from_vec(g, layout.shape(), &candle_core::Device::Cpu)?;
-            *self.grad.lock().map_err(|_| {
-                candle_core::Error::Msg("head-cross-entropy: poisoned lock".into())
-            })? = Some(g);
-        }
-        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let scale = f64::from(grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        let stored = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("head-cross-entropy: poisoned lock".into()))?
-            .clone();
-        let grad = match stored {
-            Some(g) => g,
-            // The forward ran without a gradient (it did not expect a backward): compute it now.
-            None => {
-                let g = crate::layers::with_f32s([arg], self.name(), |[x]| self.pass(x, true))?.1;
-                Tensor::from_vec(g.unwrap_or_default(), arg.shape(), arg.device())?
-            }
-        };
-        Ok(Some(grad.affine(scale, 0.0)?))
+        (chunk_elems / v.max(1)).max(1),
+        crate::grad::is_grad_enabled() && hidden.track_op(),
+    )? {
+        Some(loss) => Ok(loss),
+        None => unfused(),
     }
 }
 

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
-use peft_core::layers::{
-    embedding_lookup, linear_forward, lowrank_linear_forward, scale_features, DenseLinear,
-    EmbeddingLike, LinearLike,
-};
+use peft_core::layers::{embedding_lookup, linear_forward, DenseLinear, EmbeddingLike, LinearLike};
+use peft_kernels::linear::scale_features;
+
+use crate::fused::lowrank_linear_forward;
 use peft_core::nn::Dropout;
 use peft_core::{EmbeddingAdapter, Init, LinearAdapter, ParamBuilder, Result};
 

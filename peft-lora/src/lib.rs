@@ -9,6 +9,7 @@
 pub mod combine;
 pub mod config;
 pub mod convert;
+mod fused;
 pub mod layer;
 
 use peft_core::layers::{EmbeddingLike, LinearLike};

@@ -11,11 +11,11 @@
 
 pub mod bert;
 pub mod blocks;
-pub mod fused;
-pub mod fused_attn;
 pub mod gguf;
 pub mod gpt2;
 pub mod init;
+#[cfg(test)]
+mod kernel_tests;
 pub mod llama;
 pub mod ops;
 pub mod t5;

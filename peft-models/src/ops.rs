@@ -7,7 +7,7 @@ use peft_core::{PeftError, Result};
 
 /// HF `LlamaRMSNorm`: normalise in f32, cast back, then scale by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if let Some(y) = crate::fused::rms_norm(x, weight, eps)? {
+    if let Some(y) = peft_kernels::nn::rms_norm(x, weight, eps)? {
         return Ok(y);
     }
     let dtype = x.dtype();
@@ -99,7 +99,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// A linear layer's output `x [B, T, heads * D]` as rotated heads `[B, heads, T, D]` (one
 /// fused op on the CPU in f32).
 pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused_attn::rope_heads(x, heads, cos, sin)? {
+    if let Some(y) = peft_kernels::attention::rope_heads(x, heads, cos, sin)? {
         return Ok(y);
     }
     let (b, t, hd) = x.dims3()?;
@@ -110,25 +110,14 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
 /// `act(gate) * up`, the gated MLP (one fused op for SiLU on the CPU in f32).
 pub fn gated(act: &str, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if matches!(act, "silu" | "swish") {
-        if let Some(y) = crate::fused_attn::swiglu(gate, up)? {
+        if let Some(y) = peft_kernels::attention::swiglu(gate, up)? {
             return Ok(y);
         }
     }
     Ok((activation(act, gate)? * up)?)
 }
 
-/// An attention mask ready to add to scores.
-#[derive(Debug, Clone)]
-pub struct AttentionMask {
-    /// `[B, 1, T, S]` f32: 0 where attending, a large negative number elsewhere.
-    pub additive: Tensor,
-    /// `[B, 1, T, 1]` f32: 0 for query rows that may attend to nothing (left padding), whose
-    /// output is then zero, as torch's SDPA (transformers' default attention) returns.
-    pub row_valid: Option<Tensor>,
-    /// `Some(past)` when `additive` hides every key after `past + t` from query row `t`
-    /// (a causal mask after `past` cached positions), so attention may skip those keys.
-    pub causal_past: Option<usize>,
-}
+pub use peft_kernels::attention::AttentionMask;
 
 const MASKED: f32 = -1.0e30;
 
@@ -228,7 +217,7 @@ pub fn cache_kv(
 
 /// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, KV, S, D]` (`H` a
 /// multiple of `KV`: grouped-query heads), softmax in f32. On the CPU in f32 one fused op
-/// (see [`crate::fused_attn`]) whose result is a `[B, H, T, D]` view of a `[B, T, H, D]`
+/// (see [`peft_kernels::attention`]) whose result is a `[B, H, T, D]` view of a `[B, T, H, D]`
 /// buffer.
 pub fn attention(
     q: &Tensor,
@@ -237,7 +226,7 @@ pub fn attention(
     scale: f64,
     mask: Option<&AttentionMask>,
 ) -> Result<Tensor> {
-    if let Some(out) = crate::fused_attn::attention(q, k, v, scale, mask)? {
+    if let Some(out) = peft_kernels::attention::attention(q, k, v, scale, mask)? {
         return Ok(out);
     }
     let (h, kv) = (q.dim(1)?, k.dim(1)?);
@@ -248,14 +237,25 @@ pub fn attention(
     };
     let (k, v) = (&k, &v);
     let dtype = q.dtype();
-    let scores = (crate::fused::batched_matmul_nt(q, k)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match peft_kernels::nn::batched_matmul_nt(q, k)? {
+        Some(s) => s,
+        None => q.contiguous()?.matmul(&k.contiguous()?.t()?)?,
+    };
+    let scores = (scores * scale)?.to_dtype(DType::F32)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.additive)?,
         None => scores,
     };
-    let mut probs = crate::fused::softmax_last_dim(&scores)?;
+    let mut probs = match peft_kernels::nn::softmax_last_dim(&scores)? {
+        Some(p) => p,
+        None => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
     if let Some(valid) = mask.and_then(|m| m.row_valid.as_ref()) {
         probs = probs.broadcast_mul(valid)?;
     }
-    crate::fused::batched_matmul(&probs.to_dtype(dtype)?, &v.contiguous()?)
+    let probs = probs.to_dtype(dtype)?;
+    Ok(match peft_kernels::nn::batched_matmul(&probs, v)? {
+        Some(out) => out,
+        None => probs.matmul(&v.contiguous()?)?,
+    })
 }

@@ -1,7 +1,8 @@
 //! Kernel dispatch. Each entry names a device family and the instruction set its kernels use;
-//! the first entry that serves a device wins. The CPU kernels pick AVX2+FMA or the portable
-//! loop at run time; CUDA kernels for the same formats slot in as a new entry (and as the
-//! `cuda_fwd` of the quantized matmul op) without touching the formats or the methods.
+//! the first entry that serves a device wins. The CPU kernels pick AVX2+FMA or the scalar
+//! loop at run time; every other device (and the CPU under `PEFT_KERNELS=portable`) takes the
+//! portable path (dequantize onto the device, candle's matmul). CUDA kernels for the same
+//! formats slot in as a new entry without touching the formats or the methods.
 
 use candle_core::Device;
 use peft_core::{PeftError, Result};
@@ -19,11 +20,17 @@ pub struct KernelBackend {
 pub static BACKENDS: &[KernelBackend] = &[
     KernelBackend {
         name: "cpu-avx2",
-        serves: |d| d.is_cpu() && crate::kernel::has_avx2(),
+        serves: |d| d.is_cpu() && !peft_kernels::portable() && peft_kernels::quant::has_avx2(),
     },
     KernelBackend {
-        name: "cpu-portable",
-        serves: |d| d.is_cpu(),
+        name: "cpu-scalar",
+        serves: |d| d.is_cpu() && !peft_kernels::portable(),
+    },
+    KernelBackend {
+        // Any device (and the CPU under PEFT_KERNELS=portable): the weight dequantized onto
+        // the device a layer at a time, then candle's matmul.
+        name: "portable",
+        serves: |_| true,
     },
 ];
 
@@ -40,7 +47,7 @@ pub fn select(device: &Device) -> Result<&'static KernelBackend> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            format!("{device:?} (GPU kernels for int8/NF4 are not built yet; run on the CPU)"),
+            format!("{device:?}"),
         )
     })
 }

@@ -8,8 +8,8 @@
 use std::ops::Range;
 
 use crate::codebook::{dynamic_map, fp4, Buckets, NF4};
-use crate::kernel::{self, QuantWeight};
 use peft_core::{PeftError, Result};
+use peft_kernels::quant::{self as kernel, QuantWeight};
 
 /// Which 4-bit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

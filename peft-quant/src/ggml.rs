@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::{bf16, f16};
 use peft_core::{PeftError, Result};
 
-use crate::kernel::QuantWeight;
+use peft_kernels::quant::QuantWeight;
 
 /// A `[rows, cols]` weight in a GGML block format.
 #[derive(Debug, Clone)]

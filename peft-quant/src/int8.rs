@@ -7,10 +7,11 @@
 
 use std::ops::Range;
 
+use candle_core::{DType, Tensor};
 use half::f16;
 
-use crate::kernel::{self, QuantWeight};
 use peft_core::{PeftError, Result};
+use peft_kernels::quant::{self as kernel, QuantWeight};
 
 /// bitsandbytes' `1 / 127` as written in `int8_vectorwise_dequant`.
 #[allow(clippy::excessive_precision)]
@@ -51,6 +52,16 @@ fn to_i8(x: f32) -> i8 {
     } else {
         x.round_ties_even().clamp(-128.0, 127.0) as i8
     }
+}
+
+/// torch's `round` (half to even) in tensor ops: candle's `round` takes halves away from zero.
+fn round_half_even(x: &Tensor) -> candle_core::Result<Tensor> {
+    let away = x.round()?;
+    let tie = (x - x.floor()?)?.eq(0.5)?;
+    let even = ((x * 0.5)?.round()? * 2.0)?;
+    // A tie rounds to the even one of floor and floor + 1: 2 * round(x / 2) is that one when x
+    // / 2 is not itself a tie (x = 2j + 0.5 or 2j + 1.5, never a quarter).
+    tie.where_cond(&even, &away)
 }
 
 /// Rounds through float16, as bitsandbytes casts weights and activations before quantizing.
@@ -227,6 +238,44 @@ impl QuantWeight for Int8Rowwise {
         } else {
             "int8 (LLM.int8)".into()
         }
+    }
+
+    /// [`Self::forward`] in candle tensor ops (the portable path, any device): the same
+    /// float16 rounding, per-row int8 with torch's half-to-even rounding, outlier columns, and
+    /// integer product rescaled by both row maxima; the gradient of `x` is `g W` with the
+    /// dequantized `w`, as bitsandbytes' backward gives.
+    fn portable_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dev = x.device();
+        let m = x.dim(0)?;
+        let x = x.to_dtype(DType::F32)?;
+        let xh = x.detach().to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+        let zero = xh.zeros_like()?;
+        let (a, outliers) = if self.threshold > 0.0 {
+            let big = xh.abs()?.ge(f64::from(self.threshold))?;
+            let cols = big.to_dtype(DType::F32)?.max_keepdim(0)?;
+            (big.where_cond(&zero, &xh)?, Some(cols))
+        } else {
+            (xh, None)
+        };
+        let sa = a.abs()?.max_keepdim(1)?;
+        // torch: 127 / t is reciprocal(t) * 127; a zero row gives NaN, quantized to 0.
+        let scaled = a.broadcast_mul(&(sa.recip()? * 127.0)?)?;
+        let scaled = scaled.eq(&scaled)?.where_cond(&scaled, &zero)?;
+        let mut q = round_half_even(&scaled)?.clamp(-128f32, 127f32)?;
+        if let (Some(cols), true) = (&outliers, m > 1) {
+            q = q.broadcast_mul(&(1.0 - cols)?)?;
+        }
+        let cb: Vec<f32> = self.cb.iter().map(|&v| f32::from(v)).collect();
+        let cb = Tensor::from_vec(cb, (self.rows, self.cols), dev)?;
+        let scb = Tensor::from_slice(&self.scb, (1, self.rows), dev)?;
+        let acc = q.matmul(&cb.t()?)?;
+        let mut y = (acc.broadcast_mul(&sa.broadcast_mul(&scb)?)? * f64::from(INV_127_SQ))?;
+        if let Some(cols) = &outliers {
+            y = (y + x.detach().broadcast_mul(cols)?.matmul(&w.t()?)?)?;
+        }
+        // The value above, the gradient of x W^T.
+        let linear = x.matmul(&w.t()?)?;
+        Ok(Some((&linear + (y - linear.detach())?)?))
     }
 
     /// LLM.int8's forward (bitsandbytes' `MatMul8bitLt`): activations through float16,

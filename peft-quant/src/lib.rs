@@ -22,7 +22,7 @@ pub mod codebook;
 pub mod factory;
 pub mod ggml;
 pub mod int8;
-pub mod kernel;
+pub use peft_kernels::quant as kernel;
 pub mod linear;
 pub mod merge;
 pub mod model;

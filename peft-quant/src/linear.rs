@@ -12,7 +12,7 @@ use peft_core::{LinearLike, PeftError, Result};
 
 use crate::blockwise::{Blockwise4bit, FourBit};
 use crate::int8::Int8Rowwise;
-use crate::kernel::QuantWeight;
+use peft_kernels::quant::QuantWeight;
 
 /// A quantization scheme for frozen linear weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -198,6 +198,38 @@ impl QuantLinear {
         self.scheme
     }
 
+    /// The portable path (another device, or `PEFT_KERNELS=portable`): the weight dequantized
+    /// onto `x`'s device (one layer's f32 weight at a time, dropped after the product) and
+    /// multiplied with candle's matmul, or the format's own op-chain forward (LLM.int8); the
+    /// gradient reaches `x` only, as through the CPU op.
+    fn portable_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = (self.weight.rows(), self.weight.cols());
+        let in_dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&cols) {
+            return Err(PeftError::bad_input(
+                "quantized linear input",
+                format!("last dimension {cols}"),
+                format!("{dims:?}"),
+            ));
+        }
+        let x2 = x.to_dtype(DType::F32)?.reshape(((), cols))?;
+        let mut values = vec![0f32; rows * cols];
+        self.weight.dequantize_into(0..rows, 0..cols, &mut values);
+        let w = Tensor::from_vec(values, (rows, cols), x.device())?;
+        let y = match self.weight.portable_forward(&x2, &w)? {
+            Some(y) => y,
+            None => x2.matmul(&w.t()?)?,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("non-empty dims") = rows;
+        let y = y.reshape(out)?.to_dtype(in_dtype)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_device(x.device())?.to_dtype(in_dtype)?)?,
+            None => y,
+        })
+    }
+
     /// Bytes of the quantized weight in memory (bias excluded).
     pub fn resident_bytes(&self) -> usize {
         self.weight.resident_bytes()
@@ -250,7 +282,7 @@ impl CustomOp1 for QMatmul {
         };
         let m = x.len() / inner;
         let y = if self.input_grad {
-            crate::kernel::matmul_gw(self.weight.as_ref(), x, m)
+            peft_kernels::quant::matmul_gw(self.weight.as_ref(), x, m)
         } else {
             self.weight.forward(x, m)
         };
@@ -290,6 +322,9 @@ impl LinearLike for QuantLinear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::backend::check_device(x.device())?;
+        if !peft_kernels::fused(&[x]) {
+            return self.portable_forward(x);
+        }
         let in_dtype = x.dtype();
         let xf = if in_dtype == DType::F32 {
             x.contiguous()?

@@ -291,10 +291,12 @@ fn tiles_equal_the_whole() {
     }
     assert_eq!(
         peft_quant::kernel::simd_level(),
-        if peft_quant::kernel::has_avx2() {
+        if peft_kernels::portable() {
+            "portable"
+        } else if peft_quant::kernel::has_avx2() {
             "avx2+fma"
         } else {
-            "portable"
+            "scalar"
         }
     );
 }

@@ -115,9 +115,7 @@ pub fn silu_into(xs: &[f32], out: &mut [f32], sig: Option<&mut [f32]>) {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    crate::cpu::has_avx2_fma()
 }
 
 #[cfg(target_arch = "x86_64")]

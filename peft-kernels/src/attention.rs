@@ -12,100 +12,39 @@
 //!   two broadcast products and a sum, each a tensor kept for the backward).
 //! - [`swiglu`]: `silu(gate) * up` in one pass, keeping only its two inputs.
 //!
-//! Other devices and dtypes, and masks that carry gradients, use the op chains in `ops`.
+//! Each returns `None` where it does not apply (other devices and dtypes, masks that carry
+//! gradients, the portable mode); the callers (`peft-models`' ops) then take the op chains.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
-};
-use peft_core::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::AttentionMask;
+use crate::view::{cpu_f32_slice, with_f32s, SharedMut, View4};
 
-/// A raw pointer shared by threads that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every user writes a region no other thread touches (documented at each use).
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
+/// An attention mask as the models build it.
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    /// `[B, 1, T, S]` f32: 0 where attending, a large negative number elsewhere.
+    pub additive: Tensor,
+    /// `[B, 1, T, 1]` f32: 0 for query rows that may attend to nothing (left padding), whose
+    /// output is then zero, as torch's SDPA (transformers' default attention) returns.
+    pub row_valid: Option<Tensor>,
+    /// `Some(past)` when `additive` hides every key after `past + t` from query row `t`
+    /// (a causal mask after `past` cached positions), so attention may skip those keys.
+    pub causal_past: Option<usize>,
 }
 
 /// A view of a locked tensor's CPU storage.
-fn locked_view<'a>(
-    g: &'a (candle_core::StorageRef<'_>, &Layout),
-    what: &str,
-) -> candle_core::Result<View4<'a>> {
-    match &*g.0 {
-        Storage::Cpu(c) => View4::new(c, g.1, what),
-        _ => candle_core::bail!("fused-attention: {what} should be on the CPU"),
-    }
-}
-
-/// A 4-D f32 operand read in place: its whole storage, start offset and element strides.
-#[derive(Clone, Copy)]
-struct View4<'a> {
-    data: &'a [f32],
-    start: usize,
-    st: [usize; 4],
-    dims: [usize; 4],
-}
-
-impl<'a> View4<'a> {
-    fn new(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-attention: {what} should be f32");
-        };
-        let (d, s) = (layout.shape().dims(), layout.stride());
-        if d.len() != 4 {
-            candle_core::bail!("fused-attention: {what} should be 4-D, found {d:?}");
-        }
-        let view = View4 {
-            data,
-            start: layout.start_offset(),
-            st: [s[0], s[1], s[2], s[3]],
-            dims: [d[0], d[1], d[2], d[3]],
-        };
-        // The furthest element must lie inside the storage.
-        let last: usize = view.start
-            + (0..4)
-                .map(|i| (d[i].max(1) - 1) * view.st[i])
-                .sum::<usize>();
-        if d.iter().all(|&x| x > 0) && last >= data.len() {
-            candle_core::bail!("fused-attention: {what} strides run past its storage");
-        }
-        Ok(view)
-    }
-
-    /// Pointer to element `[i0, i1, 0, 0]`.
-    fn at(&self, i0: usize, i1: usize) -> *const f32 {
-        let off = self.start + i0 * self.st[0] + i1 * self.st[1];
-        // SAFETY: in bounds for valid indices (checked against the storage in `new`).
-        unsafe { self.data.as_ptr().add(off) }
-    }
-
-    fn get(&self, i: [usize; 4]) -> f32 {
-        self.data[self.start
-            + i[0] * self.st[0]
-            + i[1] * self.st[1]
-            + i[2] * self.st[2]
-            + i[3] * self.st[3]]
-    }
+fn locked_view<'a>(g: &'a (candle_core::StorageRef<'_>, &Layout), what: &str) -> Result<View4<'a>> {
+    View4::locked(g, &format!("fused-attention: {what}"))
 }
 
 /// `dst[m, n] (+)= alpha * lhs[m, k] rhs[k, n]` on the calling thread (the per-head products
 /// are spread over threads by the callers).
 ///
 /// # Safety
-/// As [`peft_core::layers::gemm_f32`].
+/// As [`crate::gemm::gemm_f32`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm1(
     m: usize,
@@ -122,7 +61,7 @@ unsafe fn gemm1(
 ) {
     // SAFETY: the caller's contract.
     unsafe {
-        peft_core::layers::gemm_f32(
+        crate::gemm::gemm_f32(
             (m, n, k),
             dst,
             dst_rs,
@@ -138,7 +77,7 @@ unsafe fn gemm1(
 }
 
 fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    crate::cpu::fused_f32(&[t])
 }
 
 /// Scaled dot-product attention of `q [B, H, T, D]` over `k, v [B, KV, S, D]` (`H` a multiple
@@ -213,10 +152,7 @@ struct MaskViews<'a> {
 }
 
 impl FusedAttention {
-    fn with_masks<R>(
-        &self,
-        f: impl FnOnce(&MaskViews<'_>) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
+    fn with_masks<R>(&self, f: impl FnOnce(&MaskViews<'_>) -> Result<R>) -> Result<R> {
         let ga = self.additive.as_ref().map(|a| a.storage_and_layout());
         let gv = self.row_valid.as_ref().map(|r| r.storage_and_layout());
         let views = MaskViews {
@@ -318,7 +254,7 @@ impl CustomOp3 for FusedAttention {
         l2: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
             View4::new(s1, l1, "q")?,
             View4::new(s2, l2, "k")?,
@@ -342,7 +278,7 @@ impl CustomOp3 for FusedAttention {
                         self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
                         let rows = p[..(t1 - t0) * se].chunks_mut(se.max(1));
                         for (i, (row, l)) in rows.zip(lse_rows[t0..t1].iter_mut()).enumerate() {
-                            let (max, sum) = peft_core::vmath::exp_minus_max(row);
+                            let (max, sum) = crate::vmath::exp_minus_max(row);
                             *l = max + sum.ln();
                             let inv = if Self::row_is_valid(masks, bi, hi, t0 + i) {
                                 1.0 / sum
@@ -389,7 +325,7 @@ impl CustomOp3 for FusedAttention {
         v_t: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self
             .lse
             .lock()
@@ -438,7 +374,7 @@ impl CustomOp3 for FusedAttention {
                             self.scores((&q, &k), masks, bi, hi, (t0, t1), se, &mut p);
                             for (i, row) in p[..tb * se].chunks_mut(se.max(1)).enumerate() {
                                 if Self::row_is_valid(masks, bi, hi, t0 + i) {
-                                    peft_core::vmath::exp_shifted_sum(row, lse_rows[t0 + i]);
+                                    crate::vmath::exp_shifted_sum(row, lse_rows[t0 + i]);
                                 } else {
                                     row.fill(0.0);
                                 }
@@ -575,12 +511,8 @@ impl CustomOp1 for Rope {
         "fused-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = peft_core::layers::cpu_f32_slice(storage, layout, self.name())?;
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32_slice(storage, layout, self.name())?;
         let dims = layout.shape().dims();
         let h = self.heads;
         let (b, t, d) = if self.backward {
@@ -635,7 +567,7 @@ impl CustomOp1 for Rope {
         Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let op = Rope {
             heads: self.heads,
             cos: Arc::clone(&self.cos),
@@ -669,16 +601,16 @@ impl CustomOp2 for SwiGlu {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (
-            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
-            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
         );
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(4096)
             .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
             .for_each(|(o, (g, u))| {
-                peft_core::vmath::silu_into(g, o, None);
+                crate::vmath::silu_into(g, o, None);
                 for (oi, &ui) in o.iter_mut().zip(u) {
                     *oi *= ui;
                 }
@@ -692,12 +624,12 @@ impl CustomOp2 for SwiGlu {
         up: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let n = gate.elem_count();
         let mut dg = vec![0f32; n];
         let mut du = vec![0f32; n];
-        peft_core::layers::with_f32s([gate, up, &grad], self.name(), |[g, u, go]| {
+        with_f32s([gate, up, &grad], self.name(), |[g, u, go]| {
             dg.par_chunks_mut(4096)
                 .zip(du.par_chunks_mut(4096))
                 .zip(
@@ -707,7 +639,7 @@ impl CustomOp2 for SwiGlu {
                 )
                 .for_each(|((dg, du), ((g, u), go))| {
                     // du = go * silu(g); dg = go * u * s * (1 + g (1 - s)), s = sigmoid(g).
-                    peft_core::vmath::silu_into(g, du, Some(&mut *dg));
+                    crate::vmath::silu_into(g, du, Some(&mut *dg));
                     for i in 0..g.len() {
                         let s = dg[i];
                         dg[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
@@ -720,178 +652,5 @@ impl CustomOp2 for SwiGlu {
             Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(du, up.shape(), up.device())?),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    fn grads_agree(fused: &Tensor, chain: &Tensor, vars: &[&Var], tol: f32) {
-        let probe = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
-        let gf = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (chain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (i, v) in vars.iter().enumerate() {
-            let (a, b) = (
-                gf.get(v.as_tensor()).expect("fused grad"),
-                gc.get(v.as_tensor()).expect("chain grad"),
-            );
-            let d = max_diff(a, b);
-            assert!(d < tol, "gradient {i} differs by {d}");
-        }
-    }
-
-    /// The op chain the fused attention replaces (with repeat_kv for grouped heads).
-    fn chain_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        scale: f64,
-        mask: Option<&AttentionMask>,
-    ) -> Tensor {
-        let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
-        let (k, v) = (
-            crate::ops::repeat_kv(k, rep).unwrap(),
-            crate::ops::repeat_kv(v, rep).unwrap(),
-        );
-        let scores = (q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.additive).unwrap(),
-            None => scores,
-        };
-        let mut p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-        if let Some(valid) = mask.and_then(|m| m.row_valid.as_ref()) {
-            p = p.broadcast_mul(valid).unwrap();
-        }
-        p.matmul(&v.contiguous().unwrap()).unwrap()
-    }
-
-    #[test]
-    fn fused_attention_equals_the_chain_with_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        let (b, h, kv, t, d) = (2, 6, 2, 7, 8);
-        // q read through a transpose, as the model hands it over.
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?)?;
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?)?;
-        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, kv, d), &dev)?)?;
-        let qh = q.as_tensor().transpose(1, 2)?;
-        let vh = v.as_tensor().transpose(1, 2)?;
-        // Left padding on the second row: its first two queries attend to nothing.
-        let pad = Tensor::new(
-            &[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]],
-            &dev,
-        )?;
-        let with_pad = crate::ops::causal_mask(Some(&pad), b, t, 0, None, &dev)?;
-        let window = crate::ops::causal_mask(None, b, t, 0, Some(3), &dev)?;
-        // A per-head additive bias (T5's position bias) broadcast over the batch.
-        let bias = AttentionMask {
-            additive: Tensor::randn(0f32, 1.0, (1, h, t, t), &dev)?,
-            row_valid: None,
-            causal_past: None,
-        };
-        for mask in [None, with_pad.as_ref(), window.as_ref(), Some(&bias)] {
-            let fused = attention(&qh, k.as_tensor(), &vh, 0.3, mask)?.expect("fused path");
-            let chain = chain_attention(&qh, k.as_tensor(), &vh, 0.3, mask);
-            assert!(
-                max_diff(&fused, &chain) < 1e-5,
-                "outputs differ by {}",
-                max_diff(&fused, &chain)
-            );
-            grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
-        }
-        // Causal masks over several row blocks, fresh and after cached positions.
-        for (t, past) in [(150, 0), (70, 30)] {
-            let s = past + t;
-            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, t, d), &dev)?)?;
-            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, s, d), &dev)?)?;
-            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, s, d), &dev)?)?;
-            let mut pad = vec![1f32; s];
-            pad[..3].fill(0.0);
-            let pad = Tensor::from_vec(pad, (1, s), &dev)?;
-            let mask = crate::ops::causal_mask(Some(&pad), 1, t, past, None, &dev)?;
-            assert_eq!(mask.as_ref().and_then(|m| m.causal_past), Some(past));
-            let fused = attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                0.3,
-                mask.as_ref(),
-            )?
-            .expect("fused path");
-            let chain = chain_attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                0.3,
-                mask.as_ref(),
-            );
-            assert!(
-                max_diff(&fused, &chain) < 1e-5,
-                "causal blocks: outputs differ by {}",
-                max_diff(&fused, &chain)
-            );
-            grads_agree(&fused, &chain, &[&q, &k, &v], 1e-4);
-        }
-        // Decoding: one query over five cached positions, no mask.
-        let q1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev)?)?;
-        let k5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
-        let v5 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, kv, 5, d), &dev)?)?;
-        let fused = attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None)?
-            .expect("fused path");
-        let chain = chain_attention(q1.as_tensor(), k5.as_tensor(), v5.as_tensor(), 0.5, None);
-        assert!(max_diff(&fused, &chain) < 1e-5);
-        grads_agree(&fused, &chain, &[&q1, &k5, &v5], 1e-4);
-        Ok(())
-    }
-
-    #[test]
-    fn fused_rope_and_swiglu_equal_the_chains_with_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        let (b, t, h, d) = (2, 5, 3, 8);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h * d), &dev)?)?;
-        let rot = crate::ops::Rotary::new(vec![1.0, 0.3, 0.05, 0.01], 1.3, &dev)?;
-        let pos = Tensor::new(&[[0u32, 1, 2, 3, 4], [7, 8, 9, 10, 11]], &dev)?;
-        let (cos, sin) = rot.cos_sin(&pos, DType::F32)?;
-        let fused = rope_heads(x.as_tensor(), h, &cos, &sin)?.expect("fused path");
-        let heads = x.as_tensor().reshape((b, t, h, d))?.transpose(1, 2)?;
-        let chain = crate::ops::apply_rotary(&heads, &cos, &sin)?;
-        assert!(
-            max_diff(&fused, &chain) == 0.0,
-            "rope differs by {}",
-            max_diff(&fused, &chain)
-        );
-        grads_agree(&fused, &chain, &[&x], 1e-5);
-
-        let gate = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 7, 33), &dev)?)?;
-        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7, 33), &dev)?)?;
-        let fused = swiglu(gate.as_tensor(), up.as_tensor())?.expect("fused path");
-        let chain = (gate.as_tensor().silu()? * up.as_tensor())?;
-        assert!(max_diff(&fused, &chain) < 1e-6);
-        grads_agree(&fused, &chain, &[&gate, &up], 1e-5);
-        Ok(())
     }
 }

@@ -1,23 +1,26 @@
 //! Fused CPU ops with their own backward, for the hot spots of a training step: the softmax of
 //! attention scores and RMS norm. Each replaces a chain of generic candle ops (and the
 //! tensors that chain allocates and keeps for its backward) by one pass over the rows, and
-//! keeps full gradients (candle's own fused versions drop them). Other devices and dtypes use
-//! the op chains.
+//! keeps full gradients (candle's own fused versions drop them). Each returns `None` where it
+//! does not apply (other devices and dtypes, the portable mode): the callers (`peft-models`'
+//! ops) then take the op chains.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
-use peft_core::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu::fused_f32;
+use crate::view::{cpu_f32_slice, with_f32s};
 
 fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
 }
 
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
+/// Softmax over the last dimension of an f32 CPU tensor, with its backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
+    if !fused_f32(&[x]) || x.rank() == 0 {
+        return Ok(None);
     }
-    Ok(x.contiguous()?.apply_op1(Softmax)?)
+    Ok(Some(x.contiguous()?.apply_op1(Softmax)?))
 }
 
 struct Softmax;
@@ -27,15 +30,15 @@ impl CustomOp1 for Softmax {
         "fused-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = peft_core::layers::cpu_f32_slice(s, l, self.name())?;
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32_slice(s, l, self.name())?;
         let d = last_dim(l);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, r)| {
                 o.copy_from_slice(r);
-                let (max, sum) = peft_core::vmath::exp_minus_max(o);
+                let (max, sum) = crate::vmath::exp_minus_max(o);
                 if max == f32::NEG_INFINITY {
                     // A fully masked row: candle's chain gives NaN here too; keep zeros instead
                     // of NaN only where every entry is -inf (callers zero such rows anyway).
@@ -50,7 +53,7 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
     }
 }
@@ -69,10 +72,10 @@ impl CustomOp2 for SoftmaxGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (
-            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
-            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
         );
         let d = last_dim(l1);
         let mut out = vec![0f32; y.len()];
@@ -90,7 +93,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// HF `LlamaRMSNorm` on f32 tensors: `x / sqrt(mean(x^2) + eps) * weight`, gradients for both.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+    if !fused_f32(&[x, weight]) {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op2(
@@ -121,10 +124,10 @@ impl CustomOp2 for RmsNorm {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (
-            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
-            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
         );
         let d = last_dim(l1);
         if w.len() != d {
@@ -148,50 +151,49 @@ impl CustomOp2 for RmsNorm {
         w: &Tensor,
         _y: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         // A frozen norm weight (the usual case under PEFT) gets no gradient.
         let want_dw = w.track_op();
         let g = g.contiguous()?;
-        let (dx, dw) =
-            peft_core::layers::with_f32s([x, w, &g], "rms-norm backward", |[xv, wv, gv]| {
-                let mut dx = vec![0f32; xv.len()];
-                let dw_parts: Vec<Vec<f32>> = dx
-                    .par_chunks_mut(d)
-                    .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-                    .fold(
-                        || if want_dw { vec![0f32; d] } else { Vec::new() },
-                        |mut dw, (o, (r, gr))| {
-                            let inv = self.inv_rms(r);
-                            // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
-                            let mean: f32 = r
-                                .iter()
-                                .zip(gr)
-                                .zip(wv)
-                                .map(|((xi, gi), wi)| gi * wi * xi * inv)
-                                .sum::<f32>()
-                                / d as f32;
-                            for (j, oi) in o.iter_mut().enumerate() {
-                                *oi = inv * (gr[j] * wv[j] - r[j] * inv * mean);
-                            }
-                            for (j, dwj) in dw.iter_mut().enumerate() {
-                                *dwj += gr[j] * r[j] * inv;
-                            }
-                            dw
-                        },
-                    )
-                    .collect();
-                let dw = want_dw.then(|| {
-                    let mut dw = vec![0f32; d];
-                    for part in dw_parts {
-                        for (a, b) in dw.iter_mut().zip(part) {
-                            *a += b;
+        let (dx, dw) = with_f32s([x, w, &g], "rms-norm backward", |[xv, wv, gv]| {
+            let mut dx = vec![0f32; xv.len()];
+            let dw_parts: Vec<Vec<f32>> = dx
+                .par_chunks_mut(d)
+                .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+                .fold(
+                    || if want_dw { vec![0f32; d] } else { Vec::new() },
+                    |mut dw, (o, (r, gr))| {
+                        let inv = self.inv_rms(r);
+                        // n = x * inv; gw = g * w; dx = inv * (gw - n * mean(gw * n)); dw += g * n.
+                        let mean: f32 = r
+                            .iter()
+                            .zip(gr)
+                            .zip(wv)
+                            .map(|((xi, gi), wi)| gi * wi * xi * inv)
+                            .sum::<f32>()
+                            / d as f32;
+                        for (j, oi) in o.iter_mut().enumerate() {
+                            *oi = inv * (gr[j] * wv[j] - r[j] * inv * mean);
                         }
+                        for (j, dwj) in dw.iter_mut().enumerate() {
+                            *dwj += gr[j] * r[j] * inv;
+                        }
+                        dw
+                    },
+                )
+                .collect();
+            let dw = want_dw.then(|| {
+                let mut dw = vec![0f32; d];
+                for part in dw_parts {
+                    for (a, b) in dw.iter_mut().zip(part) {
+                        *a += b;
                     }
-                    dw
-                });
-                Ok((dx, dw))
-            })?;
+                }
+                dw
+            });
+            Ok((dx, dw))
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
@@ -204,39 +206,43 @@ impl CustomOp2 for RmsNorm {
 /// (`[.., m, k] x [.., k, n]`), the batches spread over threads and each product run on one
 /// thread: attention's per-head products are too small to split (candle runs the batches one
 /// after another, each split across all threads). Backward through the same op with the
-/// operands read transposed (no copies). Other devices and dtypes use candle's matmul.
-pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// operands read transposed (no copies). `None` elsewhere (the caller runs candle's matmul).
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let (ad, bd) = (a.dims(), b.dims());
-    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2]
+    if !fused_f32(&[a, b])
+        || ad.len() < 3
+        || ad.len() != bd.len()
+        || ad[..ad.len() - 2] != bd[..bd.len() - 2]
     {
-        return Ok(a.matmul(b)?);
+        return Ok(None);
     }
-    Ok(a.contiguous()?.apply_op2(
+    Ok(Some(a.contiguous()?.apply_op2(
         &b.contiguous()?,
         Bmm {
             ta: false,
             tb: false,
         },
-    )?)
+    )?))
 }
 
 /// Batched `a @ b^T` for `a` `[.., m, k]` and `b` `[.., n, k]` (attention scores `q k^T`)
 /// without copying the transpose; see [`batched_matmul`].
-pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let (ad, bd) = (a.dims(), b.dims());
-    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || ad.len() < 3 || ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2]
+    if !fused_f32(&[a, b])
+        || ad.len() < 3
+        || ad.len() != bd.len()
+        || ad[..ad.len() - 2] != bd[..bd.len() - 2]
     {
-        return Ok(a.matmul(&b.t()?)?);
+        return Ok(None);
     }
-    Ok(a.contiguous()?.apply_op2(
+    Ok(Some(a.contiguous()?.apply_op2(
         &b.contiguous()?,
         Bmm {
             ta: false,
             tb: true,
         },
-    )?)
+    )?))
 }
 
 /// `op(a) @ op(b)` per batch, where `op` transposes the last two dimensions when asked.
@@ -247,7 +253,7 @@ struct Bmm {
 
 impl Bmm {
     /// (batches, m, k, n) of `op(a) @ op(b)`.
-    fn dims(&self, la: &Layout, lb: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    fn dims(&self, la: &Layout, lb: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (ad, bd) = (la.shape().dims(), lb.shape().dims());
         let r = ad.len();
         let batches: usize = ad[..r - 2].iter().product();
@@ -279,10 +285,10 @@ impl CustomOp2 for Bmm {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (
-            peft_core::layers::cpu_f32_slice(s1, l1, self.name())?,
-            peft_core::layers::cpu_f32_slice(s2, l2, self.name())?,
+            cpu_f32_slice(s1, l1, self.name())?,
+            cpu_f32_slice(s2, l2, self.name())?,
         );
         let (batches, m, k, n) = self.dims(l1, l2)?;
         let mut out = vec![0f32; batches * m * n];
@@ -298,7 +304,7 @@ impl CustomOp2 for Bmm {
                 // SAFETY: the slices hold exactly one batch of each operand and of the result,
                 // and the strides describe those extents.
                 unsafe {
-                    peft_core::layers::gemm_f32(
+                    crate::gemm::gemm_f32(
                         (m, n, k),
                         o.as_mut_ptr(),
                         n,
@@ -326,7 +332,7 @@ impl CustomOp2 for Bmm {
         b: &Tensor,
         _c: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         // c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T g; transpose back when the
         // operand itself was read transposed.
@@ -371,7 +377,8 @@ impl CustomOp2 for Bmm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::cpu::{with_mode, KernelMode};
+    use candle_core::{Device, Var, D};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -388,88 +395,92 @@ mod tests {
 
     #[test]
     fn fused_ops_equal_the_op_chains_with_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 24), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev)?)?;
-        let probe = Tensor::randn(0f32, 1.0, (3, 5, 24), &dev)?;
+        with_mode(KernelMode::Fused, || -> Result<()> {
+            let dev = Device::Cpu;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 24), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (3, 5, 24), &dev)?;
 
-        let fused = softmax_last_dim(x.as_tensor())?;
-        let chain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
-        assert!(max_diff(&fused, &chain) < 1e-6);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gc = (chain * &probe)?.sum_all()?.backward()?;
-        assert!(
-            max_diff(
-                gf.get(x.as_tensor()).unwrap(),
-                gc.get(x.as_tensor()).unwrap()
-            ) < 1e-5
-        );
-
-        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?.unwrap();
-        let x32 = x.as_tensor();
-        let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let chain = x32
-            .broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?
-            .broadcast_mul(w.as_tensor())?;
-        assert!(max_diff(&fused, &chain) < 1e-5);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gc = (chain * &probe)?.sum_all()?.backward()?;
-        for v in [&x, &w] {
-            let d = max_diff(
-                gf.get(v.as_tensor()).unwrap(),
-                gc.get(v.as_tensor()).unwrap(),
+            let fused = softmax_last_dim(x.as_tensor())?.unwrap();
+            let chain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+            assert!(max_diff(&fused, &chain) < 1e-6);
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gc = (chain * &probe)?.sum_all()?.backward()?;
+            assert!(
+                max_diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gc.get(x.as_tensor()).unwrap()
+                ) < 1e-5
             );
-            assert!(d < 1e-4, "rms norm gradient differs by {d}");
-        }
-        // A frozen weight: the same input gradient, none for the weight.
-        let frozen = w.as_tensor().detach();
-        let fused = rms_norm(x.as_tensor(), &frozen, 1e-6)?.unwrap();
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        assert!(
-            max_diff(
-                gf.get(x.as_tensor()).unwrap(),
-                gc.get(x.as_tensor()).unwrap()
-            ) < 1e-4
-        );
-        assert!(
-            gf.get(&frozen).is_none(),
-            "a frozen norm weight got a gradient"
-        );
-        Ok(())
+
+            let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?.unwrap();
+            let x32 = x.as_tensor();
+            let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+            let chain = x32
+                .broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?
+                .broadcast_mul(w.as_tensor())?;
+            assert!(max_diff(&fused, &chain) < 1e-5);
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gc = (chain * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &w] {
+                let d = max_diff(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-4, "rms norm gradient differs by {d}");
+            }
+            // A frozen weight: the same input gradient, none for the weight.
+            let frozen = w.as_tensor().detach();
+            let fused = rms_norm(x.as_tensor(), &frozen, 1e-6)?.unwrap();
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            assert!(
+                max_diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gc.get(x.as_tensor()).unwrap()
+                ) < 1e-4
+            );
+            assert!(
+                gf.get(&frozen).is_none(),
+                "a frozen norm weight got a gradient"
+            );
+            Ok(())
+        })
     }
 
     #[test]
     fn batched_matmul_equals_matmul_with_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev)?)?;
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
-        let fused = batched_matmul(a.as_tensor(), b.as_tensor())?;
-        let plain = a.as_tensor().matmul(b.as_tensor())?;
-        assert!(max_diff(&fused, &plain) < 1e-5);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gp = (plain * &probe)?.sum_all()?.backward()?;
-        for v in [&a, &b] {
-            let d = max_diff(
-                gf.get(v.as_tensor()).unwrap(),
-                gp.get(v.as_tensor()).unwrap(),
-            );
-            assert!(d < 1e-5, "bmm gradient differs by {d}");
-        }
-        // a @ k^T read transposed, gradients included.
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 7), &dev)?)?;
-        let fused = batched_matmul_nt(a.as_tensor(), k.as_tensor())?;
-        let plain = a.as_tensor().matmul(&k.as_tensor().t()?)?;
-        assert!(max_diff(&fused, &plain) < 1e-5);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gp = (plain * &probe)?.sum_all()?.backward()?;
-        for v in [&a, &k] {
-            let d = max_diff(
-                gf.get(v.as_tensor()).unwrap(),
-                gp.get(v.as_tensor()).unwrap(),
-            );
-            assert!(d < 1e-5, "bmm_nt gradient differs by {d}");
-        }
-        Ok(())
+        with_mode(KernelMode::Fused, || -> Result<()> {
+            let dev = Device::Cpu;
+            let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
+            let fused = batched_matmul(a.as_tensor(), b.as_tensor())?.unwrap();
+            let plain = a.as_tensor().matmul(b.as_tensor())?;
+            assert!(max_diff(&fused, &plain) < 1e-5);
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gp = (plain * &probe)?.sum_all()?.backward()?;
+            for v in [&a, &b] {
+                let d = max_diff(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gp.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "bmm gradient differs by {d}");
+            }
+            // a @ k^T read transposed, gradients included.
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 7), &dev)?)?;
+            let fused = batched_matmul_nt(a.as_tensor(), k.as_tensor())?.unwrap();
+            let plain = a.as_tensor().matmul(&k.as_tensor().t()?)?;
+            assert!(max_diff(&fused, &plain) < 1e-5);
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gp = (plain * &probe)?.sum_all()?.backward()?;
+            for v in [&a, &k] {
+                let d = max_diff(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gp.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "bmm_nt gradient differs by {d}");
+            }
+            Ok(())
+        })
     }
 }

@@ -1,6 +1,6 @@
-//! An f32 matrix product for x86-64 CPUs with AVX2 and FMA, behind [`crate::layers::gemm_f32`]
+//! An f32 matrix product for x86-64 CPUs with AVX2 and FMA, behind [`crate::gemm::gemm_f32`]
 //! (the frozen base layers' products, forward and backward, LoRA's small products, the fused
-//! attention and the fused output head) and [`crate::layers::frozen_product`].
+//! attention, the fused output head and the quantized tiles) and [`crate::gemm::frozen_product`].
 //!
 //! The usual blocked scheme (Goto / BLIS): a `KC x NC` block of the right-hand matrix is packed
 //! into 16-column panels, an `MC x KC` block of the left into 6-row slivers (scaled by `alpha` on
@@ -38,11 +38,7 @@ const NC: usize = 2048;
 pub fn available() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && std::env::var_os("PEFT_GEMM_CRATE").is_none()
-    })
+    *OK.get_or_init(|| crate::cpu::has_avx2_fma() && std::env::var_os("PEFT_GEMM_CRATE").is_none())
 }
 
 /// Whether the 12 x 32 AVX-512 tile ([`kernel512`]) runs the full tiles: the CPU has AVX-512F and
@@ -53,7 +49,7 @@ fn wide() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && std::env::var_os("PEFT_SGEMM_AVX2").is_none()
+        crate::cpu::features().avx512f && std::env::var_os("PEFT_SGEMM_AVX2").is_none()
     })
 }
 

@@ -9,9 +9,7 @@
 
 use std::fmt::Debug;
 use std::ops::Range;
-use std::sync::OnceLock;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A frozen `[rows, cols]` (`[out, in]`) matrix kept in a quantized format and read back a
@@ -40,43 +38,45 @@ pub trait QuantWeight: Send + Sync + Debug {
     fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_xwt(self, x, m)
     }
+    /// The portable forward of a format whose forward is not "dequantize, then multiply":
+    /// `x [m, cols]` (f32, any device) times the weight in candle tensor ops, the same values
+    /// as [`QuantWeight::forward`], the gradient reaching `x` as through `x W^T` of the
+    /// dequantized weight `w` (given `[rows, cols]`, on `x`'s device). `None` (the default)
+    /// means the portable path is `x w^T` itself.
+    fn portable_forward(
+        &self,
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let _ = (x, w);
+        Ok(None)
+    }
 }
 
-/// Whether AVX2 and FMA are available (checked once).
+/// Whether AVX2 and FMA are available (the one probe, [`crate::cpu`]).
 pub fn has_avx2() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    crate::cpu::has_avx2_fma()
 }
 
-/// The SIMD level the dequantizing kernels use on this CPU.
+/// What runs quantized products here: `portable` (dequantize, then candle's matmul) under
+/// `PEFT_KERNELS=portable`, else the tile kernels' `avx2+fma` or `scalar` dequantizing.
 pub fn simd_level() -> &'static str {
-    if has_avx2() {
+    if crate::cpu::portable() {
+        "portable"
+    } else if has_avx2() {
         "avx2+fma"
     } else {
-        "portable"
+        "scalar"
     }
 }
 
 /// Target bytes of one dequantized tile (fits in L2 beside the gemm panels).
 const TILE_BYTES: usize = 192 * 1024;
 
-/// A raw pointer shared across threads that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every user writes a region no other thread touches.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+use crate::view::SharedMut;
 
-/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with explicit strides, single-threaded.
+/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with explicit strides, on the calling thread: the
+/// one gemm entry point, [`crate::gemm::gemm_f32`].
 ///
 /// # Safety
 /// The pointers must cover the strided extents given.
@@ -86,37 +86,28 @@ unsafe fn gemm_into(
     n: usize,
     k: usize,
     dst: *mut f32,
-    dst_rs: isize,
+    dst_rs: usize,
     accumulate: bool,
     lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
+    lhs_rs: usize,
+    lhs_cs: usize,
     rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
+    rhs_rs: usize,
+    rhs_cs: usize,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        crate::gemm::gemm_f32(
+            (m, n, k),
             dst,
-            1,
             dst_rs,
             accumulate,
             lhs,
-            lhs_cs,
-            lhs_rs,
+            (lhs_rs, lhs_cs),
             rhs,
-            rhs_cs,
-            rhs_rs,
-            1.0,
+            (rhs_rs, rhs_cs),
             1.0,
             false,
-            false,
-            false,
-            Parallelism::None,
         )
     }
 }
@@ -175,7 +166,7 @@ fn matmul_xwt_small<W: QuantWeight + ?Sized>(w: &W, x: &[f32], m: usize, y: &mut
             let xi = &x[i * k..(i + 1) * k];
             for (j, row) in buf.chunks_exact(k).enumerate() {
                 // SAFETY: this tile writes y[i, r0 + j] for its own rows only.
-                unsafe { *dst.0.add(i * n + r0 + j) = dot(xi, row) };
+                unsafe { *dst.get().add(i * n + r0 + j) = dot(xi, row) };
             }
         }
     };
@@ -213,15 +204,15 @@ pub fn matmul_xwt<W: QuantWeight + ?Sized>(w: &W, x: &[f32], m: usize) -> Vec<f3
                 m,
                 r1 - r0,
                 k,
-                dst.0.add(r0),
-                n as isize,
+                dst.get().add(r0),
+                n,
                 false,
                 x.as_ptr(),
-                k as isize,
+                k,
                 1,
                 buf.as_ptr(),
                 1,
-                k as isize,
+                k,
             );
         }
     };
@@ -264,14 +255,14 @@ pub fn matmul_gw<W: QuantWeight + ?Sized>(w: &W, g: &[f32], m: usize) -> Vec<f32
                     m,
                     width,
                     r1 - r0,
-                    dst.0.add(c0),
-                    k as isize,
+                    dst.get().add(c0),
+                    k,
                     t > 0,
                     g.as_ptr().add(r0),
-                    n as isize,
+                    n,
                     1,
                     tile.as_ptr(),
-                    width as isize,
+                    width,
                     1,
                 );
             }
@@ -295,14 +286,14 @@ pub fn gemm_add_xwt(x: &[f32], w: &[f32], m: usize, c: usize, n: usize, y: &mut 
             n,
             c,
             y.as_mut_ptr(),
-            n as isize,
+            n,
             true,
             x.as_ptr(),
-            c as isize,
+            c,
             1,
             w.as_ptr(),
             1,
-            c as isize,
+            c,
         );
     }
 }
