@@ -27,6 +27,10 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Where models run: cpu, cuda, cuda:N, metal or metal:N (CUDA and Metal need a build
+    /// with `--features cuda` / `metal`).
+    #[arg(long, global = true, env = "PEFT_DEVICE", default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +39,8 @@ struct Cli {
 enum Command {
     /// List the methods linked into this build.
     Methods,
+    /// Show the devices this build can use, and which kernels run on the CPU.
+    Devices,
     /// Print the trainable-parameter line from a model config and an adapter config alone.
     Count(commands::count::CountArgs),
     /// Show an adapter's config and tensors (and, with --model, its parameter line).
@@ -86,7 +92,34 @@ fn main() -> ExitCode {
     peft::alloc::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let result = match cli.command {
+    let opened = match &cli.command {
+        // `peft devices` reports on the asked-for device itself, failures included.
+        Command::Devices => Ok(()),
+        Command::Demo(_) => {
+            if cli.device != "cpu" {
+                eprintln!(
+                    "note: `peft demo` runs its embedded model on the CPU (--device {} ignored)",
+                    cli.device
+                );
+            }
+            Ok(())
+        }
+        _ => commands::set_device(&cli.device),
+    };
+    let result = opened.and_then(|()| run(cli.command, &cli.device));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command, device: &str) -> anyhow::Result<()> {
+    match command {
+        Command::Devices => commands::methods::devices(device),
         Command::Methods => commands::methods::run(),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Count(args) => commands::count::run(args),
@@ -98,13 +131,5 @@ fn main() -> ExitCode {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Demo(args) => commands::demo::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let line = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {line}");
-            ExitCode::FAILURE
-        }
     }
 }

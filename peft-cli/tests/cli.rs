@@ -802,3 +802,38 @@ fn combine_writes_the_adapter_peft_combines() {
         assert!(err.contains(needle) && err.lines().count() == 1, "{err}");
     }
 }
+
+/// `--device`: `peft devices` reports the backends; a malformed name and a backend this build
+/// lacks are one-line errors saying what to do; `PEFT_DEVICE` is the default.
+#[test]
+fn devices_are_reported_and_unbuilt_ones_refused() {
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .arg("devices")
+        .env_remove("PEFT_DEVICE")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("cpu     available") && out.contains("device  cpu opens"),
+        "{out}"
+    );
+    let o = peft(&["--device", "tpu", "methods"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cpu, cuda, cuda:N, metal or metal:N"));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    if !cfg!(feature = "cuda") {
+        let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(["logits", "--model", "m", "--input", "i", "--out", "o"])
+            .env("PEFT_DEVICE", "cuda:0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && err.contains("no CUDA support")
+                && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+}

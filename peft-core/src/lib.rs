@@ -24,6 +24,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod combine;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod grad;

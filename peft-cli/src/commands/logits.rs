@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use peft::{checkpoint, ModelInputs};
 
@@ -73,7 +73,7 @@ fn integer_2d(name: &str, t: &Tensor, file: &std::path::Path) -> Result<Tensor> 
 /// Runs the model and writes the logits.
 pub fn run(args: LogitsArgs) -> Result<()> {
     let dtype = super::parse_dtype(&args.dtype)?;
-    let tensors = checkpoint::read_safetensors(&args.input, &Device::Cpu)?;
+    let tensors = checkpoint::read_safetensors(&args.input, super::device())?;
     let find = |name: &str| {
         tensors
             .iter()

@@ -85,7 +85,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let probe = peft::ModelInputs::from_ids(candle_core::Tensor::from_vec(
         ids,
         (2, 32),
-        &candle_core::Device::Cpu,
+        model.base_model().device(),
     )?);
     let before = {
         let _guard = peft::no_grad();

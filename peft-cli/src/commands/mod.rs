@@ -19,6 +19,23 @@ use candle_core::Device;
 use peft::models::Precision;
 use peft::{AdaptableModel, PeftModel};
 
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Opens `--device` (`cpu`, `cuda[:N]`, `metal[:N]`; `PEFT_DEVICE` when the flag is absent)
+/// for this run: models load straight onto it and their inputs are made there. A device this
+/// build lacks, or the machine has not, fails here with what to do.
+pub fn set_device(name: &str) -> Result<()> {
+    let device = peft::device::open_device(name)?;
+    DEVICE
+        .set(device)
+        .map_err(|_| anyhow::anyhow!("the device is chosen once per run"))
+}
+
+/// The device chosen by [`set_device`] (the CPU when none was).
+pub fn device() -> &'static Device {
+    DEVICE.get_or_init(|| Device::Cpu)
+}
+
 /// Parses `--dtype`: f32, bf16, f16 (the whole model in that dtype) or bf16-weights (frozen
 /// matrices kept in bf16, half their memory, with f32 compute).
 pub fn parse_dtype(s: &str) -> Result<Precision> {
@@ -109,7 +126,7 @@ pub fn load_tokenizer(
     }
 }
 
-/// Loads a model folder or a GGUF file on the CPU. A bitsandbytes-quantized folder (its
+/// Loads a model folder or a GGUF file onto the run's device ([`device`]). A bitsandbytes-quantized folder (its
 /// `config.json` has a `quantization_config`) loads with its layers kept quantized.
 pub fn load_base(dir: &Path, dtype: impl Into<Precision>) -> Result<Box<dyn AdaptableModel>> {
     load_base_quant(dir, dtype.into(), None)
@@ -140,7 +157,7 @@ pub fn load_base_head(
         num_labels,
         seed,
     });
-    let mut model = peft::bases::load_base_with_head(dir, dtype, &Device::Cpu, quant, head)?;
+    let mut model = peft::bases::load_base_with_head(dir, dtype, device(), quant, head)?;
     let what = match quant {
         None => "loaded quantized",
         Some("gguf") => "kept GGUF blocks for",
