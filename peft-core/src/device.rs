@@ -72,7 +72,12 @@ impl DeviceSpec {
             PeftError::bad_input(
                 "device",
                 format!("{self} present on this machine"),
-                format!("{e}").replace('\n', " "),
+                // The cause only (candle appends a backtrace under RUST_BACKTRACE).
+                format!("{e}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         };
         match self {

@@ -287,6 +287,54 @@ pub fn clip_scale(norm: f32, max_norm: f32) -> Option<f64> {
     (norm > max_norm && norm.is_finite()).then(|| f64::from(max_norm / (norm + 1e-6)))
 }
 
+/// Dynamic loss scaling for f16 compute, as torch's `GradScaler` does it: the loss is
+/// multiplied by [`LossScaler::scale`] before the backward pass (so small f16 gradients do not
+/// flush to zero), the gradients divided by it after; a step whose gradients are not finite is
+/// skipped and the scale halved; after `growth_interval` finite steps in a row it doubles. The
+/// adapter's weights (and so the optimizer's state) stay f32 throughout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaler {
+    /// The factor applied to the loss now (torch's `init_scale` 65536 to start).
+    pub scale: f64,
+    /// Finite steps since the scale last changed.
+    pub good_steps: u32,
+    /// Steps between growths (torch: 2000).
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    /// A scaler where the compute dtype needs one (f16; bf16 has f32's range), else `None`.
+    pub fn for_dtype(dtype: DType) -> Option<Self> {
+        (dtype == DType::F16).then(Self::default)
+    }
+
+    /// Records a step whose unscaled gradients were `finite` or not; returns whether the
+    /// optimizer step applies (torch's `scaler.step` then `scaler.update`).
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps >= self.growth_interval {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
+}
+
 /// The global L2 norm of the gradients of `vars`.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f32> {
     global_norm(vars.iter().filter_map(|v| grads.get(v.as_tensor())))
@@ -319,4 +367,27 @@ pub fn causal_lm_step<O: Optimizer>(
         causal_lm_batch_loss(model, batch)?,
         max_grad_norm,
     )
+}
+
+#[cfg(test)]
+mod loss_scaler_tests {
+    use super::*;
+
+    #[test]
+    fn the_scale_backs_off_on_overflow_and_grows_after_a_run_of_good_steps() {
+        assert_eq!(LossScaler::for_dtype(DType::BF16), None);
+        assert_eq!(LossScaler::for_dtype(DType::F32), None);
+        let mut s = LossScaler::for_dtype(DType::F16).unwrap();
+        assert_eq!(s.scale, 65536.0);
+        assert!(!s.update(false));
+        assert_eq!(s.scale, 32768.0);
+        s.growth_interval = 3;
+        assert!(s.update(true) && s.update(true));
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.update(true));
+        assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+        assert!(s.update(true));
+        assert!(!s.update(false));
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+    }
 }

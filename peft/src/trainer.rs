@@ -194,6 +194,8 @@ pub struct Trainer<'a> {
     opt: AdamW,
     history: Vec<(usize, f64)>,
     eval_history: Vec<(usize, f64)>,
+    /// Dynamic loss scaling, on when the model computes in f16.
+    scaler: Option<peft_core::training::LossScaler>,
 }
 
 const STATE_NAME: &str = "trainer_state.json";
@@ -235,7 +237,9 @@ impl<'a> Trainer<'a> {
             ));
         }
         let opt = AdamW::new(vars, cfg.adamw)?;
+        let scaler = peft_core::training::LossScaler::for_dtype(model.base_model().dtype());
         Ok(Trainer {
+            scaler,
             model,
             cfg,
             train,
@@ -319,7 +323,10 @@ impl<'a> Trainer<'a> {
             let loss = batch.loss(self.model)?;
             let weighted = (loss * (n as f64 / total as f64))?;
             loss_sum += weighted.to_scalar::<f32>()?;
-            let g = weighted.backward()?;
+            let g = match &self.scaler {
+                Some(s) => (weighted * s.scale)?.backward()?,
+                None => weighted.backward()?,
+            };
             for (i, (_, var)) in self.opt.vars().iter().enumerate() {
                 if let Some(gi) = g.get(var.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {
@@ -329,7 +336,24 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
+        if let Some(s) = &self.scaler {
+            let inv = 1.0 / s.scale;
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * inv)?;
+            }
+        }
         let norm = peft_core::training::global_norm(grads.iter().flatten())?;
+        if let Some(s) = self.scaler.as_mut() {
+            let scale = s.scale;
+            if !s.update(norm.is_finite()) {
+                tracing::warn!(
+                    "step {}: f16 gradients overflowed at loss scale {scale}; step skipped, scale now {}",
+                    step + 1,
+                    s.scale
+                );
+                return Ok((loss_sum, norm, tokens));
+            }
+        }
         if !norm.is_finite() {
             return Err(PeftError::InvalidState(format!(
                 "step {}: gradient norm is not finite (loss {loss_sum})",
@@ -441,6 +465,14 @@ impl<'a> Trainer<'a> {
         };
         self.history = pairs("loss_history");
         self.eval_history = pairs("eval_history");
+        if let (Some(s), Some(saved)) = (self.scaler.as_mut(), state.get("loss_scale")) {
+            if let Some(scale) = saved.get("scale").and_then(Value::as_f64) {
+                s.scale = scale;
+            }
+            if let Some(good) = saved.get("good_steps").and_then(Value::as_u64) {
+                s.good_steps = good as u32;
+            }
+        }
         Ok(step)
     }
 
@@ -464,6 +496,7 @@ impl<'a> Trainer<'a> {
         let state = json!({
             "step": step,
             "optimizer_steps": self.opt.steps(),
+            "loss_scale": self.scaler.map(|s| json!({"scale": s.scale, "good_steps": s.good_steps})),
             "run": self.fingerprint(),
             "loss_history": self.history.iter().map(|(s, l)| json!([s, l])).collect::<Vec<_>>(),
             "eval_history": self.eval_history.iter().map(|(s, l)| json!([s, l])).collect::<Vec<_>>(),

@@ -510,3 +510,59 @@ fn training_lowers_held_out_loss() {
     let (again, _) = peft::trainer::evaluate(&reloaded, &eval, 4, 256).unwrap();
     assert!((again - after).abs() < 1e-5, "{again} vs {after}");
 }
+
+/// f16 compute trains with dynamic loss scaling (torch's GradScaler): the adapter stays f32,
+/// the loss falls as it does in f32, and the scale is saved with the checkpoint.
+#[test]
+fn f16_training_scales_the_loss_and_keeps_f32_adapters() {
+    let (_d, train, _eval) = corpus();
+    let mut cfg = LlamaConfig::tiny(260, 32, 2, 4, 2, 48);
+    cfg.initializer_range = 0.2;
+    let run = |dtype: DType| {
+        let base = LlamaModel::random(cfg.clone(), 5, dtype, &Device::Cpu).unwrap();
+        let config = AdapterConfig::from_json_str(
+            r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 12, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": false}"#,
+            "test",
+        )
+        .unwrap();
+        let model = get_peft_model(Box::new(base), config, 11).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let tc = TrainConfig {
+            save_every: Some(4),
+            eval_every: None,
+            max_steps: Some(4),
+            ..train_cfg()
+        };
+        let report = Trainer::new(&model, tc, train.clone(), None, out.path())
+            .unwrap()
+            .run(false)
+            .unwrap();
+        for (_, v) in model.trainable_named_vars() {
+            assert_eq!(v.dtype(), DType::F32);
+        }
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("checkpoint-4/trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        (report, state["loss_scale"].clone(), vars(&model))
+    };
+    let (r32, scale32, v32) = run(DType::F32);
+    let (r16, scale16, v16) = run(DType::F16);
+    assert!(scale32.is_null(), "{scale32}");
+    assert_eq!(scale16["scale"].as_f64(), Some(65536.0), "{scale16}");
+    assert_eq!(scale16["good_steps"].as_u64(), Some(4), "{scale16}");
+    assert!(r16.last_loss.is_finite());
+    assert!(
+        (r16.last_loss - r32.last_loss).abs() < 0.05 * r32.last_loss.abs().max(1.0),
+        "f16 loss {} vs f32 {}",
+        r16.last_loss,
+        r32.last_loss
+    );
+    // The same updates up to f16 rounding.
+    let diff = v16
+        .iter()
+        .zip(&v32)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    assert!(diff < 5e-2, "f16 and f32 adapters differ by {diff}");
+}
