@@ -208,26 +208,18 @@ impl CustomOp2 for RmsNorm {
 /// after another, each split across all threads). Backward through the same op with the
 /// operands read transposed (no copies). `None` elsewhere (the caller runs candle's matmul).
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let (ad, bd) = (a.dims(), b.dims());
-    if !fused_f32(&[a, b])
-        || ad.len() < 3
-        || ad.len() != bd.len()
-        || ad[..ad.len() - 2] != bd[..bd.len() - 2]
-    {
-        return Ok(None);
-    }
-    Ok(Some(a.contiguous()?.apply_op2(
-        &b.contiguous()?,
-        Bmm {
-            ta: false,
-            tb: false,
-        },
-    )?))
+    fused_bmm(a, b, false)
 }
 
 /// Batched `a @ b^T` for `a` `[.., m, k]` and `b` `[.., n, k]` (attention scores `q k^T`)
 /// without copying the transpose; see [`batched_matmul`].
 pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    fused_bmm(a, b, true)
+}
+
+/// `a @ op(b)` through [`Bmm`] (`op` the transpose when `tb`) where the fused kernels apply:
+/// f32 CPU tensors of rank 3 or more with the same leading dimensions.
+fn fused_bmm(a: &Tensor, b: &Tensor, tb: bool) -> Result<Option<Tensor>> {
     let (ad, bd) = (a.dims(), b.dims());
     if !fused_f32(&[a, b])
         || ad.len() < 3
@@ -236,13 +228,10 @@ pub fn batched_matmul_nt(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     {
         return Ok(None);
     }
-    Ok(Some(a.contiguous()?.apply_op2(
-        &b.contiguous()?,
-        Bmm {
-            ta: false,
-            tb: true,
-        },
-    )?))
+    Ok(Some(
+        a.contiguous()?
+            .apply_op2(&b.contiguous()?, Bmm { ta: false, tb })?,
+    ))
 }
 
 /// `op(a) @ op(b)` per batch, where `op` transposes the last two dimensions when asked.

@@ -19,7 +19,9 @@ build() { # commit tag
     rm -rf "$W/src-$2"
     git worktree add -f --detach "$W/src-$2" "$1" >/dev/null 2>&1
     # Shares this checkout's target folder: the dependencies are built once.
-    (cd "$W/src-$2" && CARGO_TARGET_DIR=$ROOT/target cargo build --release -q -p peft-benches --bin side_by_side -p peft-cli)
+    # Two builds: `--bin` would filter peft-cli's binary out of a single one.
+    (cd "$W/src-$2" && CARGO_TARGET_DIR=$ROOT/target cargo build --release -q -p peft-benches --bin side_by_side \
+        && CARGO_TARGET_DIR=$ROOT/target cargo build --release -q -p peft-cli)
     cp "$ROOT/target/release/side_by_side" "$W/side_by_side-$2"
     cp "$ROOT/target/release/peft" "$W/peft-$2"
     git worktree remove --force "$W/src-$2"
