@@ -27,6 +27,13 @@ pub fn no_grad() -> NoGrad {
     NoGrad { previous }
 }
 
+/// Re-enables graph recording on this thread until the guard is dropped (the recomputation of
+/// a checkpointed block in the backward pass records its graph whatever the caller set).
+pub(crate) fn enable_grad() -> NoGrad {
+    let previous = GRAD_ENABLED.with(|g| g.replace(true));
+    NoGrad { previous }
+}
+
 impl Drop for NoGrad {
     fn drop(&mut self) {
         GRAD_ENABLED.with(|g| g.set(self.previous));

@@ -100,10 +100,11 @@ pub fn linear_forward(
         .ok_or_else(|| candle_core::Error::Msg("linear input is a scalar".into()))?;
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_features))?;
+    // A frozen weight gets no gradient (candle's matmul would compute and keep one).
     let y = if transposed {
-        x2.matmul(weight)?
+        peft_kernels::linear::frozen_matmul(&x2, weight)?
     } else {
-        x2.matmul(&weight.t()?)?
+        peft_kernels::linear::frozen_matmul(&x2, &weight.t()?)?
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = y.dim(1)?;

@@ -43,6 +43,7 @@ pub mod peft_model;
 pub mod prompt;
 pub mod prompt_config;
 pub mod quantizers;
+pub mod recompute;
 pub mod registry;
 pub mod replicate;
 pub mod saved_modules;

@@ -296,6 +296,10 @@ pub struct ModelCore {
     pub device: Device,
     /// Dtype of the frozen weights (the compute dtype).
     pub dtype: DType,
+    /// Whether training forward passes checkpoint each block ([`crate::recompute`]); set
+    /// through [`crate::PeftModel::set_gradient_checkpointing`], honoured by models whose
+    /// [`AdaptableModel::supports_gradient_checkpointing`] is true.
+    pub gradient_checkpointing: bool,
 }
 
 /// A model whose linear and embedding layers can be adapted by any method.
@@ -385,6 +389,15 @@ pub trait AdaptableModel: Send + Sync {
              Falcon-style layer stacks)",
             self.info().architecture
         )))
+    }
+
+    /// Whether the model's forward pass checkpoints its blocks when
+    /// [`ModelCore::gradient_checkpointing`] is set (transformers'
+    /// `supports_gradient_checkpointing`). Models that do wrap each block in
+    /// [`crate::recompute::checkpoint`] (or `checkpoint_layer`) when
+    /// [`crate::recompute::active`] says so.
+    fn supports_gradient_checkpointing(&self) -> bool {
+        false
     }
 
     /// A cache suited to this model.

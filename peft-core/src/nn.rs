@@ -2,10 +2,11 @@
 //! a linear layer with torch's default initialisation and seeded inverted dropout. Their
 //! parameters live in an adapter's [`ParamStore`](crate::ParamStore) under torch's names.
 
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use candle_core::Tensor;
-use std::cell::Cell;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -79,11 +80,50 @@ pub fn set_dropout_step(step: u64) {
     DROPOUT_STEP.with(|s| s.set(step));
 }
 
+/// The generator states dropout layers had when a recorded region first used them, so that a
+/// recomputation of the region (gradient checkpointing, [`crate::recompute`]) draws the same
+/// masks as the forward pass did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DropoutStates(Vec<(u64, (u64, StdRng))>);
+
+enum DropoutTape {
+    Record(Vec<(u64, (u64, StdRng))>),
+    Replay(Vec<(u64, (u64, StdRng))>),
+}
+
+thread_local! {
+    static TAPE: RefCell<Option<DropoutTape>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` recording each dropout layer's generator state at its first use in `f`.
+pub(crate) fn record_dropout<T>(f: impl FnOnce() -> T) -> (T, DropoutStates) {
+    let outer = TAPE.with(|t| t.replace(Some(DropoutTape::Record(Vec::new()))));
+    let out = f();
+    let tape = TAPE.with(|t| t.replace(outer));
+    let states = match tape {
+        Some(DropoutTape::Record(v)) => v,
+        _ => Vec::new(),
+    };
+    (out, DropoutStates(states))
+}
+
+/// Runs `f` with each dropout layer in `states` restored to its recorded state at its first
+/// use, so `f` draws the masks the recorded run drew (and leaves the generators where that run
+/// left them).
+pub(crate) fn replay_dropout<T>(states: &DropoutStates, f: impl FnOnce() -> T) -> T {
+    let outer = TAPE.with(|t| t.replace(Some(DropoutTape::Replay(states.0.clone()))));
+    let out = f();
+    TAPE.with(|t| t.replace(outer));
+    out
+}
+
 /// Inverted dropout with its own seeded generator (candle's CPU generator cannot be seeded).
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
     seed: u64,
+    /// This layer's identity on a [`DropoutTape`].
+    id: u64,
     /// The step the generator was last seeded for, and the generator.
     rng: Mutex<(u64, StdRng)>,
 }
@@ -91,9 +131,11 @@ pub struct Dropout {
 impl Dropout {
     /// Dropout with probability `p`, seeded.
     pub fn new(p: f64, seed: u64) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Dropout {
             p,
             seed,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             rng: Mutex::new((0, StdRng::seed_from_u64(seed))),
         }
     }
@@ -119,6 +161,19 @@ impl Dropout {
                 let mixed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
                 *state = (step, StdRng::seed_from_u64(mixed));
             }
+            TAPE.with(|t| match &mut *t.borrow_mut() {
+                Some(DropoutTape::Record(seen)) => {
+                    if !seen.iter().any(|(id, _)| *id == self.id) {
+                        seen.push((self.id, state.clone()));
+                    }
+                }
+                Some(DropoutTape::Replay(seen)) => {
+                    if let Some(i) = seen.iter().position(|(id, _)| *id == self.id) {
+                        *state = seen.swap_remove(i).1;
+                    }
+                }
+                None => {}
+            });
             let rng = &mut state.1;
             (0..n)
                 .map(|_| {

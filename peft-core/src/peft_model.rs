@@ -581,6 +581,28 @@ impl PeftModel {
         self.state.set_training(training);
     }
 
+    /// Turns gradient checkpointing of the base model's blocks on or off (transformers'
+    /// `gradient_checkpointing_enable()`, [`crate::recompute`]): training keeps one hidden state
+    /// per layer instead of every activation and recomputes each block in the backward pass.
+    /// Gradients are the same either way; backward passes must go through
+    /// [`crate::recompute::backward`] (the trainers' steps do). Fails for an architecture whose
+    /// forward pass does not checkpoint.
+    pub fn set_gradient_checkpointing(&mut self, enabled: bool) -> Result<()> {
+        if enabled && !self.base.supports_gradient_checkpointing() {
+            return Err(PeftError::InvalidState(format!(
+                "{} does not support gradient checkpointing",
+                self.base.info().architecture
+            )));
+        }
+        self.base.core_mut().gradient_checkpointing = enabled;
+        Ok(())
+    }
+
+    /// Whether gradient checkpointing is on ([`PeftModel::set_gradient_checkpointing`]).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.base.core().gradient_checkpointing
+    }
+
     /// Whether the model is in training mode.
     pub fn is_training(&self) -> bool {
         self.state.training()

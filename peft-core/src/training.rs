@@ -211,7 +211,7 @@ fn step_on_loss<O: Optimizer>(
     max_grad_norm: Option<f32>,
 ) -> Result<StepStats> {
     let loss_value = loss.to_scalar::<f32>()?;
-    let mut grads = loss.backward()?;
+    let mut grads = crate::recompute::backward(&loss)?;
     let vars = model.trainable_vars();
     let grad_norm = match max_grad_norm {
         Some(max) => clip_grad_norm(&mut grads, &vars, max)?,

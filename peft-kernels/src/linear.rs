@@ -30,6 +30,92 @@ pub fn frozen_linear_forward(
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
+/// `x [m, k] @ rhs [k, n]` on any device, where `rhs` is frozen (a plain tensor that tracks no
+/// gradient): the portable path's counterpart of [`frozen_linear_forward`]. candle's matmul
+/// backward computes and keeps a gradient for the frozen operand too (a weight-sized tensor per
+/// layer per step, on the GPU as on the CPU, and a third of the backward's arithmetic); this
+/// op's backward computes `g rhs^T` for `x` only. Where `x` tracks nothing or `rhs` is
+/// trainable it is candle's matmul.
+pub fn frozen_matmul(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if !x.track_op() || rhs.track_op() || x.rank() != 2 || rhs.rank() != 2 {
+        return x.matmul(rhs);
+    }
+    let (_, k) = x.dims2()?;
+    let (k2, _) = rhs.dims2()?;
+    if k != k2 || x.dtype() != rhs.dtype() || !x.device().same_device(rhs.device()) {
+        // candle's matmul reports the mismatch.
+        return x.matmul(rhs);
+    }
+    x.apply_op1(FrozenRhsMatmul { rhs: rhs.clone() })
+}
+
+struct FrozenRhsMatmul {
+    rhs: Tensor,
+}
+
+impl FrozenRhsMatmul {
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        xl: &candle_core::Layout,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, candle_core::Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (_, n) = self.rhs.dims2()?;
+        let (storage, rl) = self.rhs.storage_and_layout();
+        let w = pick(&storage).ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul: the weight is on another device".into())
+        })?;
+        let y = x.matmul(w, (1, m, n, k), xl, rl)?;
+        Ok((y, candle_core::Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenRhsMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.fwd(storage, layout, |s| match s {
+            candle_core::Storage::Cpu(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.fwd(storage, layout, |s| match s {
+            candle_core::Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        self.fwd(storage, layout, |s| match s {
+            candle_core::Storage::Metal(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.rhs.t()?)?))
+    }
+}
+
 /// `y = x op(W)` where `op(W)` is `W^T` for `[out, in]` weights; `input_grad` computes
 /// `g op(W)^T` instead (the backward).
 struct FrozenMatmul {
@@ -205,6 +291,37 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// The portable frozen matmul equals candle's matmul in value and input gradient, and the
+    /// backward pass holds no gradient for the frozen operand (candle's matmul keeps one).
+    #[test]
+    fn frozen_matmul_gives_the_input_gradient_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 12), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (7, 12), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (6, 7), &dev)?;
+        for rhs in [w.t()?, w.t()?.contiguous()?] {
+            let a = frozen_matmul(x.as_tensor(), &rhs)?;
+            let b = x.as_tensor().matmul(&rhs)?;
+            assert!(max_diff(&a, &b) < 1e-6);
+            let ga = (&a * &probe)?.sum_all()?.backward()?;
+            let gb = (&b * &probe)?.sum_all()?.backward()?;
+            let (dx_a, dx_b) = (ga.get(&x).expect("x grad"), gb.get(&x).expect("x grad"));
+            assert!(max_diff(dx_a, dx_b) < 1e-5);
+            assert_eq!(ga.get_ids().count(), 1, "only x has a gradient");
+            assert!(
+                gb.get(&rhs).is_some(),
+                "candle's matmul keeps one for the weight"
+            );
+        }
+        // A trainable right-hand side is candle's matmul (its gradient is needed).
+        let wv = Var::from_tensor(&w.t()?)?;
+        let g = frozen_matmul(x.as_tensor(), wv.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&wv).is_some());
+        Ok(())
     }
 
     /// The frozen-weight op equals the matmul, in both weight layouts, with the same input

@@ -6,12 +6,14 @@
 //! checkpoint (a fresh classifier on a pretrained encoder) is initialised as transformers does.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
-    ModelInfo, ModelInputs, NormIds, PeftError, Result, StoredTensor, TaskType, WeightSource,
+    ModelInfo, ModelInputs, ModuleTree, NormIds, PeftError, Result, StoredTensor, TaskType,
+    WeightSource,
 };
 use serde_json::{Map, Value};
 
@@ -159,6 +161,33 @@ struct Layer {
     output_norm: NormIds,
 }
 
+fn layer_norm(tree: &ModuleTree, x: &Tensor, n: NormIds, eps: f64) -> Result<Tensor> {
+    ops::layer_norm(x, tree.param(n.weight), tree.opt_param(n.bias), eps)
+}
+
+impl Layer {
+    /// Post-norm attention and feed-forward with residuals on `h`.
+    #[allow(clippy::too_many_arguments)] // one layer call's inputs, all distinct
+    fn forward(
+        &self,
+        tree: &ModuleTree,
+        h: &Tensor,
+        mask: &AttentionMask,
+        i: usize,
+        cache: Option<&mut KvCache>,
+        eps: f64,
+        scale: f64,
+        act: &str,
+    ) -> Result<Tensor> {
+        let attn = self
+            .attn
+            .forward(tree, h, None, scale, Some(mask), i, cache)?;
+        let a = layer_norm(tree, &(attn + h)?, self.attention_norm, eps)?;
+        let m = self.mlp.forward(tree, &a, act)?;
+        layer_norm(tree, &(m + a)?, self.output_norm, eps)
+    }
+}
+
 /// A BERT encoder with one of transformers' heads.
 #[derive(Debug, Clone)]
 pub struct BertModel {
@@ -288,6 +317,7 @@ impl BertModel {
                 tree,
                 device: device.clone(),
                 dtype,
+                gradient_checkpointing: false,
             },
             word,
             position,
@@ -357,13 +387,7 @@ impl BertModel {
     }
 
     fn layer_norm(&self, x: &Tensor, n: NormIds) -> Result<Tensor> {
-        let t = &self.core.tree;
-        ops::layer_norm(
-            x,
-            t.param(n.weight),
-            t.opt_param(n.bias),
-            self.cfg.layer_norm_eps,
-        )
+        layer_norm(&self.core.tree, x, n, self.cfg.layer_norm_eps)
     }
 
     /// The pooler's output `[B, hidden]`: `tanh(W h_first + b)`, what the sequence classifier
@@ -438,14 +462,21 @@ impl BertModel {
             causal_past: None,
         };
         let scale = 1.0 / ((self.cfg.hidden_size / self.cfg.num_attention_heads) as f64).sqrt();
+        let (eps, act) = (self.cfg.layer_norm_eps, &self.cfg.hidden_act);
+        // Checkpointed layers read the modules through one shared copy of the tree.
+        let mut shared_tree: Option<Arc<ModuleTree>> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn =
-                layer
-                    .attn
-                    .forward(tree, &h, None, scale, Some(&mask), i, cache.as_deref_mut())?;
-            let a = self.layer_norm(&(attn + &h)?, layer.attention_norm)?;
-            let m = layer.mlp.forward(tree, &a, &self.cfg.hidden_act)?;
-            h = self.layer_norm(&(m + a)?, layer.output_norm)?;
+            h = if peft_core::recompute::active(&self.core) {
+                let tree = shared_tree
+                    .get_or_insert_with(|| Arc::new(tree.clone()))
+                    .clone();
+                let (layer, act, mask) = (*layer, act.clone(), mask.clone());
+                peft_core::recompute::checkpoint_layer(&h, i, cache.as_deref_mut(), move |x, c| {
+                    layer.forward(&tree, x, &mask, i, c, eps, scale, &act)
+                })?
+            } else {
+                layer.forward(tree, &h, &mask, i, cache.as_deref_mut(), eps, scale, act)?
+            };
         }
         Ok(h)
     }
@@ -549,6 +580,10 @@ impl AdaptableModel for BertModel {
 
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
+    }
+
+    fn supports_gradient_checkpointing(&self) -> bool {
+        true
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {

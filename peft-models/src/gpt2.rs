@@ -3,17 +3,18 @@
 //! `fan_in_fan_out` and merges transposed. The fused `c_attn` projects q, k and v at once.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
-    ModelInfo, ModelInputs, NormIds, PeftError, Result, TaskType,
+    ModelInfo, ModelInputs, ModuleTree, NormIds, PeftError, Result, TaskType,
 };
 use serde_json::{Map, Value};
 
 use crate::blocks::{Attention, LmHead, Mlp, Qkv};
-use crate::ops;
+use crate::ops::{self, AttentionMask};
 
 /// A resolved GPT-2 configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +103,32 @@ struct Block {
     ln_2: NormIds,
     /// `mlp.c_fc` and `mlp.c_proj`.
     mlp: Mlp,
+}
+
+fn layer_norm(tree: &ModuleTree, x: &Tensor, ln: NormIds, eps: f64) -> Result<Tensor> {
+    ops::layer_norm(x, tree.param(ln.weight), tree.opt_param(ln.bias), eps)
+}
+
+impl Block {
+    /// Pre-norm attention and MLP with residuals on `h`.
+    #[allow(clippy::too_many_arguments)] // one block call's inputs, all distinct
+    fn forward(
+        &self,
+        tree: &ModuleTree,
+        h: &Tensor,
+        mask: Option<&AttentionMask>,
+        i: usize,
+        cache: Option<&mut KvCache>,
+        eps: f64,
+        scale: f64,
+        act: &str,
+    ) -> Result<Tensor> {
+        let a = layer_norm(tree, h, self.ln_1, eps)?;
+        let attn = self.attn.forward(tree, &a, None, scale, mask, i, cache)?;
+        let h = (h + attn)?;
+        let m = layer_norm(tree, &h, self.ln_2, eps)?;
+        Ok((&h + self.mlp.forward(tree, &m, act)?)?)
+    }
 }
 
 /// GPT-2 with a language-modelling head.
@@ -194,6 +221,7 @@ impl Gpt2Model {
                 tree,
                 device: device.clone(),
                 dtype,
+                gradient_checkpointing: false,
             },
             wte,
             wpe,
@@ -244,13 +272,7 @@ impl Gpt2Model {
     }
 
     fn norm(&self, x: &Tensor, ln: NormIds) -> Result<Tensor> {
-        let t = &self.core.tree;
-        ops::layer_norm(
-            x,
-            t.param(ln.weight),
-            t.opt_param(ln.bias),
-            self.cfg.layer_norm_epsilon,
-        )
+        layer_norm(&self.core.tree, x, ln, self.cfg.layer_norm_epsilon)
     }
 
     fn head_is_tied(&self) -> bool {
@@ -305,21 +327,23 @@ impl Gpt2Model {
         } else {
             1.0
         };
-        let tree = &self.core.tree;
+        let eps = self.cfg.layer_norm_epsilon;
+        let act = &self.cfg.activation;
+        // Checkpointed blocks read the modules through one shared copy of the tree.
+        let mut shared_tree: Option<Arc<ModuleTree>> = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            let a = self.norm(&h, block.ln_1)?;
-            let attn = block.attn.forward(
-                tree,
-                &a,
-                None,
-                scale,
-                mask.as_ref(),
-                i,
-                cache.as_deref_mut(),
-            )?;
-            h = (h + attn)?;
-            let m = self.norm(&h, block.ln_2)?;
-            h = (h + block.mlp.forward(tree, &m, &self.cfg.activation)?)?;
+            h = if peft_core::recompute::active(&self.core) {
+                let tree = shared_tree
+                    .get_or_insert_with(|| Arc::new(self.core.tree.clone()))
+                    .clone();
+                let (block, act, mask) = (*block, act.clone(), mask.clone());
+                peft_core::recompute::checkpoint_layer(&h, i, cache.as_deref_mut(), move |x, c| {
+                    block.forward(&tree, x, mask.as_ref(), i, c, eps, scale, &act)
+                })?
+            } else {
+                let c = cache.as_deref_mut();
+                block.forward(&self.core.tree, &h, mask.as_ref(), i, c, eps, scale, act)?
+            };
         }
         self.norm(&h, self.ln_f)
     }
@@ -332,6 +356,10 @@ impl AdaptableModel for Gpt2Model {
 
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
+    }
+
+    fn supports_gradient_checkpointing(&self) -> bool {
+        true
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -8,12 +8,14 @@
 //! `scale_decoder_outputs` key (written by transformers 5) decides the scaling when present.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::json::ConfigFields;
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, LinearRole, LinearSpec,
-    ModelBuilder, ModelCore, ModelInfo, ModelInputs, ParamId, PeftError, Result, Scope, TaskType,
+    ModelBuilder, ModelCore, ModelInfo, ModelInputs, ModuleTree, ParamId, PeftError, Result, Scope,
+    TaskType,
 };
 use serde_json::{Map, Value};
 
@@ -155,6 +157,71 @@ struct Block {
     cross_attn: Option<(Attention, ParamId)>,
     ff: Mlp,
     ff_norm: ParamId,
+}
+
+/// What a block's forward pass reads besides its inputs: the norm epsilon and the activation.
+#[derive(Debug, Clone)]
+struct BlockParams {
+    eps: f64,
+    act: String,
+}
+
+impl Block {
+    fn norm(tree: &ModuleTree, x: &Tensor, w: ParamId, eps: f64) -> Result<Tensor> {
+        ops::rms_norm(x, tree.param(w), eps)
+    }
+
+    /// Self-attention sub-layer: pre-norm, attention (relative position bias in `mask`),
+    /// residual.
+    fn self_attention(
+        &self,
+        tree: &ModuleTree,
+        p: &BlockParams,
+        h: Tensor,
+        mask: &AttentionMask,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let x = Self::norm(tree, &h, self.self_norm, p.eps)?;
+        let y = self
+            .self_attn
+            .forward(tree, &x, None, 1.0, Some(mask), layer, cache)?;
+        Ok((h + y)?)
+    }
+
+    /// The feed-forward sub-layer both stacks share: pre-norm, MLP, residual.
+    fn feed_forward(&self, tree: &ModuleTree, p: &BlockParams, h: Tensor) -> Result<Tensor> {
+        let x = Self::norm(tree, &h, self.ff_norm, p.eps)?;
+        let y = self.ff.forward(tree, &x, &p.act)?;
+        Ok((&h + y)?)
+    }
+
+    /// A decoder block: self-attention over `h` (extending layer `i` of `cache`),
+    /// cross-attention to the encoder output through `cross_kv` (keys and values, or computed
+    /// from `encoded` when not given), feed-forward.
+    #[allow(clippy::too_many_arguments)] // one decoder block's inputs, all distinct
+    fn decode(
+        &self,
+        tree: &ModuleTree,
+        p: &BlockParams,
+        h: Tensor,
+        encoded: &Tensor,
+        cross_kv: Option<(Tensor, Tensor)>,
+        masks: (&AttentionMask, &AttentionMask),
+        i: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut h = self.self_attention(tree, p, h, masks.0, i, cache)?;
+        if let Some((cross, norm)) = &self.cross_attn {
+            let x = Self::norm(tree, &h, *norm, p.eps)?;
+            let (k, v) = match cross_kv {
+                Some(kv) => kv,
+                None => cross.keys_values(tree, encoded)?,
+            };
+            h = (h + cross.attend(tree, &x, &k, &v, 1.0, Some(masks.1))?)?;
+        }
+        self.feed_forward(tree, p, h)
+    }
 }
 
 /// A T5-family encoder-decoder with a language-modelling head.
@@ -383,6 +450,7 @@ impl T5Model {
                 tree,
                 device: device.clone(),
                 dtype,
+                gradient_checkpointing: false,
             },
             shared,
             encoder_embed,
@@ -484,29 +552,11 @@ impl T5Model {
     /// The self-attention sub-layer both stacks share: pre-norm, attention (keys and values
     /// appended to `cache`'s layer `layer` when decoding with a cache; the position bias and
     /// masks in `mask`, no score scaling), residual.
-    fn self_attention(
-        &self,
-        block: &Block,
-        h: Tensor,
-        mask: &AttentionMask,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let x = self.norm(&h, block.self_norm)?;
-        let y =
-            block
-                .self_attn
-                .forward(&self.core.tree, &x, None, 1.0, Some(mask), layer, cache)?;
-        Ok((h + y)?)
-    }
-
-    /// The feed-forward sub-layer both stacks share: pre-norm, MLP, residual.
-    fn feed_forward(&self, block: &Block, h: Tensor) -> Result<Tensor> {
-        let x = self.norm(&h, block.ff_norm)?;
-        let y = block
-            .ff
-            .forward(&self.core.tree, &x, &self.cfg.dense_act_fn)?;
-        Ok((&h + y)?)
+    fn block_params(&self) -> BlockParams {
+        BlockParams {
+            eps: self.cfg.layer_norm_epsilon,
+            act: self.cfg.dense_act_fn.clone(),
+        }
     }
 
     fn norm(&self, x: &Tensor, w: ParamId) -> Result<Tensor> {
@@ -555,9 +605,23 @@ impl T5Model {
             causal_past: None,
         };
         let mut h = embeds.clone();
+        let p = self.block_params();
+        let mut shared_tree: Option<Arc<ModuleTree>> = None;
         for (i, block) in self.encoder.iter().enumerate() {
-            h = self.self_attention(block, h, &mask, i, None)?;
-            h = self.feed_forward(block, h)?;
+            h = if peft_core::recompute::active(&self.core) {
+                let tree = shared_tree
+                    .get_or_insert_with(|| Arc::new(self.core.tree.clone()))
+                    .clone();
+                let (block, p, mask) = (block.clone(), p.clone(), mask.clone());
+                peft_core::recompute::checkpoint(&h, move |x| {
+                    let h = block.self_attention(&tree, &p, x.clone(), &mask, i, None)?;
+                    block.feed_forward(&tree, &p, h)
+                })?
+            } else {
+                let tree = &self.core.tree;
+                let h = block.self_attention(tree, &p, h, &mask, i, None)?;
+                block.feed_forward(tree, &p, h)?
+            };
         }
         self.norm(&h, self.encoder_norm)
     }
@@ -646,26 +710,54 @@ impl T5Model {
             causal_past: None,
         };
         let tree = &self.core.tree;
+        let p = self.block_params();
+        let mut shared_tree: Option<Arc<ModuleTree>> = None;
         let mut h = dec;
         for (i, block) in self.decoder.iter().enumerate() {
-            h = self.self_attention(block, h, &self_mask, i, cache.as_deref_mut())?;
-            if let Some((cross, norm)) = &block.cross_attn {
-                let x = self.norm(&h, *norm)?;
-                // Cross-attention keys and values: from the encoder output, once per cache.
-                let (k, v) = match cache.as_ref().and_then(|c| c.cross(i)) {
-                    Some((k, v)) => (k.clone(), v.clone()),
-                    None => {
-                        let (k, v) = cross.keys_values(tree, &encoded)?;
-                        let (k, v) = (k.contiguous()?, v.contiguous()?);
-                        if let Some(c) = cache.as_deref_mut() {
-                            c.set_cross(i, (k.clone(), v.clone()));
-                        }
-                        (k, v)
-                    }
-                };
-                h = (h + cross.attend(tree, &x, &k, &v, 1.0, Some(&cross_mask))?)?;
+            if peft_core::recompute::active(&self.core) {
+                // The cross-attention keys and values are recomputed from the encoder output,
+                // which is the block's second input (its gradient reaches the encoder once).
+                let tree = shared_tree
+                    .get_or_insert_with(|| Arc::new(tree.clone()))
+                    .clone();
+                let (block, p) = (block.clone(), p.clone());
+                let (self_mask, cross_mask) = (self_mask.clone(), cross_mask.clone());
+                h = peft_core::recompute::checkpoint_layer2(
+                    &h,
+                    &encoded,
+                    i,
+                    cache.as_deref_mut(),
+                    move |x, enc, c| {
+                        let masks = (&self_mask, &cross_mask);
+                        block.decode(&tree, &p, x.clone(), enc, None, masks, i, c)
+                    },
+                )?;
+                continue;
             }
-            h = self.feed_forward(block, h)?;
+            // Cross-attention keys and values: from the encoder output, once per cache.
+            let cross_kv = match (&block.cross_attn, cache.as_ref().and_then(|c| c.cross(i))) {
+                (None, _) => None,
+                (Some(_), Some((k, v))) => Some((k.clone(), v.clone())),
+                (Some((cross, _)), None) => {
+                    let (k, v) = cross.keys_values(tree, &encoded)?;
+                    let (k, v) = (k.contiguous()?, v.contiguous()?);
+                    if let Some(c) = cache.as_deref_mut() {
+                        c.set_cross(i, (k.clone(), v.clone()));
+                    }
+                    Some((k, v))
+                }
+            };
+            let masks = (&self_mask, &cross_mask);
+            h = block.decode(
+                tree,
+                &p,
+                h,
+                &encoded,
+                cross_kv,
+                masks,
+                i,
+                cache.as_deref_mut(),
+            )?;
         }
         let mut h = self.norm(&h, self.decoder_norm)?;
         if self.cfg.scale_decoder_outputs {
@@ -682,6 +774,10 @@ impl AdaptableModel for T5Model {
 
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
+    }
+
+    fn supports_gradient_checkpointing(&self) -> bool {
+        true
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {

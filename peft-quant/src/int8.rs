@@ -274,7 +274,7 @@ impl QuantWeight for Int8Rowwise {
             y = (y + x.detach().broadcast_mul(cols)?.matmul(&w.t()?)?)?;
         }
         // The value above, the gradient of x W^T.
-        let linear = x.matmul(&w.t()?)?;
+        let linear = peft_kernels::linear::frozen_matmul(&x, &w.t()?)?;
         Ok(Some((&linear + (y - linear.detach())?)?))
     }
 

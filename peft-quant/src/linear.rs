@@ -219,7 +219,7 @@ impl QuantLinear {
         let w = Tensor::from_vec(values, (rows, cols), x.device())?;
         let y = match self.weight.portable_forward(&x2, &w)? {
             Some(y) => y,
-            None => x2.matmul(&w.t()?)?,
+            None => peft_kernels::linear::frozen_matmul(&x2, &w.t()?)?,
         };
         let mut out = dims;
         *out.last_mut().expect("non-empty dims") = rows;

@@ -324,8 +324,8 @@ impl<'a> Trainer<'a> {
             let weighted = (loss * (n as f64 / total as f64))?;
             loss_sum += weighted.to_scalar::<f32>()?;
             let g = match &self.scaler {
-                Some(s) => (weighted * s.scale)?.backward()?,
-                None => weighted.backward()?,
+                Some(s) => peft_core::recompute::backward(&(weighted * s.scale)?)?,
+                None => peft_core::recompute::backward(&weighted)?,
             };
             for (i, (_, var)) in self.opt.vars().iter().enumerate() {
                 if let Some(gi) = g.get(var.as_tensor()) {

@@ -9,9 +9,10 @@
 //! merged ratios, and peak RSS.
 //!
 //! `cargo run --release -p peft-benches --bin side_by_side -- train|infer [--steps N] [--warmup N]
-//! [--bf16-weights] [--dora]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen
+//! [--bf16-weights] [--dora] [--gradient-checkpointing]` (threads: `RAYON_NUM_THREADS`). `--bf16-weights` keeps the frozen
 //! matrices in bf16 and computes in f32 (`--dtype bf16-weights` of the CLI); `--dora` trains the
-//! same adapter as DoRA (`use_dora`), for DoRA's overhead over LoRA.
+//! same adapter as DoRA (`use_dora`), for DoRA's overhead over LoRA; `--gradient-checkpointing`
+//! recomputes each layer in the backward pass, for its cost in time.
 
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly by design
 
@@ -57,8 +58,15 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn train(steps: usize, warmup: usize, precision: Precision, dora: bool) -> String {
-    let model = model(precision, dora);
+fn train(
+    steps: usize,
+    warmup: usize,
+    precision: Precision,
+    dora: bool,
+    checkpointing: bool,
+) -> String {
+    let mut model = model(precision, dora);
+    model.set_gradient_checkpointing(checkpointing).unwrap();
     model.set_training(true);
     let (trainable, total) = model.parameter_counts();
     let vars = model.trainable_named_vars();
@@ -75,7 +83,7 @@ fn train(steps: usize, warmup: usize, precision: Precision, dora: bool) -> Strin
             .causal_lm_loss(&ModelInputs::from_ids(x.clone()), &x)
             .unwrap();
         let t_fwd = start.elapsed().as_secs_f64();
-        let grads = loss.backward().unwrap();
+        let grads = peft::recompute::backward(&loss).unwrap();
         let t_bwd = start.elapsed().as_secs_f64();
         if std::env::var("PHASES").is_ok() {
             eprintln!("forward + loss {t_fwd:.3} backward {:.3}", t_bwd - t_fwd);
@@ -93,7 +101,7 @@ fn train(steps: usize, warmup: usize, precision: Precision, dora: bool) -> Strin
     }
     let step_s = median(times);
     format!(
-        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"dora\": {dora}, \"dtype\": \"{}\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}, \"losses\": [{}]}}",
+        "{{\"side\": \"peft-rs\", \"mode\": \"train\", \"dora\": {dora}, \"gradient_checkpointing\": {checkpointing}, \"dtype\": \"{}\", \"threads\": {}, \"median_step_s\": {step_s:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}, \"trainable\": {trainable}, \"total\": {total}, \"first_loss\": {:.4}, \"last_loss\": {:.4}, \"losses\": [{}]}}",
         precision_name(precision),
         rayon_threads(),
         (batch * len) as f64 / step_s,
@@ -170,6 +178,7 @@ fn main() {
             arg(&args, "--warmup", 2),
             precision,
             args.iter().any(|a| a == "--dora"),
+            args.iter().any(|a| a == "--gradient-checkpointing"),
         ),
         "infer" => infer(arg(&args, "--runs", 15), precision),
         other => {

@@ -173,6 +173,11 @@ pub struct TrainArgs {
     /// block formats, not dequantized). Output heads stay dense.
     #[arg(long)]
     pub quant: Option<String>,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (transformers' `gradient_checkpointing`): activation memory falls to one hidden state
+    /// per layer, a step costs about one more forward pass; the gradients are the same.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -467,7 +472,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .unwrap_or(0);
     let train = data::sequences(&train_ds, opts.packing, opts.max_len);
     let eval = eval_ds.map(|e| data::sequences(&e, opts.packing, opts.max_len));
-    let model = get_peft_model(base, config, args.seed)?;
+    let mut model = get_peft_model(base, config, args.seed)?;
+    model.set_gradient_checkpointing(args.gradient_checkpointing)?;
     eprintln!("{}", model.parameter_line());
     let initial_dir = args.out.join("initial_adapter");
     if args.convert_to_lora {

@@ -6,11 +6,12 @@
 pub mod config;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::{
     AdaptableModel, BaseLayerFactory, EmbeddingId, KvCache, LinearId, ModelBuilder, ModelCore,
-    ModelInfo, ModelInputs, ParamId, PeftError, Result, TaskType,
+    ModelInfo, ModelInputs, ModuleTree, ParamId, PeftError, Result, TaskType,
 };
 use serde_json::Value;
 
@@ -29,6 +30,31 @@ struct DecoderLayer {
     input_layernorm: ParamId,
     post_attention_layernorm: ParamId,
     sliding_window: Option<usize>,
+}
+
+impl DecoderLayer {
+    /// Pre-norm attention and SwiGLU blocks with residuals on `h`.
+    #[allow(clippy::too_many_arguments)] // one layer call's inputs, all distinct
+    fn forward(
+        &self,
+        tree: &ModuleTree,
+        h: &Tensor,
+        rotary: (&Tensor, &Tensor),
+        mask: Option<&AttentionMask>,
+        i: usize,
+        cache: Option<&mut KvCache>,
+        eps: f64,
+        scale: f64,
+        act: &str,
+    ) -> Result<Tensor> {
+        let normed = ops::rms_norm(h, tree.param(self.input_layernorm), eps)?;
+        let attn = self
+            .attn
+            .forward(tree, &normed, Some(rotary), scale, mask, i, cache)?;
+        let h = (h + attn)?;
+        let normed = ops::rms_norm(&h, tree.param(self.post_attention_layernorm), eps)?;
+        Ok((&h + self.mlp.forward(tree, &normed, act)?)?)
+    }
 }
 
 /// A LLaMA-family causal language model.
@@ -129,6 +155,7 @@ impl LlamaModel {
                 tree,
                 device: device.clone(),
                 dtype,
+                gradient_checkpointing: false,
             },
             embed_tokens,
             layers,
@@ -215,6 +242,10 @@ impl LlamaModel {
         let (cos, sin) = self.rotary.cos_sin(&positions, self.core.dtype)?;
         // Layers share a mask unless their sliding windows differ.
         let mut masks: Vec<(Option<usize>, Option<AttentionMask>)> = Vec::new();
+        let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+        let act = &self.cfg.hidden_act;
+        // Checkpointed layers read the modules through one shared copy of the tree.
+        let mut shared_tree: Option<Arc<ModuleTree>> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let w = layer.sliding_window;
             if !masks.iter().any(|(mw, _)| *mw == w) {
@@ -232,28 +263,38 @@ impl LlamaModel {
                 .iter()
                 .find(|(mw, _)| *mw == w)
                 .and_then(|(_, m)| m.as_ref());
-            let normed = ops::rms_norm(
-                &h,
-                self.core.tree.param(layer.input_layernorm),
-                self.cfg.rms_norm_eps,
-            )?;
-            let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
-            let rotary = Some((&cos, &sin));
-            let tree = &self.core.tree;
-            let attn =
-                layer
-                    .attn
-                    .forward(tree, &normed, rotary, scale, mask, i, cache.as_deref_mut())?;
-            h = (h + attn)?;
-            let normed = ops::rms_norm(
-                &h,
-                self.core.tree.param(layer.post_attention_layernorm),
-                self.cfg.rms_norm_eps,
-            )?;
-            h = (&h
-                + layer
-                    .mlp
-                    .forward(&self.core.tree, &normed, &self.cfg.hidden_act)?)?;
+            h = if peft_core::recompute::active(&self.core) {
+                let tree = shared_tree
+                    .get_or_insert_with(|| Arc::new(self.core.tree.clone()))
+                    .clone();
+                let (layer, eps, act) = (layer.clone(), self.cfg.rms_norm_eps, act.clone());
+                let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.cloned());
+                peft_core::recompute::checkpoint_layer(&h, i, cache.as_deref_mut(), move |x, c| {
+                    layer.forward(
+                        &tree,
+                        x,
+                        (&cos, &sin),
+                        mask.as_ref(),
+                        i,
+                        c,
+                        eps,
+                        scale,
+                        &act,
+                    )
+                })?
+            } else {
+                layer.forward(
+                    &self.core.tree,
+                    &h,
+                    (&cos, &sin),
+                    mask,
+                    i,
+                    cache.as_deref_mut(),
+                    self.cfg.rms_norm_eps,
+                    scale,
+                    act,
+                )?
+            };
         }
         ops::rms_norm(&h, self.core.tree.param(self.norm), self.cfg.rms_norm_eps)
     }
@@ -308,6 +349,10 @@ impl AdaptableModel for LlamaModel {
 
     fn core_mut(&mut self) -> &mut ModelCore {
         &mut self.core
+    }
+
+    fn supports_gradient_checkpointing(&self) -> bool {
+        true
     }
 
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
