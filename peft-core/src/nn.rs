@@ -162,17 +162,15 @@ impl Dropout {
                 *state = (step, StdRng::seed_from_u64(mixed));
             }
             TAPE.with(|t| match &mut *t.borrow_mut() {
-                Some(DropoutTape::Record(seen)) => {
-                    if !seen.iter().any(|(id, _)| *id == self.id) {
-                        seen.push((self.id, state.clone()));
-                    }
+                Some(DropoutTape::Record(seen)) if !seen.iter().any(|(id, _)| *id == self.id) => {
+                    seen.push((self.id, state.clone()));
                 }
                 Some(DropoutTape::Replay(seen)) => {
                     if let Some(i) = seen.iter().position(|(id, _)| *id == self.id) {
                         *state = seen.swap_remove(i).1;
                     }
                 }
-                None => {}
+                _ => {}
             });
             let rng = &mut state.1;
             (0..n)
