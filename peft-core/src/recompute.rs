@@ -226,35 +226,39 @@ impl Checkpoint {
             .ok_or_else(|| candle_core::Error::Msg("checkpointed block applied twice".into()))
     }
 
-    fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// The precomputed output as the forward op's result, on the backend `pick` selects.
+    fn output<S: candle_core::backend::BackendStorage>(
+        &self,
+        device: &str,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
         let out = self.take_output()?;
         let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.clone(), layout.shape().clone())),
-            _ => Err(wrong_storage("CPU")),
-        }
+        let s = pick(&storage).ok_or_else(|| wrong_storage(device))?;
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output("CPU", |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_output(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(wrong_storage("CUDA device")),
-        }
+        self.output("CUDA device", |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "metal")]
     fn metal_output(&self) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(wrong_storage("Metal device")),
-        }
+        self.output("Metal device", |s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// The recomputation: the block run again with the graph recorded, the incoming gradient
