@@ -24,6 +24,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod combine;
 pub mod config;
+pub mod delta;
 pub mod device;
 pub mod error;
 pub mod generate;

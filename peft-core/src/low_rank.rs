@@ -10,7 +10,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::error::{PeftError, Result};
 use crate::json::ConfigFields;
-use crate::targets::pattern_value;
+use crate::targets::{pattern_value, TargetModules};
 
 /// A low-rank method's rank and alpha settings.
 pub trait LowRank {
@@ -95,6 +95,151 @@ pub fn write_patterns(
                 .collect(),
         ),
     );
+}
+
+/// The settings peft's LyCORIS-style configs share (`LoHaConfig`, `LoKrConfig`): `r`, `alpha`,
+/// `rank_dropout`, `module_dropout`, `use_effective_conv2d`, `rank_pattern`, `alpha_pattern`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LycorisSettings {
+    /// `r`.
+    pub r: usize,
+    /// `alpha`, as written (peft writes an integer when it is one).
+    pub alpha: Number,
+    /// `rank_dropout`.
+    pub rank_dropout: f64,
+    /// `module_dropout`.
+    pub module_dropout: f64,
+    /// `use_effective_conv2d` (convolutions only; kept for the file).
+    pub use_effective_conv2d: bool,
+    /// `rank_pattern`.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// `alpha_pattern`.
+    pub alpha_pattern: Vec<(String, Number)>,
+}
+
+impl Default for LycorisSettings {
+    /// peft's defaults: `r=8`, `alpha=8`, no dropout.
+    fn default() -> Self {
+        LycorisSettings {
+            r: 8,
+            alpha: Number::from(8),
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            use_effective_conv2d: false,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+        }
+    }
+}
+
+impl LycorisSettings {
+    /// Takes the shared fields, checking the rank and the probabilities.
+    pub fn take(fields: &mut ConfigFields) -> Result<Self> {
+        let d = LycorisSettings::default();
+        let r = fields.take_usize("r", d.r)?;
+        if r == 0 {
+            return Err(PeftError::config_value(
+                fields.source_name(),
+                "r",
+                "a positive integer",
+                "0",
+            ));
+        }
+        let alpha = match fields.take_raw("alpha") {
+            None | Some(Value::Null) => d.alpha,
+            Some(Value::Number(n)) => n,
+            Some(v) => return Err(fields.type_error("alpha", "a number", &v)),
+        };
+        let mut probability = |key: &str| -> Result<f64> {
+            let p = fields.take_f64(key, 0.0)?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(PeftError::config_value(
+                    fields.source_name(),
+                    key,
+                    "a probability in [0, 1]",
+                    p,
+                ));
+            }
+            Ok(p)
+        };
+        let rank_dropout = probability("rank_dropout")?;
+        let module_dropout = probability("module_dropout")?;
+        Ok(LycorisSettings {
+            r,
+            alpha,
+            rank_dropout,
+            module_dropout,
+            use_effective_conv2d: fields.take_bool("use_effective_conv2d", false)?,
+            rank_pattern: take_rank_pattern(fields)?,
+            alpha_pattern: take_alpha_pattern(fields)?,
+        })
+    }
+
+    /// Writes the shared fields as peft does.
+    pub fn write(&self, out: &mut Map<String, Value>) {
+        out.insert("r".into(), Value::from(self.r));
+        out.insert("alpha".into(), Value::Number(self.alpha.clone()));
+        out.insert("rank_dropout".into(), Value::from(self.rank_dropout));
+        out.insert("module_dropout".into(), Value::from(self.module_dropout));
+        out.insert(
+            "use_effective_conv2d".into(),
+            Value::Bool(self.use_effective_conv2d),
+        );
+        write_patterns(out, &self.rank_pattern, &self.alpha_pattern);
+    }
+}
+
+impl LowRank for LycorisSettings {
+    fn base_rank(&self) -> usize {
+        self.r
+    }
+    fn base_alpha(&self) -> f64 {
+        self.alpha.as_f64().unwrap_or(8.0)
+    }
+    fn rank_pattern(&self) -> &[(String, usize)] {
+        &self.rank_pattern
+    }
+    fn alpha_pattern(&self) -> &[(String, Number)] {
+        &self.alpha_pattern
+    }
+}
+
+/// peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21), keyed by the
+/// config's `model_type`: LoRA's default targets, which peft copies for LoHa, LoKr, OFT, MiSS
+/// and the other low-rank methods (`..._TARGET_MODULES_MAPPING = ...LORA....copy()`). Data
+/// from peft, not model code: the models themselves live in `peft-models`.
+pub fn default_targets(model_type: &str) -> Option<TargetModules> {
+    let names: &[&str] = match model_type {
+        "t5" | "mt5" => &["q", "v"],
+        "bart" | "opt" | "gptj" | "gpt_neo" | "llama" | "llama4" | "mistral" | "mixtral"
+        | "stablelm" | "gemma" | "gemma2" | "gemma3_text" | "qwen2" | "qwen3" => {
+            &["q_proj", "v_proj"]
+        }
+        "gpt2" | "gpt_bigcode" => &["c_attn"],
+        "bloom" | "gpt_neox" | "chatglm" | "RefinedWebModel" | "RefinedWeb" | "falcon" => {
+            &["query_key_value"]
+        }
+        "blip-2" => &["q", "v", "q_proj", "v_proj"],
+        "bert" | "roberta" | "xlm-roberta" | "electra" | "layoutlm" => &["query", "value"],
+        "deberta-v2" => &["query_proj", "value_proj"],
+        "deberta" => &["in_proj"],
+        "mpt" => &["Wqkv"],
+        "btlm" => &["c_proj", "c_attn"],
+        "codegen" => &["qkv_proj"],
+        "phi" => &["q_proj", "v_proj", "fc1", "fc2"],
+        "nemotron_h" => &["q_proj", "k_proj", "v_proj", "o_proj"],
+        "rwkv" => &["key", "value", "receptance", "output"],
+        "rwkv7" => &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+        "gemma4" => {
+            return Some(TargetModules::Regex(
+                r".*language_model\..*\.(q_proj|v_proj)".into(),
+            ))
+        }
+        _ => return None,
+    };
+    Some(TargetModules::List(
+        names.iter().map(|s| s.to_string()).collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -145,6 +145,38 @@ impl Dropout {
         !training || self.p <= 0.0
     }
 
+    /// `n` uniform draws on `[0, 1)` from this layer's generator: the stream [`Dropout::forward`]
+    /// draws its masks from, tied to the training step ([`set_dropout_step`]) and replayed
+    /// under gradient checkpointing. Methods with other random choices made in training
+    /// (LoHa's and LoKr's `module_dropout` and `rank_dropout`) draw them here so that they
+    /// too repeat when a checkpointed block is recomputed.
+    pub fn uniforms(&self, n: usize) -> Vec<f64> {
+        let mut state = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let step = DROPOUT_STEP.with(Cell::get);
+        if state.0 != step {
+            let mixed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
+            *state = (step, StdRng::seed_from_u64(mixed));
+        }
+        TAPE.with(|t| match &mut *t.borrow_mut() {
+            Some(DropoutTape::Record(seen)) if !seen.iter().any(|(id, _)| *id == self.id) => {
+                seen.push((self.id, state.clone()));
+            }
+            Some(DropoutTape::Replay(seen)) => {
+                if let Some(i) = seen.iter().position(|(id, _)| *id == self.id) {
+                    *state = seen.swap_remove(i).1;
+                }
+            }
+            _ => {}
+        });
+        let rng = &mut state.1;
+        (0..n).map(|_| rng.random::<f64>()).collect()
+    }
+
+    /// The probability `p`.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
     /// In training, zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`; otherwise returns `x`.
     pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
@@ -153,36 +185,11 @@ impl Dropout {
         }
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
-        let n = x.elem_count();
-        let mask: Vec<f32> = {
-            let mut state = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            let step = DROPOUT_STEP.with(Cell::get);
-            if state.0 != step {
-                let mixed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
-                *state = (step, StdRng::seed_from_u64(mixed));
-            }
-            TAPE.with(|t| match &mut *t.borrow_mut() {
-                Some(DropoutTape::Record(seen)) if !seen.iter().any(|(id, _)| *id == self.id) => {
-                    seen.push((self.id, state.clone()));
-                }
-                Some(DropoutTape::Replay(seen)) => {
-                    if let Some(i) = seen.iter().position(|(id, _)| *id == self.id) {
-                        *state = seen.swap_remove(i).1;
-                    }
-                }
-                _ => {}
-            });
-            let rng = &mut state.1;
-            (0..n)
-                .map(|_| {
-                    if rng.random::<f64>() < keep {
-                        scale
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
+        let mask: Vec<f32> = self
+            .uniforms(x.elem_count())
+            .into_iter()
+            .map(|u| if u < keep { scale } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }

@@ -32,39 +32,10 @@ peft_core::register_method!(MethodRegistration {
     parse: config::parse,
 });
 
-/// peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21).
+/// peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21), which the other
+/// low-rank methods share ([`peft_core::low_rank::default_targets`]).
 pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
-    let names: &[&str] = match model_type {
-        "t5" | "mt5" => &["q", "v"],
-        "bart" | "opt" | "gptj" | "gpt_neo" | "llama" | "llama4" | "mistral" | "mixtral"
-        | "stablelm" | "gemma" | "gemma2" | "gemma3_text" | "qwen2" | "qwen3" => {
-            &["q_proj", "v_proj"]
-        }
-        "gpt2" | "gpt_bigcode" => &["c_attn"],
-        "bloom" | "gpt_neox" | "chatglm" | "RefinedWebModel" | "RefinedWeb" | "falcon" => {
-            &["query_key_value"]
-        }
-        "blip-2" => &["q", "v", "q_proj", "v_proj"],
-        "bert" | "roberta" | "xlm-roberta" | "electra" | "layoutlm" => &["query", "value"],
-        "deberta-v2" => &["query_proj", "value_proj"],
-        "deberta" => &["in_proj"],
-        "mpt" => &["Wqkv"],
-        "btlm" => &["c_proj", "c_attn"],
-        "codegen" => &["qkv_proj"],
-        "phi" => &["q_proj", "v_proj", "fc1", "fc2"],
-        "nemotron_h" => &["q_proj", "k_proj", "v_proj", "o_proj"],
-        "rwkv" => &["key", "value", "receptance", "output"],
-        "rwkv7" => &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-        "gemma4" => {
-            return Some(TargetModules::Regex(
-                r".*language_model\..*\.(q_proj|v_proj)".into(),
-            ))
-        }
-        _ => return None,
-    };
-    Some(TargetModules::List(
-        names.iter().map(|s| s.to_string()).collect(),
-    ))
+    peft_core::low_rank::default_targets(model_type)
 }
 
 impl LoraConfig {
