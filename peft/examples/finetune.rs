@@ -38,13 +38,21 @@ fn main() -> anyhow::Result<()> {
     let config = match method.as_str() {
         "lora" => AdapterConfig::new(LoraConfig::new(16, 32.0).with_dropout(0.05)),
         "ia3" => AdapterConfig::from_json_str(r#"{"peft_type": "IA3"}"#, "example")?,
+        "loha" => AdapterConfig::from_json_str(
+            r#"{"peft_type": "LOHA", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#,
+            "example",
+        )?,
+        "lokr" => AdapterConfig::from_json_str(
+            r#"{"peft_type": "LOKR", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#,
+            "example",
+        )?,
         "prompt" => AdapterConfig::from_json_str(r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}"#, "example")?,
         "p_tuning" => AdapterConfig::from_json_str(
             r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 8, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 32}"#,
             "example",
         )?,
         "prefix" => AdapterConfig::from_json_str(r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8, "prefix_projection": true}"#, "example")?,
-        other => anyhow::bail!("unknown method {other}: lora, ia3, prompt, p_tuning or prefix"),
+        other => anyhow::bail!("unknown method {other}: lora, ia3, loha, lokr, prompt, p_tuning or prefix"),
     }
     .with_task_type(TaskType::CausalLm);
     let model = get_peft_model(base, config, 0)?;

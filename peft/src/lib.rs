@@ -3,7 +3,7 @@
 //!
 //! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
 //! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`,
-//! `ia3`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
+//! `ia3`, `loha`, `lokr`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
 //! enabled methods into the registry.
 //!
 //! ```no_run
@@ -36,6 +36,12 @@ pub mod bases;
 /// IA3 (feature `ia3`).
 #[cfg(feature = "ia3")]
 pub use peft_ia3 as ia3;
+/// LoHa (feature `loha`).
+#[cfg(feature = "loha")]
+pub use peft_loha as loha;
+/// LoKr (feature `lokr`).
+#[cfg(feature = "lokr")]
+pub use peft_lokr as lokr;
 /// LoRA (feature `lora`).
 #[cfg(feature = "lora")]
 pub use peft_lora as lora;

@@ -1,6 +1,8 @@
 //! GPT-2, T5/mT5 and BERT (sequence and token classification, feature extraction) with every
-//! method against Python peft + transformers.
-//! Reference: tools/reference/make_model_fixtures.py (torch 2.15, transformers 5.24, peft 0.21.2).
+//! method, and the plugin methods (LoHa, LoKr) on LLaMA, BERT and T5, against Python peft +
+//! transformers.
+//! Reference: tools/reference/make_model_fixtures.py and make_plugin_method_fixtures.py (torch
+//! 2.15, transformers 5.24, peft 0.21.2).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -15,9 +17,16 @@ use serde_json::Value;
 
 const TOL: f32 = 1e-4;
 
+/// The cases of make_model_fixtures.py and of make_plugin_method_fixtures.py (the method
+/// crates of issue 18: LoHa, LoKr, ...).
 fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("model_cases.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    let mut out = Vec::new();
+    for file in ["model_cases.json", "plugin_method_cases.json"] {
+        let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+        out.extend(list);
+    }
+    out
 }
 
 fn runnable() -> Vec<(String, String, String)> {

@@ -96,6 +96,10 @@ METHODS = {
     "prefix": lambda task, mt: PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
 }
 
+# Methods whose adapters merge into the weights (their cases record merged logits); other
+# generators add theirs.
+MERGEABLE = {"lora", "ia3"}
+
 
 def param_line(model):
     buf = io.StringIO()
@@ -207,7 +211,7 @@ def make_case(models, model_name, method, seed):
         out["logits_base"] = forward(cls.from_pretrained(base_dir).eval(), task).float()
         if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
             out["generated"] = greedy(loaded, task, 8)
-        if method in ("lora", "ia3"):
+        if method in MERGEABLE:
             out["logits_merged"] = forward(loaded.merge_and_unload(), task).float()
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(ROOT, "cases", f"{model_name}__{method}.safetensors"))
     return {"model": model_name, "method": method, "task_type": task, "parameter_line": line}

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, ...) on the committed tiny
+models (run after make_fixtures.py and make_model_fixtures.py, which write them), in the format
+of make_model_fixtures.py, whose make_case does the work. Produced with torch 2.15,
+transformers 5.24, peft 0.21.2.
+
+Run from the repository root:  python tools/reference/make_plugin_method_fixtures.py
+
+Writes, under peft/tests/fixtures/:
+  adapters/<model>__<method>/         adapters saved by peft
+  cases/<model>__<method>.safetensors  inputs, adapted / base / merged logits, greedy
+                                       continuation, training-mode logits, loss, parameters and
+                                       gradients (see make_model_fixtures.py)
+  plugin_method_cases.json            model, method, task, parameter line
+peft/tests/parity_models.rs runs these cases with the others.
+
+Every adapter starts random (init_weights=False), so the updates are non-zero, and alpha != r
+throughout, with rank and alpha patterns, so scaling mistakes show.
+"""
+import json
+import os
+import sys
+
+from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
+from peft import LoHaConfig, LoKrConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_model_fixtures as mmf  # noqa: E402
+from make_fixtures import ROOT  # noqa: E402
+
+MODELS = {
+    "llama_tiny": (LlamaForCausalLM, "CAUSAL_LM"),
+    "bert_seqcls": (BertForSequenceClassification, "SEQ_CLS"),
+    "t5_tiny": (T5ForConditionalGeneration, "SEQ_2_SEQ_LM"),
+}
+
+METHODS = {
+    # LoHa: the default targets (q/v, query/value, q/v) plus patterns.
+    "loha": lambda task, mt: LoHaConfig(
+        task_type=task, r=4, alpha=10, init_weights=False,
+        **({"target_modules": ["q_proj", "v_proj", "down_proj"], "rank_pattern": {"down_proj": 2},
+            "alpha_pattern": {"v_proj": 3}} if mt == "llama" else {}),
+        **({"target_modules": ["q", "v", "wo"], "rank_pattern": {"wo": 6}} if mt == "t5" else {}),
+    ),
+    # LoKr: full and low-rank factors (r below half a factor's larger side), decompose_both,
+    # a fixed decompose_factor.
+    "lokr": lambda task, mt: LoKrConfig(
+        task_type=task, r=3, alpha=7, init_weights=False,
+        **({"target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj"], "decompose_both": True,
+            "rank_pattern": {"gate_proj": 8}, "alpha_pattern": {"k_proj": 2}} if mt == "llama" else {}),
+        **({"decompose_factor": 4} if mt == "bert" else {}),
+        **({"target_modules": ["k", "o", "wi"]} if mt == "t5" else {}),
+    ),
+}
+
+
+def main():
+    mmf.METHODS.update(METHODS)
+    mmf.MERGEABLE.update(METHODS)
+    models = {}
+    for name, (cls, task) in MODELS.items():
+        models[name] = (cls.from_pretrained(os.path.join(ROOT, "models", name)).eval(), task)
+    cases = []
+    seed = 300
+    for method in METHODS:
+        for model_name in MODELS:
+            cases.append(mmf.make_case(models, model_name, method, seed))
+            seed += 1
+    with open(os.path.join(ROOT, "plugin_method_cases.json"), "w") as f:
+        json.dump(cases, f, indent=2)
+    print(f"wrote {len(cases)} plugin-method cases under {ROOT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
