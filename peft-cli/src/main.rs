@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 // Reference every enabled method crate so its registration is linked in.
 #[cfg(feature = "ia3")]
 use peft::ia3 as _;
+#[cfg(feature = "loha")]
+use peft::loha as _;
+#[cfg(feature = "lokr")]
+use peft::lokr as _;
 #[cfg(feature = "lora")]
 use peft::lora as _;
 #[cfg(feature = "ptuning")]

@@ -384,7 +384,9 @@ fn logits_with_prompt_learning_adapters() {
 
 #[test]
 fn demo_runs_every_method() {
-    for method in ["lora", "ia3", "prompt", "p_tuning", "prefix"] {
+    for method in [
+        "lora", "ia3", "loha", "lokr", "prompt", "p_tuning", "prefix",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let o = peft(&[
             "demo",
