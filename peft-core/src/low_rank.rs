@@ -8,9 +8,13 @@
 
 use serde_json::{Map, Number, Value};
 
+use crate::delta::{require_linear_layout, DeltaLinear, DeltaWeight, Drops};
 use crate::error::{PeftError, Result};
 use crate::json::ConfigFields;
+use crate::layers::LinearLike;
+use crate::method::LinearAdapter;
 use crate::targets::{pattern_value, TargetModules};
+use crate::vars::ParamBuilder;
 
 /// A low-rank method's rank and alpha settings.
 pub trait LowRank {
@@ -186,6 +190,31 @@ impl LycorisSettings {
             Value::Bool(self.use_effective_conv2d),
         );
         write_patterns(out, &self.rank_pattern, &self.alpha_pattern);
+    }
+
+    /// Wraps the linear layer at `path` as a LyCORIS-style method does: refuses a Conv1D
+    /// layer, resolves the module's `(r, alpha)` through the patterns, builds the factors with
+    /// `factors(r, scaling)` and adds the drops (seeded from the parameter name `drop_seed`;
+    /// `rescale_rank` as in [`Drops::new`]).
+    pub fn wrap_delta<D: DeltaWeight + 'static>(
+        &self,
+        method: &str,
+        path: &str,
+        base: &dyn LinearLike,
+        params: &ParamBuilder,
+        (drop_seed, rescale_rank): (&str, bool),
+        factors: impl FnOnce(usize, f64) -> Result<D>,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        require_linear_layout(path, base, method)?;
+        let (r, alpha) = self.rank_and_alpha(path);
+        let delta = factors(r, self.scaling(r, alpha))?;
+        let drops = Drops::new(
+            self.module_dropout,
+            self.rank_dropout,
+            rescale_rank,
+            params.seed(drop_seed),
+        );
+        Ok(Box::new(DeltaLinear::new(delta, drops)))
     }
 }
 

@@ -13,9 +13,9 @@
 //! here has one; GPT-2's Conv1D layers, which peft refuses too.
 
 use candle_core::Tensor;
-use peft_core::delta::{require_linear_layout, DeltaLinear, DeltaWeight, Drops};
+use peft_core::delta::DeltaWeight;
 use peft_core::json::ConfigFields;
-use peft_core::low_rank::{LowRank, LycorisSettings};
+use peft_core::low_rank::LycorisSettings;
 use peft_core::{
     CommonConfig, Init, LayerMethod, LinearAdapter, LinearLike, MethodConfig, MethodRegistration,
     ParamBuilder, Result, TargetModules, TargetSpec,
@@ -166,21 +166,13 @@ impl LayerMethod for LohaConfig {
         base: &dyn LinearLike,
         params: &ParamBuilder,
     ) -> Result<Box<dyn LinearAdapter>> {
-        require_linear_layout(path, base, PEFT_TYPE)?;
-        let (r, alpha) = self.settings.rank_and_alpha(path);
-        let factors = Hadamard::new(
-            params,
+        self.settings.wrap_delta(
+            PEFT_TYPE,
+            path,
             base,
-            r,
-            self.settings.scaling(r, alpha),
-            self.init_weights,
-        )?;
-        let drops = Drops::new(
-            self.settings.module_dropout,
-            self.settings.rank_dropout,
-            true,
-            params.seed("hada_drops"),
-        );
-        Ok(Box::new(DeltaLinear::new(factors, drops)))
+            params,
+            ("hada_drops", true),
+            |r, scaling| Hadamard::new(params, base, r, scaling, self.init_weights),
+        )
     }
 }

@@ -15,9 +15,9 @@
 //! peft refuses too.
 
 use candle_core::Tensor;
-use peft_core::delta::{require_linear_layout, DeltaLinear, DeltaWeight, Drops};
+use peft_core::delta::DeltaWeight;
 use peft_core::json::ConfigFields;
-use peft_core::low_rank::{LowRank, LycorisSettings};
+use peft_core::low_rank::LycorisSettings;
 use peft_core::{
     CommonConfig, Init, LayerMethod, LinearAdapter, LinearLike, MethodConfig, MethodRegistration,
     ParamBuilder, Result, TargetModules, TargetSpec,
@@ -301,16 +301,14 @@ impl LayerMethod for LokrConfig {
         base: &dyn LinearLike,
         params: &ParamBuilder,
     ) -> Result<Box<dyn LinearAdapter>> {
-        require_linear_layout(path, base, PEFT_TYPE)?;
-        let (r, alpha) = self.settings.rank_and_alpha(path);
-        let factors = self.factors(base, r, self.settings.scaling(r, alpha), params)?;
-        let drops = Drops::new(
-            self.settings.module_dropout,
-            self.settings.rank_dropout,
-            self.rank_dropout_scale,
-            params.seed("lokr_drops"),
-        );
-        Ok(Box::new(DeltaLinear::new(factors, drops)))
+        self.settings.wrap_delta(
+            PEFT_TYPE,
+            path,
+            base,
+            params,
+            ("lokr_drops", self.rank_dropout_scale),
+            |r, scaling| self.factors(base, r, scaling, params),
+        )
     }
 }
 
