@@ -131,6 +131,33 @@ pub enum TrainedBiases {
     TargetsOnly,
 }
 
+impl TrainedBiases {
+    /// Reads peft's `bias` field (`"none"` when absent or null): `"none"`, `"all"`, or the
+    /// method's own `only` value (`"hra_only"`, `"boft_only"`, ...).
+    pub fn take(fields: &mut crate::json::ConfigFields, only: &str) -> Result<Self> {
+        match fields.take_opt_string("bias")?.as_deref() {
+            None | Some("none") => Ok(TrainedBiases::None),
+            Some("all") => Ok(TrainedBiases::All),
+            Some(s) if s == only => Ok(TrainedBiases::TargetsOnly),
+            Some(s) => Err(PeftError::config_value(
+                fields.source_name(),
+                "bias",
+                format!("\"none\", \"all\" or \"{only}\""),
+                format!("\"{s}\""),
+            )),
+        }
+    }
+
+    /// The `bias` value peft writes, `only` naming [`TrainedBiases::TargetsOnly`].
+    pub fn as_str(self, only: &str) -> String {
+        match self {
+            TrainedBiases::None => "none".into(),
+            TrainedBiases::All => "all".into(),
+            TrainedBiases::TargetsOnly => only.into(),
+        }
+    }
+}
+
 /// An adapter converted by [`LayerMethod::convert_from_initial`]: its config and checkpoint
 /// tensors.
 pub type ConvertedAdapter = (Box<dyn MethodConfig>, Vec<(String, Tensor)>);

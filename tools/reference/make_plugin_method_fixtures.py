@@ -22,7 +22,7 @@ import os
 import sys
 
 from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
-from peft import LoHaConfig, LoKrConfig
+from peft import HRAConfig, LoHaConfig, LoKrConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_model_fixtures as mmf  # noqa: E402
@@ -50,6 +50,15 @@ METHODS = {
             "rank_pattern": {"gate_proj": 8}, "alpha_pattern": {"k_proj": 2}} if mt == "llama" else {}),
         **({"decompose_factor": 4} if mt == "bert" else {}),
         **({"target_modules": ["k", "o", "wi"]} if mt == "t5" else {}),
+    ),
+    # HRA: an odd r (no symmetric init), Gram-Schmidt on BERT with its targeted biases
+    # trained (bias="hra_only"), a layer selection on T5.
+    "hra": lambda task, mt: HRAConfig(
+        task_type=task, r=4 if mt == "bert" else 3, init_weights=False,
+        **({"target_modules": ["q_proj", "o_proj", "up_proj"]} if mt == "llama" else {}),
+        **({"apply_GS": True, "bias": "hra_only"} if mt == "bert" else {}),
+        **({"target_modules": ["q", "wo"], "layers_to_transform": [1], "layers_pattern": "block"}
+           if mt == "t5" else {}),
     ),
 }
 
