@@ -19,6 +19,8 @@ use peft::loha as _;
 use peft::lokr as _;
 #[cfg(feature = "lora")]
 use peft::lora as _;
+#[cfg(feature = "oft")]
+use peft::oft as _;
 #[cfg(feature = "ptuning")]
 use peft::p_tuning as _;
 #[cfg(feature = "prefix")]

@@ -1,5 +1,5 @@
 //! GPT-2, T5/mT5 and BERT (sequence and token classification, feature extraction) with every
-//! method, and the plugin methods (LoHa, LoKr) on LLaMA, BERT and T5, against Python peft +
+//! method, and the plugin methods (LoHa, LoKr, HRA, OFT) on LLaMA, BERT and T5, against Python peft +
 //! transformers.
 //! Reference: tools/reference/make_model_fixtures.py and make_plugin_method_fixtures.py (torch
 //! 2.15, transformers 5.24, peft 0.21.2).
@@ -319,6 +319,46 @@ fn fan_in_fan_out_follows_the_layer_layout() {
             model.adapter("default").unwrap().config().to_json()["fan_in_fan_out"],
             Value::Bool(false),
             "{peft_type}"
+        );
+    }
+}
+
+/// OFT with COFT saved before any forward pass: the first forward projects every block into
+/// the `eps` ball in place, as peft does (the other cases were saved already projected).
+#[test]
+fn coft_projects_a_fresh_oft_adapter_in_place_as_peft() {
+    let name = "bert_seqcls__oft_coft_raw";
+    let data = load_case(name);
+    let model = PeftModel::from_pretrained(
+        base("bert_seqcls"),
+        &fixtures().join("adapters").join(name),
+        false,
+    )
+    .unwrap();
+    assert_close(
+        &format!("{name} adapted"),
+        &model.forward(&common::case_inputs(&data)).unwrap(),
+        &data["logits_adapted"],
+        TOL,
+    );
+    let vars: Vec<_> = model
+        .adapter("default")
+        .unwrap()
+        .vars()
+        .into_iter()
+        .filter(|(path, _)| path.contains("oft_R"))
+        .collect();
+    assert_eq!(
+        vars.len(),
+        4,
+        "{name}: rotation parameters (query and value of two layers)"
+    );
+    for (path, var) in vars {
+        assert_close(
+            &format!("{name} projected {path}"),
+            var.as_tensor(),
+            &data[&format!("param.{path}")],
+            1e-6,
         );
     }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, ...) on the committed tiny
+"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, ...) on the committed tiny
 models (run after make_fixtures.py and make_model_fixtures.py, which write them), in the format
 of make_model_fixtures.py, whose make_case does the work. Produced with torch 2.15,
 transformers 5.24, peft 0.21.2.
@@ -22,7 +22,7 @@ import os
 import sys
 
 from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
-from peft import HRAConfig, LoHaConfig, LoKrConfig
+from peft import HRAConfig, LoHaConfig, LoKrConfig, OFTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_model_fixtures as mmf  # noqa: E402
@@ -60,7 +60,44 @@ METHODS = {
         **({"target_modules": ["q", "wo"], "layers_to_transform": [1], "layers_pattern": "block"}
            if mt == "t5" else {}),
     ),
+    # OFT: block sizes that peft adjusts per layer (20 -> 16 on 64 and 96 features), an
+    # embedding, 7 Neumann terms on LLaMA; r instead of the block size, one shared block and
+    # COFT (a radius the random blocks exceed) with its biases on BERT; the exact Cayley
+    # transform on T5.
+    "oft": lambda task, mt: OFTConfig(
+        task_type=task, init_weights=False,
+        **({"oft_block_size": 20, "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            "num_cayley_neumann_terms": 7} if mt == "llama" else {}),
+        **({"r": 4, "oft_block_size": 0, "block_share": True, "coft": True, "eps": 0.5, "bias": "oft_only"}
+           if mt == "bert" else {}),
+        **({"oft_block_size": 8, "target_modules": ["q", "wo"], "use_cayley_neumann": False}
+           if mt == "t5" else {}),
+    ),
 }
+
+
+def coft_raw_case(models):
+    """OFT with COFT saved before any forward pass (make_case saves after the training step, when
+    peft has already projected the blocks in place, so reloading cannot show the projection):
+    adapters/bert_seqcls__oft_coft_raw and cases/bert_seqcls__oft_coft_raw.safetensors with the
+    inputs, the logits of the first forward (which projects) and the projected parameters."""
+    import torch
+    from safetensors.torch import save_file
+    from peft import get_peft_model
+    base_model, task = models["bert_seqcls"]
+    cls = type(base_model)
+    base_dir = os.path.join(ROOT, "models", "bert_seqcls")
+    torch.manual_seed(399)
+    model = get_peft_model(cls.from_pretrained(base_dir).eval(), METHODS["oft"](task, "bert")).eval()
+    name = "bert_seqcls__oft_coft_raw"
+    model.save_pretrained(os.path.join(ROOT, "adapters", name))
+    out = {"input_ids": mmf.INPUT_IDS.clone(), "attention_mask": mmf.ATTENTION_MASK.clone()}
+    with torch.no_grad():
+        out["logits_adapted"] = mmf.forward(model, task).float()
+    for n, p in model.named_parameters():
+        if "oft_R" in n:
+            out["param." + mmf.short_name(n)] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(ROOT, "cases", name + ".safetensors"))
 
 
 def main():
@@ -75,6 +112,7 @@ def main():
         for model_name in MODELS:
             cases.append(mmf.make_case(models, model_name, method, seed))
             seed += 1
+    coft_raw_case(models)
     with open(os.path.join(ROOT, "plugin_method_cases.json"), "w") as f:
         json.dump(cases, f, indent=2)
     print(f"wrote {len(cases)} plugin-method cases under {ROOT}", file=sys.stderr)
