@@ -27,6 +27,8 @@ use peft::p_tuning as _;
 use peft::prefix_tuning as _;
 #[cfg(feature = "prompt")]
 use peft::prompt_tuning as _;
+#[cfg(feature = "vera")]
+use peft::vera as _;
 
 /// Parameter-efficient fine-tuning for candle, checkpoint-compatible with Hugging Face peft.
 #[derive(Debug, Parser)]

@@ -705,13 +705,18 @@ impl PeftModel {
         let mut layouts = Vec::new();
         self.base.visit_linears(&mut |path, slot| {
             if selected.iter().any(|s| s == path) {
-                layouts.push(slot.stores_transposed());
+                layouts.push((
+                    slot.stores_transposed(),
+                    slot.in_features(),
+                    slot.out_features(),
+                ));
             }
             Ok(())
         })?;
         if let Some(method) = config.method.as_layer_method_mut() {
-            for transposed in layouts {
+            for (transposed, in_features, out_features) in layouts {
                 method.observe_weight_layout(transposed);
+                method.observe_target_shape(in_features, out_features);
             }
         }
         let method = Self::layer_method(&config)?;

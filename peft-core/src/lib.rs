@@ -51,6 +51,7 @@ pub mod saved_modules;
 pub mod status;
 pub mod targets;
 pub mod tokens;
+pub mod torch_rng;
 pub mod training;
 pub mod vars;
 

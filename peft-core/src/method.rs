@@ -176,6 +176,11 @@ pub trait LayerMethod: MethodConfig {
     /// `fan_in_fan_out` to match, with a warning).
     fn observe_weight_layout(&mut self, _transposed: bool) {}
 
+    /// Called with `(in_features, out_features)` of each targeted linear layer before any is
+    /// wrapped, so a method with state shared across layers can size it (VeRA's projections
+    /// span the largest input and output).
+    fn observe_target_shape(&mut self, _in_features: usize, _out_features: usize) {}
+
     /// Whether a long target list (20 entries or more) may be condensed to the shortest
     /// suffixes that select the same modules, as peft does for every method except IA3.
     fn condense_long_target_lists(&self) -> bool {

@@ -96,6 +96,9 @@ pub struct ParamStore {
     /// Parameters saved and counted under a second name that read another one (tied
     /// adapters): alias path -> (source path, transposed).
     aliases: Mutex<BTreeMap<String, (String, bool)>>,
+    /// Frozen tensors shared by the adapter's layers ([`ParamBuilder::shared_buffer`]): file
+    /// key -> (tensor, saved with the adapter).
+    buffers: Mutex<BTreeMap<String, (Tensor, bool)>>,
     source: Mutex<Option<TensorSource>>,
     key_prefix: String,
     seed: u64,
@@ -117,6 +120,7 @@ impl ParamStore {
         Arc::new(ParamStore {
             vars: Mutex::new(BTreeMap::new()),
             aliases: Mutex::new(BTreeMap::new()),
+            buffers: Mutex::new(BTreeMap::new()),
             source: Mutex::new(None),
             key_prefix: key_prefix.to_string(),
             seed,
@@ -145,6 +149,7 @@ impl ParamStore {
         Arc::new(ParamStore {
             vars: Mutex::new(BTreeMap::new()),
             aliases: Mutex::new(BTreeMap::new()),
+            buffers: Mutex::new(BTreeMap::new()),
             source: Mutex::new(Some(TensorSource {
                 path: path.to_path_buf(),
                 tensors,
@@ -223,6 +228,61 @@ impl ParamStore {
         };
         let tensor = var.as_tensor().clone();
         vars.insert(path.to_string(), var);
+        Ok(tensor)
+    }
+
+    fn shared_buffer(
+        &self,
+        key: &str,
+        shape: &[usize],
+        persistent: bool,
+        init: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut buffers = lock(&self.buffers);
+        if let Some((t, _)) = buffers.get(key) {
+            if t.dims() != shape {
+                return Err(PeftError::InvalidState(format!(
+                    "shared tensor `{key}` requested with shape {shape:?} but exists with {:?}",
+                    t.dims()
+                )));
+            }
+            return Ok(t.clone());
+        }
+        let bare = match self.key_prefix.as_str() {
+            "" => key,
+            prefix => key.strip_prefix(prefix).unwrap_or(key),
+        };
+        let mut loaded = None;
+        if persistent {
+            if let Some(source) = lock(&self.source).as_mut() {
+                if let Some((_, tensor)) = source.tensors.get(bare) {
+                    if tensor.dims() != shape {
+                        return Err(PeftError::ShapeMismatch {
+                            path: source.path.clone(),
+                            key: key.to_string(),
+                            expected: shape.to_vec(),
+                            found: tensor.dims().to_vec(),
+                        });
+                    }
+                    loaded = Some(tensor.to_dtype(DType::F32)?.to_device(&self.device)?);
+                    source.used.insert(bare.to_string());
+                }
+            }
+        }
+        let tensor = match loaded {
+            Some(t) => t,
+            None => {
+                let t = init()?;
+                if t.dims() != shape {
+                    return Err(PeftError::InvalidState(format!(
+                        "initial value of shared tensor `{key}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )));
+                }
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+        };
+        buffers.insert(key.to_string(), (tensor.clone(), persistent));
         Ok(tensor)
     }
 
@@ -321,6 +381,11 @@ impl ParamStore {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
+        for (key, (t, persistent)) in lock(&self.buffers).iter() {
+            if *persistent {
+                out.push((key.clone(), t.to_dtype(DType::F32)?));
+            }
+        }
         for (alias, (source, transposed)) in lock(&self.aliases).iter() {
             let Some(var) = vars.get(source) else {
                 return Err(PeftError::InvalidState(format!(
@@ -391,6 +456,29 @@ impl ParamBuilder {
     ) -> Result<Tensor> {
         self.store
             .get_or_create_with(&self.path(name), shape, &mut init)
+    }
+
+    /// A frozen tensor shared by all of the adapter's layers (VeRA's random projections),
+    /// saved under the checkpoint key `key` itself (not under this builder's path) when
+    /// `persistent`: read from the checkpoint being loaded when that holds `key` (a different
+    /// shape is an error naming the file), computed by `init` otherwise (always, when not
+    /// `persistent`). Never trained nor counted as a parameter; every layer asking for `key`
+    /// gets the same tensor.
+    pub fn shared_buffer(
+        &self,
+        key: &str,
+        shape: &[usize],
+        persistent: bool,
+        init: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut init = Some(init);
+        self.store
+            .shared_buffer(key, shape, persistent, &mut || match init.take() {
+                Some(f) => f(),
+                None => Err(PeftError::InvalidState(format!(
+                    "shared tensor `{key}` initialised twice"
+                ))),
+            })
     }
 
     /// Saves and counts the existing parameter `source` (a full path) under `name` here as

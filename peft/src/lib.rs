@@ -3,7 +3,7 @@
 //!
 //! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
 //! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`,
-//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
+//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `vera`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
 //! enabled methods into the registry.
 //!
 //! ```no_run
@@ -60,6 +60,9 @@ pub use peft_prompt as prompt_tuning;
 /// P-tuning (feature `ptuning`).
 #[cfg(feature = "ptuning")]
 pub use peft_ptuning as p_tuning;
+/// VeRA (feature `vera`).
+#[cfg(feature = "vera")]
+pub use peft_vera as vera;
 
 /// The methods linked into this build, sorted by `peft_type`.
 pub fn available_methods() -> Vec<&'static str> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, ...) on the committed tiny
+"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, VeRA, ...) on the committed tiny
 models (run after make_fixtures.py and make_model_fixtures.py, which write them), in the format
 of make_model_fixtures.py, whose make_case does the work. Produced with torch 2.15,
 transformers 5.24, peft 0.21.2.
@@ -21,8 +21,8 @@ import json
 import os
 import sys
 
-from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
-from peft import HRAConfig, LoHaConfig, LoKrConfig, OFTConfig
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
+from peft import HRAConfig, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_model_fixtures as mmf  # noqa: E402
@@ -32,6 +32,11 @@ MODELS = {
     "llama_tiny": (LlamaForCausalLM, "CAUSAL_LM"),
     "bert_seqcls": (BertForSequenceClassification, "SEQ_CLS"),
     "t5_tiny": (T5ForConditionalGeneration, "SEQ_2_SEQ_LM"),
+}
+
+# Models only some methods run on (peft refuses GPT-2's Conv1D layers for the others).
+EXTRA_MODELS = {
+    "vera": {"gpt2_tiny": (GPT2LMHeadModel, "CAUSAL_LM")},
 }
 
 METHODS = {
@@ -73,6 +78,15 @@ METHODS = {
         **({"oft_block_size": 8, "target_modules": ["q", "wo"], "use_cayley_neumann": False}
            if mt == "t5" else {}),
     ),
+    # VeRA: layers of different widths slicing the shared projections, a non-default PRNG key,
+    # saved projections on LLaMA and GPT-2 (Conv1D, fan_in_fan_out), projections rebuilt from
+    # the key on BERT (save_projection=False) with the targeted biases trained, T5 by default.
+    "vera": lambda task, mt: VeraConfig(
+        task_type=task, r=6, init_weights=False, projection_prng_key=123 if mt == "bert" else 7,
+        **({"target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"]} if mt == "llama" else {}),
+        **({"save_projection": False, "bias": "vera_only"} if mt == "bert" else {}),
+        **({"target_modules": ["c_attn", "c_fc", "c_proj"]} if mt == "gpt2" else {}),
+    ),
 }
 
 
@@ -104,12 +118,12 @@ def main():
     mmf.METHODS.update(METHODS)
     mmf.MERGEABLE.update(METHODS)
     models = {}
-    for name, (cls, task) in MODELS.items():
+    for name, (cls, task) in [*MODELS.items(), *(m for e in EXTRA_MODELS.values() for m in e.items())]:
         models[name] = (cls.from_pretrained(os.path.join(ROOT, "models", name)).eval(), task)
     cases = []
     seed = 300
     for method in METHODS:
-        for model_name in MODELS:
+        for model_name in [*MODELS, *EXTRA_MODELS.get(method, {})]:
             cases.append(mmf.make_case(models, model_name, method, seed))
             seed += 1
     coft_raw_case(models)
