@@ -604,9 +604,34 @@ pub fn pattern_value<'a, T>(patterns: &'a [(String, T)], module: &str) -> Option
     })
 }
 
+/// peft's older pattern lookup (FourierFT's `n_frequency_pattern`): the first key, in file
+/// order, for which `re.match(rf".*\.{key}$", module)` holds; a module without a dot in its path
+/// never matches.
+pub fn pattern_value_dotted<'a, T>(patterns: &'a [(String, T)], module: &str) -> Option<&'a T> {
+    patterns.iter().find_map(|(key, value)| {
+        let re = Regex::new(&format!(r"\A(?:.*\.{key}$)")).ok()?;
+        is_match(&re, module).then_some(value)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dotted_patterns_need_a_dot_before_the_key() {
+        let p = vec![("q_proj".to_string(), 1), ("lm_head".to_string(), 2)];
+        assert_eq!(
+            pattern_value_dotted(&p, "model.layers.0.self_attn.q_proj"),
+            Some(&1)
+        );
+        assert_eq!(pattern_value_dotted(&p, "lm_head"), None);
+        assert_eq!(pattern_value(&p, "lm_head"), Some(&2));
+        assert_eq!(
+            pattern_value_dotted(&p, "model.layers.0.self_attn.xq_proj"),
+            None
+        );
+    }
 
     fn entries(names: &[&str]) -> Vec<ModuleEntry> {
         names

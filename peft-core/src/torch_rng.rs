@@ -58,6 +58,56 @@ impl TorchGenerator {
             .collect()
     }
 
+    /// The next 64-bit output (`generator->random64()`: two 32-bit draws, the first high).
+    pub fn next_u64(&mut self) -> u64 {
+        let hi = self.next_u32() as u64;
+        (hi << 32) | self.next_u32() as u64
+    }
+
+    /// The first `k` entries of `torch.randperm(n, generator=g)`. Below `u32::MAX / 20` torch
+    /// runs Fisher–Yates forwards with 32-bit draws, so the first `k` positions are final after
+    /// `k` steps and only those are simulated (`O(k)` time and memory); above it torch switches
+    /// to the inside-out variant with 64-bit draws, simulated in full (`O(n)`).
+    pub fn randperm_prefix(&mut self, n: u64, k: usize) -> Vec<u64> {
+        let k = (k as u64).min(n) as usize;
+        if n < (u32::MAX / 20) as u64 {
+            let mut moved: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            let mut out = Vec::with_capacity(k);
+            for i in 0..k as u64 {
+                let value = if i + 1 < n {
+                    let z = i + self.next_u32() as u64 % (n - i);
+                    let at_i = moved.get(&i).copied().unwrap_or(i);
+                    let at_z = moved.get(&z).copied().unwrap_or(z);
+                    moved.insert(z, at_i);
+                    at_z
+                } else {
+                    moved.get(&i).copied().unwrap_or(i)
+                };
+                out.push(value);
+            }
+            return out;
+        }
+        if n <= u32::MAX as u64 + 1 {
+            // Entries fit in 32 bits: half the memory.
+            let mut r: Vec<u32> = vec![0; n as usize];
+            for i in 0..n {
+                let z = (self.next_u64() % (i + 1)) as usize;
+                r[i as usize] = r[z];
+                r[z] = i as u32;
+            }
+            r.truncate(k);
+            return r.into_iter().map(u64::from).collect();
+        }
+        let mut r: Vec<u64> = vec![0; n as usize];
+        for i in 0..n {
+            let z = (self.next_u64() % (i + 1)) as usize;
+            r[i as usize] = r[z];
+            r[z] = i;
+        }
+        r.truncate(k);
+        r
+    }
+
     /// torch's `kaiming_uniform_` with gain `√2` (`a=0`, the `nonlinearity="relu"` default) on a
     /// 2-D tensor of `shape`: uniform on `±√(6 / fan_in)`, `fan_in = shape[1]`, in memory order.
     pub fn kaiming_uniform(&mut self, shape: (usize, usize)) -> Vec<f32> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, VeRA, ...) on the committed tiny
+"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, VeRA, FourierFT, ...) on the committed tiny
 models (run after make_fixtures.py and make_model_fixtures.py, which write them), in the format
 of make_model_fixtures.py, whose make_case does the work. Produced with torch 2.15,
 transformers 5.24, peft 0.21.2.
@@ -22,7 +22,7 @@ import os
 import sys
 
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
-from peft import HRAConfig, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
+from peft import FourierFTConfig, HRAConfig, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_model_fixtures as mmf  # noqa: E402
@@ -37,6 +37,7 @@ MODELS = {
 # Models only some methods run on (peft refuses GPT-2's Conv1D layers for the others).
 EXTRA_MODELS = {
     "vera": {"gpt2_tiny": (GPT2LMHeadModel, "CAUSAL_LM")},
+    "fourierft": {"gpt2_tiny": (GPT2LMHeadModel, "CAUSAL_LM")},
 }
 
 METHODS = {
@@ -86,6 +87,15 @@ METHODS = {
         **({"target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"]} if mt == "llama" else {}),
         **({"save_projection": False, "bias": "vera_only"} if mt == "bert" else {}),
         **({"target_modules": ["c_attn", "c_fc", "c_proj"]} if mt == "gpt2" else {}),
+    ),
+    # FourierFT: a random spectrum (peft's default init), scaling and seeds off their defaults,
+    # an n_frequency_pattern on LLaMA, the targeted biases on BERT, Conv1D on GPT-2.
+    "fourierft": lambda task, mt: FourierFTConfig(
+        task_type=task, n_frequency=40, scaling=60.0, random_loc_seed=11,
+        **({"target_modules": ["q_proj", "v_proj", "down_proj"], "n_frequency_pattern": {"down_proj": 25}}
+           if mt == "llama" else {}),
+        **({"bias": "fourier_only"} if mt == "bert" else {}),
+        **({"target_modules": ["c_attn", "c_proj"]} if mt == "gpt2" else {}),
     ),
 }
 

@@ -50,7 +50,7 @@ pub struct DemoArgs {
     /// Seed for the base model, the adapter and the batches.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Method to demonstrate: lora, ia3, loha, lokr, hra, oft, vera, prompt, p_tuning or prefix.
+    /// Method to demonstrate: lora, ia3, loha, lokr, hra, oft, vera, fourierft, prompt, p_tuning or prefix.
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Model to demonstrate on: llama, gpt2, t5 (sequence-to-sequence) or bert (classification).
@@ -204,6 +204,11 @@ fn method_config(method: &str, task: TaskType) -> Result<(AdapterConfig, f64, bo
             2e-2,
             true,
         ),
+        "fourierft" => (
+            r#"{"peft_type": "FOURIERFT", "n_frequency": 200, "init_weights": true, "target_modules": "all-linear"}"#,
+            5e-2,
+            true,
+        ),
         "prompt" | "prompt_tuning" => (
             r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}"#,
             5e-2,
@@ -220,7 +225,7 @@ fn method_config(method: &str, task: TaskType) -> Result<(AdapterConfig, f64, bo
             false,
         ),
         other => bail!(
-            "--method {other}: expected one of lora, ia3, loha, lokr, hra, oft, vera, prompt, p_tuning, prefix"
+            "--method {other}: expected one of lora, ia3, loha, lokr, hra, oft, vera, fourierft, prompt, p_tuning, prefix"
         ),
     };
     let config = AdapterConfig::from_json_str(json, "demo config")
