@@ -309,10 +309,15 @@ impl LayerMethod for FourierftConfig {
             .copied()
             .unwrap_or(self.n_frequency);
         if n > inp * out {
-            return Err(PeftError::InvalidState(format!(
-                "FourierFT at `{path}`: n_frequency {n} exceeds the layer's {out} x {inp} = {} weights",
-                inp * out
-            )));
+            return Err(PeftError::config_value(
+                "adapter config",
+                "n_frequency",
+                format!(
+                    "at most the {out} x {inp} = {} weights of `{path}`",
+                    inp * out
+                ),
+                n,
+            ));
         }
         let init = if self.init_weights {
             Init::Zeros
