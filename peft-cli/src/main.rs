@@ -21,6 +21,8 @@ use peft::loha as _;
 use peft::lokr as _;
 #[cfg(feature = "lora")]
 use peft::lora as _;
+#[cfg(feature = "miss")]
+use peft::miss as _;
 #[cfg(feature = "oft")]
 use peft::oft as _;
 #[cfg(feature = "ptuning")]

@@ -132,13 +132,15 @@ pub enum TrainedBiases {
 }
 
 impl TrainedBiases {
-    /// Reads peft's `bias` field (`"none"` when absent or null): `"none"`, `"all"`, or the
-    /// method's own `only` value (`"hra_only"`, `"boft_only"`, ...).
+    /// Reads peft's `bias` field (`"none"` when absent or null): `"none"`, `"all"`, or a value
+    /// ending in `_only` (the method's own `only`, `"hra_only"`, `"boft_only"`, ...: peft's
+    /// generic `_mark_only_adapters_as_trainable` takes any `*_only` for the adapted layers'
+    /// biases; it is written back as `only`).
     pub fn take(fields: &mut crate::json::ConfigFields, only: &str) -> Result<Self> {
         match fields.take_opt_string("bias")?.as_deref() {
             None | Some("none") => Ok(TrainedBiases::None),
             Some("all") => Ok(TrainedBiases::All),
-            Some(s) if s == only => Ok(TrainedBiases::TargetsOnly),
+            Some(s) if s.ends_with("_only") => Ok(TrainedBiases::TargetsOnly),
             Some(s) => Err(PeftError::config_value(
                 fields.source_name(),
                 "bias",

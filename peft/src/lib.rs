@@ -3,7 +3,7 @@
 //!
 //! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
 //! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`,
-//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `vera`, `fourierft`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
+//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `vera`, `fourierft`, `miss`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
 //! enabled methods into the registry.
 //!
 //! ```no_run
@@ -51,6 +51,9 @@ pub use peft_lokr as lokr;
 /// LoRA (feature `lora`).
 #[cfg(feature = "lora")]
 pub use peft_lora as lora;
+/// MiSS (feature `miss`).
+#[cfg(feature = "miss")]
+pub use peft_miss as miss;
 /// OFT (feature `oft`).
 #[cfg(feature = "oft")]
 pub use peft_oft as oft;
