@@ -32,7 +32,7 @@ fn config_values_are_checked() {
     let cases = [
         (r#"{"peft_type": "HRA", "r": 0}"#, "r", "positive"),
         (
-            r#"{"peft_type": "HRA", "bias": "lora_only"}"#,
+            r#"{"peft_type": "HRA", "bias": "some"}"#,
             "bias",
             "hra_only",
         ),
