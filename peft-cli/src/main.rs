@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // Reference every enabled method crate so its registration is linked in.
+#[cfg(feature = "c3a")]
+use peft::c3a as _;
 #[cfg(feature = "fourierft")]
 use peft::fourierft as _;
 #[cfg(feature = "hra")]

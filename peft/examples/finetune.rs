@@ -66,13 +66,17 @@ fn main() -> anyhow::Result<()> {
             r#"{"peft_type": "MISS", "r": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}"#,
             "example",
         )?,
+        "c3a" => AdapterConfig::from_json_str(
+            r#"{"peft_type": "C3A", "block_size": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}"#,
+            "example",
+        )?,
         "prompt" => AdapterConfig::from_json_str(r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}"#, "example")?,
         "p_tuning" => AdapterConfig::from_json_str(
             r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 8, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 32}"#,
             "example",
         )?,
         "prefix" => AdapterConfig::from_json_str(r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8, "prefix_projection": true}"#, "example")?,
-        other => anyhow::bail!("unknown method {other}: lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, prompt, p_tuning or prefix"),
+        other => anyhow::bail!("unknown method {other}: lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, c3a, prompt, p_tuning or prefix"),
     }
     .with_task_type(TaskType::CausalLm);
     let model = get_peft_model(base, config, 0)?;

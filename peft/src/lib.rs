@@ -3,7 +3,7 @@
 //!
 //! It re-exports [`peft_core`] (configs, [`PeftModel`], checkpoints), [`peft_models`] (models
 //! whose layers can be adapted) and the method crates chosen with Cargo features (`lora`,
-//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `vera`, `fourierft`, `miss`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
+//! `ia3`, `loha`, `lokr`, `hra`, `oft`, `vera`, `fourierft`, `miss`, `c3a`, `prompt`, `ptuning`, `prefix`; all on by default). Depending on this crate links the
 //! enabled methods into the registry.
 //!
 //! ```no_run
@@ -33,6 +33,9 @@ pub use peft_quant as quant;
 #[cfg(feature = "quant")]
 pub mod bases;
 
+/// C3A (feature `c3a`).
+#[cfg(feature = "c3a")]
+pub use peft_c3a as c3a;
 /// FourierFT (feature `fourierft`).
 #[cfg(feature = "fourierft")]
 pub use peft_fourierft as fourierft;

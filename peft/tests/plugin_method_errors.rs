@@ -1,4 +1,4 @@
-//! Bad configs and checkpoints of the plugin methods (HRA, OFT, VeRA, FourierFT, LoHa, LoKr)
+//! Bad configs and checkpoints of the plugin methods (HRA, OFT, VeRA, FourierFT, MiSS, C3A, LoHa, LoKr)
 //! give typed errors naming the key or file, expected vs found; never a panic.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -79,6 +79,26 @@ fn config_values_are_checked() {
         ),
         (r#"{"peft_type": "LOHA", "r": 0}"#, "r", "positive"),
         (
+            r#"{"peft_type": "C3A", "block_size": 7}"#,
+            "block_size",
+            "divisor",
+        ),
+        (
+            r#"{"peft_type": "C3A", "init_weights": "orthogonal"}"#,
+            "init_weights",
+            "gaussian",
+        ),
+        (
+            r#"{"peft_type": "MISS", "r": 128}"#,
+            "r",
+            "at most in_features",
+        ),
+        (
+            r#"{"peft_type": "MISS", "r": 5, "init_weights": "bat"}"#,
+            "r",
+            "divisor",
+        ),
+        (
             r#"{"peft_type": "LOKR", "rank_dropout": 2}"#,
             "rank_dropout",
             "probability",
@@ -94,7 +114,7 @@ fn config_values_are_checked() {
 /// layer's path (VeRA and FourierFT support them).
 #[test]
 fn conv1d_layers_are_refused_by_linear_only_methods() {
-    for peft_type in ["LOHA", "LOKR", "HRA", "OFT"] {
+    for peft_type in ["LOHA", "LOKR", "HRA", "OFT", "MISS", "C3A"] {
         let s = error_on(
             "gpt2_tiny",
             &format!(r#"{{"peft_type": "{peft_type}", "target_modules": ["c_attn"]}}"#),

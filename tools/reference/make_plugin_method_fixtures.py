@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, VeRA, FourierFT, ...) on the committed tiny
+"""Reference fixtures for the plugin methods of issue 18 (LoHa, LoKr, HRA, OFT, VeRA, FourierFT, MiSS, C3A, ...) on the committed tiny
 models (run after make_fixtures.py and make_model_fixtures.py, which write them), in the format
 of make_model_fixtures.py, whose make_case does the work. Produced with torch 2.15,
 transformers 5.24, peft 0.21.2.
@@ -22,7 +22,7 @@ import os
 import sys
 
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
-from peft import FourierFTConfig, HRAConfig, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
+from peft import C3AConfig, FourierFTConfig, HRAConfig, LoHaConfig, LoKrConfig, MissConfig, OFTConfig, VeraConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_model_fixtures as mmf  # noqa: E402
@@ -97,6 +97,24 @@ METHODS = {
         **({"bias": "fourier_only"} if mt == "bert" else {}),
         **({"target_modules": ["c_attn", "c_proj"]} if mt == "gpt2" else {}),
     ),
+    # MiSS: a random shared shard whose r leaves a partial block (64 and 96 inputs, r=5) on
+    # LLaMA, "bat" on BERT, "mini" on T5 (their zero shards perturbed by make_case).
+    "miss": lambda task, mt: MissConfig(
+        task_type=task,
+        **({"r": 5, "init_weights": False, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+           if mt == "llama" else {}),
+        **({"r": 16, "init_weights": "bat", "bias": "MiSS_only"} if mt == "bert" else {}),
+        **({"r": 4, "mini_r": 8, "init_weights": "mini", "target_modules": ["q", "wo"]} if mt == "t5" else {}),
+    ),
+    # C3A: peft's default Xavier init with a block_size_pattern on LLaMA, Kaiming with the
+    # targeted biases on BERT, Gaussian on T5.
+    "c3a": lambda task, mt: C3AConfig(
+        task_type=task,
+        **({"block_size": 16, "block_size_pattern": {"down_proj": 32},
+            "target_modules": ["q_proj", "v_proj", "down_proj"]} if mt == "llama" else {}),
+        **({"block_size": 8, "init_weights": "kaiming_uniform", "bias": "c3a_only"} if mt == "bert" else {}),
+        **({"block_size": 32, "init_weights": "gaussian", "target_modules": ["q", "wo"]} if mt == "t5" else {}),
+    ),
 }
 
 
@@ -124,6 +142,20 @@ def coft_raw_case(models):
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(ROOT, "cases", name + ".safetensors"))
 
 
+class _AutogradCircularConvolution:
+    """peft 0.21.2's `BlockCircularConvolution.backward` returns a wrong gradient for the input
+    (it correlates the output gradient with the kernel the wrong way round; the kernel gradient
+    and the forward are right): checked against autograd through peft's own
+    `get_circulant_fast`, the input gradients differ by O(1) on random data. So C3A cases run
+    the same forward through autograd (`x @ get_circulant_fast(w).T`, equal to peft's FFT forward
+    to ~1e-6), and their gradients are the true ones, which peft-rs computes."""
+
+    @staticmethod
+    def apply(x, w):
+        from peft.tuners.c3a.utils import get_circulant_fast
+        return x @ get_circulant_fast(w).T
+
+
 def main():
     mmf.METHODS.update(METHODS)
     mmf.MERGEABLE.update(METHODS)
@@ -132,10 +164,15 @@ def main():
         models[name] = (cls.from_pretrained(os.path.join(ROOT, "models", name)).eval(), task)
     cases = []
     seed = 300
+    import peft.tuners.c3a.layer as c3a_layer
+    peft_convolution = c3a_layer.BlockCircularConvolution
     for method in METHODS:
+        c3a_layer.BlockCircularConvolution = (
+            _AutogradCircularConvolution if method == "c3a" else peft_convolution)
         for model_name in [*MODELS, *EXTRA_MODELS.get(method, {})]:
             cases.append(mmf.make_case(models, model_name, method, seed))
             seed += 1
+    c3a_layer.BlockCircularConvolution = peft_convolution
     coft_raw_case(models)
     with open(os.path.join(ROOT, "plugin_method_cases.json"), "w") as f:
         json.dump(cases, f, indent=2)

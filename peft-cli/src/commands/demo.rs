@@ -50,7 +50,7 @@ pub struct DemoArgs {
     /// Seed for the base model, the adapter and the batches.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Method to demonstrate: lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, prompt, p_tuning or prefix.
+    /// Method to demonstrate: lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, c3a, prompt, p_tuning or prefix.
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Model to demonstrate on: llama, gpt2, t5 (sequence-to-sequence) or bert (classification).
@@ -214,6 +214,11 @@ fn method_config(method: &str, task: TaskType) -> Result<(AdapterConfig, f64, bo
             1e-2,
             true,
         ),
+        "c3a" => (
+            r#"{"peft_type": "C3A", "block_size": 16, "init_weights": true, "target_modules": "all-linear"}"#,
+            1e-1,
+            true,
+        ),
         "prompt" | "prompt_tuning" => (
             r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}"#,
             5e-2,
@@ -230,7 +235,7 @@ fn method_config(method: &str, task: TaskType) -> Result<(AdapterConfig, f64, bo
             false,
         ),
         other => bail!(
-            "--method {other}: expected one of lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, prompt, p_tuning, prefix"
+            "--method {other}: expected one of lora, ia3, loha, lokr, hra, oft, vera, fourierft, miss, c3a, prompt, p_tuning, prefix"
         ),
     };
     let config = AdapterConfig::from_json_str(json, "demo config")
