@@ -86,29 +86,9 @@ impl Default for C3aConfig {
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let d = C3aConfig::default();
     let targets = TargetSpec::take_fields(fields, true)?;
-    let source = fields.source_name().to_string();
-    let block_size = fields.take_usize("block_size", d.block_size)?;
-    if block_size == 0 {
-        return Err(PeftError::config_value(
-            &source,
-            "block_size",
-            "a positive integer",
-            0,
-        ));
-    }
-    let block_size_pattern = fields
-        .take_number_map("block_size_pattern")?
-        .into_iter()
-        .map(|(k, v)| match v.as_u64() {
-            Some(n) if n > 0 => Ok((k, n as usize)),
-            _ => Err(PeftError::config_value(
-                &source,
-                "block_size_pattern",
-                "positive integer values",
-                format!("{k}: {v}"),
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let block_size = fields.take_positive_usize("block_size", d.block_size)?;
+    let block_size_pattern =
+        fields.take_positive_usize_map("block_size_pattern", "a positive integer")?;
     let (init, init_written_false) = match fields.take_raw("init_weights") {
         None | Some(Value::Null) => (C3aInit::XavierUniform, false),
         Some(Value::Bool(true)) => (C3aInit::Zero, false),

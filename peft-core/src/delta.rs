@@ -34,6 +34,25 @@ pub fn require_linear_layout(path: &str, base: &dyn LinearLike, method: &str) ->
     Ok(())
 }
 
+/// `f` applied to `x` viewed as rows of `in_features` values in f32 (`[n, in_features]`); its
+/// `[n, out]` result is shaped back like `x`, the last dimension `out`, in `dtype`. The shape
+/// plumbing of an adapter that computes per row (an update added to the output, or an input
+/// transform).
+pub fn map_rows(
+    x: &Tensor,
+    in_features: usize,
+    dtype: DType,
+    f: impl FnOnce(Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let rows = x.elem_count() / in_features.max(1);
+    let out = f(x.to_dtype(DType::F32)?.reshape((rows, in_features))?)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out.dim(1)?;
+    }
+    Ok(out.reshape(dims)?.to_dtype(dtype)?)
+}
+
 /// The random drops applied in training (peft's LyCORIS layers).
 #[derive(Debug)]
 pub struct Drops {
@@ -126,16 +145,7 @@ impl<D: DeltaWeight> LinearAdapter for DeltaLinear<D> {
         } else {
             self.delta.delta_weight()?
         };
-        let dims = x.dims();
-        let in_features = dw.dim(1)?;
-        let lead = x.elem_count() / in_features.max(1);
-        let x2 = x.to_dtype(DType::F32)?.reshape((lead, in_features))?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = dw.dim(0)?;
-        }
-        let update = x2.matmul(&dw.t()?)?.reshape(out_dims)?;
-        let update = update.to_dtype(y.dtype())?;
+        let update = map_rows(x, dw.dim(1)?, y.dtype(), |x2| Ok(x2.matmul(&dw.t()?)?))?;
         Ok((y + update)?)
     }
 

@@ -84,6 +84,69 @@ impl ConfigFields {
         }
     }
 
+    /// Takes a positive integer, or `default` when absent (0 is an error naming the key).
+    pub fn take_positive_usize(&mut self, key: &str, default: usize) -> Result<usize> {
+        let n = self.take_usize(key, default)?;
+        if n == 0 {
+            return Err(PeftError::config_value(
+                &self.source_name,
+                key,
+                "a positive integer",
+                "0",
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Takes a probability in `[0, 1]`, or `default` when absent or null.
+    pub fn take_probability(&mut self, key: &str, default: f64) -> Result<f64> {
+        let p = self.take_f64(key, default)?;
+        if !(0.0..=1.0).contains(&p) {
+            return Err(PeftError::config_value(
+                &self.source_name,
+                key,
+                "a probability in [0, 1]",
+                p,
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Takes a torch seed (`manual_seed` takes any integer, a negative one modulo 2⁶⁴), or
+    /// `default` when absent or null.
+    pub fn take_seed(&mut self, key: &str, default: u64) -> Result<u64> {
+        match self.take_raw(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or(default)),
+            Some(Value::Number(n)) if n.as_i64().is_some() => {
+                Ok(n.as_i64().map_or(default, |v| v as u64))
+            }
+            Some(v) => Err(self.type_error(key, "an integer", &v)),
+        }
+    }
+
+    /// Takes an object mapping module keys to positive integers (`rank_pattern`,
+    /// `n_frequency_pattern`, ...), in file order; a bad value is an error naming
+    /// `key.<module key>` and `expected`.
+    pub fn take_positive_usize_map(
+        &mut self,
+        key: &str,
+        expected: &str,
+    ) -> Result<Vec<(String, usize)>> {
+        self.take_number_map(key)?
+            .into_iter()
+            .map(|(k, n)| match n.as_u64().filter(|v| *v > 0) {
+                Some(v) => Ok((k, v as usize)),
+                None => Err(PeftError::config_value(
+                    &self.source_name,
+                    &format!("{key}.{k}"),
+                    expected,
+                    n,
+                )),
+            })
+            .collect()
+    }
+
     /// Takes a float, or `default` when absent or null.
     pub fn take_f64(&mut self, key: &str, default: f64) -> Result<f64> {
         match self.take_raw(key) {

@@ -9,7 +9,7 @@
 use serde_json::{Map, Number, Value};
 
 use crate::delta::{require_linear_layout, DeltaLinear, DeltaWeight, Drops};
-use crate::error::{PeftError, Result};
+use crate::error::Result;
 use crate::json::ConfigFields;
 use crate::layers::LinearLike;
 use crate::method::LinearAdapter;
@@ -55,19 +55,7 @@ pub trait LowRank {
 
 /// Reads `rank_pattern` (module key to a positive integer rank), keeping file order.
 pub fn take_rank_pattern(fields: &mut ConfigFields) -> Result<Vec<(String, usize)>> {
-    fields
-        .take_number_map("rank_pattern")?
-        .into_iter()
-        .map(|(k, n)| match n.as_u64().filter(|r| *r > 0) {
-            Some(r) => Ok((k, r as usize)),
-            None => Err(PeftError::config_value(
-                fields.source_name(),
-                &format!("rank_pattern.{k}"),
-                "a positive integer rank",
-                n,
-            )),
-        })
-        .collect()
+    fields.take_positive_usize_map("rank_pattern", "a positive integer rank")
 }
 
 /// Reads `alpha_pattern` (module key to a number, kept as written), keeping file order.
@@ -140,34 +128,14 @@ impl LycorisSettings {
     /// Takes the shared fields, checking the rank and the probabilities.
     pub fn take(fields: &mut ConfigFields) -> Result<Self> {
         let d = LycorisSettings::default();
-        let r = fields.take_usize("r", d.r)?;
-        if r == 0 {
-            return Err(PeftError::config_value(
-                fields.source_name(),
-                "r",
-                "a positive integer",
-                "0",
-            ));
-        }
+        let r = fields.take_positive_usize("r", d.r)?;
         let alpha = match fields.take_raw("alpha") {
             None | Some(Value::Null) => d.alpha,
             Some(Value::Number(n)) => n,
             Some(v) => return Err(fields.type_error("alpha", "a number", &v)),
         };
-        let mut probability = |key: &str| -> Result<f64> {
-            let p = fields.take_f64(key, 0.0)?;
-            if !(0.0..=1.0).contains(&p) {
-                return Err(PeftError::config_value(
-                    fields.source_name(),
-                    key,
-                    "a probability in [0, 1]",
-                    p,
-                ));
-            }
-            Ok(p)
-        };
-        let rank_dropout = probability("rank_dropout")?;
-        let module_dropout = probability("module_dropout")?;
+        let rank_dropout = fields.take_probability("rank_dropout", 0.0)?;
+        let module_dropout = fields.take_probability("module_dropout", 0.0)?;
         Ok(LycorisSettings {
             r,
             alpha,

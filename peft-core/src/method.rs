@@ -31,13 +31,16 @@ pub trait LinearAdapter: Send + Sync + Debug {
     /// Returns the adapted output given the layer's original input `x` and the output so far.
     /// `base` is the layer the adapters run on (the frozen base, or the base with other
     /// adapters merged into it), for adapters whose output depends on its weights (DoRA).
+    /// By default the output is unchanged (adapters that only transform the input: HRA, OFT).
     fn adapt_output(
         &self,
-        base: &dyn LinearLike,
-        x: &Tensor,
+        _base: &dyn LinearLike,
+        _x: &Tensor,
         y: Tensor,
-        training: bool,
-    ) -> Result<Tensor>;
+        _training: bool,
+    ) -> Result<Tensor> {
+        Ok(y)
+    }
     /// The base layer's output and this adapter's in one fused computation, when this adapter
     /// is the only one running on the layer and can do better than base-then-adapt (LoRA on a
     /// dense f32 CPU layer); `None` to take the general path. Must equal

@@ -23,6 +23,7 @@ use std::f64::consts::PI;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use candle_core::{DType, Device, Tensor};
+use peft_core::delta::map_rows;
 use peft_core::json::ConfigFields;
 use peft_core::targets::pattern_value_dotted;
 use peft_core::torch_rng::TorchGenerator;
@@ -87,40 +88,10 @@ impl Default for FourierftConfig {
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let d = FourierftConfig::default();
     let targets = TargetSpec::take_fields(fields, true)?;
-    let n_frequency = fields.take_usize("n_frequency", d.n_frequency)?;
-    let source = fields.source_name().to_string();
-    let positive = |key: &str, n: usize| -> Result<usize> {
-        if n == 0 {
-            return Err(PeftError::config_value(
-                &source,
-                key,
-                "a positive integer",
-                0,
-            ));
-        }
-        Ok(n)
-    };
-    positive("n_frequency", n_frequency)?;
-    let n_frequency_pattern = fields
-        .take_number_map("n_frequency_pattern")?
-        .into_iter()
-        .map(|(k, v)| match v.as_u64() {
-            Some(n) => Ok((k, positive("n_frequency_pattern", n as usize)?)),
-            None => Err(PeftError::config_value(
-                &source,
-                "n_frequency_pattern",
-                "positive integer values",
-                format!("{k}: {v}"),
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let random_loc_seed = match fields.take_raw("random_loc_seed") {
-        None | Some(Value::Null) => d.random_loc_seed,
-        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
-        // torch seeds with the value modulo 2⁶⁴.
-        Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap_or(0) as u64,
-        Some(v) => return Err(fields.type_error("random_loc_seed", "an integer", &v)),
-    };
+    let n_frequency = fields.take_positive_usize("n_frequency", d.n_frequency)?;
+    let n_frequency_pattern =
+        fields.take_positive_usize_map("n_frequency_pattern", "a positive integer")?;
+    let random_loc_seed = fields.take_seed("random_loc_seed", d.random_loc_seed)?;
     Ok(Box::new(FourierftConfig {
         targets,
         n_frequency,
@@ -235,18 +206,12 @@ impl LinearAdapter for Spectrum {
         y: Tensor,
         _training: bool,
     ) -> Result<Tensor> {
-        let (inp, out) = (self.tables.p_in.dim(0)?, self.tables.p_out.dim(1)?);
-        let rows = x.elem_count() / inp.max(1);
-        let x2 = x.to_dtype(DType::F32)?.reshape((rows, inp))?;
-        let h = x2
-            .matmul(&self.tables.p_in)?
-            .broadcast_mul(&self.doubled()?)?;
-        let u = h.matmul(&self.tables.p_out)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        let u = u.reshape(dims)?.to_dtype(y.dtype())?;
+        let u = map_rows(x, self.tables.p_in.dim(0)?, y.dtype(), |x2| {
+            let h = x2
+                .matmul(&self.tables.p_in)?
+                .broadcast_mul(&self.doubled()?)?;
+            Ok(h.matmul(&self.tables.p_out)?)
+        })?;
         Ok((y + u)?)
     }
 

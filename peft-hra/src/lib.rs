@@ -24,11 +24,11 @@
 //! match peft.
 
 use candle_core::{DType, Tensor};
-use peft_core::delta::require_linear_layout;
+use peft_core::delta::{map_rows, require_linear_layout};
 use peft_core::json::ConfigFields;
 use peft_core::{
     CommonConfig, Init, LayerMethod, LinearAdapter, LinearLike, MethodConfig, MethodRegistration,
-    ParamBuilder, PeftError, Result, TargetModules, TargetSpec, TrainedBiases,
+    ParamBuilder, Result, TargetModules, TargetSpec, TrainedBiases,
 };
 use serde_json::{Map, Value};
 
@@ -88,15 +88,7 @@ impl HraConfig {
 /// Parses an HRA config (the registry's parse function).
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let targets = TargetSpec::take_fields(fields, true)?;
-    let r = fields.take_usize("r", 8)?;
-    if r == 0 {
-        return Err(PeftError::config_value(
-            fields.source_name(),
-            "r",
-            "a positive integer",
-            "0",
-        ));
-    }
+    let r = fields.take_positive_usize("r", 8)?;
     Ok(Box::new(HraConfig {
         targets,
         r,
@@ -204,22 +196,9 @@ impl Reflections {
 
 impl LinearAdapter for Reflections {
     fn adapt_input(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let dims = x.dims().to_vec();
-        let n = self.u.dim(0)?;
-        let rows = x.elem_count() / n.max(1);
-        let x2 = x.to_dtype(DType::F32)?.reshape((rows, n))?;
-        let y = self.transform(&x2)?.reshape(dims)?.to_dtype(x.dtype())?;
-        Ok(Some(y))
-    }
-
-    fn adapt_output(
-        &self,
-        _base: &dyn LinearLike,
-        _x: &Tensor,
-        y: Tensor,
-        _training: bool,
-    ) -> Result<Tensor> {
-        Ok(y)
+        Ok(Some(map_rows(x, self.u.dim(0)?, x.dtype(), |x2| {
+            self.transform(&x2)
+        })?))
     }
 
     /// `W H` (the bias unchanged).

@@ -16,7 +16,7 @@
 //! refuses them.
 
 use candle_core::{DType, Tensor};
-use peft_core::delta::require_linear_layout;
+use peft_core::delta::{map_rows, require_linear_layout};
 use peft_core::json::ConfigFields;
 use peft_core::nn::Dropout;
 use peft_core::{
@@ -87,28 +87,9 @@ impl Default for MissConfig {
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let d = MissConfig::default();
     let targets = TargetSpec::take_fields(fields, true)?;
-    let source = fields.source_name().to_string();
-    let r = fields.take_usize("r", d.r)?;
-    let mini_r = fields.take_usize("mini_r", d.mini_r)?;
-    for (key, v) in [("r", r), ("mini_r", mini_r)] {
-        if v == 0 {
-            return Err(PeftError::config_value(
-                &source,
-                key,
-                "a positive integer",
-                0,
-            ));
-        }
-    }
-    let miss_dropout = fields.take_f64("miss_dropout", 0.0)?;
-    if !(0.0..=1.0).contains(&miss_dropout) {
-        return Err(PeftError::config_value(
-            &source,
-            "miss_dropout",
-            "a probability in [0, 1]",
-            miss_dropout,
-        ));
-    }
+    let r = fields.take_positive_usize("r", d.r)?;
+    let mini_r = fields.take_positive_usize("mini_r", d.mini_r)?;
+    let miss_dropout = fields.take_probability("miss_dropout", 0.0)?;
     let init = match fields.take_raw("init_weights") {
         None | Some(Value::Null) | Some(Value::Bool(true)) => MissInit::Zero,
         Some(Value::Bool(false)) => MissInit::Random,
@@ -210,12 +191,11 @@ impl LinearAdapter for MissLinear {
         y: Tensor,
         training: bool,
     ) -> Result<Tensor> {
-        let (inp, out, r) = (self.in_features, self.out_features, self.r);
-        let rows = x.elem_count() / inp.max(1);
-        let x2 = x.to_dtype(DType::F32)?.reshape((rows, inp))?;
-        let update = if self.init == MissInit::Bat {
-            x2.matmul(&self.bat_delta(&base.weight()?)?.t()?)?
-        } else {
+        let (inp, r) = (self.in_features, self.r);
+        let update = map_rows(x, inp, y.dtype(), |x2| {
+            if self.init == MissInit::Bat {
+                return Ok(x2.matmul(&self.bat_delta(&base.weight()?)?.t()?)?);
+            }
             let x2 = self.dropout.forward(&x2, training)?;
             let blocks = inp.div_ceil(r);
             let x2 = if blocks * r != inp {
@@ -223,14 +203,10 @@ impl LinearAdapter for MissLinear {
             } else {
                 x2
             };
+            let rows = x2.dim(0)?;
             let summed = x2.reshape((rows, blocks, r))?.sum(1)?;
-            summed.matmul(&self.shard()?)?
-        };
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        let update = update.reshape(dims)?.to_dtype(y.dtype())?;
+            Ok(summed.matmul(&self.shard()?)?)
+        })?;
         Ok((y + update)?)
     }
 

@@ -20,7 +20,7 @@
 //! is read and written but, as in peft 0.21's linear and embedding layers, has no effect.
 
 use candle_core::{DType, Tensor};
-use peft_core::delta::require_linear_layout;
+use peft_core::delta::{map_rows, require_linear_layout};
 use peft_core::json::ConfigFields;
 use peft_core::{
     CommonConfig, EmbeddingAdapter, EmbeddingLike, Init, LayerMethod, LinearAdapter, LinearLike,
@@ -157,15 +157,7 @@ pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dy
             format!("r = {r}, oft_block_size = {oft_block_size}"),
         ));
     }
-    let module_dropout = fields.take_f64("module_dropout", 0.0)?;
-    if !(0.0..=1.0).contains(&module_dropout) {
-        return Err(PeftError::config_value(
-            fields.source_name(),
-            "module_dropout",
-            "a probability in [0, 1]",
-            module_dropout,
-        ));
-    }
+    let module_dropout = fields.take_probability("module_dropout", 0.0)?;
     let eps = fields.take_f64("eps", d.eps)?;
     let terms = fields.take_usize("num_cayley_neumann_terms", d.num_cayley_neumann_terms)?;
     Ok(Box::new(OftConfig {
@@ -350,11 +342,9 @@ impl Rotation {
 
     /// `t R_bd` along the last dimension, in `t`'s dtype.
     fn rotate_last(&self, t: &Tensor) -> Result<Tensor> {
-        let dims = t.dims().to_vec();
-        let width = self.blocks * self.block_size;
-        let rows = t.elem_count() / width.max(1);
-        let x = t.to_dtype(DType::F32)?.reshape((rows, width))?;
-        Ok(self.rotate(&x, false)?.reshape(dims)?.to_dtype(t.dtype())?)
+        map_rows(t, self.blocks * self.block_size, t.dtype(), |x| {
+            self.rotate(&x, false)
+        })
     }
 }
 
@@ -399,16 +389,6 @@ fn cayley_exact(eye: &Tensor, q: &Tensor) -> Result<Tensor> {
 impl LinearAdapter for Rotation {
     fn adapt_input(&self, x: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.rotate_last(x)?))
-    }
-
-    fn adapt_output(
-        &self,
-        _base: &dyn LinearLike,
-        _x: &Tensor,
-        y: Tensor,
-        _training: bool,
-    ) -> Result<Tensor> {
-        Ok(y)
     }
 
     /// `W R_bdᵀ`, peft's `(R_bd Wᵀ)ᵀ` (the bias unchanged).

@@ -18,7 +18,8 @@
 //! Written only against `peft-core`'s public API (the shared tensors through
 //! `ParamBuilder::shared_buffer`, their size through `LayerMethod::observe_target_shape`).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+use peft_core::delta::map_rows;
 use peft_core::json::ConfigFields;
 use peft_core::nn::Dropout;
 use peft_core::torch_rng::TorchGenerator;
@@ -111,33 +112,9 @@ impl VeraConfig {
 pub fn parse(fields: &mut ConfigFields, _common: &CommonConfig) -> Result<Box<dyn MethodConfig>> {
     let d = VeraConfig::default();
     let targets = TargetSpec::take_fields(fields, true)?;
-    let r = fields.take_usize("r", d.r)?;
-    if r == 0 {
-        return Err(PeftError::config_value(
-            fields.source_name(),
-            "r",
-            "a positive integer",
-            "0",
-        ));
-    }
-    let key = match fields.take_raw("projection_prng_key") {
-        None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
-        // torch seeds with the value modulo 2⁶⁴.
-        Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap_or(0) as u64,
-        Some(v) => {
-            return Err(fields.type_error("projection_prng_key", "an integer", &v));
-        }
-    };
-    let vera_dropout = fields.take_f64("vera_dropout", 0.0)?;
-    if !(0.0..=1.0).contains(&vera_dropout) {
-        return Err(PeftError::config_value(
-            fields.source_name(),
-            "vera_dropout",
-            "a probability in [0, 1]",
-            vera_dropout,
-        ));
-    }
+    let r = fields.take_positive_usize("r", d.r)?;
+    let key = fields.take_seed("projection_prng_key", d.projection_prng_key)?;
+    let vera_dropout = fields.take_probability("vera_dropout", 0.0)?;
     Ok(Box::new(VeraConfig {
         targets,
         r,
@@ -201,17 +178,11 @@ impl LinearAdapter for VeraLinear {
         y: Tensor,
         training: bool,
     ) -> Result<Tensor> {
-        let (inp, out) = (self.a.dim(1)?, self.b.dim(0)?);
-        let rows = x.elem_count() / inp.max(1);
-        let x2 = x.to_dtype(DType::F32)?.reshape((rows, inp))?;
-        let x2 = self.dropout.forward(&x2, training)?;
-        let h = x2.matmul(&self.a.t()?)?.broadcast_mul(&self.lambda_d)?;
-        let u = h.matmul(&self.b.t()?)?.broadcast_mul(&self.lambda_b)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        let u = u.reshape(dims)?.to_dtype(y.dtype())?;
+        let u = map_rows(x, self.a.dim(1)?, y.dtype(), |x2| {
+            let x2 = self.dropout.forward(&x2, training)?;
+            let h = x2.matmul(&self.a.t()?)?.broadcast_mul(&self.lambda_d)?;
+            Ok(h.matmul(&self.b.t()?)?.broadcast_mul(&self.lambda_b)?)
+        })?;
         Ok((y + u)?)
     }
 
