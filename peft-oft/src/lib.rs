@@ -218,6 +218,9 @@ pub struct Rotation {
     coft: bool,
     eps: f64,
     neumann_terms: Option<usize>,
+    /// The fixed 0/1 matrix `[b(b-1)/2, b·b]` scattering an upper triangle (row-major, as
+    /// `torch.triu_indices(b, b, 1)`) into a flattened `b × b` matrix.
+    triu: Tensor,
 }
 
 impl Rotation {
@@ -240,7 +243,17 @@ impl Rotation {
                 std: 0.1,
             }
         };
+        let b = block_size;
+        let mut triu = vec![0f32; n * b * b];
+        let mut k = 0;
+        for i in 0..b {
+            for j in i + 1..b {
+                triu[k * b * b + i * b + j] = 1.0;
+                k += 1;
+            }
+        }
         Ok(Rotation {
+            triu: Tensor::from_vec(triu, (n, b * b), params.device())?,
             weight: params.pp(name).get(&[rows, n], "weight", init)?,
             blocks,
             block_size,
@@ -254,21 +267,9 @@ impl Rotation {
 
     /// `[rows, b, b]` skew-symmetric matrices from their upper triangles `vec` `[rows, n]`.
     fn skew(&self, vec: &Tensor) -> Result<Tensor> {
-        let b = self.block_size;
-        let rows = vec.dim(0)?;
-        // Scatter the upper triangle (row-major, as `torch.triu_indices(b, b, 1)`) through a
-        // fixed 0/1 matrix: upper[rows, b*b] = vec[rows, n] · S[n, b*b].
-        let n = vec.dim(1)?;
-        let mut s = vec![0f32; n * b * b];
-        let mut k = 0;
-        for i in 0..b {
-            for j in i + 1..b {
-                s[k * b * b + i * b + j] = 1.0;
-                k += 1;
-            }
-        }
-        let s = Tensor::from_vec(s, (n, b * b), vec.device())?;
-        let upper = vec.matmul(&s)?.reshape((rows, b, b))?;
+        let (b, rows) = (self.block_size, vec.dim(0)?);
+        // upper[rows, b*b] = vec[rows, n] · triu[n, b*b].
+        let upper = vec.matmul(&self.triu)?.reshape((rows, b, b))?;
         Ok((&upper - upper.transpose(1, 2)?)?)
     }
 

@@ -252,13 +252,14 @@ impl LayerMethod for VeraConfig {
             ))
         })?;
         let device = params.device().clone();
+        // Both come from one stream: drawn once, whichever buffer needs it first.
+        let drawn = std::cell::OnceCell::new();
+        let draw = || drawn.get_or_init(|| self.projections(max_in, max_out));
         let a = params.shared_buffer(KEY_A, &[r, max_in], self.save_projection, || {
-            let (a, _) = self.projections(max_in, max_out);
-            Ok(Tensor::from_vec(a, (r, max_in), &device)?)
+            Ok(Tensor::from_slice(&draw().0, (r, max_in), &device)?)
         })?;
         let b = params.shared_buffer(KEY_B, &[max_out, r], self.save_projection, || {
-            let (_, b) = self.projections(max_in, max_out);
-            Ok(Tensor::from_vec(b, (max_out, r), &device)?)
+            Ok(Tensor::from_slice(&draw().1, (max_out, r), &device)?)
         })?;
         let (lambda_b_init, lambda_d) = if self.init_weights {
             let d = self.d_initial as f32;
